@@ -1,0 +1,15 @@
+// The `ampipe` command line. Each command lives in src/commands/<name>.ts and exports
+// `register(program)`; this file only wires them together.
+import { Command } from "commander";
+
+const program = new Command("ampipe")
+  .description("AMPipe: intra-block pipelining of attention and the MoE all-to-all")
+  .version("0.1.0")
+  .showHelpAfterError();
+
+const commandModules: Array<{ register(program: Command): void }> = [
+  // one line per command module, e.g. await import("./commands/ping.ts"),
+];
+for (const m of commandModules) m.register(program);
+
+await program.parseAsync(process.argv);
