@@ -1,0 +1,175 @@
+// The experiment config: one zod schema for the four sections (model, parallelism, pipeline,
+// run). Keys are snake_case, Megatron-LM's flag names where one exists, so the resolved
+// object travels to Python unchanged (docs/contracts.md section 1).
+//
+// Parsing fills defaults, checks every field and the invariants that tie fields together,
+// and resolves the derived model fields (num_query_groups, kv_channels), so consumers get
+// concrete numbers. Every error carries the dotted path of the field it is about.
+import { z } from "zod";
+
+const posInt = () => z.int().min(1);
+const nonNegInt = () => z.int().min(0);
+const nonNegFloat = () => z.number().min(0);
+
+/** `model`: a Megatron-style GPT-MoE block stack. Field names follow Megatron-LM's flags. */
+export const ModelSchema = z.strictObject({
+  num_layers: posInt().default(2),
+  hidden_size: posInt().default(128),
+  num_attention_heads: posInt().default(4),
+  /** GQA groups; null = num_attention_heads (resolved). */
+  num_query_groups: posInt().nullable().default(null),
+  /** Head dimension; null = hidden_size / num_attention_heads (resolved). */
+  kv_channels: posInt().nullable().default(null),
+  seq_length: posInt().default(256),
+  micro_batch_size: posInt().default(2),
+  vocab_size: posInt().default(512),
+  ffn_hidden_size: posInt().default(512),
+  normalization: z.enum(["LayerNorm", "RMSNorm"]).default("LayerNorm"),
+  norm_epsilon: z.number().gt(0).default(1e-5),
+  position_embedding_type: z.enum(["learned_absolute", "rope"]).default("rope"),
+  rotary_base: z.number().gt(0).default(10000),
+  attention_dropout: z.number().min(0).lt(1).default(0),
+  hidden_dropout: z.number().min(0).lt(1).default(0),
+  add_bias_linear: z.boolean().default(false),
+  untie_embeddings_and_output_weights: z.boolean().default(false),
+  init_method_std: z.number().gt(0).default(0.02),
+  num_experts: posInt().default(4),
+  /** An MoE layer every k-th layer; the others are dense. */
+  moe_layer_freq: posInt().default(1),
+  moe_router_topk: posInt().default(2),
+  moe_router_score_order: z.enum(["softmax_then_topk", "topk_then_softmax"]).default("softmax_then_topk"),
+  moe_router_topk_renormalize: z.boolean().default(false),
+  /** Tokens per expert = factor * T * k / E; null = dropless. */
+  moe_expert_capacity_factor: z.number().gt(0).nullable().default(null),
+  moe_aux_loss_coeff: nonNegFloat().default(0.01),
+  moe_z_loss_coeff: nonNegFloat().default(0.001),
+  moe_ffn_hidden_size: posInt().default(256),
+  moe_expert_activation: z.enum(["gelu", "swiglu"]).default("swiglu"),
+  dtype: z.enum(["fp32", "bf16", "fp16"]).default("fp32"),
+});
+
+export const ParallelismSchema = z.strictObject({
+  /** Number of ranks. */
+  world_size: posInt().default(2),
+  expert_model_parallel_size: posInt().default(2),
+  device: z.enum(["cpu", "cuda", "auto"]).default("cpu"),
+  /** auto = gloo on cpu, nccl on cuda (decided at launch, when the device is known). */
+  backend: z.enum(["gloo", "nccl", "auto"]).default("auto"),
+});
+
+export const EmulatedCommSchema = z.strictObject({
+  latency_us: nonNegFloat(),
+  bandwidth_gbps: z.number().gt(0),
+  world_size: posInt(),
+});
+
+const degree = z.union([posInt(), z.literal("auto")], {
+  error: 'expected a positive integer or "auto"',
+});
+
+export const PipelineSchema = z.strictObject({
+  /** Pipe degree P (number of sequence chunks), or auto (the planner chooses). */
+  degree: degree.default("auto"),
+  variant: z.enum(["sequential", "grouped", "interleaved", "auto"]).default("auto"),
+  /** Explicit chunk boundaries [0, ..., seq_length], or null. */
+  boundaries: z.array(nonNegInt()).nullable().default(null),
+  /** QKV projection per chunk (else one QKV op for the whole sequence). */
+  chunk_qkv: z.boolean().default(true),
+  /** A modelled interconnect (one device standing in for many), or null for real comm. */
+  emulated_comm: EmulatedCommSchema.nullable().default(null),
+});
+
+export const RunSchema = z.strictObject({
+  steps: posInt().default(4),
+  seed: nonNegInt().default(1234),
+  /** Steps run before measuring starts. */
+  warmup: nonNegInt().default(1),
+  output_dir: z.string().min(1).default("runs/default"),
+});
+
+const ExperimentObject = z.strictObject({
+  model: ModelSchema.default(() => ModelSchema.parse({})),
+  parallelism: ParallelismSchema.default(() => ParallelismSchema.parse({})),
+  pipeline: PipelineSchema.default(() => PipelineSchema.parse({})),
+  run: RunSchema.default(() => RunSchema.parse({})),
+});
+
+type Parsed = z.output<typeof ExperimentObject>;
+
+/** The invariants between fields (docs/contracts.md section 1). Each issue names one field. */
+function checkInvariants(c: Parsed, ctx: z.RefinementCtx): void {
+  const issue = (path: string, message: string) =>
+    ctx.addIssue({ code: "custom", path: path.split("."), message });
+  const m = c.model;
+  const p = c.parallelism;
+
+  if (m.kv_channels === null && m.hidden_size % m.num_attention_heads !== 0) {
+    issue("model.num_attention_heads",
+      `must divide model.hidden_size (${m.hidden_size}) unless model.kv_channels is given; got ${m.num_attention_heads}`);
+  }
+  if (m.num_query_groups !== null && m.num_attention_heads % m.num_query_groups !== 0) {
+    issue("model.num_query_groups",
+      `must divide model.num_attention_heads (${m.num_attention_heads}); got ${m.num_query_groups}`);
+  }
+  if (m.moe_router_topk > m.num_experts) {
+    issue("model.moe_router_topk", `must be <= model.num_experts (${m.num_experts}); got ${m.moe_router_topk}`);
+  }
+  if (m.moe_layer_freq > m.num_layers) {
+    issue("model.moe_layer_freq", `must be <= model.num_layers (${m.num_layers}); got ${m.moe_layer_freq}`);
+  }
+  if (m.num_experts % p.expert_model_parallel_size !== 0) {
+    issue("model.num_experts",
+      `must be divisible by parallelism.expert_model_parallel_size (${p.expert_model_parallel_size}); got ${m.num_experts}`);
+  }
+  if (p.world_size % p.expert_model_parallel_size !== 0) {
+    issue("parallelism.world_size",
+      `must be divisible by parallelism.expert_model_parallel_size (${p.expert_model_parallel_size}); got ${p.world_size}`);
+  }
+  if (p.backend === "nccl" && p.device === "cpu") {
+    issue("parallelism.backend", "nccl needs parallelism.device cuda (or auto); use gloo on cpu");
+  }
+
+  const pl = c.pipeline;
+  if (pl.degree !== "auto" && pl.degree > m.seq_length) {
+    issue("pipeline.degree", `must be <= model.seq_length (${m.seq_length}); got ${pl.degree}`);
+  }
+  if (pl.boundaries !== null) {
+    const b = pl.boundaries;
+    if (b.length < 2) {
+      issue("pipeline.boundaries", `needs at least two entries [0, ..., ${m.seq_length}]; got [${b.join(", ")}]`);
+    } else if (b[0] !== 0 || b[b.length - 1] !== m.seq_length) {
+      issue("pipeline.boundaries",
+        `must start at 0 and end at model.seq_length (${m.seq_length}); got [${b.join(", ")}]`);
+    } else {
+      const bad = b.findIndex((v, i) => i > 0 && v <= b[i - 1]);
+      if (bad > 0) {
+        issue("pipeline.boundaries",
+          `must be strictly increasing; entry ${bad} (${b[bad]}) is not greater than entry ${bad - 1} (${b[bad - 1]})`);
+      }
+    }
+    if (pl.degree !== "auto" && b.length !== pl.degree + 1) {
+      issue("pipeline.boundaries",
+        `must have pipeline.degree + 1 = ${pl.degree + 1} entries; got ${b.length}`);
+    }
+  }
+}
+
+/** Fills the derived fields, so consumers never see their null shorthand. */
+function resolveDerived(c: Parsed) {
+  const m = c.model;
+  const num_query_groups = m.num_query_groups ?? m.num_attention_heads;
+  const kv_channels = m.kv_channels ?? m.hidden_size / m.num_attention_heads;
+  return { ...c, model: { ...m, num_query_groups, kv_channels } };
+}
+
+export const ExperimentSchema = ExperimentObject.superRefine(checkInvariants).transform(resolveDerived);
+
+/** What a config file may contain: every field optional, shorthand (null, auto) allowed. */
+export type ExperimentConfigInput = z.input<typeof ExperimentSchema>;
+/** The resolved config: defaults filled, invariants checked, derived fields concrete. */
+export type ExperimentConfig = z.output<typeof ExperimentSchema>;
+export type ModelConfig = ExperimentConfig["model"];
+export type ParallelismConfig = ExperimentConfig["parallelism"];
+export type PipelineConfig = ExperimentConfig["pipeline"];
+export type RunConfig = ExperimentConfig["run"];
+export type EmulatedCommConfig = z.output<typeof EmulatedCommSchema>;
