@@ -1,0 +1,336 @@
+"""Loading and validating ampipe plans (docs/contracts.md section 2, format version 1).
+
+A plan is data written by the TypeScript planner. Nothing runs until `validate_plan` has
+checked that every op's data dependencies happen-before it (through `deps` edges and the
+order of ops on one stream), so a wrong schedule is an error that names the op, never a
+silent race or a wrong gradient.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PLAN_FORMAT = "ampipe.plan"
+SUPPORTED_VERSIONS = (1,)
+
+FORWARD_CHUNK_KINDS = ("attn", "proj", "route", "dispatch", "experts", "combine", "unpermute")
+BACKWARD_CHUNK_KINDS = ("unpermute_bwd", "combine_bwd", "experts_bwd", "dispatch_bwd",
+                        "route_bwd", "proj_bwd", "attn_bwd")
+FORWARD_KINDS = ("qkv", *FORWARD_CHUNK_KINDS, "aux_loss")
+BACKWARD_KINDS = ("aux_loss_bwd", *BACKWARD_CHUNK_KINDS, "qkv_bwd")
+# The all-to-alls: they run on communication streams (a comm thread on CPU), every other
+# kind on a compute stream. Keeping collectives on comm streams also keeps their order
+# identical on every rank.
+COMM_KINDS = frozenset({"dispatch", "combine", "dispatch_bwd", "combine_bwd"})
+STREAM_KINDS = ("compute", "comm")
+
+# dims keys a plan must carry (contracts.md section 2).
+DIM_KEYS = ("seq_length", "micro_batch_size", "hidden_size", "num_attention_heads",
+            "num_query_groups", "kv_channels", "num_experts", "moe_router_topk",
+            "moe_ffn_hidden_size", "expert_model_parallel_size", "dtype")
+
+
+class PlanError(ValueError):
+    """A plan that cannot be executed; the message names the op or field at fault."""
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    kind: str  # "compute" | "comm"
+
+
+@dataclass(frozen=True)
+class PlanOp:
+    id: str
+    kind: str
+    chunk: int | None
+    stream: str
+    deps: tuple[str, ...] = ()
+
+    @property
+    def is_comm(self) -> bool:
+        return self.kind in COMM_KINDS
+
+
+@dataclass(frozen=True)
+class Plan:
+    version: int
+    variant: str
+    dims: Mapping[str, Any]
+    boundaries: tuple[int, ...]
+    chunk_qkv: bool
+    streams: tuple[StreamSpec, ...]
+    forward: tuple[PlanOp, ...]
+    backward: tuple[PlanOp, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.boundaries) - 1
+
+    def chunk_rows(self, chunk: int) -> tuple[int, int]:
+        """[start, end) sequence rows of a chunk."""
+        return self.boundaries[chunk], self.boundaries[chunk + 1]
+
+    def stream(self, name: str) -> StreamSpec:
+        for s in self.streams:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        def op(o: PlanOp) -> dict[str, Any]:
+            return {"id": o.id, "kind": o.kind, "chunk": o.chunk, "stream": o.stream,
+                    "deps": list(o.deps)}
+        return {
+            "format": PLAN_FORMAT, "version": self.version, "variant": self.variant,
+            "dims": dict(self.dims), "boundaries": list(self.boundaries),
+            "chunk_qkv": self.chunk_qkv,
+            "streams": [{"name": s.name, "kind": s.kind} for s in self.streams],
+            "forward": [op(o) for o in self.forward], "backward": [op(o) for o in self.backward],
+            "meta": dict(self.meta),
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------
+
+def load_plan(source: str | Path | Mapping[str, Any], *,
+              dims: Mapping[str, Any] | None = None) -> Plan:
+    """Parse and validate a plan from a path, a JSON string or a decoded mapping.
+
+    `dims`, when given, are the block's dimensions; a plan whose `dims` disagree is
+    rejected (see `check_dims`).
+    """
+    if isinstance(source, Mapping):
+        doc = source
+    else:
+        text = str(source)
+        if isinstance(source, Path) or not text.lstrip().startswith("{"):
+            try:
+                text = Path(source).read_text()
+            except OSError as e:
+                raise PlanError(f"cannot read plan file {source}: {e}") from e
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan is not valid JSON: {e}") from e
+    plan = parse_plan(doc)
+    validate_plan(plan)
+    if dims is not None:
+        check_dims(plan, dims)
+    return plan
+
+
+def _require(doc: Mapping[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
+    if key not in doc:
+        raise PlanError(f"{where}: missing field '{key}'")
+    value = doc[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        raise PlanError(f"{where}: field '{key}' has type {type(value).__name__}")
+    return value
+
+
+def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _parse_op(raw: Any, where: str) -> PlanOp:
+    if not isinstance(raw, Mapping):
+        raise PlanError(f"{where}: an op must be an object")
+    op_id = _require(raw, "id", str, where)
+    where = f"{where} op '{op_id}'"
+    kind = _require(raw, "kind", str, where)
+    chunk = raw.get("chunk", None)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)):
+        raise PlanError(f"{where}: 'chunk' must be an integer or null")
+    stream = _require(raw, "stream", str, where)
+    deps = raw.get("deps", [])
+    if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+        raise PlanError(f"{where}: 'deps' must be a list of op ids")
+    return PlanOp(op_id, kind, chunk, stream, tuple(deps))
+
+
+def parse_plan(doc: Mapping[str, Any]) -> Plan:
+    """Structural parse: fields, types, format and version. `validate_plan` checks the rest."""
+    if not isinstance(doc, Mapping):
+        raise PlanError("plan: expected a JSON object")
+    fmt = doc.get("format")
+    if fmt != PLAN_FORMAT:
+        raise PlanError(f"plan: unknown format {fmt!r} (expected {PLAN_FORMAT!r})")
+    version = doc.get("version")
+    if version not in SUPPORTED_VERSIONS:
+        raise PlanError(f"plan: unsupported version {version!r} "
+                        f"(this ampipe reads versions {list(SUPPORTED_VERSIONS)})")
+    dims = _require(doc, "dims", Mapping, "plan")
+    boundaries = _require(doc, "boundaries", list, "plan")
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in boundaries):
+        raise PlanError("plan: 'boundaries' must be integers")
+    streams_raw = _require(doc, "streams", list, "plan")
+    streams = []
+    for i, s in enumerate(streams_raw):
+        if not isinstance(s, Mapping):
+            raise PlanError(f"plan: streams[{i}] must be an object")
+        streams.append(StreamSpec(_require(s, "name", str, f"plan streams[{i}]"),
+                                  _require(s, "kind", str, f"plan streams[{i}]")))
+    forward = tuple(_parse_op(o, "forward") for o in _require(doc, "forward", list, "plan"))
+    backward = tuple(_parse_op(o, "backward") for o in _require(doc, "backward", list, "plan"))
+    return Plan(version=version, variant=str(doc.get("variant", "unknown")), dims=dict(dims),
+                boundaries=tuple(boundaries), chunk_qkv=bool(doc.get("chunk_qkv", True)),
+                streams=tuple(streams), forward=forward, backward=backward,
+                meta=dict(doc.get("meta") or {}))
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------
+
+def validate_plan(plan: Plan) -> None:
+    """Reject a plan that cannot run correctly, naming the op (or field) at fault."""
+    b = plan.boundaries
+    if len(b) < 2 or b[0] != 0 or any(x >= y for x, y in zip(b, b[1:])):
+        raise PlanError(f"plan: 'boundaries' must increase strictly from 0, got {list(b)}")
+    seq = plan.dims.get("seq_length")
+    if seq is not None and b[-1] != seq:
+        raise PlanError(f"plan: last boundary {b[-1]} != dims.seq_length {seq}")
+    names = [s.name for s in plan.streams]
+    if len(set(names)) != len(names):
+        raise PlanError(f"plan: duplicate stream names in {names}")
+    for s in plan.streams:
+        if s.kind not in STREAM_KINDS:
+            raise PlanError(f"plan: stream '{s.name}' has unknown kind {s.kind!r} "
+                            f"(expected one of {list(STREAM_KINDS)})")
+    stream_kind = {s.name: s.kind for s in plan.streams}
+    _validate_pass(plan, plan.forward, "forward", FORWARD_KINDS, stream_kind)
+    _validate_pass(plan, plan.backward, "backward", BACKWARD_KINDS, stream_kind)
+
+
+def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence[str],
+                   stream_kind: Mapping[str, str]) -> None:
+    P = plan.num_chunks
+    index: dict[str, int] = {}
+    by_kind: dict[tuple[str, int | None], str] = {}
+    for i, op in enumerate(ops):
+        where = f"{name} op '{op.id}'"
+        if op.id in index:
+            raise PlanError(f"{where}: duplicate id")
+        index[op.id] = i
+        if op.kind not in kinds:
+            raise PlanError(f"{where}: unknown kind {op.kind!r} for the {name} pass")
+        if op.stream not in stream_kind:
+            raise PlanError(f"{where}: unknown stream {op.stream!r}")
+        want = "comm" if op.is_comm else "compute"
+        if stream_kind[op.stream] != want:
+            raise PlanError(f"{where}: kind {op.kind!r} must run on a {want} stream, "
+                            f"'{op.stream}' is {stream_kind[op.stream]}")
+        whole = op.kind in ("aux_loss", "aux_loss_bwd") or (
+            op.kind in ("qkv", "qkv_bwd") and not plan.chunk_qkv)
+        if whole and op.chunk is not None:
+            raise PlanError(f"{where}: kind {op.kind!r} covers the whole sequence here; "
+                            f"'chunk' must be null")
+        if not whole and (op.chunk is None or not 0 <= op.chunk < P):
+            raise PlanError(f"{where}: 'chunk' must be in [0, {P}) , got {op.chunk!r}")
+        key = (op.kind, op.chunk)
+        if key in by_kind:
+            raise PlanError(f"{where}: a second {op.kind!r} op for chunk {op.chunk} "
+                            f"(first: '{by_kind[key]}')")
+        by_kind[key] = op.id
+        for d in op.deps:
+            if d not in index or d == op.id:
+                raise PlanError(f"{where}: dep '{d}' is not an earlier op of the {name} pass")
+    # Completeness: every kind for every chunk, exactly once (duplicates rejected above).
+    for kind in kinds:
+        whole = kind in ("aux_loss", "aux_loss_bwd") or (
+            kind in ("qkv", "qkv_bwd") and not plan.chunk_qkv)
+        for c in ([None] if whole else range(P)):
+            if (kind, c) not in by_kind:
+                what = "the whole sequence" if c is None else f"chunk {c}"
+                raise PlanError(f"{name} pass: no {kind!r} op for {what}")
+
+    hb = _happens_before(ops, index)
+    bit = {op.id: 1 << i for i, op in enumerate(ops)}
+
+    def need(op: PlanOp, kind: str, chunk: int | None) -> None:
+        other = by_kind[(kind, chunk)]
+        if not hb[index[op.id]] & bit[other]:
+            raise PlanError(f"{name} op '{op.id}' ({op.kind}, chunk {op.chunk}): its input from "
+                            f"'{other}' ({kind}) is not covered by its deps or stream order")
+
+    qkv_kind = "qkv" if name == "forward" else "qkv_bwd"
+    for op in ops:
+        c = op.chunk
+        if name == "forward":
+            if op.kind == "attn":
+                for j in (range(c + 1) if plan.chunk_qkv else [None]):
+                    need(op, qkv_kind, j)
+            elif op.kind in ("proj", "route", "dispatch", "experts", "combine"):
+                prev = {"proj": "attn", "route": "proj", "dispatch": "route",
+                        "experts": "dispatch", "combine": "experts"}[op.kind]
+                need(op, prev, c)
+            elif op.kind == "unpermute":
+                for k in ("combine", "route", "proj"):
+                    need(op, k, c)
+            elif op.kind == "aux_loss":
+                for j in range(P):
+                    need(op, "route", j)
+        else:
+            if op.kind in ("combine_bwd", "experts_bwd", "dispatch_bwd"):
+                prev = {"combine_bwd": "unpermute_bwd", "experts_bwd": "combine_bwd",
+                        "dispatch_bwd": "experts_bwd"}[op.kind]
+                need(op, prev, c)
+            elif op.kind == "route_bwd":
+                need(op, "dispatch_bwd", c)
+                need(op, "unpermute_bwd", c)
+                need(op, "aux_loss_bwd", None)
+            elif op.kind == "proj_bwd":
+                need(op, "route_bwd", c)
+                need(op, "unpermute_bwd", c)
+            elif op.kind == "attn_bwd":
+                need(op, "proj_bwd", c)
+                # attn_bwd ops accumulate dK/dV in place into shared prefixes: any two of
+                # them must be ordered one way or the other.
+                for j in range(P):
+                    other = by_kind[("attn_bwd", j)]
+                    if j != c and not (hb[index[op.id]] & bit[other]
+                                       or hb[index[other]] & bit[op.id]):
+                        raise PlanError(
+                            f"backward op '{op.id}' (attn_bwd, chunk {c}): not ordered with "
+                            f"'{other}'; both accumulate dK/dV in place into shared prefixes")
+            elif op.kind == "qkv_bwd":
+                for j in (range(c, P) if plan.chunk_qkv else range(P)):
+                    need(op, "attn_bwd", j)
+
+
+def _happens_before(ops: Sequence[PlanOp], index: Mapping[str, int]) -> list[int]:
+    """hb[i]: bitset of the ops that happen-before op i (deps and same-stream order, transitive)."""
+    hb: list[int] = []
+    last_on_stream: dict[str, int] = {}
+    for i, op in enumerate(ops):
+        preds = [index[d] for d in op.deps]
+        if op.stream in last_on_stream:
+            preds.append(last_on_stream[op.stream])
+        mask = 0
+        for p in preds:
+            mask |= hb[p] | (1 << p)
+        hb.append(mask)
+        last_on_stream[op.stream] = i
+    return hb
+
+
+def check_dims(plan: Plan, dims: Mapping[str, Any]) -> None:
+    """Reject a plan whose dims disagree with the block it is given (naming the field)."""
+    for key in DIM_KEYS:
+        if key not in plan.dims:
+            raise PlanError(f"plan: dims.{key} is missing")
+    for key, want in dims.items():
+        if key in plan.dims and plan.dims[key] != want:
+            raise PlanError(f"plan: dims.{key} = {plan.dims[key]!r} but the block has {want!r}")
+    if plan.boundaries[-1] != dims.get("seq_length", plan.boundaries[-1]):
+        raise PlanError(f"plan: last boundary {plan.boundaries[-1]} != the block's "
+                        f"seq_length {dims['seq_length']}")

@@ -1,0 +1,235 @@
+"""Running one pass of a plan's ops over its logical streams.
+
+CUDA: one `torch.cuda.Stream` per logical stream, an event per op for cross-stream deps,
+no host synchronisation: the host only enqueues. The caller's current stream is joined at
+entry (every plan stream waits on it) and at exit (it waits on every plan stream).
+
+CPU: compute ops run on the calling thread, communication ops on one communication thread,
+each in plan-list order, waiting on `threading.Event`s for their deps. One thread serves all
+comm streams so that collectives are issued in the same order on every rank (several
+threads on one process group could interleave them differently per rank). Because deps
+always point to earlier ops of the list and both threads walk the list in order, the
+schedule cannot deadlock. If an op raises, the other thread stops at its next op, both are
+joined, and the error surfaces as `OpFailed` naming the op.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .plan import PlanOp, StreamSpec
+
+COMM_THREAD_NAME = "ampipe-comm"
+
+
+class OpFailed(RuntimeError):
+    """An op raised while a plan pass was running; `op` names it, `__cause__` is the error."""
+
+    def __init__(self, op: PlanOp, pass_name: str, error: BaseException) -> None:
+        chunk = "whole sequence" if op.chunk is None else f"chunk {op.chunk}"
+        super().__init__(f"{pass_name} op '{op.id}' ({op.kind}, {chunk}, stream '{op.stream}') "
+                         f"failed: {type(error).__name__}: {error}")
+        self.op = op
+        self.pass_name = pass_name
+
+
+class _Aborted(Exception):
+    """Another thread failed; this one stops without running more ops."""
+
+
+@dataclass(frozen=True)
+class OpTime:
+    id: str
+    kind: str
+    chunk: int | None
+    stream: str
+    start_ms: float  # from the start of the pass
+    ms: float
+
+
+class OpTimes:
+    """Per-op times of one pass. On CUDA the events are read lazily (the first access
+    synchronises on them, after the step, never inside the block)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._cpu: list[OpTime] = []
+        self._cuda: list[tuple[PlanOp, torch.cuda.Event, torch.cuda.Event]] = []
+        self._cuda_origin: torch.cuda.Event | None = None
+        self._resolved: list[OpTime] | None = None
+
+    def records(self) -> list[OpTime]:
+        if self._resolved is None:
+            if self._cuda:
+                origin = self._cuda_origin
+                self._cuda[-1][2].synchronize()
+                out = []
+                for op, s, e in self._cuda:
+                    e.synchronize()
+                    out.append(OpTime(op.id, op.kind, op.chunk, op.stream,
+                                      origin.elapsed_time(s), s.elapsed_time(e)))
+                self._resolved = out
+            else:
+                self._resolved = sorted(self._cpu, key=lambda t: t.start_ms)
+        return self._resolved
+
+    @property
+    def op_times_ms(self) -> dict[str, float]:
+        return {t.id: t.ms for t in self.records()}
+
+    @property
+    def makespan_ms(self) -> float:
+        recs = self.records()
+        return max((t.start_ms + t.ms for t in recs), default=0.0)
+
+
+class StreamExecutor:
+    """Runs a list of plan ops over logical streams on one device (see module docstring)."""
+
+    def __init__(self, streams: Sequence[StreamSpec], device: torch.device | str,
+                 record_times: bool = True) -> None:
+        self.device = torch.device(device)
+        self.streams = {s.name: s for s in streams}
+        self.record_times = record_times
+        self._cuda_streams: dict[str, torch.cuda.Stream] = {}
+        if self.device.type == "cuda":
+            for s in streams:
+                self._cuda_streams[s.name] = torch.cuda.Stream(device=self.device)
+        self._local = threading.local()
+
+    # The stream the op being run is on (the block uses it for record_stream).
+    @property
+    def current_stream_name(self) -> str | None:
+        return getattr(self._local, "stream", None)
+
+    def cuda_stream(self, name: str) -> torch.cuda.Stream:
+        return self._cuda_streams[name]
+
+    def run(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], None],
+            pass_name: str) -> OpTimes:
+        if self.device.type == "cuda":
+            return self._run_cuda(ops, run_op, pass_name)
+        return self._run_cpu(ops, run_op, pass_name)
+
+    @contextmanager
+    def _on_stream(self, name: str) -> Iterator[None]:
+        prev = getattr(self._local, "stream", None)
+        self._local.stream = name
+        try:
+            yield
+        finally:
+            self._local.stream = prev
+
+    # -- CUDA -----------------------------------------------------------------------------
+
+    def _run_cuda(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], None],
+                  pass_name: str) -> OpTimes:
+        times = OpTimes(self.device)
+        caller = torch.cuda.current_stream(self.device)
+        used = list(dict.fromkeys(op.stream for op in ops))
+        entry = torch.cuda.Event(enable_timing=self.record_times)
+        entry.record(caller)
+        times._cuda_origin = entry
+        for name in used:
+            self._cuda_streams[name].wait_event(entry)
+        done: dict[str, tuple[str, torch.cuda.Event]] = {}
+        try:
+            for op in ops:
+                stream = self._cuda_streams[op.stream]
+                for d in op.deps:
+                    d_stream, ev = done[d]
+                    if d_stream != op.stream:
+                        stream.wait_event(ev)
+                with torch.cuda.stream(stream), self._on_stream(op.stream):
+                    start = None
+                    if self.record_times:
+                        start = torch.cuda.Event(enable_timing=True)
+                        start.record(stream)
+                    try:
+                        run_op(op)
+                    except Exception as e:
+                        raise OpFailed(op, pass_name, e) from e
+                    end = torch.cuda.Event(enable_timing=self.record_times)
+                    end.record(stream)
+                done[op.id] = (op.stream, end)
+                if start is not None:
+                    times._cuda.append((op, start, end))
+        finally:
+            # Even on failure the caller's stream must not run ahead of enqueued work.
+            for name in used:
+                caller.wait_stream(self._cuda_streams[name])
+        return times
+
+    # -- CPU ------------------------------------------------------------------------------
+
+    def _run_cpu(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], None],
+                 pass_name: str) -> OpTimes:
+        times = OpTimes(self.device)
+        comm_ops = [op for op in ops if self.streams[op.stream].kind == "comm"]
+        compute_ops = [op for op in ops if self.streams[op.stream].kind != "comm"]
+        done = {op.id: threading.Event() for op in ops}
+        abort = threading.Event()
+        failures: list[BaseException] = []
+        lock = threading.Lock()
+        t0 = time.perf_counter()
+        record = self.record_times
+
+        def fail(err: BaseException) -> None:
+            with lock:
+                failures.append(err)
+            abort.set()
+            for ev in done.values():  # wake every waiter; they see `abort`
+                ev.set()
+
+        def execute(op: PlanOp) -> None:
+            for d in op.deps:
+                done[d].wait()
+            if abort.is_set():
+                raise _Aborted
+            start = time.perf_counter()
+            with self._on_stream(op.stream):
+                try:
+                    run_op(op)
+                except Exception as e:
+                    raise OpFailed(op, pass_name, e) from e
+            if record:
+                end = time.perf_counter()
+                times._cpu.append(OpTime(op.id, op.kind, op.chunk, op.stream,
+                                         (start - t0) * 1e3, (end - start) * 1e3))
+            done[op.id].set()
+
+        def walk(op_list: Sequence[PlanOp]) -> None:
+            try:
+                for op in op_list:
+                    execute(op)
+            except _Aborted:
+                pass
+            except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+                fail(e)
+
+        thread = None
+        if comm_ops:
+            grad_enabled = torch.is_grad_enabled()
+
+            def comm_main() -> None:
+                with torch.set_grad_enabled(grad_enabled):
+                    walk(comm_ops)
+
+            thread = threading.Thread(target=comm_main, name=COMM_THREAD_NAME, daemon=True)
+            thread.start()
+        try:
+            walk(compute_ops)
+        finally:
+            if thread is not None:
+                if failures:
+                    abort.set()
+                thread.join()
+        if failures:
+            raise failures[0]
+        return times

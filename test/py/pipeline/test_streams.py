@@ -1,0 +1,89 @@
+"""The stream executor's machinery on toy ops: ordering, overlap, failures, delays."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from ampipe.pipeline.emulation import DelayInjector, EmulatedComm
+from ampipe.pipeline.plan import PlanOp, StreamSpec
+from ampipe.pipeline.streams import COMM_THREAD_NAME, OpFailed, StreamExecutor
+
+STREAMS = (StreamSpec("compute", "compute"), StreamSpec("comm", "comm"))
+
+
+def _chain(n: int) -> list[PlanOp]:
+    """compute a_i -> comm c_i -> compute b_i, for i < n, interleaved in list order."""
+    ops = []
+    for i in range(n):
+        ops.append(PlanOp(f"a{i}", "route", i, "compute", ()))
+        ops.append(PlanOp(f"c{i}", "dispatch", i, "comm", (f"a{i}",)))
+    for i in range(n):
+        ops.append(PlanOp(f"b{i}", "experts", i, "compute", (f"c{i}",)))
+    return ops
+
+
+def _no_comm_thread() -> bool:
+    return not any(t.name == COMM_THREAD_NAME and t.is_alive() for t in threading.enumerate())
+
+
+def test_deps_and_stream_order_are_respected_and_comm_overlaps():
+    ops = _chain(4)
+    ex = StreamExecutor(STREAMS, "cpu")
+    log: list[tuple[str, str, float, float]] = []
+    lock = threading.Lock()
+
+    def run(op: PlanOp) -> None:
+        s = time.perf_counter()
+        time.sleep(0.01 if op.stream == "comm" else 0.004)
+        with lock:
+            log.append((op.id, threading.current_thread().name, s, time.perf_counter()))
+
+    times = ex.run(ops, run, "forward")
+    by_id = {r[0]: r for r in log}
+    for op in ops:
+        for d in op.deps:
+            assert by_id[d][3] <= by_id[op.id][2], (d, op.id)
+        # comm on the communication thread, compute on the caller's
+        assert (by_id[op.id][1] == COMM_THREAD_NAME) == (op.stream == "comm")
+    # a1 must run while c0 is in flight: the comm thread really overlaps
+    assert by_id["a1"][2] < by_id["c0"][3]
+    assert set(times.op_times_ms) == {op.id for op in ops}
+    assert _no_comm_thread()
+
+
+@pytest.mark.parametrize("bad", ["c1", "a2"])
+def test_failing_op_is_named_and_no_thread_is_left(bad):
+    ops = _chain(4)
+    ex = StreamExecutor(STREAMS, "cpu")
+    ran: list[str] = []
+
+    def run(op: PlanOp) -> None:
+        if op.id == bad:
+            raise ValueError("boom")
+        ran.append(op.id)
+
+    with pytest.raises(OpFailed, match=f"forward op '{bad}'") as info:
+        ex.run(ops, run, "forward")
+    assert info.value.op.id == bad
+    assert isinstance(info.value.__cause__, ValueError)
+    assert _no_comm_thread()
+    # nothing that depends on the failed op ran
+    assert not any(op.id in ran and bad in op.deps for op in ops)
+
+
+def test_emulated_delay_model_and_cpu_sleep():
+    m = EmulatedComm(latency_us=100, bandwidth_gbps=1.0, world_size=4)
+    assert m.wire_bytes(4000) == 3000
+    assert m.delay_s(4_000_000) == pytest.approx(100e-6 + 3e6 / 1e9)
+    inj = DelayInjector(m, torch.device("cpu"))
+    s = time.perf_counter()
+    inj(4_000_000)
+    assert time.perf_counter() - s >= m.delay_s(4_000_000)
+    assert "emulated" in m.label
+    with pytest.raises(ValueError, match="bandwidth_gbps"):
+        EmulatedComm(bandwidth_gbps=0)
+    assert EmulatedComm.from_dict({"latency_us": 5, "bandwidth_gbps": 2, "world_size": 2}).world_size == 2
