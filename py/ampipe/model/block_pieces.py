@@ -1,0 +1,315 @@
+"""The block's small per-step functions: what the baseline block and the pipelined executor share.
+
+Each step is a plain function of explicit tensors and one `TransformerLayer` (whose
+submodules hold the parameters, see :mod:`ampipe.model.layers`). No step keeps state
+between calls, so the executor can call them per sequence chunk, on any stream or thread,
+and autograd records ordinary graphs. `block_forward` — the baseline block — is literally
+their composition over one chunk that spans the whole sequence.
+
+Tensors are sequence-major: a chunk is rows ``[o, o + s_c)`` of the block input ``[s, b, H]``,
+and its ``T = s_c * b`` tokens are those rows flattened (token ``t = row * b + batch``).
+
+Step            function                                         plan op
+--------------  -----------------------------------------------  ---------
+norm1+QKV+rope  ``qkv(layer, x_c, offset) -> QKV``                 qkv
+attention       ``attention(layer, q_c, k[:end], v[:end])``        attn
+out-proj        ``proj(layer, ctx_c, x_c) -> (h_c, normed_c)``     proj
+router          ``route(layer, normed_c) -> Routing``              route
+permute         ``permute(layer, normed_c, routing) -> Permuted``  route
+EP dispatch     ``dispatch(layer, permuted) -> Dispatched``        dispatch
+experts         ``experts(layer, dispatched)``                     experts
+EP combine      ``combine(layer, expert_out, dispatched)``         combine
+unpermute       ``unpermute(layer, combined, permuted, routing, h_c) -> y_c``  unpermute
+aux losses      ``moe_losses(layer.cfg, sum_stats(stats...))``     aux_loss
+dense MLP       ``dense_mlp(layer, normed_c, h_c) -> y_c``         (dense layers)
+
+Dropout (attention and hidden) is applied when ``layer.training``; chunked and full
+computations agree only without it (different random masks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..parallel import expert_comm as ep_comm
+from ..parallel.expert_comm import DispatchLayout
+from .attention import attention_chunk
+from .config import ModelConfig
+from .layers import TransformerLayer, activation
+from .rope import apply_rope, rope_cos_sin
+
+__all__ = [
+    "QKV", "Routing", "RoutingStats", "Permuted", "Dispatched", "MoELosses",
+    "qkv", "attention", "proj", "route", "permute", "dispatch", "experts_ffn", "experts",
+    "combine", "unpermute", "dense_mlp", "moe_losses", "sum_stats", "block_forward",
+]
+
+
+# ============================================================================ attention half
+
+
+@dataclass
+class QKV:
+    """Queries ``[s_c, b, heads, d]``, keys and values ``[s_c, b, groups, d]`` (rope applied)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def qkv(layer: TransformerLayer, x: torch.Tensor, position_offset: int = 0) -> QKV:
+    """norm1 → linear_qkv → split by query group → rope at absolute positions ``offset + i``."""
+    attn = layer.self_attention
+    s, b, _ = x.shape
+    g, hpg, d = attn.num_groups, attn.num_heads // attn.num_groups, attn.head_dim
+    mixed = attn.linear_qkv(layer.input_layernorm(x)).view(s, b, g, (hpg + 2) * d)
+    q, k, v = torch.split(mixed, [hpg * d, d, d], dim=-1)
+    q = q.reshape(s, b, g * hpg, d)  # query head i belongs to group i // hpg
+    if layer.cfg.position_embedding_type == "rope":
+        cos, sin = rope_cos_sin(d, layer.cfg.rotary_base, position_offset, s, device=x.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return QKV(q, k, v)
+
+
+def attention(layer: TransformerLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``attn(q_c, k[:end_c], v[:end_c])``, lower-right causal → context ``[s_c, b, heads*d]``."""
+    p = layer.cfg.attention_dropout if layer.training else 0.0
+    return attention_chunk(q, k, v, dropout_p=p, backend=layer.attention_backend)
+
+
+def proj(layer: TransformerLayer, context: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_proj → hidden dropout → + residual = ``h``; ``normed = pre_mlp_layernorm(h)``."""
+    out = layer.self_attention.linear_proj(context)
+    h = residual + F.dropout(out, p=layer.cfg.hidden_dropout, training=layer.training)
+    return h, layer.pre_mlp_layernorm(h)
+
+
+# ============================================================================ routing
+
+
+@dataclass
+class RoutingStats:
+    """What the auxiliary losses need, as sums over tokens, so chunks add up exactly.
+
+    ``tokens_per_expert`` [E] fp32: slots routed to each expert by top-k (before any capacity
+    drop; no gradient). ``probs_sum`` [E] fp32: sum over tokens of the softmax over *all*
+    experts. ``z_sum``: sum over tokens of ``logsumexp(logits)^2``. The last two carry the
+    gradient of the losses back to the router.
+    """
+
+    tokens_per_expert: torch.Tensor
+    probs_sum: torch.Tensor
+    z_sum: torch.Tensor
+    num_tokens: int
+
+    def __add__(self, other: "RoutingStats") -> "RoutingStats":
+        return RoutingStats(
+            self.tokens_per_expert + other.tokens_per_expert,
+            self.probs_sum + other.probs_sum,
+            self.z_sum + other.z_sum,
+            self.num_tokens + other.num_tokens,
+        )
+
+
+def sum_stats(*stats: RoutingStats) -> RoutingStats:
+    """Statistics of the whole microbatch from those of its chunks."""
+    if not stats:
+        raise ValueError("sum_stats: needs at least one RoutingStats")
+    total = stats[0]
+    for s in stats[1:]:
+        total = total + s
+    return total
+
+
+@dataclass
+class Routing:
+    """Top-k choices of a chunk's ``T`` tokens: ``indices`` [T, K] int64 (column k = k-th best),
+    ``gates`` [T, K] fp32, ``logits`` [T, E] fp32, and the chunk's `RoutingStats`."""
+
+    indices: torch.Tensor
+    gates: torch.Tensor
+    logits: torch.Tensor
+    stats: RoutingStats
+
+
+def route(layer: TransformerLayer, normed: torch.Tensor) -> Routing:
+    """Router logits (fp32) → scores → top-k → gates, plus the chunk's routing statistics.
+
+    ``softmax_then_topk``: gates are the top-k of the softmax over all experts (renormalised to
+    sum to 1 when ``moe_router_topk_renormalize``). ``topk_then_softmax``: gates are the softmax
+    over the k largest logits (they sum to 1 already).
+    """
+    cfg = layer.cfg
+    router = layer.mlp.router
+    x = normed.reshape(-1, normed.shape[-1])
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = F.linear(x.float(), router.weight.float())
+    probs = torch.softmax(logits, dim=-1)
+    K = cfg.moe_router_topk
+    if cfg.moe_router_score_order == "softmax_then_topk":
+        gates, indices = torch.topk(probs, K, dim=-1)
+        if cfg.moe_router_topk_renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+    else:
+        top_logits, indices = torch.topk(logits, K, dim=-1)
+        gates = torch.softmax(top_logits, dim=-1)
+    counts = torch.zeros(cfg.num_experts, dtype=torch.float32, device=x.device)
+    counts.scatter_add_(0, indices.reshape(-1), torch.ones(indices.numel(), dtype=torch.float32, device=x.device))
+    stats = RoutingStats(
+        tokens_per_expert=counts,
+        probs_sum=probs.sum(dim=0),
+        z_sum=torch.logsumexp(logits, dim=-1).square().sum(),
+        num_tokens=x.shape[0],
+    )
+    return Routing(indices=indices, gates=gates, logits=logits, stats=stats)
+
+
+@dataclass
+class MoELosses:
+    """Coefficient-scaled losses of one MoE layer; add them to the LM loss (they carry the gradient)."""
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.aux_loss + self.z_loss
+
+
+def moe_losses(cfg: ModelConfig, stats: RoutingStats) -> MoELosses:
+    """Megatron-Core's losses from (summed) statistics over ``T`` tokens, ``E`` experts, top-``K``:
+
+    - load balancing (Switch/GShard): ``coeff * E * sum_e f_e * P_e`` with ``f_e = count_e / (T*K)``
+      (fraction of routed slots) and ``P_e = probs_sum_e / T`` (mean router probability);
+      Megatron's ``switch_load_balancing_loss_func``. Equals ``coeff`` for perfect balance.
+    - z-loss: ``z_coeff * mean_t(logsumexp(logits_t)^2)`` (Megatron's ``z_loss_func``).
+    """
+    T, E, K = stats.num_tokens, cfg.num_experts, cfg.moe_router_topk
+    f = stats.tokens_per_expert.detach() / (T * K)
+    P = stats.probs_sum / T
+    aux = cfg.moe_aux_loss_coeff * E * torch.sum(f * P)
+    z = cfg.moe_z_loss_coeff * stats.z_sum / T
+    return MoELosses(aux_loss=aux, z_loss=z)
+
+
+# ============================================================================ token movement
+
+
+@dataclass
+class Permuted:
+    """A chunk's token slots in global expert order: ``buffer`` [rows, H], ``row_map`` [T, K]
+    (-1 = dropped), kept ``tokens_per_expert`` [E] int64, and the ``capacity`` (None = dropless)."""
+
+    buffer: torch.Tensor
+    row_map: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    capacity: int | None
+
+
+def permute(layer: TransformerLayer, normed: torch.Tensor, routing: Routing) -> Permuted:
+    """Local permute into expert order; capacity ``ceil(cf * T * K / E)`` per chunk, (k, t) priority."""
+    cfg = layer.cfg
+    x = normed.reshape(-1, normed.shape[-1])
+    T = x.shape[0]
+    capacity = cfg.expert_capacity(T)
+    row_map, tokens_per_expert = ops.make_row_map(routing.indices, cfg.num_experts, capacity)
+    num_rows = T * cfg.moe_router_topk if capacity is None else cfg.num_experts * capacity
+    return Permuted(ops.permute(x, row_map, num_rows), row_map, tokens_per_expert, capacity)
+
+
+@dataclass
+class Dispatched:
+    """This rank's local experts' rows, expert-contiguous (``layout.expert_counts`` rows each)."""
+
+    tokens: torch.Tensor
+    layout: DispatchLayout
+
+
+def dispatch(layer: TransformerLayer, permuted: Permuted) -> Dispatched:
+    """Exchange split sizes (dropless EP only) and all-to-all the rows to the experts' ranks."""
+    moe = layer.mlp
+    layout = ep_comm.dispatch_layout(permuted.tokens_per_expert, moe.ep, moe.num_experts, permuted.capacity)
+    return Dispatched(ep_comm.dispatch(permuted.buffer, layout, moe.ep), layout)
+
+
+def experts_ffn(layer: TransformerLayer, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Expert FFNs on an expert-contiguous ``[N, H]`` buffer, ``counts[j]`` rows for local expert j.
+
+    Equal counts (capacity mode) run as one batched matmul; otherwise one matmul per expert.
+    """
+    ex = layer.mlp.experts
+    El = ex.num_local_experts
+    if len(counts) != El or sum(counts) != tokens.shape[0]:
+        raise ValueError(f"experts: counts {counts} do not cover {tokens.shape[0]} rows of {El} local experts")
+    w1, w2 = ex.w1(), ex.w2()
+    if len(set(counts)) == 1:
+        xs = tokens.view(El, counts[0], -1)
+        h = torch.bmm(xs, w1)
+        if ex.bias1 is not None:
+            h = h + ex.bias1.unsqueeze(1)
+        out = torch.bmm(activation(h, ex.activation), w2)
+        if ex.bias2 is not None:
+            out = out + ex.bias2.unsqueeze(1)
+        return out.reshape(tokens.shape[0], -1)
+    outs = []
+    for j, xj in enumerate(torch.split(tokens, counts)):
+        h = xj @ w1[j]
+        if ex.bias1 is not None:
+            h = h + ex.bias1[j]
+        o = activation(h, ex.activation) @ w2[j]
+        if ex.bias2 is not None:
+            o = o + ex.bias2[j]
+        outs.append(o)
+    return torch.cat(outs)
+
+
+def experts(layer: TransformerLayer, dispatched: Dispatched) -> torch.Tensor:
+    """The expert FFNs on the dispatched rows."""
+    return experts_ffn(layer, dispatched.tokens, dispatched.layout.expert_counts)
+
+
+def combine(layer: TransformerLayer, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+    """All-to-all the expert outputs back; rows in this rank's global expert order."""
+    return ep_comm.combine(expert_output, dispatched.layout, layer.mlp.ep)
+
+
+def unpermute(
+    layer: TransformerLayer, combined: torch.Tensor, permuted: Permuted, routing: Routing, residual: torch.Tensor
+) -> torch.Tensor:
+    """Gate-weighted unpermute (dropped slots add 0) → hidden dropout → + residual → ``y_c``."""
+    gates = routing.gates.to(combined.dtype)
+    out = ops.unpermute(combined, permuted.row_map, gates).view(residual.shape)
+    return residual + F.dropout(out, p=layer.cfg.hidden_dropout, training=layer.training)
+
+
+def dense_mlp(layer: TransformerLayer, normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Dense layers: linear_fc1 → activation → linear_fc2 → hidden dropout → + residual."""
+    mlp = layer.mlp
+    out = mlp.linear_fc2(activation(mlp.linear_fc1(normed), mlp.activation))
+    return residual + F.dropout(out, p=layer.cfg.hidden_dropout, training=layer.training)
+
+
+# ============================================================================ the baseline block
+
+
+def block_forward(layer: TransformerLayer, x: torch.Tensor) -> tuple[torch.Tensor, MoELosses | None]:
+    """The baseline block: every step above, once, over the whole sequence ``x [s, b, H]``.
+
+    Returns ``(y [s, b, H], MoELosses)`` for an MoE layer, ``(y, None)`` for a dense layer.
+    """
+    t = qkv(layer, x, position_offset=0)
+    context = attention(layer, t.q, t.k, t.v)
+    h, normed = proj(layer, context, x)
+    if not layer.is_moe:
+        return dense_mlp(layer, normed, h), None
+    routing = route(layer, normed)
+    permuted = permute(layer, normed, routing)
+    dispatched = dispatch(layer, permuted)
+    expert_output = experts(layer, dispatched)
+    combined = combine(layer, expert_output, dispatched)
+    y = unpermute(layer, combined, permuted, routing, h)
+    return y, moe_losses(layer.cfg, routing.stats)

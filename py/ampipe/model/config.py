@@ -1,0 +1,229 @@
+"""The model section of the experiment config, mirrored in Python (docs/contracts.md §1).
+
+`ModelConfig` has the TypeScript schema's field names, defaults and checks, so a
+Python-only user gets the same errors: every `ConfigError` names the field it is about.
+The checks run in `__post_init__`, i.e. before any parameter is allocated. The one check
+that needs the parallel layout (experts divisible by the expert-parallel size) is
+`ModelConfig.check_parallel`, called by the model before it allocates anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["ConfigError", "ModelConfig", "TORCH_DTYPES"]
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+_NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+_POSITIONS = ("learned_absolute", "rope")
+_SCORE_ORDERS = ("softmax_then_topk", "topk_then_softmax")
+_ACTIVATIONS = ("gelu", "swiglu")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. `field` is the dotted name, e.g. ``model.hidden_size``."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """A Megatron-style GPT-MoE stack. Field names are Megatron-LM's flag names."""
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA groups; None = num_attention_heads
+    kv_channels: int | None = None  # head dim; None = hidden_size / num_attention_heads
+    seq_length: int = 256
+    micro_batch_size: int = 2
+    vocab_size: int = 512
+    ffn_hidden_size: int = 512  # dense MLP layers
+    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
+    norm_epsilon: float = 1e-5
+    position_embedding_type: str = "rope"  # learned_absolute | rope
+    rotary_base: float = 10000
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    add_bias_linear: bool = False
+    untie_embeddings_and_output_weights: bool = False
+    init_method_std: float = 0.02
+    num_experts: int = 4
+    moe_layer_freq: int = 1  # layer i is MoE when i % moe_layer_freq == 0 (Megatron)
+    moe_router_topk: int = 2
+    moe_router_score_order: str = "softmax_then_topk"  # | topk_then_softmax
+    moe_router_topk_renormalize: bool = False
+    moe_expert_capacity_factor: float | None = None  # None = dropless
+    moe_aux_loss_coeff: float = 0.01
+    moe_z_loss_coeff: float = 0.001
+    moe_ffn_hidden_size: int = 256
+    moe_expert_activation: str = "swiglu"  # gelu | swiglu (dense MLP layers use it too)
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; parameters stay fp32)
+
+    # Not part of the schema: where the errors point, for configs nested under another key.
+    _prefix: str = field(default="model", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, strict: bool = True, prefix: str = "model") -> "ModelConfig":
+        """Build from the `model` section (a resolved or partial dict; missing keys take defaults).
+
+        Unknown keys are an error naming the key (``strict=False`` ignores them), as in the
+        TypeScript schema. A whole experiment config (with a ``model`` key) is accepted too.
+        """
+        if not isinstance(d, Mapping):
+            raise ConfigError(prefix, f"expected a mapping, got {type(d).__name__}")
+        if "model" in d and isinstance(d["model"], Mapping):
+            d = d["model"]
+        known = set(cls.field_names())
+        unknown = sorted(k for k in d if k not in known)
+        if unknown and strict:
+            raise ConfigError(f"{prefix}.{unknown[0]}", "unknown field (known: " + ", ".join(sorted(known)) + ")")
+        return cls(**{k: v for k, v in d.items() if k in known}, _prefix=prefix)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `model` section with derived fields resolved (what TypeScript hands over)."""
+        out = {n: getattr(self, n) for n in self.field_names()}
+        out["num_query_groups"] = self.query_groups
+        out["kv_channels"] = self.head_dim
+        return out
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- derived values
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
+
+    @property
+    def dropless(self) -> bool:
+        return self.moe_expert_capacity_factor is None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        """Whether layer `layer_number` (0-based) is an MoE layer: Megatron's `i % freq == 0`."""
+        return layer_number % self.moe_layer_freq == 0
+
+    def expert_capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert for a chunk of `num_tokens` tokens: ceil(cf * T * K / E); None = dropless."""
+        if self.moe_expert_capacity_factor is None:
+            return None
+        return math.ceil(self.moe_expert_capacity_factor * num_tokens * self.moe_router_topk / self.num_experts)
+
+    # ----------------------------------------------------------------- checks
+
+    def _fail(self, name: str, message: str) -> None:
+        raise ConfigError(f"{self._prefix}.{name}", message)
+
+    def _check(self) -> None:
+        ints = [
+            "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+            "vocab_size", "ffn_hidden_size", "num_experts", "moe_layer_freq", "moe_router_topk",
+            "moe_ffn_hidden_size",
+        ]
+        for name in ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                self._fail(name, f"must be a positive integer; got {v!r}")
+        for name in ("num_query_groups", "kv_channels"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                self._fail(name, f"must be a positive integer or null; got {v!r}")
+        for name in ("add_bias_linear", "untie_embeddings_and_output_weights", "moe_router_topk_renormalize"):
+            if not isinstance(getattr(self, name), bool):
+                self._fail(name, f"must be true or false; got {getattr(self, name)!r}")
+
+        def number(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                self._fail(name, f"must be a finite number; got {v!r}")
+            return float(v)
+
+        if number("norm_epsilon") <= 0:
+            self._fail("norm_epsilon", f"must be > 0; got {self.norm_epsilon}")
+        if number("rotary_base") <= 0:
+            self._fail("rotary_base", f"must be > 0; got {self.rotary_base}")
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0 <= number(name) < 1:
+                self._fail(name, f"must be in [0, 1); got {getattr(self, name)}")
+        if number("init_method_std") <= 0:
+            self._fail("init_method_std", f"must be > 0; got {self.init_method_std}")
+        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            if number(name) < 0:
+                self._fail(name, f"must be >= 0; got {getattr(self, name)}")
+        if self.moe_expert_capacity_factor is not None and number("moe_expert_capacity_factor") <= 0:
+            self._fail("moe_expert_capacity_factor", f"must be > 0 or null (dropless); got {self.moe_expert_capacity_factor}")
+
+        for name, allowed in (
+            ("normalization", _NORMALIZATIONS),
+            ("position_embedding_type", _POSITIONS),
+            ("moe_router_score_order", _SCORE_ORDERS),
+            ("moe_expert_activation", _ACTIVATIONS),
+            ("dtype", tuple(TORCH_DTYPES)),
+        ):
+            if getattr(self, name) not in allowed:
+                self._fail(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+        # The invariants that tie fields together (same wording as src/config/schema.ts).
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
+            self._fail(
+                "num_attention_heads",
+                f"must divide model.hidden_size ({self.hidden_size}) unless model.kv_channels is given; "
+                f"got {self.num_attention_heads}",
+            )
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups != 0:
+            self._fail(
+                "num_query_groups",
+                f"must divide model.num_attention_heads ({self.num_attention_heads}); got {self.num_query_groups}",
+            )
+        if self.moe_router_topk > self.num_experts:
+            self._fail("moe_router_topk", f"must be <= model.num_experts ({self.num_experts}); got {self.moe_router_topk}")
+        if self.moe_layer_freq > self.num_layers:
+            self._fail("moe_layer_freq", f"must be <= model.num_layers ({self.num_layers}); got {self.moe_layer_freq}")
+        if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
+            self._fail("kv_channels", f"rotary embeddings need an even head dim; got {self.head_dim}")
+
+    def check_parallel(self, expert_model_parallel_size: int, world_size: int | None = None) -> None:
+        """The checks that need the parallel layout (names the parallelism field when it is at fault)."""
+        ep = expert_model_parallel_size
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+            raise ConfigError("parallelism.expert_model_parallel_size", f"must be a positive integer; got {ep!r}")
+        if self.num_experts % ep != 0:
+            self._fail(
+                "num_experts",
+                f"must be divisible by parallelism.expert_model_parallel_size ({ep}); got {self.num_experts}",
+            )
+        if world_size is not None and world_size % ep != 0:
+            raise ConfigError(
+                "parallelism.world_size",
+                f"must be divisible by parallelism.expert_model_parallel_size ({ep}); got {world_size}",
+            )
