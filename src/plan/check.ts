@@ -1,0 +1,185 @@
+// The plan checker: the TypeScript mirror of the Python executor's validation (docs/contracts.md §2).
+// A plan is accepted only if every op's data dependencies ("needs") happen before it, where
+// happens-before is the transitive closure of `deps` edges and same-stream list order.
+import {
+  BACKWARD_KINDS, COMM_KINDS, FORWARD_KINDS, WHOLE_SEQUENCE_KINDS, checkBoundaries, numChunks, opId,
+  parsePlanShape, type Op, type OpKind, type Plan,
+} from "./ir.ts";
+
+export type ListName = "forward" | "backward";
+
+export interface PlanIssue {
+  list: ListName | null;
+  index: number | null;
+  id: string | null;
+  message: string;
+}
+
+export class PlanValidationError extends Error {
+  constructor(readonly issues: PlanIssue[]) {
+    super(`invalid plan:\n${issues.map(formatIssue).join("\n")}`);
+    this.name = "PlanValidationError";
+  }
+}
+
+export function formatIssue(i: PlanIssue): string {
+  const where = i.list === null ? "plan" : `${i.list}[${i.index}]${i.id ? ` (${i.id})` : ""}`;
+  return `${where}: ${i.message}`;
+}
+
+/** One data dependency: an op of `kind` for `chunk` (null = the whole-sequence op). */
+export interface Need {
+  kind: OpKind;
+  chunk: number | null;
+}
+
+/**
+ * The data dependencies of an op (docs/contracts.md §2 tables). `qkv`/`qkv_bwd` resolve to the
+ * whole-sequence op when `chunk_qkv` is false. `attn_bwd`'s mutual-ordering rule is checked separately.
+ */
+export function needsOf(kind: OpKind, chunk: number | null, P: number, chunkQkv: boolean): Need[] {
+  const c = chunk ?? 0;
+  const range = (from: number, to: number) => Array.from({ length: Math.max(0, to - from) }, (_, i) => from + i);
+  const qkvOf = (chunks: number[]): Need[] => (chunkQkv ? chunks.map((j) => ({ kind: "qkv" as OpKind, chunk: j })) : [{ kind: "qkv", chunk: null }]);
+  switch (kind) {
+    case "qkv": case "aux_loss_bwd": case "unpermute_bwd": return [];
+    case "attn": return qkvOf(range(0, c + 1));
+    case "proj": return [{ kind: "attn", chunk: c }];
+    case "route": return [{ kind: "proj", chunk: c }];
+    case "dispatch": return [{ kind: "route", chunk: c }];
+    case "experts": return [{ kind: "dispatch", chunk: c }];
+    case "combine": return [{ kind: "experts", chunk: c }];
+    case "unpermute": return [{ kind: "combine", chunk: c }, { kind: "route", chunk: c }, { kind: "proj", chunk: c }];
+    case "aux_loss": return range(0, P).map((j) => ({ kind: "route", chunk: j }));
+    case "combine_bwd": return [{ kind: "unpermute_bwd", chunk: c }];
+    case "experts_bwd": return [{ kind: "combine_bwd", chunk: c }];
+    case "dispatch_bwd": return [{ kind: "experts_bwd", chunk: c }];
+    case "route_bwd": return [{ kind: "dispatch_bwd", chunk: c }, { kind: "unpermute_bwd", chunk: c }, { kind: "aux_loss_bwd", chunk: null }];
+    case "proj_bwd": return [{ kind: "route_bwd", chunk: c }, { kind: "unpermute_bwd", chunk: c }];
+    case "attn_bwd": return [{ kind: "proj_bwd", chunk: c }];
+    case "qkv_bwd": return range(chunk === null ? 0 : c, P).map((j) => ({ kind: "attn_bwd", chunk: j }));
+  }
+}
+
+/** The (kind, chunk) pairs a complete list must hold, each exactly once. */
+export function expectedOps(list: ListName, P: number, chunkQkv: boolean): Need[] {
+  const kinds = list === "forward" ? FORWARD_KINDS : BACKWARD_KINDS;
+  const out: Need[] = [];
+  for (const kind of kinds) {
+    const whole = WHOLE_SEQUENCE_KINDS.has(kind) || (!chunkQkv && (kind === "qkv" || kind === "qkv_bwd"));
+    if (whole) out.push({ kind, chunk: null });
+    else for (let c = 0; c < P; c++) out.push({ kind, chunk: c });
+  }
+  return out;
+}
+
+const key = (kind: string, chunk: number | null) => `${kind}@${chunk === null ? "all" : chunk}`;
+
+/**
+ * For each op (by list index), the set of op indices that happen before it, as bitsets.
+ * Assumes deps were already resolved to earlier indices.
+ */
+export function happensBefore(ops: readonly Op[], depIndices: readonly number[][]): bigint[] {
+  const anc: bigint[] = new Array(ops.length);
+  const lastOnStream = new Map<string, number>();
+  for (let i = 0; i < ops.length; i++) {
+    let a = 0n;
+    const preds = [...depIndices[i]];
+    const prev = lastOnStream.get(ops[i].stream);
+    if (prev !== undefined) preds.push(prev);
+    for (const p of preds) a |= anc[p] | (1n << BigInt(p));
+    anc[i] = a;
+    lastOnStream.set(ops[i].stream, i);
+  }
+  return anc;
+}
+
+/** All problems with a structurally parsed plan (empty when the plan is valid). */
+export function planIssues(plan: Plan): PlanIssue[] {
+  const issues: PlanIssue[] = [];
+  const planIssue = (message: string) => issues.push({ list: null, index: null, id: null, message });
+  try {
+    checkBoundaries(plan.boundaries, plan.dims.seq_length);
+  } catch (e) {
+    planIssue((e as Error).message);
+  }
+  const P = numChunks(plan);
+  const streamKind = new Map<string, "compute" | "comm">();
+  plan.streams.forEach((s, i) => {
+    if (streamKind.has(s.name)) planIssue(`streams[${i}]: duplicate stream name "${s.name}"`);
+    streamKind.set(s.name, s.kind);
+  });
+  const seenIds = new Set<string>();
+  for (const list of ["forward", "backward"] as const) {
+    const ops = plan[list];
+    const allowed = new Set<string>(list === "forward" ? FORWARD_KINDS : BACKWARD_KINDS);
+    const indexOf = new Map<string, number>();
+    const depIndices: number[][] = [];
+    const byKey = new Map<string, number>();
+    const add = (i: number, message: string) => issues.push({ list, index: i, id: ops[i].id, message });
+    ops.forEach((op, i) => {
+      if (seenIds.has(op.id)) add(i, `duplicate op id "${op.id}"`);
+      seenIds.add(op.id);
+      if (!allowed.has(op.kind)) add(i, `kind "${op.kind}" does not belong in the ${list} list`);
+      const sk = streamKind.get(op.stream);
+      if (sk === undefined) add(i, `unknown stream "${op.stream}"`);
+      else {
+        const want = COMM_KINDS.has(op.kind) ? "comm" : "compute";
+        if (sk !== want) add(i, `kind "${op.kind}" must run on a ${want} stream, but "${op.stream}" is a ${sk} stream`);
+      }
+      const whole = WHOLE_SEQUENCE_KINDS.has(op.kind) || (!plan.chunk_qkv && (op.kind === "qkv" || op.kind === "qkv_bwd"));
+      if (whole && op.chunk !== null) add(i, `chunk must be null for a whole-sequence "${op.kind}" op${op.kind.startsWith("qkv") ? " (chunk_qkv is false)" : ""}`);
+      if (!whole && op.chunk === null) add(i, `chunk must be a chunk index for "${op.kind}"${op.kind.startsWith("qkv") ? " (chunk_qkv is true)" : ""}`);
+      if (op.chunk !== null && op.chunk >= P) add(i, `chunk ${op.chunk} is out of range (the plan has ${P} chunks)`);
+      const deps: number[] = [];
+      const seenDeps = new Set<string>();
+      for (const d of op.deps) {
+        if (seenDeps.has(d)) add(i, `dep "${d}" is listed twice`);
+        seenDeps.add(d);
+        const j = indexOf.get(d);
+        if (j !== undefined) deps.push(j);
+        else if (d === op.id) add(i, `depends on itself`);
+        else if (ops.some((o) => o.id === d)) add(i, `dep "${d}" is not earlier in the ${list} list`);
+        else add(i, `dep "${d}" is not an op of the ${list} list`);
+      }
+      depIndices.push(deps);
+      if (!indexOf.has(op.id)) indexOf.set(op.id, i);
+      const k = key(op.kind, op.chunk);
+      if (byKey.has(k)) add(i, `duplicate op: "${op.kind}" for ${op.chunk === null ? "the whole sequence" : `chunk ${op.chunk}`} already appears as ${ops[byKey.get(k)!].id}`);
+      else byKey.set(k, i);
+    });
+    for (const e of expectedOps(list, P, plan.chunk_qkv)) {
+      if (!byKey.has(key(e.kind, e.chunk)))
+        issues.push({ list, index: null, id: opId(e.kind, e.chunk), message: `missing op: "${e.kind}" for ${e.chunk === null ? "the whole sequence" : `chunk ${e.chunk}`}` });
+    }
+    // Needs: every data dependency must happen before the op.
+    const anc = happensBefore(ops, depIndices);
+    const attnBwd: number[] = [];
+    ops.forEach((op, i) => {
+      if (!allowed.has(op.kind) || (op.chunk !== null && op.chunk >= P)) return;
+      if (op.kind === "attn_bwd") attnBwd.push(i);
+      for (const n of needsOf(op.kind, op.chunk, P, plan.chunk_qkv)) {
+        const j = byKey.get(key(n.kind, n.chunk));
+        if (j === undefined) continue; // reported as a missing op
+        if (((anc[i] >> BigInt(j)) & 1n) === 0n)
+          add(i, `needs ${ops[j].id} (${n.kind}${n.chunk === null ? "" : ` of chunk ${n.chunk}`}), which does not happen before it (add it to deps or order it earlier on the same stream)`);
+      }
+    });
+    // attn_bwd ops accumulate dK/dV into shared prefixes in place: they must be totally ordered.
+    for (let x = 0; x < attnBwd.length; x++)
+      for (let y = x + 1; y < attnBwd.length; y++) {
+        const [i, j] = [attnBwd[x], attnBwd[y]];
+        if (((anc[j] >> BigInt(i)) & 1n) === 0n)
+          add(j, `must be ordered after ${ops[i].id}: attn_bwd ops accumulate dK/dV in place, so they need the same stream or a dep`);
+      }
+  }
+  return issues;
+}
+
+/** Parses and checks a plan; throws a PlanValidationError (or a shape error naming the field) if it is not valid. */
+export function validatePlan(value: unknown): Plan {
+  const plan = parsePlanShape(value);
+  const issues = planIssues(plan);
+  if (issues.length > 0) throw new PlanValidationError(issues);
+  return plan;
+}

@@ -1,0 +1,226 @@
+// Plan generators: sequential (the baseline), grouped (the paper's main variant) and interleaved
+// (software-pipelined). Each builds the forward and the backward list over one compute and one
+// comm stream. A generator only decides each stream's op order; deps are derived from the data
+// dependencies (check.ts needsOf) and only cross-stream edges not already implied are written.
+import { readFileSync } from "node:fs";
+import { needsOf } from "./check.ts";
+import {
+  PLAN_FORMAT, PLAN_VERSION, VARIANTS, checkBoundaries, opId, parseDims, uniformBoundaries,
+  type BlockDims, type Op, type OpKind, type Plan, type Stream, type Variant,
+} from "./ir.ts";
+
+export const COMPUTE = "compute";
+export const COMM = "comm";
+export const DEFAULT_STREAMS: Stream[] = [
+  { name: COMPUTE, kind: "compute" },
+  { name: COMM, kind: "comm" },
+];
+
+const packageVersion: string = JSON.parse(
+  readFileSync(new URL("../../package.json", import.meta.url), "utf8"),
+).version;
+export const GENERATOR = `ampipe ${packageVersion}`;
+
+export interface PlanOptions {
+  /** Explicit chunk boundaries [0, ..., seq_length]; otherwise uniform boundaries for `degree`. */
+  boundaries?: readonly number[];
+  /** Pipe degree P (number of chunks); default 1. Must agree with `boundaries` when both are given. */
+  degree?: number;
+  /** QKV projection per chunk (default true) or one whole-sequence op. */
+  chunkQkv?: boolean;
+  /** Extra fields for `meta` (the generator name is always set). */
+  meta?: Record<string, unknown>;
+}
+
+interface Slot {
+  kind: OpKind;
+  chunk: number | null;
+}
+
+/** Resolves the chunk boundaries from options, with errors that name the field. */
+export function resolveBoundaries(dims: BlockDims, opts: PlanOptions): number[] {
+  if (opts.boundaries) {
+    const b = [...opts.boundaries];
+    checkBoundaries(b, dims.seq_length);
+    if (opts.degree !== undefined && opts.degree !== b.length - 1)
+      throw new Error(`degree (${opts.degree}) disagrees with boundaries, which give ${b.length - 1} chunks`);
+    return b;
+  }
+  const degree = opts.degree ?? 1;
+  if (!Number.isInteger(degree) || degree < 1) throw new Error(`degree must be a positive integer, got ${degree}`);
+  if (degree > dims.seq_length) throw new Error(`degree (${degree}) must be <= seq_length (${dims.seq_length})`);
+  return uniformBoundaries(dims.seq_length, degree);
+}
+
+// --- per-chunk stages --------------------------------------------------------------------------
+
+/** Forward compute before the dispatch: (qkv), attention, out-projection, router. */
+function front(c: number, chunkQkv: boolean): Slot[] {
+  return [
+    ...(chunkQkv ? [{ kind: "qkv" as OpKind, chunk: c }] : []),
+    { kind: "attn", chunk: c }, { kind: "proj", chunk: c }, { kind: "route", chunk: c },
+  ];
+}
+/** Backward compute after dispatch_bwd: router, out-projection, attention (and qkv) backward. */
+function back(c: number, chunkQkv: boolean): Slot[] {
+  return [
+    { kind: "route_bwd", chunk: c }, { kind: "proj_bwd", chunk: c }, { kind: "attn_bwd", chunk: c },
+    ...(chunkQkv ? [{ kind: "qkv_bwd" as OpKind, chunk: c }] : []),
+  ];
+}
+const one = (kind: OpKind, chunk: number | null): Slot[] => [{ kind, chunk }];
+
+interface StreamOrders {
+  compute: Slot[];
+  comm: Slot[];
+}
+
+/**
+ * Grouped (the paper's): the attention side of every chunk first, then dispatch/experts/combine
+ * chunk by chunk, comm of chunk c overlapping the experts of its neighbours. The backward mirrors
+ * it: the MoE side chunk by chunk (last chunk first), then the attention side.
+ */
+function groupedOrders(P: number, chunkQkv: boolean): { forward: StreamOrders; backward: StreamOrders } {
+  const fc: Slot[] = chunkQkv ? [] : one("qkv", null);
+  for (let c = 0; c < P; c++) fc.push(...front(c, chunkQkv));
+  fc.push(...one("aux_loss", null));
+  const fm: Slot[] = [];
+  for (let s = 0; s <= P; s++) {
+    if (s < P) fc.push(...one("experts", s));
+    if (s >= 1) fc.push(...one("unpermute", s - 1));
+    if (s < P) fm.push(...one("dispatch", s));
+    if (s >= 1) fm.push(...one("combine", s - 1));
+  }
+  const r = (s: number) => P - 1 - s; // backward runs chunks last-to-first
+  const bc: Slot[] = one("aux_loss_bwd", null);
+  const bm: Slot[] = [];
+  for (let s = 0; s < P; s++) bc.push(...one("unpermute_bwd", r(s)));
+  for (let s = 0; s <= P; s++) {
+    if (s < P) bc.push(...one("experts_bwd", r(s)));
+    if (s < P) bm.push(...one("combine_bwd", r(s)));
+    if (s >= 1) bm.push(...one("dispatch_bwd", r(s - 1)));
+  }
+  for (let s = 0; s < P; s++) bc.push(...back(r(s), chunkQkv));
+  if (!chunkQkv) bc.push(...one("qkv_bwd", null));
+  return { forward: { compute: fc, comm: fm }, backward: { compute: bc, comm: bm } };
+}
+
+/**
+ * Interleaved (software-pipelined): step s computes the attention side of chunk s, the experts
+ * of chunk s-1 and the unpermute of chunk s-2, while the comm stream carries chunk s's dispatch
+ * and chunk s-1's combine. So chunk c's communication overlaps chunk c+1's attention and chunk
+ * c-1's experts. The backward does the same over chunks taken last-to-first, so that qkv_bwd[j]
+ * directly follows attn_bwd[j] (dK/dV of chunk j are complete once every later chunk is done).
+ */
+function interleavedOrders(P: number, chunkQkv: boolean): { forward: StreamOrders; backward: StreamOrders } {
+  const fc: Slot[] = chunkQkv ? [] : one("qkv", null);
+  const fm: Slot[] = [];
+  for (let s = 0; s <= P + 1; s++) {
+    if (s < P) fc.push(...front(s, chunkQkv));
+    if (s === P - 1) fc.push(...one("aux_loss", null));
+    if (s >= 1 && s <= P) fc.push(...one("experts", s - 1));
+    if (s >= 2) fc.push(...one("unpermute", s - 2));
+    if (s < P) fm.push(...one("dispatch", s));
+    if (s >= 1 && s <= P) fm.push(...one("combine", s - 1));
+  }
+  const r = (s: number) => P - 1 - s;
+  const bc: Slot[] = one("aux_loss_bwd", null);
+  const bm: Slot[] = [];
+  for (let s = 0; s <= P + 1; s++) {
+    if (s < P) bc.push(...one("unpermute_bwd", r(s)));
+    if (s >= 1 && s <= P) bc.push(...one("experts_bwd", r(s - 1)));
+    if (s >= 2) bc.push(...back(r(s - 2), chunkQkv));
+    if (s < P) bm.push(...one("combine_bwd", r(s)));
+    if (s >= 1 && s <= P) bm.push(...one("dispatch_bwd", r(s - 1)));
+  }
+  if (!chunkQkv) bc.push(...one("qkv_bwd", null));
+  return { forward: { compute: fc, comm: fm }, backward: { compute: bc, comm: bm } };
+}
+
+/**
+ * Merges per-stream orders into one list in issue order: a comm op is listed as soon as
+ * everything it needs is listed (so an executor that walks the list starts communication as
+ * early as possible), compute ops follow their stream order. Deps are the needs not already
+ * implied by same-stream order or by earlier deps (a minimal set of cross-stream edges).
+ */
+function buildList(orders: StreamOrders, P: number, chunkQkv: boolean): Op[] {
+  const ops: Op[] = [];
+  const anc: bigint[] = [];
+  const index = new Map<string, number>();
+  const last = new Map<string, number>();
+  const attnBwd: number[] = [];
+  const needIds = (s: Slot): string[] => {
+    const ids = needsOf(s.kind, s.chunk, P, chunkQkv).map((n) => opId(n.kind, n.chunk));
+    // attn_bwd ops accumulate dK/dV in place: each one must follow every earlier one.
+    if (s.kind === "attn_bwd") ids.push(...attnBwd.map((i) => ops[i].id));
+    return ids;
+  };
+  const ready = (s: Slot) => needIds(s).every((id) => index.has(id));
+  const emit = (s: Slot, stream: string) => {
+    const id = opId(s.kind, s.chunk);
+    const prev = last.get(stream);
+    let a = prev === undefined ? 0n : anc[prev] | (1n << BigInt(prev));
+    const deps: string[] = [];
+    // Needs on the op's own stream are already ordered; add cross-stream needs not yet implied,
+    // most recent first so that later needs often cover earlier ones.
+    const needs = needIds(s).map((n) => index.get(n)!).sort((x, y) => y - x);
+    for (const j of needs) {
+      if (((a >> BigInt(j)) & 1n) !== 0n) continue;
+      deps.push(ops[j].id);
+      a |= anc[j] | (1n << BigInt(j));
+    }
+    const i = ops.length;
+    ops.push({ id, kind: s.kind, chunk: s.chunk, stream, deps: deps.sort((x, y) => index.get(x)! - index.get(y)!) });
+    anc.push(a);
+    index.set(id, i);
+    last.set(stream, i);
+    if (s.kind === "attn_bwd") attnBwd.push(i);
+  };
+  let ci = 0;
+  let mi = 0;
+  while (ci < orders.compute.length || mi < orders.comm.length) {
+    let progressed = false;
+    while (mi < orders.comm.length && ready(orders.comm[mi])) {
+      emit(orders.comm[mi++], COMM);
+      progressed = true;
+    }
+    if (ci < orders.compute.length && ready(orders.compute[ci])) {
+      emit(orders.compute[ci++], COMPUTE);
+      progressed = true;
+    }
+    if (!progressed) {
+      const stuck = [orders.compute[ci], orders.comm[mi]].filter(Boolean).map((s) => opId(s.kind, s.chunk));
+      throw new Error(`internal error: stream orders deadlock at ${stuck.join(", ")}`);
+    }
+  }
+  return ops;
+}
+
+/** Builds a plan of the given variant. `sequential` always has one chunk. */
+export function makePlan(variant: Variant, dimsIn: BlockDims, opts: PlanOptions = {}): Plan {
+  if (!VARIANTS.includes(variant)) throw new Error(`variant must be one of ${VARIANTS.join(", ")}, got ${JSON.stringify(variant)}`);
+  const dims = parseDims(dimsIn);
+  const boundaries = resolveBoundaries(dims, opts);
+  const P = boundaries.length - 1;
+  if (variant === "sequential" && P !== 1)
+    throw new Error(`boundaries: a sequential plan has one chunk, got ${P} (use grouped or interleaved)`);
+  const chunkQkv = opts.chunkQkv ?? true;
+  const orders = variant === "interleaved" ? interleavedOrders(P, chunkQkv) : groupedOrders(P, chunkQkv);
+  return {
+    format: PLAN_FORMAT,
+    version: PLAN_VERSION,
+    variant,
+    dims,
+    boundaries,
+    chunk_qkv: chunkQkv,
+    streams: DEFAULT_STREAMS.map((s) => ({ ...s })),
+    forward: buildList(orders.forward, P, chunkQkv),
+    backward: buildList(orders.backward, P, chunkQkv),
+    meta: { generator: GENERATOR, ...(opts.meta ?? {}) },
+  };
+}
+
+export const sequentialPlan = (dims: BlockDims, opts: Omit<PlanOptions, "degree" | "boundaries"> = {}) =>
+  makePlan("sequential", dims, opts);
+export const groupedPlan = (dims: BlockDims, opts: PlanOptions = {}) => makePlan("grouped", dims, opts);
+export const interleavedPlan = (dims: BlockDims, opts: PlanOptions = {}) => makePlan("interleaved", dims, opts);

@@ -1,0 +1,44 @@
+// Reading and writing plan files. Plans are written with one op per line so that they diff well.
+import { readFileSync, writeFileSync } from "node:fs";
+import { validatePlan } from "./check.ts";
+import type { Plan } from "./ir.ts";
+
+/** Serialises a plan: two-space indentation, each op and stream on a single line, trailing newline. */
+export function planToJson(plan: Plan): string {
+  const lines: string[] = ["{"];
+  const entries = Object.entries(plan).filter(([, v]) => v !== undefined);
+  entries.forEach(([k, v], i) => {
+    const comma = i < entries.length - 1 ? "," : "";
+    if (Array.isArray(v) && v.length > 0 && typeof v[0] === "object") {
+      lines.push(`  ${JSON.stringify(k)}: [`);
+      v.forEach((item, j) => lines.push(`    ${JSON.stringify(item)}${j < v.length - 1 ? "," : ""}`));
+      lines.push(`  ]${comma}`);
+    } else if (k === "dims" || Array.isArray(v)) {
+      lines.push(`  ${JSON.stringify(k)}: ${JSON.stringify(v)}${comma}`);
+    } else {
+      const body = JSON.stringify(v, null, 2).replace(/\n/g, "\n  ");
+      lines.push(`  ${JSON.stringify(k)}: ${body}${comma}`);
+    }
+  });
+  lines.push("}");
+  return lines.join("\n") + "\n";
+}
+
+/** Reads and fully validates a plan file; errors name the file and the offending op or field. */
+export function readPlan(path: string): Plan {
+  let value: unknown;
+  try {
+    value = JSON.parse(readFileSync(path, "utf8"));
+  } catch (e) {
+    throw new Error(`${path}: cannot read plan: ${(e as Error).message}`);
+  }
+  try {
+    return validatePlan(value);
+  } catch (e) {
+    throw new Error(`${path}: ${(e as Error).message}`);
+  }
+}
+
+export function writePlan(path: string, plan: Plan): void {
+  writeFileSync(path, planToJson(plan));
+}
