@@ -16,11 +16,10 @@ extension an error instead of a warning.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
-
-from . import reference
-from .loader import load_extension
+if TYPE_CHECKING:  # torch is imported on first use, so `python -m ampipe.ops.build` stays light
+    import torch
 
 __all__ = ["make_row_map", "permute", "unpermute", "implementation", "extension_status"]
 
@@ -36,6 +35,8 @@ def _compiled_for(device: torch.device) -> bool:
     """Whether the compiled op serves tensors on ``device`` (else the reference does)."""
     if _mode() == "reference":
         return False
+    from .loader import load_extension
+
     ext = load_extension(required=_mode() == "compiled")
     if not ext.loaded:
         return False
@@ -48,6 +49,10 @@ def implementation(device: str | torch.device | None = None) -> str:
     Without a device: "cuda" when the extension is loaded with CUDA kernels, "cpp" when it
     is loaded with CPU kernels only, "reference" when it is not loaded (or is forced off).
     """
+    import torch
+
+    from .loader import load_extension
+
     if _mode() == "reference":
         return "reference"
     ext = load_extension(required=_mode() == "compiled")
@@ -65,6 +70,8 @@ def extension_status() -> dict:
     """What the loader found: loaded or not, why not, the library path, CUDA kernels."""
     if _mode() == "reference":
         return {"mode": "reference", "loaded": False, "reason": "AMPIPE_OPS=reference"}
+    from .loader import load_extension
+
     ext = load_extension(required=False)
     return {"mode": _mode(), **ext.as_dict()}
 
@@ -76,6 +83,10 @@ def make_row_map(
 
     See :func:`ampipe.ops.reference.make_row_map` for the exact layout.
     """
+    import torch
+
+    from . import reference
+
     if isinstance(indices, torch.Tensor) and _compiled_for(indices.device):
         return torch.ops.ampipe.make_row_map(indices, int(num_experts), capacity)
     return reference.make_row_map(indices, num_experts, capacity)
@@ -86,6 +97,10 @@ def permute(x: torch.Tensor, row_map: torch.Tensor, num_rows: int) -> torch.Tens
 
     ``num_rows`` is ``T*K`` dropless or ``E*C`` with capacity ``C``. Differentiable in ``x``.
     """
+    import torch
+
+    from . import reference
+
     if isinstance(x, torch.Tensor) and _compiled_for(x.device):
         return torch.ops.ampipe.permute(x, row_map, num_rows)
     return reference.permute(x, row_map, num_rows)
@@ -98,6 +113,10 @@ def unpermute(
 
     Differentiable in ``buffer`` and ``gates``; ``gates`` must have ``buffer``'s dtype.
     """
+    import torch
+
+    from . import reference
+
     if isinstance(buffer, torch.Tensor) and _compiled_for(buffer.device):
         return torch.ops.ampipe.unpermute(buffer, row_map, gates)
     return reference.unpermute(buffer, row_map, gates)
