@@ -99,7 +99,7 @@ export function invalidSpecs(): InvalidSpec[] {
   add("dep-not-earlier.json", "a dep that is not earlier in the list", ["f.attn.0", "f.route.2"], (p) => { find(p.forward, "f.attn.0").deps = ["f.route.2"]; });
   add("missing-dep.json", "experts of chunk 1 do not wait for their dispatch", ["f.experts.1", "f.dispatch.1"], (p) => { find(p.forward, "f.experts.1").deps = []; });
   add("combine-bwd-early.json", "combine_bwd of chunk 0 does not wait for unpermute_bwd of chunk 0", ["b.combine.0", "b.unpermute.0"], (p) => { find(p.backward, "b.combine.0").deps = []; });
-  add("qkv-bwd-too-early.json", "qkv_bwd of chunk 1 before the attn_bwd of chunks 1 and 2 (dK/dV incomplete)", ["b.qkv.1", "b.attn.2"], (p) => {
+  add("qkv-bwd-too-early.json", "qkv_bwd of chunk 1 before the attn_bwd of chunks 1 and 2 (dK/dV incomplete)", ["b.qkv.1", "b.attn.1"], (p) => {
     const [op] = p.backward.splice(p.backward.findIndex((o) => o.id === "b.qkv.1"), 1);
     p.backward.splice(p.backward.findIndex((o) => o.id === "b.unpermute.2") + 1, 0, op);
   });
