@@ -12,6 +12,11 @@
 
 namespace ampipe {
 
+// Whether the CUDA kernels also validate index values on the host (synchronising). Starts
+// from AMPIPE_OPS_CHECK=1; toggled by torch.ops.ampipe._set_sync_checks. Defined in
+// registration.cpp.
+bool sync_checks_enabled();
+
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../row_map_checks.h"
 
 namespace ampipe {
 namespace {
@@ -26,38 +27,14 @@ int64_t row_grain(int64_t elems_per_row) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(elems_per_row, 1));
 }
 
-// inverse[r] = the flat slot t*K+k that row_map sends to row r, or -1. Rejects entries
-// outside [-1, num_rows) and two slots sharing one row, naming the slot.
-std::vector<int64_t> inverse_map(const char* op, const at::Tensor& row_map, int64_t num_rows) {
-  const int64_t K = row_map.size(1);
-  const int64_t n = row_map.numel();
-  const int64_t* rm = row_map.data_ptr<int64_t>();
-  std::vector<int64_t> inverse(static_cast<size_t>(num_rows), -1);
-  for (int64_t s = 0; s < n; ++s) {
-    const int64_t r = rm[s];
-    if (r == -1) continue;
-    TORCH_CHECK_INDEX(r >= 0 && r < num_rows, "ampipe.", op, ": row_map[", s / K, ", ", s % K,
-                      "] = ", r, " is out of range [-1, ", num_rows, ")");
-    TORCH_CHECK_INDEX(inverse[r] == -1, "ampipe.", op, ": row_map[", s / K, ", ", s % K,
-                      "] and row_map[", inverse[r] / K, ", ", inverse[r] % K,
-                      "] both map to row ", r, " (rows must be distinct, as make_row_map makes them)");
-    inverse[r] = s;
-  }
-  return inverse;
-}
-
 std::tuple<at::Tensor, at::Tensor> make_row_map_cpu(const at::Tensor& indices_in,
                                                     int64_t num_experts,
                                                     std::optional<int64_t> capacity) {
   check_make_row_map(indices_in, num_experts, capacity);
   const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   const int64_t T = indices.size(0), K = indices.size(1);
-  const int64_t* idx = indices.data_ptr<int64_t>();
-  for (int64_t s = 0; s < T * K; ++s) {
-    TORCH_CHECK_INDEX(idx[s] >= 0 && idx[s] < num_experts, "ampipe.make_row_map: indices[",
-                      s / K, ", ", s % K, "] = ", idx[s], " is out of range [0, num_experts=",
-                      num_experts, ")");
-  }
+  check_expert_ids(indices, num_experts);
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
   at::Tensor row_map = at::empty({T, K}, indices.options());
   at::Tensor counts_t = at::zeros({num_experts}, indices.options());
   int64_t* rm = row_map.data_ptr<int64_t>();

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported on first use, so `python -m ampipe.ops.build` stays light
     import torch
 
-__all__ = ["make_row_map", "permute", "unpermute", "implementation", "extension_status"]
+__all__ = [
+    "make_row_map",
+    "permute",
+    "unpermute",
+    "implementation",
+    "extension_status",
+    "set_sync_checks",
+]
 
 
 def _mode() -> str:
@@ -74,6 +81,25 @@ def extension_status() -> dict:
 
     ext = load_extension(required=False)
     return {"mode": _mode(), **ext.as_dict()}
+
+
+def set_sync_checks(enabled: bool) -> bool:
+    """Validate index values on the host in the CUDA kernels too (a synchronising debug mode).
+
+    The CPU kernels and the reference always validate. On CUDA the kernels otherwise only
+    assert on the device (never touching memory out of range); with checks on, a bad index
+    raises the same IndexError as on CPU. Also set by ``AMPIPE_OPS_CHECK=1``. Returns the
+    previous setting (False when the extension is not loaded).
+    """
+    if _mode() == "reference":
+        return False
+    from .loader import load_extension
+
+    if not load_extension().loaded:
+        return False
+    import torch
+
+    return bool(torch.ops.ampipe._set_sync_checks(bool(enabled)))
 
 
 def make_row_map(
