@@ -1,0 +1,211 @@
+// `ampipe plan <config> --out plan.json`: choose the pipe degree, variant and chunk boundaries for
+// a config's block under the cost model, write the plan and its Chrome trace, and print the
+// predicted timeline and the speed-up over the sequential block.
+import { mkdirSync, writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { Command, Option } from "commander";
+import { ConfigError, loadConfig, type ExperimentConfig } from "../config/index.ts";
+import { validatePlan } from "../plan/check.ts";
+import { calibrate, readCalibration, type CalibrationReport } from "../plan/calibration.ts";
+import { PROFILES, profileModel, type CostModel } from "../plan/costs.ts";
+import { VARIANTS, parseDims, type BlockDims, type Variant } from "../plan/ir.ts";
+import { planToJson } from "../plan/io.ts";
+import { planBlock, type PlanChoice } from "../plan/planner.ts";
+import { TIMELINE_LEGEND, chromeTrace, textTimeline } from "../plan/trace.ts";
+
+/** The block dims a plan is made for, from a resolved experiment config. */
+export function dimsFromConfig(cfg: ExperimentConfig): BlockDims {
+  const m = cfg.model;
+  return parseDims(
+    {
+      seq_length: m.seq_length,
+      micro_batch_size: m.micro_batch_size,
+      hidden_size: m.hidden_size,
+      num_attention_heads: m.num_attention_heads,
+      num_query_groups: m.num_query_groups,
+      kv_channels: m.kv_channels,
+      num_experts: m.num_experts,
+      moe_router_topk: m.moe_router_topk,
+      moe_ffn_hidden_size: m.moe_ffn_hidden_size,
+      expert_model_parallel_size: cfg.parallelism.expert_model_parallel_size,
+      dtype: m.dtype,
+    },
+    "model",
+  );
+}
+
+export interface PlanCommandOptions {
+  set?: string[];
+  out?: string;
+  trace?: string | false;
+  calibration?: string;
+  variant?: string;
+  degree?: string;
+  profile?: string;
+  granularity?: string;
+  bandwidthGbps?: string;
+  latencyUs?: string;
+  overlapSlowdown?: string;
+  json?: boolean;
+}
+
+export interface PlanCommandResult {
+  choice: PlanChoice;
+  model: CostModel;
+  calibration?: CalibrationReport;
+  outPath: string;
+  tracePath: string | null;
+  /** The human-readable report. */
+  text: string;
+  /** The machine-readable summary (--json). */
+  summary: Record<string, unknown>;
+}
+
+const num = (flag: string, v: string | undefined, check: (x: number) => boolean, rule: string): number | undefined => {
+  if (v === undefined) return undefined;
+  const x = Number(v);
+  if (!Number.isFinite(x) || !check(x)) throw new Error(`${flag}: ${rule}, got "${v}"`);
+  return x;
+};
+
+/** Runs the planner for a config file; writes the plan (and trace) and returns the report. */
+export function runPlan(configPath: string, o: PlanCommandOptions): PlanCommandResult {
+  const cfg = loadConfig(configPath, o.set ?? []);
+  const dims = dimsFromConfig(cfg);
+  const pl = cfg.pipeline;
+
+  const variantArg = o.variant ?? pl.variant;
+  if (variantArg !== "auto" && !VARIANTS.includes(variantArg as Variant))
+    throw new Error(`--variant: must be one of ${[...VARIANTS, "auto"].join(", ")}, got "${variantArg}"`);
+  const degreeArg = o.degree ?? String(pl.degree);
+  const degree = degreeArg === "auto" ? undefined : num("--degree", degreeArg, (x) => Number.isInteger(x) && x >= 1 && x <= dims.seq_length, `must be "auto" or an integer in [1, ${dims.seq_length}]`);
+  const profile = o.profile ?? (cfg.parallelism.device === "cuda" ? "h100" : "cpu");
+  if (!PROFILES[profile]) throw new Error(`--profile: unknown device profile "${profile}" (known: ${Object.keys(PROFILES).join(", ")})`);
+  const emu = pl.emulated_comm;
+  const model0 = profileModel(profile, dims.dtype, {
+    bandwidthGbps: num("--bandwidth-gbps", o.bandwidthGbps, (x) => x > 0, "must be > 0") ?? emu?.bandwidth_gbps,
+    latencyUs: num("--latency-us", o.latencyUs, (x) => x >= 0, "must be >= 0") ?? emu?.latency_us,
+    overlapSlowdown: num("--overlap-slowdown", o.overlapSlowdown, (x) => x >= 1, "must be >= 1"),
+    work: { expertActivation: cfg.model.moe_expert_activation, commWorldSize: emu?.world_size },
+  });
+  let model = model0;
+  let calibration: CalibrationReport | undefined;
+  if (o.calibration) {
+    const r = calibrate(model0, readCalibration(o.calibration), o.calibration);
+    model = o.overlapSlowdown !== undefined ? { ...r.model, overlapSlowdown: model0.overlapSlowdown } : r.model;
+    calibration = r.report;
+  }
+
+  // Fixed config values constrain the search; a degree with explicit boundaries must agree (checked by the config).
+  const variants: Variant[] | undefined = variantArg === "auto" ? undefined : [variantArg as Variant];
+  if (variants?.[0] === "sequential" && degree !== undefined && degree !== 1)
+    throw new Error(`--degree: the sequential variant has one chunk, got ${degree}`);
+  const boundaries = pl.boundaries ?? undefined;
+  if (boundaries && degree !== undefined && boundaries.length !== degree + 1)
+    throw new Error(`--degree: ${degree} disagrees with pipeline.boundaries (${boundaries.length - 1} chunks)`);
+  const choice = planBlock(dims, model, {
+    variants,
+    degrees: variants?.[0] === "sequential" ? [1] : degree !== undefined ? [degree] : undefined,
+    boundaries,
+    granularity: num("--granularity", o.granularity, (x) => Number.isInteger(x) && x >= 1, "must be a positive integer"),
+    chunkQkv: pl.chunk_qkv,
+  });
+  const plan = validatePlan(choice.plan);
+
+  const outPath = o.out ?? join(cfg.run.output_dir, "plan.json");
+  const tracePath = o.trace === false ? null : (o.trace ?? outPath.replace(/(\.json)?$/, ".trace.json"));
+  mkdirSync(dirname(outPath), { recursive: true });
+  writeFileSync(outPath, planToJson(plan));
+  if (tracePath) {
+    mkdirSync(dirname(tracePath), { recursive: true });
+    writeFileSync(tracePath, JSON.stringify(chromeTrace(plan, choice.sim)) + "\n");
+  }
+
+  const { sim, best, sequential } = choice;
+  const f = (ms: number) => (ms >= 100 ? ms.toFixed(1) : ms >= 1 ? ms.toFixed(3) : ms.toPrecision(3));
+  const P = best.boundaries.length - 1;
+  const lines: string[] = [];
+  lines.push(`plan: ${best.variant}, P=${P}, boundaries [${best.boundaries.join(", ")}], chunk_qkv ${plan.chunk_qkv}`);
+  lines.push(
+    `model: profile ${model.profile} (${dims.dtype})${model.calibration ? `, calibrated from ${model.calibration.samples} op times (${model.calibration.source})` : ", uncalibrated defaults"}` +
+      `, overlap slowdown ${model.overlapSlowdown.toFixed(2)}, granularity ${choice.granularity}, ${choice.evaluated} plans simulated`,
+  );
+  if (calibration) {
+    for (const k of calibration.kinds)
+      lines.push(`  fit ${k.kind.padEnd(13)} n=${String(k.samples).padEnd(4)} a=${k.a.toExponential(3)} b=${f(k.b)} ms  rel.rmse ${(100 * k.rel_rmse).toFixed(1)}%`);
+    if (calibration.uncalibrated.length) lines.push(`  not measured (profile defaults): ${calibration.uncalibrated.join(", ")}`);
+    for (const m of calibration.makespans)
+      lines.push(`  ${m.where}: measured ${f(m.measured_ms)} ms, predicted ${f(m.predicted_ms)} ms (${(100 * m.rel_error).toFixed(1)}%)`);
+  }
+  for (const [name, r] of [["forward", sim.forward], ["backward", sim.backward]] as const) {
+    lines.push("");
+    lines.push(`${name}: ${f(r.makespanMs)} ms predicted`);
+    for (const t of textTimeline(plan, r)) lines.push(`  ${t}`);
+    lines.push(`  busy: ${r.streams.map((s) => `${s.name} ${f(s.busyMs)} ms (${((100 * s.busyMs) / Math.max(r.makespanMs, 1e-12)).toFixed(0)}%)`).join(", ")}`);
+    lines.push(`  critical path: ${r.criticalPath.join(" > ")}`);
+  }
+  lines.push(`  ${TIMELINE_LEGEND}`);
+  lines.push("");
+  lines.push(`predicted forward+backward: ${f(best.totalMs)} ms; sequential: ${f(sequential.totalMs)} ms; speed-up ${choice.speedup.toFixed(3)}x`);
+  lines.push(`best per (variant, P):`);
+  for (const c of choice.candidates.slice(0, 6))
+    lines.push(`  ${c.variant.padEnd(11)} P=${String(c.boundaries.length - 1).padEnd(3)} ${f(c.totalMs).padStart(9)} ms  [${c.boundaries.join(", ")}]`);
+  lines.push("");
+  lines.push(`wrote ${outPath}${tracePath ? ` and ${tracePath} (open in https://ui.perfetto.dev)` : ""}`);
+
+  const summary = {
+    plan: outPath,
+    trace: tracePath,
+    variant: best.variant,
+    degree: P,
+    boundaries: best.boundaries,
+    chunk_qkv: plan.chunk_qkv,
+    profile: model.profile,
+    calibrated: model.calibration !== undefined,
+    overlap_slowdown: model.overlapSlowdown,
+    granularity: choice.granularity,
+    predicted: {
+      forward_ms: sim.forward.makespanMs,
+      backward_ms: sim.backward.makespanMs,
+      total_ms: sim.totalMs,
+      sequential_total_ms: sequential.totalMs,
+      speedup: choice.speedup,
+      streams: Object.fromEntries(
+        (["forward", "backward"] as const).map((pass) => [pass, sim[pass].streams.map((s) => ({ name: s.name, kind: s.kind, busy_ms: s.busyMs, idle_ms: s.idleMs }))]),
+      ),
+      critical_path: { forward: sim.forward.criticalPath, backward: sim.backward.criticalPath },
+    },
+    candidates: choice.candidates.map((c) => ({ variant: c.variant, degree: c.boundaries.length - 1, boundaries: c.boundaries, total_ms: c.totalMs })),
+    ...(calibration ? { calibration } : {}),
+  };
+  return { choice, model, calibration, outPath, tracePath, text: lines.join("\n") + "\n", summary };
+}
+
+export function register(program: Command): void {
+  program
+    .command("plan")
+    .description("choose pipe degree, variant and chunk boundaries under the cost model; write the plan and its trace")
+    .argument("<config>", "experiment config (.yaml, .yml or .json)")
+    .option("--out <file>", "where to write the plan (default: <run.output_dir>/plan.json)")
+    .option("--trace <file>", "where to write the Chrome trace (default: the plan path with .trace.json)")
+    .option("--no-trace", "do not write a trace")
+    .option("--calibration <file>", "measured op times to fit the cost model to (docs/plan.md)")
+    .option("--variant <variant>", "sequential | grouped | interleaved | auto (default: pipeline.variant)")
+    .option("--degree <P>", "pipe degree or auto (default: pipeline.degree)")
+    .addOption(new Option("--profile <name>", "device profile for the default costs (default: h100 on cuda, else cpu)").choices(Object.keys(PROFILES)))
+    .option("--granularity <tokens>", "interior chunk boundaries are multiples of this (default: 64 on GPU profiles, 8 on cpu)")
+    .option("--bandwidth-gbps <x>", "interconnect bandwidth (default: pipeline.emulated_comm or the profile's)")
+    .option("--latency-us <x>", "interconnect latency (default: pipeline.emulated_comm or the profile's)")
+    .option("--overlap-slowdown <x>", "compute/comm slowdown factor while both run (default: profile or calibration)")
+    .option("--set <field=value>", "override a config field, e.g. --set model.seq_length=4096 (repeatable)", (v: string, acc: string[]) => [...acc, v], [])
+    .option("--json", "print a JSON summary instead of the text report")
+    .action((config: string, opts: PlanCommandOptions) => {
+      try {
+        const r = runPlan(config, opts);
+        process.stdout.write(opts.json ? JSON.stringify(r.summary, null, 2) + "\n" : r.text);
+      } catch (e) {
+        process.stderr.write(`${e instanceof ConfigError ? "" : "ampipe plan: "}${(e as Error).message}\n`);
+        process.exitCode = 2;
+      }
+    });
+}
