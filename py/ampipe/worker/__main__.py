@@ -1,0 +1,56 @@
+"""``python -m ampipe.worker``: one rank, connecting to the ampipe controller.
+
+Launched by the controller (``ampipe ping``, ``launchRanks``) or by torchrun:
+
+    python -m torch.distributed.run --nproc-per-node 2 -m ampipe.worker \\
+        --controller tcp://HOST:PORT --token TOKEN
+
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from the environment
+(torchrun sets them); the token may also come from AMPIPE_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    v = os.environ.get(name)
+    if v is None:
+        if default is None:
+            raise SystemExit(f"ampipe.worker: environment variable {name} is not set (run under torchrun or the ampipe launcher)")
+        return default
+    return int(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ampipe.worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--controller", default=os.environ.get("AMPIPE_CONTROLLER"),
+                   help="controller endpoint, e.g. tcp://10.0.0.1:5555 (env AMPIPE_CONTROLLER)")
+    p.add_argument("--token", default=os.environ.get("AMPIPE_TOKEN"),
+                   help="the run's token, printed by the controller (env AMPIPE_TOKEN)")
+    p.add_argument("--join-timeout", type=float, default=float(os.environ.get("AMPIPE_JOIN_TIMEOUT_S", "120")),
+                   help="seconds to wait for the controller's answer to the handshake")
+    a = p.parse_args(argv)
+    if not a.controller:
+        p.error("--controller is required (or AMPIPE_CONTROLLER)")
+    if not a.token:
+        p.error("--token is required (or AMPIPE_TOKEN)")
+    try:
+        from ampipe.worker.loop import WorkerSettings, run
+    except ImportError as e:
+        print(f"ampipe.worker: {e}; the rank process needs pyzmq: pip install 'pyzmq>=26'", file=sys.stderr)
+        return 1
+    settings = WorkerSettings(
+        endpoint=a.controller, token=a.token,
+        rank=_env_int("RANK"), world_size=_env_int("WORLD_SIZE"), local_rank=_env_int("LOCAL_RANK", _env_int("RANK")),
+        join_timeout_s=a.join_timeout,
+    )
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

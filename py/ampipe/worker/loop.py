@@ -1,0 +1,369 @@
+"""The rank's ZeroMQ loop: handshake, commands, events, heartbeats, shutdown.
+
+The only module of ampipe that imports pyzmq. One DEALER socket, used from the main thread
+only; events emitted from other threads wait in a bounded queue that the main thread
+flushes. Heartbeats are sent by the main thread (between commands, and from ``ctx.emit`` /
+``ctx.heartbeat`` during one), so a rank whose Python is stuck stops heartbeating even
+though libzmq's I/O thread would still answer (docs/protocol.md, "Liveness").
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import logging
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from ampipe.worker import commands
+from ampipe.worker.protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError, decode, encode
+
+EXIT_OK = 0
+EXIT_FATAL = 1  # a failure during start-up (imports, torch.distributed)
+EXIT_REJECTED = 2  # the controller refused the handshake
+EXIT_CONTROLLER_LOST = 3  # the controller went silent or away
+
+_THREAD_QUEUE_MAX = 10_000
+
+
+@dataclass
+class WorkerSettings:
+    endpoint: str
+    token: str
+    rank: int
+    world_size: int
+    local_rank: int
+    join_timeout_s: float = 120.0
+    send_hwm: int = 10_000
+
+
+@dataclass
+class _Context:
+    """What a command handler sees (ampipe.worker.commands.CommandContext)."""
+
+    worker: "Worker"
+    rank: int
+    world_size: int
+    local_rank: int
+    device: Any = None
+    backend: str | None = None
+    _groups: dict[int, Any] = field(default_factory=dict)
+
+    def emit(self, kind: str, **fields: Any) -> bool:
+        return self.worker.emit(kind, fields)
+
+    def heartbeat(self) -> None:
+        self.worker.maybe_heartbeat()
+
+    def subgroup(self, size: int) -> Any:
+        import torch.distributed as dist
+
+        if size not in self._groups:
+            if self.world_size % size != 0:
+                raise ValueError(f"subgroup size {size} does not divide world size {self.world_size}")
+            self._groups[size], _ = dist.new_subgroups(group_size=size)
+        return self._groups[size]
+
+
+class _EventLogHandler(logging.Handler):
+    """Forwards log records of the rank's Python code to the controller as `log` events."""
+
+    def __init__(self, worker: "Worker"):
+        super().__init__(logging.INFO)
+        self.worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.worker.emit("log", {"level": record.levelname.lower(), "logger": record.name,
+                                     "message": record.getMessage()})
+        except Exception:  # logging must never take the rank down
+            pass
+
+
+class ControllerLost(RuntimeError):
+    pass
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings):
+        self.s = settings
+        self.ctx_zmq = zmq.Context.instance()
+        self.sock = self.ctx_zmq.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, f"rank-{settings.rank}".encode())
+        self.sock.setsockopt(zmq.SNDHWM, settings.send_hwm)
+        self.sock.setsockopt(zmq.RCVHWM, 10_000)
+        self.sock.connect(settings.endpoint)
+        self.main_thread = threading.get_ident()
+        self.thread_events: collections.deque[bytes] = collections.deque()
+        self.thread_lock = threading.Lock()
+        self.dropped = 0
+        self.sent_events = 0
+        self.hb_seq = 0
+        self.hb_interval = 1.0
+        self.hb_timeout = 30.0
+        self.next_hb = 0.0
+        self.busy: int | None = None
+        self.max_bytes = DEFAULT_MAX_MESSAGE_BYTES
+        self.context = _Context(self, settings.rank, settings.world_size, settings.local_rank)
+
+    # -- sending ------------------------------------------------------------------------
+    def send(self, msg: dict[str, Any]) -> None:
+        """Sends a message that must arrive (hello, replies): waits up to the heartbeat timeout."""
+        self.sock.setsockopt(zmq.SNDTIMEO, int(self.hb_timeout * 1000))
+        try:
+            self.sock.send(encode(msg))
+        except zmq.Again:
+            raise ControllerLost(f"could not send {msg.get('type')!r} for {self.hb_timeout:.1f} s") from None
+
+    def _send_nowait(self, frame: bytes) -> bool:
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def emit(self, kind: str, fields: dict[str, Any]) -> bool:
+        frame = encode({"type": "event", "kind": kind, **fields})
+        if threading.get_ident() != self.main_thread:
+            with self.thread_lock:
+                if len(self.thread_events) >= _THREAD_QUEUE_MAX:
+                    self.dropped += 1
+                    return False
+                self.thread_events.append(frame)
+            return True
+        self._flush_thread_events()
+        ok = self._send_nowait(frame)
+        if ok:
+            self.sent_events += 1
+        else:
+            self.dropped += 1
+        self.maybe_heartbeat()
+        return ok
+
+    def _flush_thread_events(self) -> None:
+        if not self.thread_events:
+            return
+        with self.thread_lock:
+            frames, self.thread_events = self.thread_events, collections.deque()
+        for f in frames:
+            if self._send_nowait(f):
+                self.sent_events += 1
+            else:
+                self.dropped += 1
+
+    def maybe_heartbeat(self) -> None:
+        now = time.monotonic()
+        if now < self.next_hb:
+            return
+        self.next_hb = now + self.hb_interval
+        self.hb_seq += 1
+        self._send_nowait(encode({"type": "heartbeat", "seq": self.hb_seq, "busy": self.busy,
+                                  "dropped": self.dropped, "events": self.sent_events}))
+
+    # -- receiving ----------------------------------------------------------------------
+    def _recv(self, timeout_s: float) -> dict[str, Any] | None:
+        """One controller message, or None on timeout. Raises ProtocolError for an invalid frame."""
+        if not self.sock.poll(max(0, int(timeout_s * 1000))):
+            return None
+        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        if len(frames) != 1:
+            raise ProtocolError(f"expected 1 frame, got {len(frames)}")
+        return decode(frames[0], self.max_bytes)
+
+    def _protocol_error(self, message: str) -> None:
+        print(f"ampipe rank {self.s.rank}: rejected a message from the controller: {message}", file=sys.stderr)
+        self._send_nowait(encode({"type": "protocol_error", "message": message}))
+
+    # -- life cycle ---------------------------------------------------------------------
+    def handshake(self) -> dict[str, Any]:
+        import torch
+
+        self.send({
+            "type": "hello", "v": PROTOCOL_VERSION, "token": self.s.token,
+            "rank": self.s.rank, "world_size": self.s.world_size, "local_rank": self.s.local_rank,
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "python": platform.python_version(), "torch": torch.__version__,
+        })
+        deadline = time.monotonic() + self.s.join_timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ControllerLost(f"no answer to the handshake from {self.s.endpoint} in {self.s.join_timeout_s:.0f} s")
+            try:
+                msg = self._recv(left)
+            except ProtocolError as e:
+                # Before the welcome, an unreadable answer means we cannot talk to this controller.
+                print(f"ampipe rank {self.s.rank}: cannot understand the controller's answer to the "
+                      f"handshake: {e}", file=sys.stderr)
+                raise SystemExit(EXIT_REJECTED) from None
+            if msg is None:
+                continue
+            if msg["type"] == "reject":
+                print(f"ampipe rank {self.s.rank}: the controller rejected this rank: {msg['reason']}", file=sys.stderr)
+                raise SystemExit(EXIT_REJECTED)
+            if msg["type"] == "welcome":
+                return msg
+            # anything else before the welcome is ignored (e.g. an early heartbeat)
+
+    def start(self, welcome: dict[str, Any]) -> None:
+        """Imports the command modules and initialises torch.distributed; reports `ready`."""
+        self.hb_interval = float(welcome["heartbeat_interval_s"])
+        self.hb_timeout = float(welcome["heartbeat_timeout_s"])
+        self.max_bytes = int(welcome.get("max_message_bytes") or DEFAULT_MAX_MESSAGE_BYTES)
+        for mod in (*commands.BUILTIN_MODULES, *(welcome.get("imports") or [])):
+            importlib.import_module(mod)
+        dist_cfg = welcome.get("dist")
+        if dist_cfg:
+            self._init_dist(dist_cfg)
+        self.send({"type": "ready", "commands": commands.names(),
+                   "device": str(self.context.device), "backend": self.context.backend})
+
+    def _init_dist(self, cfg: dict[str, Any]) -> None:
+        from datetime import timedelta
+
+        import torch
+        import torch.distributed as dist
+
+        device = cfg.get("device") or "auto"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        backend = cfg.get("backend") or "auto"
+        if backend == "auto":
+            backend = "nccl" if device == "cuda" else "gloo"
+        if device == "cuda":
+            torch.cuda.set_device(self.s.local_rank)
+            dev = torch.device("cuda", self.s.local_rank)
+        else:
+            dev = torch.device("cpu")
+        dist.init_process_group(backend=backend, rank=self.s.rank, world_size=self.s.world_size,
+                                timeout=timedelta(seconds=float(cfg.get("timeout_s") or 300)))
+        self.context.device = dev
+        self.context.backend = backend
+
+    def serve(self) -> int:
+        last_heard = time.monotonic()
+        while True:
+            self._flush_thread_events()
+            self.maybe_heartbeat()
+            try:
+                msg = self._recv(max(0.0, self.next_hb - time.monotonic()))
+            except ProtocolError as e:
+                self._protocol_error(str(e))  # answered, skipped; the rank stays up
+                last_heard = time.monotonic()
+                continue
+            now = time.monotonic()
+            if msg is None:
+                if now - last_heard > self.hb_timeout:
+                    raise ControllerLost(f"nothing from the controller for {now - last_heard:.1f} s "
+                                         f"(deadline {self.hb_timeout:.1f} s)")
+                continue
+            last_heard = now
+            kind = msg["type"]
+            if kind == "command":
+                self._run_command(msg)
+                last_heard = time.monotonic()  # we were not listening while it ran
+            elif kind == "shutdown":
+                return EXIT_OK
+            elif kind == "welcome":
+                self._protocol_error("unexpected second 'welcome'")
+            # heartbeat, protocol_error: nothing more to do
+
+    def _run_command(self, msg: dict[str, Any]) -> None:
+        cid, name = msg["id"], msg["name"]
+        handler = commands.get(name)
+        t0 = time.perf_counter()
+        if handler is None:
+            reply = {"type": "reply", "id": cid, "ok": False, "error": {
+                "type": "UnknownCommand", "message": f"unknown command {name!r}; this rank knows: {', '.join(commands.names())}",
+                "traceback": ""}}
+        else:
+            self.busy = cid
+            try:
+                result = handler(msg.get("args") or {}, self.context)
+                reply = {"type": "reply", "id": cid, "ok": True, "result": result}
+                encode(reply)  # fail here, as this command's error, if the result cannot travel
+            except Exception as e:
+                reply = {"type": "reply", "id": cid, "ok": False, "error": {
+                    "type": type(e).__name__, "message": f"{e}", "traceback": traceback.format_exc()}}
+            finally:
+                self.busy = None
+        reply["elapsed_s"] = time.perf_counter() - t0
+        self._flush_thread_events()
+        self.send(reply)
+
+    def close(self, reason: str) -> None:
+        self._send_nowait(encode({"type": "bye", "reason": reason}))
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+        self.sock.close(linger=0)
+        self.ctx_zmq.term()
+
+
+def _die_with_parent() -> None:
+    """Local ranks die with the controller, even if it is SIGKILLed (Linux prctl)."""
+    parent = os.environ.get("AMPIPE_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os._exit(EXIT_CONTROLLER_LOST)
+
+
+def run(settings: WorkerSettings) -> int:
+    _die_with_parent()
+    threads = os.environ.get("AMPIPE_NUM_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    worker = Worker(settings)
+    log_handler = _EventLogHandler(worker)
+    logging.getLogger().addHandler(log_handler)
+    logging.getLogger().setLevel(logging.INFO)
+    code, reason = EXIT_FATAL, "fatal"
+    try:
+        welcome = worker.handshake()
+        try:
+            worker.start(welcome)
+        except Exception as e:
+            # Tell the controller why this rank cannot start, then exit non-zero.
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr)
+            worker._send_nowait(encode({"type": "event", "kind": "error", "fatal": True,
+                                        "message": f"start-up failed: {type(e).__name__}: {e}", "traceback": tb}))
+            return EXIT_FATAL
+        code = worker.serve()
+        reason = "shutdown"
+        return code
+    except ControllerLost as e:
+        print(f"ampipe rank {settings.rank}: controller lost: {e}", file=sys.stderr)
+        code, reason = EXIT_CONTROLLER_LOST, "controller lost"
+        return code
+    except SystemExit as e:
+        code = int(e.code or 0)
+        return code
+    finally:
+        logging.getLogger().removeHandler(log_handler)
+        worker.close(reason)

@@ -1,0 +1,32 @@
+// Errors a run reports. Each names the rank(s) it is about.
+import type { RemoteError } from "./protocol.ts";
+
+/** A rank died, hung, disconnected or could not start: the run cannot continue. */
+export class RankFailure extends Error {
+  constructor(
+    message: string,
+    readonly rank: number,
+    readonly kind: "exited" | "unresponsive" | "disconnected" | "startup" | "join-timeout" | "rejected" | "left",
+    readonly details: { pid?: number; code?: number | null; signal?: string | null; stderr?: string[]; traceback?: string } = {},
+  ) {
+    super(message);
+    this.name = "RankFailure";
+  }
+}
+
+/** A command raised on one or more ranks; the ranks themselves are still healthy. */
+export class CommandError extends Error {
+  constructor(readonly command: string, readonly errors: Array<{ rank: number } & RemoteError>) {
+    super(
+      errors
+        .map((e) => `rank ${e.rank}: command '${command}' raised ${e.type}: ${e.message}` +
+          (e.traceback ? `\n${indent(e.traceback.trimEnd())}` : ""))
+        .join("\n"),
+    );
+    this.name = "CommandError";
+  }
+}
+
+export function indent(text: string, prefix = "    "): string {
+  return text.split("\n").map((l) => prefix + l).join("\n");
+}

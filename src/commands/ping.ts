@@ -1,0 +1,143 @@
+// `ampipe ping --ranks N`: every rank initialises torch.distributed, runs an all_reduce and
+// an all_to_all_single and checks them; the controller prints the results with the round trip.
+import { Command, InvalidArgumentError, Option } from "commander";
+import {
+  attachRanks, closeOnSignals, CommandError, launchRanks, RankFailure, type RankRun, type RunOptions,
+} from "../bridge/index.ts";
+
+interface PingResult {
+  rank: number; pid: number; host: string; backend: string; device: string;
+  all_reduce: { ok: boolean; value: number; expected: number; seconds: number };
+  all_to_all: { ok: boolean; received: number[]; expected: number[]; seconds: number };
+}
+
+export function positiveInt(v: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError("expected a positive integer");
+  return n;
+}
+export function positiveNumber(v: string): number {
+  const n = Number(v);
+  if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError("expected a positive number");
+  return n;
+}
+const nonNegative = (v: string) => {
+  const n = Number(v);
+  if (!Number.isFinite(n) || n < 0) throw new InvalidArgumentError("expected a number >= 0");
+  return n;
+};
+
+/** Options every command that launches ranks shares (ping, bench bridge, ...). */
+export function addRunOptions(cmd: Command): Command {
+  return cmd
+    .option("--ranks <n>", "number of ranks (world size)", positiveInt, 2)
+    .addOption(new Option("--device <device>", "device of the ranks").choices(["cpu", "cuda", "auto"]).default("cpu"))
+    .addOption(new Option("--backend <backend>", "torch.distributed backend (auto: gloo on cpu, nccl on cuda)")
+      .choices(["gloo", "nccl", "auto"]).default("auto"))
+    .option("--bind <endpoint>", "controller endpoint to bind", "tcp://127.0.0.1:0")
+    .option("--allow-remote", "allow binding a non-loopback address (needed for ranks on other machines)")
+    .option("--external", "do not spawn ranks: wait for ranks started by torchrun/Slurm to connect")
+    .option("--heartbeat-interval <ms>", "application heartbeat interval", positiveNumber, 1000)
+    .option("--heartbeat-timeout <ms>", "a rank silent this long is reported as stuck", positiveNumber, 60_000)
+    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120);
+}
+
+export interface RunCliOptions {
+  ranks: number; device: "cpu" | "cuda" | "auto"; backend: "gloo" | "nccl" | "auto"; bind: string;
+  allowRemote?: boolean; external?: boolean; heartbeatInterval: number; heartbeatTimeout: number; joinTimeout: number;
+}
+
+/** Starts the ranks the options describe (spawned, or external) and prints what a user needs. */
+export async function startRun(o: RunCliOptions, extra: Partial<RunOptions> = {}): Promise<RankRun> {
+  const common: RunOptions = {
+    worldSize: o.ranks, device: o.device, backend: o.backend, bind: o.bind, allowRemote: o.allowRemote,
+    heartbeatIntervalMs: o.heartbeatInterval, heartbeatTimeoutMs: o.heartbeatTimeout,
+    joinTimeoutMs: o.joinTimeout * 1000,
+    onProtocolError: (src, msg) => process.stderr.write(`ampipe: rejected a message from ${src}: ${msg}\n`),
+    ...extra,
+  };
+  if (!o.external) return launchRanks(common);
+  return attachRanks({
+    ...common,
+    onListening: (endpoint, token) => {
+      process.stderr.write(
+        `ampipe: waiting for ${o.ranks} ranks at ${endpoint}; start them with\n` +
+        `  AMPIPE_TOKEN=${token} python -m torch.distributed.run --nproc-per-node ${o.ranks} ` +
+        `-m ampipe.worker --controller ${endpoint.replace("0.0.0.0", "<this host>")}\n`);
+    },
+  });
+}
+
+/** Prints a run failure or command error and sets a non-zero exit code. */
+export function reportFailure(e: unknown): void {
+  if (e instanceof RankFailure || e instanceof CommandError) {
+    process.stderr.write(`ampipe: ${e.message}\n`);
+    process.exitCode = 1;
+    return;
+  }
+  throw e;
+}
+
+function checkPing(results: PingResult[], worldSize: number): string[] {
+  const problems: string[] = [];
+  results.forEach((r, i) => {
+    if (r.rank !== i) problems.push(`rank ${i} answered as rank ${r.rank}`);
+    if (!r.all_reduce.ok) problems.push(`rank ${i}: all_reduce gave ${r.all_reduce.value}, expected ${r.all_reduce.expected}`);
+    if (!r.all_to_all.ok) {
+      problems.push(`rank ${i}: all_to_all_single received [${r.all_to_all.received}], expected [${r.all_to_all.expected}]`);
+    }
+  });
+  if (results.length !== worldSize) problems.push(`${results.length} of ${worldSize} ranks answered`);
+  return problems;
+}
+
+export function register(program: Command): void {
+  addRunOptions(program.command("ping"))
+    .description("check the ranks and torch.distributed: all_reduce + all_to_all_single on every rank")
+    .option("--seconds <s>", "keep pinging for this long (try faults by hand meanwhile)", nonNegative, 0)
+    .option("--json", "print one JSON object per round")
+    .action(async (o: RunCliOptions & { seconds: number; json?: boolean }) => {
+      let run: RankRun | undefined;
+      try {
+        const t0 = performance.now();
+        run = await startRun(o);
+        const startup = performance.now() - t0;
+        closeOnSignals(run);
+        const r0 = run.ranks[0];
+        if (!o.json) {
+          console.log(`${run.worldSize} ranks ready in ${(startup / 1000).toFixed(2)} s ` +
+            `(torch ${r0.torch}, ${r0.backend} on ${r0.device}; controller ${run.controller.endpoint})`);
+        }
+        const end = Date.now() + o.seconds * 1000;
+        let seq = 0;
+        let failed = false;
+        do {
+          const t = performance.now();
+          const results = (await run.broadcast("ping", { seq })) as PingResult[];
+          const rttMs = performance.now() - t;
+          const problems = checkPing(results, run.worldSize);
+          if (o.json) {
+            console.log(JSON.stringify({ seq, rtt_ms: rttMs, ok: problems.length === 0, problems, results }));
+          } else {
+            const ar = results[0].all_reduce;
+            console.log(`ping ${seq}: all_reduce ${problems.length ? "FAILED" : "ok"} (sum ${ar.value}), ` +
+              `all_to_all_single ${problems.length ? "FAILED" : "ok"}, round trip ${rttMs.toFixed(2)} ms ` +
+              `(slowest rank: all_reduce ${ms(results, "all_reduce")} ms, all_to_all ${ms(results, "all_to_all")} ms)`);
+            for (const p of problems) console.log(`  ${p}`);
+          }
+          if (problems.length) failed = true;
+          seq++;
+          if (Date.now() < end) await new Promise((r) => setTimeout(r, 200));
+        } while (Date.now() < end && !failed);
+        if (failed) process.exitCode = 1;
+      } catch (e) {
+        reportFailure(e);
+      } finally {
+        await run?.close();
+      }
+    });
+}
+
+function ms(results: PingResult[], op: "all_reduce" | "all_to_all"): string {
+  return (Math.max(...results.map((r) => r[op].seconds)) * 1000).toFixed(2);
+}
