@@ -19,14 +19,38 @@ from .validate import check_make_row_map, check_permute, check_unpermute
 __all__ = ["make_row_map", "permute", "unpermute"]
 
 
-def _assert(cond: torch.Tensor, msg: str) -> None:
-    # On CPU a plain raise; on CUDA an asynchronous device-side assert, so the reference
-    # never forces a host synchronize in the middle of a block.
-    if cond.device.type == "cpu":
-        if not bool(cond):
-            raise IndexError(msg)
-    else:
-        torch._assert_async(cond, msg)
+def _check_range(op: str, name: str, t: torch.Tensor, lo: int, hi: int, bounds: str) -> None:
+    """Every entry of the [T, K] tensor ``t`` in [lo, hi), else IndexError naming the slot.
+
+    On CUDA an asynchronous device-side assert instead, so the reference never forces a
+    host synchronize in the middle of a block.
+    """
+    if t.numel() == 0:
+        return
+    bad = (t < lo) | (t >= hi)
+    if t.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"ampipe.{op}: {name} entry out of range {bounds}")
+        return
+    if bool(bad.any()):
+        i, k = (int(v) for v in bad.nonzero()[0])
+        raise IndexError(f"ampipe.{op}: {name}[{i}, {k}] = {int(t[i, k])} is out of range {bounds}")
+
+
+def _check_rows(op: str, row_map: torch.Tensor, num_rows: int) -> None:
+    """Row map entries in [-1, num_rows) and no row shared by two slots (CPU)."""
+    _check_range(op, "row_map", row_map, -1, num_rows, f"[-1, {num_rows})")
+    if row_map.device.type != "cpu" or row_map.numel() == 0:
+        return
+    flat = row_map.reshape(-1)
+    kept = flat[flat >= 0]
+    if kept.numel() and int(torch.bincount(kept, minlength=1).max()) > 1:
+        K = row_map.shape[1]
+        row = int(torch.bincount(kept).argmax())
+        a, b = (int(v) for v in (flat == row).nonzero().flatten()[:2])
+        raise IndexError(
+            f"ampipe.{op}: row_map[{b // K}, {b % K}] and row_map[{a // K}, {a % K}] both map to "
+            f"row {row} (rows must be distinct, as make_row_map makes them)"
+        )
 
 
 def make_row_map(
@@ -43,11 +67,7 @@ def make_row_map(
     T, K = indices.shape
     device = indices.device
     flat = indices.t().reshape(-1).long()  # (k, t) order: position p = k*T + t
-    if flat.numel() > 0:
-        _assert(
-            ((flat >= 0) & (flat < num_experts)).all(),
-            f"make_row_map: indices must lie in [0, num_experts={num_experts})",
-        )
+    _check_range("make_row_map", "indices", indices, 0, num_experts, f"[0, num_experts={num_experts})")
     counts = torch.zeros(num_experts, dtype=torch.long, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     starts = torch.cumsum(counts, 0) - counts
@@ -77,11 +97,7 @@ def _slots(row_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def permute(x: torch.Tensor, row_map: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Copy token rows into an expert-contiguous ``[num_rows, H]`` buffer (unused rows zero)."""
     check_permute(x, row_map, num_rows)
-    if row_map.numel() > 0:
-        _assert(
-            ((row_map >= -1) & (row_map < num_rows)).all(),
-            f"permute: row_map entries must lie in [-1, num_rows={num_rows})",
-        )
+    _check_rows("permute", row_map, num_rows)
     rows, tokens, _ = _slots(row_map)
     buffer = x.new_zeros(num_rows, x.shape[1])
     return buffer.index_copy(0, rows, x.index_select(0, tokens))
@@ -96,11 +112,7 @@ def unpermute(
     """
     check_unpermute(buffer, row_map, gates)
     T, K = row_map.shape
-    if row_map.numel() > 0:
-        _assert(
-            ((row_map >= -1) & (row_map < buffer.shape[0])).all(),
-            f"unpermute: row_map entries must lie in [-1, buffer rows={buffer.shape[0]})",
-        )
+    _check_rows("unpermute", row_map, buffer.shape[0])
     rows, tokens, slot = _slots(row_map)
     picked = buffer.index_select(0, rows)
     if gates is not None:
