@@ -123,14 +123,21 @@ class GPTModel(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         *,
+        loss_mask: torch.Tensor | None = None,
         return_logits: bool = True,
     ) -> GPTOutput:
-        """``input_ids`` [b, s] → `GPTOutput`; with ``labels`` [b, s] the mean cross-entropy too."""
+        """``input_ids`` [b, s] → `GPTOutput`; with ``labels`` [b, s] the mean cross-entropy too.
+
+        ``loss_mask`` [b, s] (1 = counts) weights the token losses (Megatron's ``loss_mask``);
+        labels equal to -100 are ignored.
+        """
         b, s = input_ids.shape
         if s > self.cfg.seq_length and self.cfg.position_embedding_type == "learned_absolute":
             raise ValueError(f"input has {s} positions but model.seq_length is {self.cfg.seq_length}")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels {list(labels.shape)} must match input_ids {list(input_ids.shape)}")
+        if loss_mask is not None and (labels is None or loss_mask.shape != labels.shape):
+            raise ValueError("loss_mask needs labels of the same [b, s] shape")
         with autocast_context(self.cfg, input_ids.device):
             x = self.embedding(input_ids)
             layer_losses: list[MoELosses] = []
@@ -142,7 +149,13 @@ class GPTModel(nn.Module):
             logits = F.linear(x, self.output_weight())  # [s, b, V]
         lm_loss = None
         if labels is not None:
-            lm_loss = F.cross_entropy(logits.float().reshape(s * b, -1), labels.t().reshape(-1))
+            flat_logits = logits.float().reshape(s * b, -1)
+            if loss_mask is None:
+                lm_loss = F.cross_entropy(flat_logits, labels.t().reshape(-1))
+            else:
+                per_token = F.cross_entropy(flat_logits, labels.t().reshape(-1), reduction="none")
+                mask = loss_mask.t().reshape(-1).to(per_token.dtype)
+                lm_loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
         zero = torch.zeros((), device=input_ids.device)
         aux = sum((l.aux_loss for l in layer_losses), zero)
         z = sum((l.z_loss for l in layer_losses), zero)

@@ -157,6 +157,13 @@ def test_gpt_outputs_and_losses():
     assert all(p.grad is not None for p in m.parameters())
     with pytest.raises(ValueError, match="no labels"):
         m(ids).loss
+    # a loss mask that keeps only batch row 0 gives row 0's mean loss
+    mask = torch.zeros(2, 16)
+    mask[0] = 1
+    masked = m(ids, labels=labels, loss_mask=mask).lm_loss
+    logits = out.logits.detach()
+    want = torch.nn.functional.cross_entropy(logits[0], labels[0])
+    torch.testing.assert_close(masked.detach(), want)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
