@@ -261,7 +261,7 @@ export class Controller {
         this.fault(new RankFailure(
           `rank ${rank} (pid ${st.hello.pid} on ${st.hello.host}) sent nothing for ${(silent / 1000).toFixed(1)} s ` +
           `(heartbeat deadline ${(this.heartbeatTimeoutMs / 1000).toFixed(1)} s)` +
-          (st.stats.busy !== null ? `; it was running command #${st.stats.busy} (${this.pending.get(st.stats.busy)?.name ?? "?"})` : ""),
+          (this.pendingFor(rank).length ? `; it was running '${this.pendingFor(rank).join("', '")}'` : ""),
           rank, "unresponsive", { pid: st.hello.pid }));
       }
     }
@@ -306,7 +306,7 @@ export class Controller {
     const st = rank ? this.ranks.get(Number(rank[1])) : undefined;
     if (msg.type === "hello") return this.handleHello(id, source, msg);
     if (!st || !st.routingId.equals(id)) {
-      this.protocolError(source, `'${msg.type}' message before a handshake`, id);
+      this.protocolError(source, `'${msg.type}' message before a handshake`);
       this.sendRaw(id, { type: "reject", reason: "send 'hello' first" }, null, false);
       return;
     }

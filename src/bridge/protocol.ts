@@ -48,7 +48,13 @@ const isInt: Check = (v) => typeof v === "number" && Number.isSafeInteger(v);
 const isNum: Check = (v) => typeof v === "number" && Number.isFinite(v);
 const isStr: Check = (v) => typeof v === "string";
 const isBool: Check = (v) => typeof v === "boolean";
-const isMap: Check = (v) => v !== null && typeof v === "object" && !Array.isArray(v) && !(v instanceof Uint8Array);
+// A plain msgpack map: msgpackr also produces class instances (Date, its C1Type, ...) for
+// types that are not part of the protocol; those are rejected here.
+const isMap: Check = (v) => {
+  if (v === null || typeof v !== "object") return false;
+  const proto = Object.getPrototypeOf(v);
+  return proto === Object.prototype || proto === null;
+};
 const isStrList: Check = (v) => Array.isArray(v) && v.every((x) => typeof x === "string");
 const orNull = (c: Check): Check => (v) => v === null || v === undefined || c(v);
 const optional = orNull;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -86,6 +87,7 @@ def spin(args: dict, ctx: CommandContext) -> dict:
     """A busy loop that never heartbeats, on the ranks named in ``ranks``: a stuck rank."""
     ranks = args.get("ranks")
     seconds = float(args.get("seconds", 3600.0))
+    _say(args)
     if ranks is None or ctx.rank in ranks:
         end = time.monotonic() + seconds
         n = 0
@@ -97,8 +99,15 @@ def spin(args: dict, ctx: CommandContext) -> dict:
 @command("sleep")
 def sleep(args: dict, ctx: CommandContext) -> dict:
     """A long command that stays alive: sleeps ``seconds`` while heartbeating."""
+    _say(args)
     end = time.monotonic() + float(args.get("seconds", 1.0))
     while (left := end - time.monotonic()) > 0:
         time.sleep(min(left, 0.02))
         ctx.heartbeat()
     return {"rank": ctx.rank}
+
+
+def _say(args: dict) -> None:
+    """Writes ``args["say"]`` to stderr: fault tests look for it in the controller's report."""
+    if "say" in args:
+        print(str(args["say"]), file=sys.stderr, flush=True)

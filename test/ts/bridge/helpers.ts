@@ -1,0 +1,38 @@
+// Shared by the bridge tests: quiet launches and a process-table check for leftovers.
+import { readdirSync, readFileSync } from "node:fs";
+import { launchRanks, type LaunchOptions, type RankRun } from "../../../src/bridge/index.ts";
+
+/** Fast heartbeats so that the fault tests finish quickly. */
+export const FAST = { heartbeatIntervalMs: 100, heartbeatTimeoutMs: 1500 } as const;
+
+export async function launchQuiet(o: Partial<LaunchOptions> & { worldSize: number }): Promise<RankRun & { output: string[] }> {
+  const output: string[] = [];
+  const run = await launchRanks({
+    ...FAST, threads: 1, graceMs: 2000,
+    onOutput: (rank, stream, line) => output.push(`[rank ${rank} ${stream}] ${line}`),
+    ...o,
+  });
+  return Object.assign(run, { output });
+}
+
+/** Live processes (not zombies) whose environment carries this run's token. */
+export function processesOfRun(token: string): number[] {
+  const found: number[] = [];
+  for (const d of readdirSync("/proc")) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const env = readFileSync(`/proc/${d}/environ`, "latin1");
+      if (!env.split("\0").includes(`AMPIPE_TOKEN=${token}`)) continue;
+      const stat = readFileSync(`/proc/${d}/stat`, "utf8");
+      if (stat.slice(stat.lastIndexOf(")") + 2)[0] === "Z") continue;
+      found.push(Number(d));
+    } catch {
+      // gone meanwhile, or not ours to read
+    }
+  }
+  return found;
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
