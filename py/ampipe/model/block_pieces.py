@@ -247,14 +247,14 @@ def experts_ffn(layer: TransformerLayer, tokens: torch.Tensor, counts: list[int]
         raise ValueError(f"experts: counts {counts} do not cover {tokens.shape[0]} rows of {El} local experts")
     w1, w2 = ex.w1(), ex.w2()
     if len(set(counts)) == 1:
-        xs = tokens.view(El, counts[0], -1)
+        xs = tokens.view(El, counts[0], tokens.shape[-1])
         h = torch.bmm(xs, w1)
         if ex.bias1 is not None:
             h = h + ex.bias1.unsqueeze(1)
         out = torch.bmm(activation(h, ex.activation), w2)
         if ex.bias2 is not None:
             out = out + ex.bias2.unsqueeze(1)
-        return out.reshape(tokens.shape[0], -1)
+        return out.reshape(tokens.shape[0], out.shape[-1])
     outs = []
     for j, xj in enumerate(torch.split(tokens, counts)):
         h = xj @ w1[j]

@@ -46,6 +46,7 @@ def run_ranks(world: int, ep_sizes: str, tmp_path: Path, timeout: float = 240.0)
 @pytest.mark.slow
 def test_ep2_equals_ep1(tmp_path):
     out = run_ranks(2, "2", tmp_path)
+    assert "dispatch EP=2 ok" in out
     assert "dropless-swiglu-gqa-rope EP=2 DP=2 ok" in out
     assert "capacity-drops-gelu-rmsnorm-bias EP=2 DP=2 ok" in out
 
@@ -54,5 +55,6 @@ def test_ep2_equals_ep1(tmp_path):
 def test_ep4_and_ep2_times_dp2_equal_ep1(tmp_path):
     out = run_ranks(4, "4,2", tmp_path)
     for ep in (4, 2):
+        assert f"dispatch EP={ep} ok" in out
         assert f"dropless-swiglu-gqa-rope EP={ep} DP=4 ok" in out
         assert f"capacity-drops-gelu-rmsnorm-bias EP={ep} DP=4 ok" in out

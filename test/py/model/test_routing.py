@@ -172,3 +172,14 @@ def test_a_small_capacity_really_drops_and_changes_the_output():
     p = bp.permute(tight, normed, bp.route(tight, normed))
     assert (p.row_map < 0).any() and p.capacity == 2
     assert not torch.allclose(tight(x)[0], dropless(x)[0])
+
+
+def test_experts_handle_empty_experts_and_an_empty_chunk():
+    layer = moe_layer(None, E=4, K=1)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    out = bp.experts_ffn(layer, x, [0, 3, 0, 2])
+    torch.testing.assert_close(out[:3], expert_ffn(layer, 1, x[:3]))
+    torch.testing.assert_close(out[3:], expert_ffn(layer, 3, x[3:]))
+    assert bp.experts_ffn(layer, x[:0], [0, 0, 0, 0]).shape == (0, 8)
+    with pytest.raises(ValueError, match="do not cover"):
+        bp.experts_ffn(layer, x, [1, 1, 1, 1])
