@@ -89,6 +89,26 @@ class OpTimes:
         return max((t.start_ms + t.ms for t in recs), default=0.0)
 
 
+def is_total_order(ops: Sequence[PlanOp]) -> bool:
+    """Whether every op happens-after every earlier op (deps and stream order): then no two
+    ops could ever run at the same time, and a second thread would only add hand-offs."""
+    index = {op.id: i for i, op in enumerate(ops)}
+    last: dict[str, int] = {}
+    hb: list[int] = []
+    for i, op in enumerate(ops):
+        mask = 0
+        preds = [index[d] for d in op.deps if d in index]
+        if op.stream in last:
+            preds.append(last[op.stream])
+        for p in preds:
+            mask |= hb[p] | (1 << p)
+        if mask != (1 << i) - 1:
+            return False
+        hb.append(mask)
+        last[op.stream] = i
+    return True
+
+
 class StreamExecutor:
     """Runs a list of plan ops over logical streams on one device (see module docstring)."""
 
@@ -112,10 +132,12 @@ class StreamExecutor:
         return self._cuda_streams[name]
 
     def run(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], None],
-            pass_name: str) -> OpTimes:
+            pass_name: str, *, inline: bool = False) -> OpTimes:
+        """Run `ops`; on CPU, `inline=True` runs comm ops on the calling thread too (for
+        passes where nothing could overlap, or comm ops that move nothing)."""
         if self.device.type == "cuda":
             return self._run_cuda(ops, run_op, pass_name)
-        return self._run_cpu(ops, run_op, pass_name)
+        return self._run_cpu(ops, run_op, pass_name, inline or is_total_order(ops))
 
     @contextmanager
     def _on_stream(self, name: str) -> Iterator[None]:
@@ -169,10 +191,11 @@ class StreamExecutor:
     # -- CPU ------------------------------------------------------------------------------
 
     def _run_cpu(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], None],
-                 pass_name: str) -> OpTimes:
+                 pass_name: str, inline: bool) -> OpTimes:
         times = OpTimes(self.device)
-        comm_ops = [op for op in ops if self.streams[op.stream].kind == "comm"]
-        compute_ops = [op for op in ops if self.streams[op.stream].kind != "comm"]
+        comm_ops = [] if inline else [op for op in ops if self.streams[op.stream].kind == "comm"]
+        compute_ops = ops if inline else [op for op in ops
+                                          if self.streams[op.stream].kind != "comm"]
         done = {op.id: threading.Event() for op in ops}
         abort = threading.Event()
         failures: list[BaseException] = []

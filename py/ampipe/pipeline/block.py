@@ -1,0 +1,563 @@
+"""`AMPipeBlock`: the baseline MoE block, run by a plan over separate streams.
+
+One `torch.autograd.Function` covers the whole block. Its forward walks the plan's forward
+op list; its backward walks the backward op list, with the same stream discipline (see
+`streams.py`). Every op is a small autograd *island*: the model's own step function
+(`ampipe.model.block_pieces`) runs under `enable_grad` on detached inputs, and the island
+keeps its outputs. The matching backward op calls `torch.autograd.grad` on those outputs
+with the incoming gradients, for the island's inputs and parameters. So no derivative is
+written by hand, the plan decides order and streams, and:
+
+- parameter gradients are explicit: `autograd.grad` returns them, they are summed per
+  parameter (in place, in plan order) and returned by the Function's backward, so autograd
+  accumulates them into `.grad` like any other op (hooks, DDP buckets, grad accumulation);
+- the auxiliary and z-losses are outputs of the Function, computed once from statistics
+  summed over every chunk; their gradient enters through the Function's backward
+  (`aux_loss_bwd`) like any other output gradient;
+- K and V live in one sequence-long buffer per pass; chunk c's attention reads the prefix
+  `[:end_c]` as a view (no concatenation), and in backward dK/dV are accumulated in place
+  into the prefix `dK[:end_c] += ...` of one zero-initialised buffer; `qkv_bwd[j]` reads its
+  rows once every later chunk has added to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model import block_pieces as pieces
+from ..model.block_pieces import MoELosses, Permuted, Routing, RoutingStats
+from ..model.layers import TransformerLayer
+from .emulation import DelayInjector, EmulatedComm
+from .plan import Plan, PlanError, PlanOp, check_dims, load_plan
+from .streams import OpTimes, StreamExecutor
+
+__all__ = ["AMPipeBlock", "block_dims"]
+
+# Parameters each op kind's island differentiates (the union must cover the layer).
+_KIND_MODULES = {
+    "qkv": ("input_layernorm", "self_attention.linear_qkv"),
+    "proj": ("self_attention.linear_proj", "pre_mlp_layernorm"),
+    "route": ("mlp.router",),
+    "experts": ("mlp.experts",),
+}
+
+
+def block_dims(layer: TransformerLayer, seq_length: int | None = None,
+               micro_batch_size: int | None = None) -> dict[str, Any]:
+    """The plan `dims` a layer implies (sequence and batch sizes only when given)."""
+    cfg = layer.cfg
+    dims: dict[str, Any] = {
+        "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_query_groups": cfg.query_groups,
+        "kv_channels": cfg.head_dim,
+        "num_experts": cfg.num_experts,
+        "moe_router_topk": cfg.moe_router_topk,
+        "moe_ffn_hidden_size": cfg.moe_ffn_hidden_size,
+        "expert_model_parallel_size": layer.mlp.ep.size,
+        "dtype": cfg.dtype,
+    }
+    if seq_length is not None:
+        dims["seq_length"] = seq_length
+    if micro_batch_size is not None:
+        dims["micro_batch_size"] = micro_batch_size
+    return dims
+
+
+def _submodule(root: nn.Module, dotted: str) -> nn.Module:
+    m = root
+    for part in dotted.split("."):
+        m = getattr(m, part)
+    return m
+
+
+def _alias_rows(buf: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of `buf` as a tensor sharing its storage but with its own version
+    counter, so writes to *other* rows of the buffer (later chunks' K/V) do not invalidate
+    what an island saved for backward."""
+    alias = buf.new_empty(0)
+    alias.set_(buf.untyped_storage(), buf.storage_offset() + start * buf.stride(0),
+               (end - start, *buf.shape[1:]), buf.stride())
+    return alias
+
+
+def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    return t.detach().requires_grad_(requires_grad and t.is_floating_point())
+
+
+@dataclasses.dataclass
+class _Island:
+    inputs: list[torch.Tensor | None]  # leaves whose grads the backward op routes on
+    outputs: list[torch.Tensor]
+    params: list[nn.Parameter]
+
+
+class _Step:
+    """State of one forward+backward of the block: activations kept by the islands, the
+    K/V buffers, gradient slots. Created per call; its backward frees it."""
+
+    def __init__(self, block: "AMPipeBlock", x: torch.Tensor, params: Sequence[nn.Parameter],
+                 track: bool) -> None:
+        self.block = block
+        self.layer = block.layer
+        self.plan = block.plan
+        self.x = x
+        self.track = track  # build islands (grad needed) or run plain forward
+        self.x_grad = track and x.requires_grad
+        self.params = list(params)
+        self.param_index = {id(p): i for i, p in enumerate(self.params)}
+        S, B = x.shape[0], x.shape[1]
+        cfg = self.layer.cfg
+        g, d = cfg.query_groups, cfg.head_dim
+        kv_shape = (S, B, g, d)
+        self.kbuf = x.new_empty(kv_shape) if self.plan.chunk_qkv else None
+        self.vbuf = x.new_empty(kv_shape) if self.plan.chunk_qkv else None
+        self.q: dict[int | None, torch.Tensor] = {}
+        self.y = x.new_empty(x.shape)
+        self.islands: dict[tuple[str, int | None], _Island] = {}
+        self.values: dict[tuple[str, int | None], Any] = {}
+        self.losses: MoELosses | None = None
+        # backward state
+        self.slots: dict[tuple[str, int | None], torch.Tensor] = {}
+        self.param_grads: list[torch.Tensor | None] = [None] * len(self.params)
+        self._param_writer: dict[int, tuple[str, torch.cuda.Event]] = {}
+        self.cuda = x.device.type == "cuda"
+        self.executor = block._executor
+
+    # -- stream bookkeeping (CUDA) -----------------------------------------------------
+
+    def _mark_used(self, *tensors: torch.Tensor | None) -> None:
+        """record_stream: a tensor made on one stream, used by the current op's stream."""
+        if not self.cuda:
+            return
+        stream = torch.cuda.current_stream(self.x.device)
+        for t in tensors:
+            if t is not None and t.device.type == "cuda":
+                t.record_stream(stream)
+
+    def _island(self, key: tuple[str, int | None], inputs: list[torch.Tensor | None],
+                fn, params: list[nn.Parameter]):
+        """Run `fn(*inputs)` as an island: under enable_grad when tracking."""
+        self._mark_used(*inputs)
+        with torch.set_grad_enabled(self.track):
+            out = fn(*inputs)
+        return out
+
+    def _keep(self, key: tuple[str, int | None], inputs: list[torch.Tensor | None],
+              outputs: Iterable[torch.Tensor], params: list[nn.Parameter]) -> None:
+        if self.track:
+            self.islands[key] = _Island(inputs, [o for o in outputs], params)
+
+    def _rows(self, c: int | None) -> tuple[int, int]:
+        return (0, self.x.shape[0]) if c is None else self.plan.chunk_rows(c)
+
+    # -- forward ops -------------------------------------------------------------------
+
+    def forward_op(self, op: PlanOp) -> None:
+        getattr(self, f"_f_{op.kind}")(op.chunk)
+
+    def _f_qkv(self, c: int | None) -> None:
+        lo, hi = self._rows(c)
+        xin = _leaf(self.x[lo:hi], self.x_grad)
+        params = self.block._kind_params["qkv"]
+        t = self._island(("qkv", c), [xin], lambda x: pieces.qkv(self.layer, x, lo), params)
+        if self.plan.chunk_qkv:
+            # Keep K/V once, in the sequence buffers: copy and rebind the island's outputs to
+            # the buffer rows (their autograd graph is unchanged; only the storage moves).
+            self.kbuf[lo:hi].copy_(t.k.detach())
+            self.vbuf[lo:hi].copy_(t.v.detach())
+            t.k.data = self.kbuf[lo:hi]
+            t.v.data = self.vbuf[lo:hi]
+        else:
+            self.kbuf, self.vbuf = t.k.detach(), t.v.detach()
+        self.q[c] = t.q
+        self._keep(("qkv", c), [xin], [t.q, t.k, t.v], params)
+
+    def _f_attn(self, c: int) -> None:
+        lo, hi = self.plan.chunk_rows(c)
+        q = self.q[c] if self.plan.chunk_qkv else _alias_rows(self.q[None].detach(), lo, hi)
+        qin = _leaf(q, self.track)
+        kin = _alias_rows(self.kbuf, 0, hi).requires_grad_(self.track)
+        vin = _alias_rows(self.vbuf, 0, hi).requires_grad_(self.track)
+        ctx = self._island(("attn", c), [qin, kin, vin],
+                           lambda q, k, v: pieces.attention(self.layer, q, k, v), [])
+        self.values[("ctx", c)] = ctx
+        self._keep(("attn", c), [qin, kin, vin], [ctx], [])
+
+    def _f_proj(self, c: int) -> None:
+        lo, hi = self.plan.chunk_rows(c)
+        cin = _leaf(self.values.pop(("ctx", c)), self.track)
+        rin = _leaf(self.x[lo:hi], self.x_grad)
+        params = self.block._kind_params["proj"]
+        h, normed = self._island(("proj", c), [cin, rin],
+                                 lambda a, r: pieces.proj(self.layer, a, r), params)
+        self.values[("h", c)] = h
+        self.values[("normed", c)] = normed
+        self._keep(("proj", c), [cin, rin], [h, normed], params)
+
+    def _f_route(self, c: int) -> None:
+        nin = _leaf(self.values.pop(("normed", c)), self.track)
+        params = self.block._kind_params["route"]
+
+        def fn(n: torch.Tensor) -> tuple[Routing, Permuted]:
+            routing = pieces.route(self.layer, n)
+            return routing, pieces.permute(self.layer, n, routing)
+
+        routing, permuted = self._island(("route", c), [nin], fn, params)
+        self.values[("routing", c)] = routing
+        self.values[("permuted", c)] = permuted
+        self._keep(("route", c), [nin], [permuted.buffer, routing.gates,
+                                         routing.stats.probs_sum, routing.stats.z_sum], params)
+
+    def _f_dispatch(self, c: int) -> None:
+        permuted: Permuted = self.values[("permuted", c)]
+        bin_ = _leaf(permuted.buffer, self.track)
+        d = self._island(("dispatch", c), [bin_], lambda b: pieces.dispatch(
+            self.layer, dataclasses.replace(permuted, buffer=b)), [])
+        self.block._delay(bin_)
+        self.values[("dispatched", c)] = d
+        self._keep(("dispatch", c), [bin_], [d.tokens], [])
+
+    def _f_experts(self, c: int) -> None:
+        d = self.values[("dispatched", c)]
+        tin = _leaf(d.tokens, self.track)
+        params = self.block._kind_params["experts"]
+        out = self._island(("experts", c), [tin], lambda t: pieces.experts(
+            self.layer, dataclasses.replace(d, tokens=t)), params)
+        self.values[("expert_out", c)] = out
+        self._keep(("experts", c), [tin], [out], params)
+
+    def _f_combine(self, c: int) -> None:
+        d = self.values.pop(("dispatched", c))
+        ein = _leaf(self.values.pop(("expert_out", c)), self.track)
+        out = self._island(("combine", c), [ein], lambda e: pieces.combine(self.layer, e, d), [])
+        self.block._delay(ein)
+        self.values[("combined", c)] = out
+        self._keep(("combine", c), [ein], [out], [])
+
+    def _f_unpermute(self, c: int) -> None:
+        lo, hi = self.plan.chunk_rows(c)
+        routing: Routing = self.values[("routing", c)]
+        permuted: Permuted = self.values[("permuted", c)]
+        comb = _leaf(self.values.pop(("combined", c)), self.track)
+        gin = _leaf(routing.gates, self.track)
+        hin = _leaf(self.values.pop(("h", c)), self.track)
+        y = self._island(("unpermute", c), [comb, gin, hin], lambda a, g, h: pieces.unpermute(
+            self.layer, a, permuted, dataclasses.replace(routing, gates=g), h), [])
+        self.y[lo:hi].copy_(y.detach())
+        if self.track:
+            y.data = self.y[lo:hi]  # keep y once, in the block output
+        self._keep(("unpermute", c), [comb, gin, hin], [y], [])
+
+    def _f_aux_loss(self, c: None) -> None:
+        stats: list[RoutingStats] = [self.values[("routing", j)].stats
+                                     for j in range(self.plan.num_chunks)]
+        leaves = [(_leaf(s.probs_sum, self.track), _leaf(s.z_sum, self.track)) for s in stats]
+
+        def fn(*flat: torch.Tensor) -> MoELosses:
+            chunks = [RoutingStats(s.tokens_per_expert, flat[2 * i], flat[2 * i + 1], s.num_tokens)
+                      for i, s in enumerate(stats)]
+            return pieces.moe_losses(self.layer.cfg, pieces.sum_stats(*chunks))
+
+        flat = [t for pair in leaves for t in pair]
+        self.losses = self._island(("aux_loss", None), flat, fn, [])
+        self._keep(("aux_loss", None), flat, [self.losses.aux_loss, self.losses.z_loss], [])
+
+    # -- backward ops ------------------------------------------------------------------
+
+    def begin_backward(self, grad_y: torch.Tensor | None, grad_aux: torch.Tensor | None,
+                       grad_z: torch.Tensor | None) -> None:
+        x = self.x
+        S = x.shape[0]
+        cfg = self.layer.cfg
+        self.grad_y = grad_y
+        self.grad_losses = (grad_aux, grad_z)
+        self.dx = torch.zeros_like(x) if self.x_grad else None
+        kv_shape = (S, x.shape[1], cfg.query_groups, cfg.head_dim)
+        # One sequence-long dK/dV each; chunks add into prefixes of them in place.
+        self.dk = x.new_zeros(kv_shape)
+        self.dv = x.new_zeros(kv_shape)
+        self.dq = x.new_empty((S, x.shape[1], cfg.num_attention_heads, cfg.head_dim))
+        self._mark_all_streams(self.dx, self.dk, self.dv, self.dq, grad_y, grad_aux, grad_z)
+
+    def _mark_all_streams(self, *tensors: torch.Tensor | None) -> None:
+        """Tensors made on the caller's stream and used by the plan's streams."""
+        if not self.cuda:
+            return
+        ex = self.executor
+        for name in ex.streams:
+            s = ex.cuda_stream(name)
+            for t in tensors:
+                if t is not None:
+                    t.record_stream(s)
+
+    def backward_op(self, op: PlanOp) -> None:
+        getattr(self, f"_b_{op.kind[:-4]}")(op.chunk)
+
+    def _run_island_backward(self, key: tuple[str, int | None],
+                             grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """autograd.grad of one island; returns its inputs' grads and accumulates its
+        parameters' grads. Frees the island."""
+        island = self.islands.pop(key)
+        outs, gouts = [], []
+        for o, g in zip(island.outputs, grads):
+            if g is not None and o.requires_grad:
+                outs.append(o)
+                gouts.append(g)
+        wrt_inputs = [i for i in island.inputs if i is not None and i.requires_grad]
+        params = [p for p in island.params if p.requires_grad]
+        if not outs or not (wrt_inputs or params):
+            return [None] * len(island.inputs)
+        self._mark_used(*gouts)
+        got = torch.autograd.grad(outs, wrt_inputs + params, gouts, allow_unused=True)
+        by_input = dict(zip(map(id, wrt_inputs), got[:len(wrt_inputs)]))
+        for p, g in zip(params, got[len(wrt_inputs):]):
+            if g is not None:
+                self._accumulate_param(p, g)
+        return [by_input.get(id(i)) if i is not None else None for i in island.inputs]
+
+    def _accumulate_param(self, p: nn.Parameter, g: torch.Tensor) -> None:
+        i = self.param_index[id(p)]
+        cur = self.param_grads[i]
+        if self.cuda:
+            # Ops on different streams may add into one parameter's gradient: order them.
+            here = self.executor.current_stream_name
+            prev = self._param_writer.get(i)
+            if prev is not None and prev[0] != here:
+                torch.cuda.current_stream(self.x.device).wait_event(prev[1])
+                self._mark_used(cur)
+        if cur is None:
+            self.param_grads[i] = g
+        else:
+            cur.add_(g)
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+            self._param_writer[i] = (self.executor.current_stream_name, ev)
+
+    def _slot(self, key: tuple[str, int | None]) -> torch.Tensor | None:
+        return self.slots.pop(key, None)
+
+    def _put(self, key: tuple[str, int | None], g: torch.Tensor | None) -> None:
+        if g is None:
+            return
+        prev = self.slots.get(key)
+        self.slots[key] = g if prev is None else prev + g
+
+    def _b_aux_loss(self, c: None) -> None:
+        grads = self._run_island_backward(("aux_loss", None), list(self.grad_losses))
+        for j in range(self.plan.num_chunks):
+            self._put(("probs_sum", j), grads[2 * j])
+            self._put(("z_sum", j), grads[2 * j + 1])
+
+    def _b_unpermute(self, c: int) -> None:
+        lo, hi = self.plan.chunk_rows(c)
+        gy = None if self.grad_y is None else self.grad_y[lo:hi]
+        g_comb, g_gates, g_h = self._run_island_backward(("unpermute", c), [gy])
+        self._put(("combined", c), g_comb)
+        self._put(("gates", c), g_gates)
+        self._put(("h", c), g_h)
+
+    def _b_combine(self, c: int) -> None:
+        g = self._slot(("combined", c))
+        (g_e,) = self._run_island_backward(("combine", c), [g])
+        if g is not None:
+            self.block._delay(g)
+        self._put(("expert_out", c), g_e)
+
+    def _b_experts(self, c: int) -> None:
+        (g_t,) = self._run_island_backward(("experts", c), [self._slot(("expert_out", c))])
+        self._put(("tokens", c), g_t)
+
+    def _b_dispatch(self, c: int) -> None:
+        g = self._slot(("tokens", c))
+        (g_b,) = self._run_island_backward(("dispatch", c), [g])
+        if g is not None:
+            self.block._delay(g)
+        self._put(("buffer", c), g_b)
+
+    def _b_route(self, c: int) -> None:
+        grads = [self._slot(("buffer", c)), self._slot(("gates", c)),
+                 self._slot(("probs_sum", c)), self._slot(("z_sum", c))]
+        (g_n,) = self._run_island_backward(("route", c), grads)
+        self._put(("normed", c), g_n)
+
+    def _b_proj(self, c: int) -> None:
+        lo, hi = self.plan.chunk_rows(c)
+        g_ctx, g_res = self._run_island_backward(
+            ("proj", c), [self._slot(("h", c)), self._slot(("normed", c))])
+        self._put(("ctx", c), g_ctx)
+        if g_res is not None and self.dx is not None:
+            self.dx[lo:hi].add_(g_res)
+
+    def _b_attn(self, c: int) -> None:
+        lo, hi = self.plan.chunk_rows(c)
+        g_q, g_k, g_v = self._run_island_backward(("attn", c), [self._slot(("ctx", c))])
+        # dK/dV of the prefix, added in place: never a sequence-long tensor per chunk.
+        if g_k is not None:
+            self.dk[:hi].add_(g_k)
+        if g_v is not None:
+            self.dv[:hi].add_(g_v)
+        if g_q is not None:
+            self.dq[lo:hi].copy_(g_q)
+
+    def _b_qkv(self, c: int | None) -> None:
+        lo, hi = self._rows(c)
+        (g_x,) = self._run_island_backward(
+            ("qkv", c), [self.dq[lo:hi], self.dk[lo:hi], self.dv[lo:hi]])
+        if g_x is not None and self.dx is not None:
+            self.dx[lo:hi].add_(g_x)
+
+
+class _PipelinedBlockFn(torch.autograd.Function):
+    """The whole pipelined block as one autograd node: (x, *params) -> (y, aux, z)."""
+
+    @staticmethod
+    def forward(ctx, step: _Step, x: torch.Tensor, *params: torch.Tensor):
+        block = step.block
+        block.last_times = {"forward": step.executor.run(
+            block.plan.forward, step.forward_op, "forward", inline=block._inline_comm)}
+        step.values.clear()
+        ctx.step = step
+        losses = step.losses
+        # The step must not reference the Function's output: y -> grad_fn -> ctx -> step -> y
+        # would be a cycle through autograd that only the garbage collector could break.
+        y, step.y = step.y, None
+        return y, losses.aux_loss.detach(), losses.z_loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_aux, grad_z):
+        step: _Step | None = ctx.step
+        if step is None:
+            raise RuntimeError("AMPipeBlock: backward through the block a second time; its "
+                               "activations are freed after the first (retain_graph is not "
+                               "supported)")
+        ctx.step = None  # free the activations once backward is done
+        block = step.block
+        step.begin_backward(grad_y, grad_aux, grad_z)
+        times = step.executor.run(block.plan.backward, step.backward_op, "backward",
+                                  inline=block._inline_comm)
+        block.last_times = {**(block.last_times or {}), "backward": times}
+        if step.cuda:  # results were made on plan streams; the caller's stream uses them now
+            caller = torch.cuda.current_stream(step.x.device)
+            for t in (step.dx, *step.param_grads):
+                if t is not None:
+                    t.record_stream(caller)
+        return (None, step.dx, *step.param_grads)
+
+
+class AMPipeBlock(TransformerLayer):
+    """A `TransformerLayer` (MoE) whose forward and backward run a plan's op lists.
+
+    It *is* the baseline layer's modules: `AMPipeBlock.from_layer(layer, plan)` shares the
+    layer's submodules (same Parameter objects, same state_dict names), so a model swaps
+    between the two without copying a weight, and `to_layer()` goes back. Its forward
+    returns `(y, MoELosses)` like the baseline. Per-op times of the latest step are in
+    `last_times` (`{"forward": OpTimes, "backward": OpTimes}`).
+    """
+
+    plan: Plan
+
+    @classmethod
+    def from_layer(cls, layer: TransformerLayer, plan: Plan | str | Path | Mapping[str, Any],
+                   *, emulated_comm: EmulatedComm | Mapping[str, Any] | None = None,
+                   record_times: bool = True) -> "AMPipeBlock":
+        if not layer.is_moe:
+            raise ValueError(f"AMPipeBlock: layer {layer.layer_number} is a dense layer; "
+                             f"only MoE layers are pipelined")
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        for name, child in layer.named_children():
+            block.add_module(name, child)
+        for attr in ("cfg", "layer_number", "is_moe", "attention_backend", "training"):
+            setattr(block, attr, getattr(layer, attr))
+        block._configure(plan, emulated_comm, record_times)
+        return block
+
+    def to_layer(self) -> TransformerLayer:
+        """The baseline layer over the same modules (no copies)."""
+        layer = TransformerLayer.__new__(TransformerLayer)
+        nn.Module.__init__(layer)
+        for name, child in self.named_children():
+            layer.add_module(name, child)
+        for attr in ("cfg", "layer_number", "is_moe", "attention_backend", "training"):
+            setattr(layer, attr, getattr(self, attr))
+        return layer
+
+    @property
+    def layer(self) -> "AMPipeBlock":
+        return self  # the block pieces take the layer; this block is one
+
+    def _configure(self, plan: Plan | str | Path | Mapping[str, Any],
+                   emulated_comm: EmulatedComm | Mapping[str, Any] | None,
+                   record_times: bool) -> None:
+        if not isinstance(plan, Plan):
+            plan = load_plan(plan)
+        check_dims(plan, block_dims(self))
+        self.plan = plan
+        if isinstance(emulated_comm, Mapping):
+            emulated_comm = EmulatedComm.from_dict(emulated_comm)
+        self.emulated_comm = emulated_comm
+        self.record_times = record_times
+        self.last_times: dict[str, OpTimes] | None = None
+        self._kind_params = {k: [p for m in mods for p in _submodule(self, m).parameters()]
+                             for k, mods in _KIND_MODULES.items()}
+        covered = {id(p) for ps in self._kind_params.values() for p in ps}
+        missing = [n for n, p in self.named_parameters() if id(p) not in covered]
+        if missing:
+            raise PlanError(f"AMPipeBlock: no plan op differentiates parameter(s) {missing}")
+        self._executor_cache: dict[torch.device, StreamExecutor] = {}
+        self._delay_cache: dict[torch.device, DelayInjector] = {}
+        self._device: torch.device | None = None
+
+    @property
+    def _executor(self) -> StreamExecutor:
+        dev = self._device
+        ex = self._executor_cache.get(dev)
+        if ex is None:
+            ex = StreamExecutor(self.plan.streams, dev, self.record_times)
+            self._executor_cache[dev] = ex
+        return ex
+
+    @property
+    def _inline_comm(self) -> bool:
+        """Comm ops that move nothing (one EP rank, no emulated delay) gain nothing from the
+        communication thread; run them on the calling thread."""
+        return self.mlp.ep.size == 1 and self.emulated_comm is None
+
+    def _delay(self, t: torch.Tensor) -> None:
+        if self.emulated_comm is None:
+            return
+        inj = self._delay_cache.get(t.device)
+        if inj is None:
+            inj = self._delay_cache[t.device] = DelayInjector(self.emulated_comm, t.device)
+        inj(t.numel() * t.element_size())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoELosses]:
+        S, B = x.shape[0], x.shape[1]
+        if S != self.plan.boundaries[-1] or S != self.plan.dims.get("seq_length", S):
+            raise PlanError(f"AMPipeBlock: input has {S} rows but the plan's seq_length is "
+                            f"{self.plan.boundaries[-1]}")
+        mbs = self.plan.dims.get("micro_batch_size")
+        if mbs is not None and mbs != B:
+            raise PlanError(f"AMPipeBlock: input micro-batch size {B} != plan "
+                            f"dims.micro_batch_size {mbs}")
+        self._device = x.device
+        params = [p for p in self.parameters()]
+        track = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        step = _Step(self, x.detach(), params, track)
+        if track:
+            step.x_grad = x.requires_grad
+            y, aux, z = _PipelinedBlockFn.apply(step, x, *params)
+        else:
+            self.last_times = {"forward": step.executor.run(
+                self.plan.forward, step.forward_op, "forward", inline=self._inline_comm)}
+            step.values.clear()
+            y, aux, z = step.y, step.losses.aux_loss, step.losses.z_loss
+        return y, MoELosses(aux_loss=aux, z_loss=z)

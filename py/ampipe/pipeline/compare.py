@@ -1,0 +1,284 @@
+"""Baseline block vs pipelined block, side by side: equivalence, times, speed-up, bound.
+
+`run_block_comparison` is what the rank-side `run_block` command calls: it builds one MoE
+layer, runs the baseline block and the `AMPipeBlock` over the same parameters on the same
+input (repetitions interleaved), and returns a msgpack-able dict with the largest
+differences of outputs, losses and every gradient, the median step times, the speed-up,
+the ideal bound and per-op times (keyed by op id, the calibration input of the planner).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..model.block_pieces import MoELosses
+from ..model.config import ModelConfig
+from ..model.gpt import init_parameters
+from ..model.layers import TransformerLayer
+from ..parallel.groups import ExpertParallel
+from .block import AMPipeBlock
+from .emulation import DelayInjector, EmulatedComm
+from .plan import Plan, PlanOp, load_plan
+from .streams import OpTimes
+
+__all__ = ["model_config_from_plan", "EmulatedBaseline", "block_step", "largest_differences",
+           "ideal_bound_ms", "run_block_comparison"]
+
+_DIM_TO_FIELD = {"num_query_groups": "num_query_groups", "kv_channels": "kv_channels",
+                 "seq_length": "seq_length", "micro_batch_size": "micro_batch_size",
+                 "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
+                 "num_experts": "num_experts", "moe_router_topk": "moe_router_topk",
+                 "moe_ffn_hidden_size": "moe_ffn_hidden_size", "dtype": "dtype"}
+
+
+def model_config_from_plan(plan: Plan, base: ModelConfig | Mapping[str, Any] | None = None,
+                           **overrides: Any) -> ModelConfig:
+    """A one-layer `ModelConfig` with the plan's dims (other fields from `base` or defaults)."""
+    d: dict[str, Any] = dict(base.to_dict() if isinstance(base, ModelConfig) else (base or {}))
+    d["num_layers"] = d.get("num_layers", 1)
+    for key, fieldname in _DIM_TO_FIELD.items():
+        if key in plan.dims:
+            d[fieldname] = plan.dims[key]
+    d.update(overrides)
+    return ModelConfig.from_dict(d)
+
+
+class _DelayFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, inj, fwd_bytes, bwd_bytes):
+        ctx.inj, ctx.bwd_bytes = inj, bwd_bytes
+        for b in fwd_bytes:
+            inj(b)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        for b in ctx.bwd_bytes:
+            ctx.inj(b)
+        return g, None, None, None
+
+
+class EmulatedBaseline(torch.nn.Module):
+    """The baseline block with the same emulated all-to-all delays as the pipelined block.
+
+    The baseline runs on one stream, so its communication never overlaps compute: adding
+    each all-to-all's modelled delay at the end of forward (and at the start of backward)
+    costs the same wall-clock time as adding it where the all-to-all happens."""
+
+    def __init__(self, layer: TransformerLayer, emulated_comm: EmulatedComm) -> None:
+        super().__init__()
+        self.layer = layer
+        self.emulated_comm = emulated_comm
+        self._inj: DelayInjector | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoELosses | None]:
+        if self._inj is None or self._inj.device != x.device:
+            self._inj = DelayInjector(self.emulated_comm, x.device)
+        y, losses = self.layer(x)
+        cfg = self.layer.cfg
+        rows = x.shape[0] * x.shape[1] * cfg.moe_router_topk
+        nbytes = rows * cfg.hidden_size * x.element_size()  # dropless buffer (capacity: E*C rows)
+        cap = cfg.expert_capacity(x.shape[0] * x.shape[1])
+        if cap is not None:
+            nbytes = cfg.num_experts * cap * cfg.hidden_size * x.element_size()
+        y = _DelayFn.apply(y, self._inj, [nbytes, nbytes], [nbytes, nbytes])
+        return y, losses
+
+
+def block_step(block: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor,
+               params: Sequence[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """One forward+backward of `(y·dy).sum() + aux + z`; returns y, the losses and the grads."""
+    x.grad = None
+    for p in params:
+        p.grad = None
+    y, losses = block(x)
+    obj = (y.float() * dy).sum()
+    if losses is not None:
+        obj = obj + losses.aux_loss + losses.z_loss
+    obj.backward()
+    out = {"y": y.detach(), "dx": x.grad}
+    if losses is not None:
+        out["aux_loss"] = losses.aux_loss.detach()
+        out["z_loss"] = losses.z_loss.detach()
+    return out
+
+
+def largest_differences(ref: Mapping[str, torch.Tensor | None],
+                        got: Mapping[str, torch.Tensor | None]) -> dict[str, float]:
+    """max|got - ref| / max|ref| per tensor (relative to the tensor's scale)."""
+    out = {}
+    for k, r in ref.items():
+        g = got.get(k)
+        if r is None and g is None:
+            continue
+        if r is None or g is None:
+            out[k] = float("inf")
+            continue
+        r, g = r.double(), g.double()
+        scale = r.abs().max().item()
+        out[k] = (g - r).abs().max().item() / (scale if scale > 0 else 1.0)
+    return out
+
+
+def _closure(ops: Sequence[PlanOp], start: str, forward: bool) -> set[str]:
+    """Ops that must precede (forward=False) or follow (forward=True) op `start`."""
+    index = {op.id: i for i, op in enumerate(ops)}
+    preds: dict[str, set[str]] = {op.id: set(op.deps) for op in ops}
+    last: dict[str, str] = {}
+    for op in ops:
+        if op.stream in last:
+            preds[op.id].add(last[op.stream])
+        last[op.stream] = op.id
+    if not forward:
+        seen, todo = set(), [start]
+        while todo:
+            for p in preds[todo.pop()]:
+                if p not in seen:
+                    seen.add(p)
+                    todo.append(p)
+        return seen
+    succ: dict[str, set[str]] = {op.id: set() for op in ops}
+    for k, ps in preds.items():
+        for p in ps:
+            succ[p].add(k)
+    seen, todo = set(), [start]
+    while todo:
+        for s in succ[todo.pop()]:
+            if s not in seen:
+                seen.add(s)
+                todo.append(s)
+    return {s for s in seen if index[s] > index[start]}
+
+
+def ideal_bound_ms(plan: Plan, times: Mapping[str, Mapping[str, float]],
+                   is_comm: Mapping[str, bool] | None = None) -> dict[str, float]:
+    """The ideal bound of a pipelined step from per-op times (`{"forward": {id: ms}, ...}`).
+
+    Per pass: max(total compute, fill + total communication + drain), where fill is the
+    compute that must precede the pass's first all-to-all and drain the compute that must
+    follow its last one (through deps and stream order). No schedule with this chunking beats it.
+    """
+    out = {}
+    for name, ops in (("forward", plan.forward), ("backward", plan.backward)):
+        t = times.get(name, {})
+        comm = [op for op in ops if op.is_comm]
+        compute_ms = sum(t.get(op.id, 0.0) for op in ops if not op.is_comm)
+        comm_ms = sum(t.get(op.id, 0.0) for op in comm)
+        fill = drain = 0.0
+        if comm:
+            kinds = {op.id: op for op in ops}
+            fill = sum(t.get(i, 0.0) for i in _closure(ops, comm[0].id, False)
+                       if not kinds[i].is_comm)
+            drain = sum(t.get(i, 0.0) for i in _closure(ops, comm[-1].id, True)
+                        if not kinds[i].is_comm)
+        out[f"{name}_compute_ms"] = compute_ms
+        out[f"{name}_comm_ms"] = comm_ms
+        out[f"{name}_bound_ms"] = max(compute_ms, fill + comm_ms + drain)
+    out["bound_ms"] = out["forward_bound_ms"] + out["backward_bound_ms"]
+    return out
+
+
+def _median_times(samples: list[dict[str, OpTimes]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for name in ("forward", "backward"):
+        per_op: dict[str, list[float]] = {}
+        for s in samples:
+            if name in s:
+                for k, v in s[name].op_times_ms.items():
+                    per_op.setdefault(k, []).append(v)
+        out[name] = {k: statistics.median(v) for k, v in per_op.items()}
+    return out
+
+
+def run_block_comparison(
+    model_cfg: ModelConfig | Mapping[str, Any] | None,
+    plan: Plan | str | Mapping[str, Any],
+    steps: int = 5,
+    *,
+    warmup: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    ep: ExpertParallel | None = None,
+    emulated_comm: EmulatedComm | Mapping[str, Any] | None = None,
+    tolerance: float = 1e-5,
+    input_seed: int | None = None,
+) -> dict[str, Any]:
+    """Run the baseline and the pipelined block side by side; returns a plain dict.
+
+    `model_cfg` supplies what the plan's dims do not (norm, rope, router options ...); the
+    plan's dims win. With `ep` (an initialised expert-parallel group), each rank builds its
+    shard of the same global weights and checks its own input against the baseline.
+    """
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    if isinstance(emulated_comm, Mapping):
+        emulated_comm = EmulatedComm.from_dict(emulated_comm)
+    cfg = model_config_from_plan(plan, model_cfg)
+    device = torch.device(device)
+    ep = ep or ExpertParallel.single()
+    layer = TransformerLayer(cfg, 0, ep)
+    init_parameters(layer, cfg, seed, prefix="decoder.layers.0.")
+    layer = layer.to(device)
+    block = AMPipeBlock.from_layer(layer, plan, emulated_comm=emulated_comm)
+    baseline: torch.nn.Module = layer if emulated_comm is None else EmulatedBaseline(layer, emulated_comm)
+    params = list(layer.parameters())
+    names = [n for n, _ in layer.named_parameters()]
+
+    g = torch.Generator().manual_seed(seed * 7919 + 17 + ep.rank if input_seed is None else input_seed)
+    shape = (cfg.seq_length, cfg.micro_batch_size, cfg.hidden_size)
+    x = torch.randn(shape, generator=g).to(device).requires_grad_(True)
+    dy = (torch.randn(shape, generator=g) * cfg.hidden_size ** -0.5).to(device)
+
+    def run(which: torch.nn.Module) -> tuple[dict[str, torch.Tensor], float]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = block_step(which, x, dy, params)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ms = (time.perf_counter() - t0) * 1e3
+        out.update({f"grad.{n}": p.grad.detach().clone() if p.grad is not None else None
+                    for n, p in zip(names, params)})
+        out["dx"] = out["dx"].detach().clone() if out["dx"] is not None else None
+        return out, ms
+
+    for _ in range(warmup):
+        run(baseline)
+        run(block)
+    base_ms, pipe_ms, samples = [], [], []
+    diffs: dict[str, float] = {}
+    for _ in range(max(1, steps)):
+        ref, tb = run(baseline)
+        got, tp = run(block)
+        base_ms.append(tb)
+        pipe_ms.append(tp)
+        samples.append(block.last_times)
+        for k, v in largest_differences(ref, got).items():
+            diffs[k] = max(diffs.get(k, 0.0), v)
+
+    op_times = _median_times(samples)
+    bound = ideal_bound_ms(plan, op_times)
+    tb, tp = statistics.median(base_ms), statistics.median(pipe_ms)
+    worst = max(diffs.items(), key=lambda kv: kv[1])
+    gain = tb - bound["bound_ms"]
+    return {
+        "plan": {"variant": plan.variant, "degree": plan.num_chunks,
+                 "boundaries": list(plan.boundaries)},
+        "device": str(device),
+        "rank": ep.rank, "ep_size": ep.size,
+        "emulated": emulated_comm.label if emulated_comm is not None else None,
+        "equivalence": {"largest_relative_differences": diffs, "worst": list(worst),
+                        "tolerance": tolerance, "ok": worst[1] <= tolerance},
+        "baseline_ms": tb, "pipelined_ms": tp,
+        "baseline_samples_ms": base_ms, "pipelined_samples_ms": pipe_ms,
+        "speedup": tb / tp,
+        "ideal_bound_ms": bound["bound_ms"], "ideal_speedup": tb / bound["bound_ms"],
+        "overlap_efficiency": (tb - tp) / gain if gain > 0 else None,
+        "bound": bound,
+        "op_times_ms": op_times,
+    }
