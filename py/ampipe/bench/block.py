@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 1), help="torch CPU threads per rank")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads per rank")
     ap.add_argument("--json", metavar="FILE", help="write the result as JSON")
     args = ap.parse_args(argv)
     if args.device == "auto":
