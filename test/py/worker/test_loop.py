@@ -1,0 +1,169 @@
+"""The rank loop against a fake controller (a pyzmq ROUTER in the test)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from ampipe.worker.protocol import PROTOCOL_VERSION
+
+REPO = Path(__file__).resolve().parents[3]
+TOKEN = "f" * 32
+
+pytestmark = pytest.mark.slow
+
+
+class FakeController:
+    def __init__(self):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, 20_000)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, rank=0, world_size=1, token=TOKEN) -> subprocess.Popen:
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+               "AMPIPE_CONTROLLER": self.endpoint, "AMPIPE_TOKEN": token, "AMPIPE_NUM_THREADS": "1",
+               "PYTHONPATH": str(REPO / "py")}
+        p = subprocess.Popen([sys.executable, "-m", "ampipe.worker"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        return p
+
+    def recv(self, skip=("heartbeat",)) -> tuple[bytes, dict]:
+        while True:
+            ident, frame = self.sock.recv_multipart()
+            msg = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+            if msg["type"] not in skip:
+                return ident, msg
+
+    def send(self, ident: bytes, msg: dict | bytes) -> None:
+        self.sock.send_multipart([ident, msg if isinstance(msg, bytes) else msgpack.packb(msg)])
+
+    def welcome(self, ident: bytes, **over) -> None:
+        self.send(ident, {"type": "welcome", "v": PROTOCOL_VERSION, "heartbeat_interval_s": 0.05,
+                          "heartbeat_timeout_s": 2.0, "max_message_bytes": 1 << 20, "imports": [],
+                          "dist": None, **over})
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def controller():
+    c = FakeController()
+    yield c
+    c.close()
+
+
+def test_handshake_commands_errors_and_shutdown(controller):
+    p = controller.spawn()
+    ident, hello = controller.recv()
+    assert ident == b"rank-0"
+    assert hello["type"] == "hello" and hello["v"] == PROTOCOL_VERSION and hello["token"] == TOKEN
+    assert hello["rank"] == 0 and hello["world_size"] == 1 and hello["pid"] == p.pid
+    controller.welcome(ident)
+    _, ready = controller.recv()
+    assert ready["type"] == "ready" and "ping" in ready["commands"] and ready["backend"] is None
+
+    controller.send(ident, {"type": "command", "id": 1, "name": "echo", "args": {"a": [1, 2.5, "x"]}})
+    _, reply = controller.recv()
+    assert reply == {**reply, "type": "reply", "id": 1, "ok": True, "result": {"a": [1, 2.5, "x"]}}
+
+    controller.send(ident, {"type": "command", "id": 2, "name": "fail", "args": {"message": "kaboom"}})
+    _, reply = controller.recv()
+    assert reply["ok"] is False and reply["error"]["type"] == "RuntimeError"
+    assert "kaboom" in reply["error"]["message"]
+    assert "Traceback (most recent call last)" in reply["error"]["traceback"]
+
+    controller.send(ident, {"type": "command", "id": 3, "name": "nope", "args": {}})
+    _, reply = controller.recv()
+    assert reply["error"]["type"] == "UnknownCommand" and "this rank knows" in reply["error"]["message"]
+
+    # Bad frames are answered with protocol_error; the rank keeps serving.
+    controller.send(ident, b"\xc1\xc1")
+    _, err = controller.recv()
+    assert err["type"] == "protocol_error" and "malformed frame" in err["message"]
+    controller.send(ident, {"type": "teleport"})
+    _, err = controller.recv()
+    assert err["type"] == "protocol_error" and "unknown message type 'teleport'" in err["message"]
+
+    controller.send(ident, {"type": "command", "id": 4, "name": "emit_metrics", "args": {"count": 50}})
+    events = []
+    while True:
+        _, m = controller.recv()
+        if m["type"] == "reply":
+            break
+        events.append(m)
+    assert [e["step"] for e in events if e["kind"] == "metric"] == list(range(50))
+    assert m["result"]["count"] == 50 and m["result"]["dropped"] == 0
+
+    controller.send(ident, {"type": "shutdown"})
+    _, bye = controller.recv()
+    assert bye == {"type": "bye", "reason": "shutdown"}
+    assert p.wait(timeout=20) == 0
+
+
+def test_heartbeats_flow_and_silent_controller_ends_the_rank(controller):
+    p = controller.spawn()
+    ident, _ = controller.recv()
+    controller.welcome(ident, heartbeat_interval_s=0.05, heartbeat_timeout_s=0.5)
+    controller.recv()  # ready
+    _, hb = controller.recv(skip=())
+    assert hb["type"] == "heartbeat" and hb["busy"] is None and hb["dropped"] == 0
+    # We never heartbeat back: the rank gives up on us after its deadline.
+    assert p.wait(timeout=20) == 3
+    assert "controller lost: nothing from the controller" in p.stderr.read()
+
+
+def test_version_mismatch_in_welcome_ends_the_rank(controller):
+    p = controller.spawn()
+    ident, _ = controller.recv()
+    controller.welcome(ident, v=PROTOCOL_VERSION + 1)
+    assert p.wait(timeout=20) == 2
+    assert "protocol version mismatch" in p.stderr.read()
+
+
+def test_rejected_rank_exits_with_the_reason(controller):
+    p = controller.spawn(token="wrong")
+    ident, _ = controller.recv()
+    controller.send(ident, {"type": "reject", "reason": "wrong token"})
+    assert p.wait(timeout=20) == 2
+    assert "the controller rejected this rank: wrong token" in p.stderr.read()
+
+
+def test_slow_controller_does_not_stall_the_rank(controller):
+    """The rank streams far more events than the pipes hold while we read nothing: it drops
+    and counts them instead of blocking, and its reply still arrives."""
+    p = controller.spawn()
+    ident, _ = controller.recv()
+    controller.welcome(ident)
+    controller.recv()
+    controller.send(ident, {"type": "command", "id": 1, "name": "emit_metrics", "args": {"count": 300_000}})
+    time.sleep(3.0)  # a controller busy elsewhere
+    received = 0
+    while True:
+        _, m = controller.recv(skip=())
+        if m["type"] == "reply":
+            break
+        received += m["type"] == "event"
+    res = m["result"]
+    assert res["count"] == 300_000
+    assert res["dropped"] > 0
+    assert received + res["dropped"] == 300_000
+    controller.send(ident, {"type": "shutdown"})
+    assert p.wait(timeout=20) == 0
