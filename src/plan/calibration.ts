@@ -26,9 +26,11 @@ export const CalibrationSampleSchema = z
 export const CalibrationRunSchema = z
   .object({
     plan: z.union([z.string(), z.looseObject({})]).describe("The executed plan, inline or as a path relative to this file."),
-    op_times_ms: z.record(z.string(), Ms).describe("Measured time per op id (ms), or repetitions."),
+    op_times_ms: z
+      .union([z.record(z.string(), Ms), z.object({ forward: z.record(z.string(), Ms).optional(), backward: z.record(z.string(), Ms).optional() }).strict()])
+      .describe("Measured time per op id (ms) or repetitions; flat, or split as {forward: {...}, backward: {...}}."),
     makespan_ms: z
-      .object({ forward: Ms.optional(), backward: Ms.optional() })
+      .object({ forward: Ms.optional(), backward: Ms.optional(), total: Ms.optional() })
       .strict()
       .optional()
       .describe("Measured wall time of each pass; fits the overlap slowdown."),
@@ -60,7 +62,7 @@ export interface Point {
 
 export interface MeasuredMakespan {
   plan: Plan;
-  pass: "forward" | "backward";
+  pass: "forward" | "backward" | "total";
   ms: number;
   where: string;
 }
@@ -125,12 +127,20 @@ export function parseCalibration(value: unknown, baseDir = ".", name = "calibrat
     }
     const ids = new Set([...plan.forward, ...plan.backward].map((o) => o.id));
     const opTimesMs = new Map<string, number>();
-    for (const [id, v] of Object.entries(run.op_times_ms)) {
-      if (!ids.has(id)) throw new Error(`${where}.op_times_ms["${id}"]: no op with this id in the plan`);
+    const t = run.op_times_ms as Record<string, unknown>;
+    const split = Object.keys(t).length > 0 && Object.keys(t).every((k) => k === "forward" || k === "backward");
+    const entries: Array<[string, string, number | number[]]> = split
+      ? (["forward", "backward"] as const).flatMap((pass) =>
+          Object.entries((t[pass] ?? {}) as Record<string, number | number[]>).map(([id, v]) => [`${pass}.${id}`, id, v] as [string, string, number | number[]]))
+      : Object.entries(t as Record<string, number | number[]>).map(([id, v]) => [id, id, v] as [string, string, number | number[]]);
+    const passIds = { forward: new Set(plan.forward.map((o) => o.id)), backward: new Set(plan.backward.map((o) => o.id)) };
+    for (const [path, id, v] of entries) {
+      const pass = split ? (path.startsWith("forward.") ? "forward" : "backward") : null;
+      if (!(pass ? passIds[pass] : ids).has(id)) throw new Error(`${where}.op_times_ms["${path}"]: no op with this id in the plan`);
       opTimesMs.set(id, median(v));
     }
     out.runs.push({ plan, opTimesMs, where });
-    for (const pass of ["forward", "backward"] as const) {
+    for (const pass of ["forward", "backward", "total"] as const) {
       const m = run.makespan_ms?.[pass];
       if (m !== undefined) out.makespans.push({ plan, pass, ms: median(m), where: `${where}.makespan_ms.${pass}` });
     }
@@ -198,13 +208,17 @@ export function fitLine(points: Array<{ work: number; ms: number }>, prior: { a:
 const relRmse = (pts: Array<{ work: number; ms: number }>, c: { a: number; b: number }) =>
   Math.sqrt(pts.reduce((s, p) => s + ((c.a * p.work + c.b - p.ms) / Math.max(p.ms, 1e-6)) ** 2, 0) / pts.length);
 
+function predictedMakespan(model: CostModel, m: MeasuredMakespan): number {
+  const sim = predict(model, m.plan);
+  return m.pass === "total" ? sim.totalMs : sim[m.pass].makespanMs;
+}
+
 /** Golden-section search for the overlap factor in [1, 4] that best predicts measured makespans. */
 function fitOverlap(model: CostModel, makespans: MeasuredMakespan[]): number {
   const err = (f: number) => {
     const m = { ...model, overlapSlowdown: f };
     return makespans.reduce((s, x) => {
-      const sim = predict(m, x.plan);
-      return s + ((sim[x.pass].makespanMs - x.ms) / x.ms) ** 2;
+      return s + ((predictedMakespan(m, x) - x.ms) / x.ms) ** 2;
     }, 0);
   };
   let lo = 1;
@@ -256,7 +270,7 @@ export function calibrate(base: CostModel, data: CalibrationData, source = "cali
   const fitted = overlapping.length > 0;
   if (fitted) model = { ...model, overlapSlowdown: fitOverlap(model, overlapping) };
   const makespans = data.makespans.map((m) => {
-    const predicted = predict(model, m.plan)[m.pass].makespanMs;
+    const predicted = predictedMakespan(model, m);
     return { where: m.where, measured_ms: m.ms, predicted_ms: predicted, rel_error: (predicted - m.ms) / m.ms };
   });
   return {

@@ -98,6 +98,13 @@ describe("calibration", () => {
     expect(data.runs[0].plan.boundaries).toEqual([0, 24, 48]);
     expect(parseCalibration({ plan, op_times_ms: m.op_times_ms }).runs.length).toBe(1);
     expect(parseCalibration([{ plan, op_times_ms: m.op_times_ms }, { kind: "proj", chunk: 0, dims, ms: 1 }]).samples.length).toBe(1);
+    // the Python comparison's shape: op times split by pass, and a total makespan
+    const fwd = Object.fromEntries(plan.forward.map((o) => [o.id, m.op_times_ms[o.id]]));
+    const bwd = Object.fromEntries(plan.backward.map((o) => [o.id, m.op_times_ms[o.id]]));
+    const split = parseCalibration({ plan, op_times_ms: { forward: fwd, backward: bwd }, makespan_ms: { total: 12 } });
+    expect(split.runs[0].opTimesMs).toEqual(data.runs[0].opTimesMs);
+    expect(split.makespans).toMatchObject([{ pass: "total", ms: 12 }]);
+    expect(() => parseCalibration({ plan, op_times_ms: { forward: { "b.attn.0": 1 } } })).toThrow(/op_times_ms\["forward\.b\.attn\.0"\]: no op with this id/);
     // replaying measured op times through the schedule equals simulating with them directly
     const replay = replayRun(data.runs[0]);
     expect(replay.totalMs).toBe(simulatePlan(plan, new Map(Object.entries(m.op_times_ms))).totalMs);
