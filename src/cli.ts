@@ -11,6 +11,7 @@ const commandModules: Array<{ register(program: Command): void }> = [
   // one line per command module, e.g. await import("./commands/ping.ts"),
   await import("./commands/config.ts"),
   await import("./commands/ping.ts"),
+  await import("./commands/doctor.ts"),
   await import("./commands/plan.ts"),
 ];
 for (const m of commandModules) m.register(program);
