@@ -1,0 +1,172 @@
+"""Failures, memory, dK/dV accumulation and the parameter-sharing swap of AMPipeBlock."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ampipe.pipeline.block as blk
+from ampipe.pipeline import AMPipeBlock, EmulatedComm, OpFailed
+from ampipe.pipeline.streams import COMM_THREAD_NAME
+
+from pipeline_helpers import assert_equal_within, inputs, load, make_layer, step
+
+torch.set_num_threads(1)
+FAST_EMU = EmulatedComm(latency_us=1, bandwidth_gbps=1000.0, world_size=2)
+
+
+def _comm_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == COMM_THREAD_NAME and t.is_alive()]
+
+
+def _failing(real, chunk_to_fail: int, arg_of_chunk):
+    def wrapper(*args, **kwargs):
+        if arg_of_chunk(args) == chunk_to_fail:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("kind,op_id", [("combine", "f.combine.1"), ("experts", "f.experts.2")])
+def test_op_failing_mid_forward_names_the_op_and_leaves_no_thread(monkeypatch, kind, op_id):
+    plan = load("interleaved-p4")
+    layer = make_layer(plan)
+    block = AMPipeBlock.from_layer(layer, plan, emulated_comm=FAST_EMU)  # comm on its thread
+    x, dy = inputs(plan)
+    ref = step(layer, layer, x, dy)
+    calls = {"n": 0}
+    real = getattr(blk.pieces, kind)
+
+    def count_and_fail(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == int(op_id.rsplit(".", 1)[1]) + 1:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(blk.pieces, kind, count_and_fail)
+    with pytest.raises(OpFailed, match=rf"forward op '{op_id}'.*injected failure") as info:
+        block(x)
+    assert info.value.op.id == op_id
+    assert _comm_threads() == []
+    monkeypatch.setattr(blk.pieces, kind, real)
+    assert_equal_within(ref, step(block, layer, x, dy), 1e-5, "after a failed step")
+
+
+def test_op_failing_mid_backward_names_the_op_and_leaves_no_thread(monkeypatch):
+    plan = load("grouped-p4-nonuniform")
+    layer = make_layer(plan)
+    block = AMPipeBlock.from_layer(layer, plan, emulated_comm=FAST_EMU)
+    x, dy = inputs(plan)
+    real = blk._Step._b_attn
+
+    def fail_chunk_1(self, c):
+        if c == 1:
+            raise ValueError("injected backward failure")
+        return real(self, c)
+
+    monkeypatch.setattr(blk._Step, "_b_attn", fail_chunk_1)
+    y, losses = block(x)
+    with pytest.raises(OpFailed, match=r"backward op 'b\.attn\.1'.*injected backward failure"):
+        ((y * dy).sum() + losses.aux_loss).backward()
+    assert _comm_threads() == []
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on some lazy torch objects warns
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_repeated_steps_do_not_grow_memory():
+    plan = load("interleaved-p8-nonuniform")
+    layer = make_layer(plan)
+    block = AMPipeBlock.from_layer(layer, plan, emulated_comm=FAST_EMU)
+    x, dy = inputs(plan)
+    step(block, layer, x, dy)
+    counts = []
+    for _ in range(4):
+        step(block, layer, x, dy)
+        counts.append(_live_tensors())
+    assert len(set(counts)) == 1, counts
+    # forward without backward (e.g. an abandoned step) frees everything too
+    before = _live_tensors()
+    y, losses = block(x)
+    del y, losses
+    assert _live_tensors() == before
+
+
+class _KVShapedOutputs(TorchDispatchMode):
+    """Counts op outputs shaped like a sequence-long K or V tensor."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and t.shape == self.shape:
+                self.count += 1
+        return out
+
+
+def _full_length_kv_tensors_in_backward(name: str) -> int:
+    plan = load(name)
+    layer = make_layer(plan)
+    block = AMPipeBlock.from_layer(layer, plan)
+    x, dy = inputs(plan)
+    y, losses = block(x)
+    d = plan.dims
+    mode = _KVShapedOutputs((d["seq_length"], d["micro_batch_size"], d["num_query_groups"],
+                             d["kv_channels"]))
+    with mode:
+        ((y * dy).sum() + losses.aux_loss).backward()
+    return mode.count
+
+
+def test_dk_dv_accumulate_in_prefixes_not_full_length_per_chunk():
+    # Same GQA dims, P=1 vs P=8: a full-length dK/dV per chunk would add 2 per extra chunk.
+    assert load("grouped-p8").dims["num_query_groups"] == load("grouped-p1").dims["num_query_groups"]
+    p1 = _full_length_kv_tensors_in_backward("grouped-p1")
+    p8 = _full_length_kv_tensors_in_backward("grouped-p8")
+    assert p8 <= p1, (p1, p8)
+
+
+def test_block_shares_parameters_and_state_dict_names_with_the_layer():
+    plan = load("grouped-p2")
+    layer = make_layer(plan)
+    block = AMPipeBlock.from_layer(layer, plan)
+    sd_layer, sd_block = layer.state_dict(), block.state_dict()
+    assert list(sd_layer) == list(sd_block)
+    for k in sd_layer:
+        assert sd_layer[k].data_ptr() == sd_block[k].data_ptr(), k
+    back = block.to_layer()
+    assert [id(p) for p in back.parameters()] == [id(p) for p in layer.parameters()]
+    with torch.no_grad():
+        layer.self_attention.linear_qkv.weight.mul_(1.5)  # seen by both: no copies
+    x, dy = inputs(plan)
+    assert_equal_within(step(layer, layer, x, dy), step(block, layer, x, dy), 1e-5, "shared")
+    block.load_state_dict(sd_layer)
+
+
+def test_gpt_model_switches_blocks_without_copying():
+    from ampipe.model.gpt import GPTModel
+    from ampipe.pipeline.compare import model_config_from_plan
+
+    plan = load("interleaved-p2", expert_model_parallel_size=1)
+    cfg = model_config_from_plan(plan, {"num_layers": 2, "vocab_size": 64, "moe_layer_freq": 2})
+    model = GPTModel(cfg, seed=5)
+    ids = torch.randint(0, 64, (cfg.micro_batch_size, cfg.seq_length), generator=torch.Generator().manual_seed(0))
+    ref = model(ids, ids)
+    names = list(model.state_dict())
+    layers = model.decoder.layers
+    layers[0] = AMPipeBlock.from_layer(layers[0], plan)
+    assert list(model.state_dict()) == names
+    out = model(ids, ids)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
