@@ -194,7 +194,7 @@ export function register(program: Command): void {
     .option("--degree <P>", "pipe degree or auto (default: pipeline.degree)")
     .addOption(new Option("--profile <name>", "device profile for the default costs (default: h100 on cuda, else cpu)").choices(Object.keys(PROFILES)))
     .option("--granularity <tokens>", "interior chunk boundaries are multiples of this (default: 64 on GPU profiles, 8 on cpu)")
-    .option("--bandwidth-gbps <x>", "interconnect bandwidth (default: pipeline.emulated_comm or the profile's)")
+    .option("--bandwidth-gbps <x>", "interconnect bandwidth per rank in GB/s, 1e9 bytes/s (default: pipeline.emulated_comm or the profile's)")
     .option("--latency-us <x>", "interconnect latency (default: pipeline.emulated_comm or the profile's)")
     .option("--overlap-slowdown <x>", "compute/comm slowdown factor while both run (default: profile or calibration)")
     .option("--set <field=value>", "override a config field, e.g. --set model.seq_length=4096 (repeatable)", (v: string, acc: string[]) => [...acc, v], [])

@@ -88,7 +88,7 @@ export interface DeviceProfile {
   memory_bytes_per_s: number;
   /** Fixed cost per op: kernel launches, Python dispatch (ms). */
   op_overhead_ms: number;
-  /** The expert-parallel interconnect. */
+  /** The expert-parallel interconnect: bandwidth in GB/s (1e9 bytes/s, as in `emulated_comm`) per rank, latency per op. */
   interconnect: { bandwidth_gbps: number; latency_us: number };
   /** Compute/comm slowdown while both are active (simulate.ts). */
   overlap_slowdown: number;
@@ -108,7 +108,7 @@ export const PROFILES: Record<string, DeviceProfile> = {
     attention_efficiency: 0.5,
     memory_bytes_per_s: 8e9,
     op_overhead_ms: 0.03,
-    interconnect: { bandwidth_gbps: 16, latency_us: 60 },
+    interconnect: { bandwidth_gbps: 2, latency_us: 60 },
     overlap_slowdown: 1.25,
   },
   h100: {
@@ -118,7 +118,7 @@ export const PROFILES: Record<string, DeviceProfile> = {
     attention_efficiency: 0.6,
     memory_bytes_per_s: 2.6e12,
     op_overhead_ms: 0.008,
-    interconnect: { bandwidth_gbps: 1600, latency_us: 12 },
+    interconnect: { bandwidth_gbps: 200, latency_us: 12 },
     overlap_slowdown: 1.1,
   },
   h200: {
@@ -128,7 +128,7 @@ export const PROFILES: Record<string, DeviceProfile> = {
     attention_efficiency: 0.62,
     memory_bytes_per_s: 3.8e12,
     op_overhead_ms: 0.008,
-    interconnect: { bandwidth_gbps: 1600, latency_us: 12 },
+    interconnect: { bandwidth_gbps: 200, latency_us: 12 },
     overlap_slowdown: 1.1,
   },
 };
@@ -169,7 +169,7 @@ export function profileModel(profileName: string, dtype: BlockDims["dtype"], ove
     let a: number;
     let b = p.op_overhead_ms;
     if (unit === "wire_bytes") {
-      a = 1e3 / ((bw * 1e9) / 8);
+      a = 1e3 / (bw * 1e9);
       b = lat / 1e3;
     } else if (unit === "bytes") a = 1e3 / p.memory_bytes_per_s;
     else {

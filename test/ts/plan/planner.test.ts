@@ -6,7 +6,7 @@ import { validatePlan } from "../../../src/plan/check.ts";
 import { balancedBoundaries, defaultGranularity, planBlock, snappedUniform } from "../../../src/plan/planner.ts";
 import { smallDims } from "./helpers.ts";
 
-// A long-sequence block whose attention dominates late chunks (H100 profile, 800 Gb/s link).
+// A long-sequence block whose attention dominates late chunks (H100 profile, 100 GB/s link).
 const longDims = smallDims({
   seq_length: 8192, micro_batch_size: 1, hidden_size: 1024, num_attention_heads: 16, num_query_groups: 4, kv_channels: 64,
   num_experts: 8, moe_router_topk: 2, moe_ffn_hidden_size: 1024, expert_model_parallel_size: 8, dtype: "bf16",
@@ -14,7 +14,7 @@ const longDims = smallDims({
 
 describe("planner", () => {
   it("finds a pipelined plan faster than sequential for a comm-heavy long-sequence block, with later chunks shorter", () => {
-    const model = profileModel("h100", "bf16", { bandwidthGbps: 800 });
+    const model = profileModel("h100", "bf16", { bandwidthGbps: 100 });
     const r = planBlock(longDims, model, { maxDegree: 8 });
     expect(r.best.variant).not.toBe("sequential");
     expect(r.speedup).toBeGreaterThan(1.05);
@@ -73,7 +73,7 @@ describe("planner", () => {
       ep: fc.constantFrom(1, 2),
       dtype: fc.constantFrom("fp32" as const, "bf16" as const),
       profile: fc.constantFrom("cpu", "h100", "h200"),
-      bw: fc.double({ min: 1, max: 4000, noNaN: true }),
+      bw: fc.double({ min: 0.1, max: 500, noNaN: true }),
       slowdown: fc.double({ min: 1, max: 2, noNaN: true }),
       chunkQkv: fc.boolean(),
     });
