@@ -128,7 +128,7 @@ export function runPlan(configPath: string, o: PlanCommandOptions): PlanCommandR
   lines.push(`plan: ${best.variant}, P=${P}, boundaries [${best.boundaries.join(", ")}], chunk_qkv ${plan.chunk_qkv}`);
   lines.push(
     `model: profile ${model.profile} (${dims.dtype})${model.calibration ? `, calibrated from ${model.calibration.samples} op times (${model.calibration.source})` : ", uncalibrated defaults"}` +
-      `, overlap slowdown ${model.overlapSlowdown.toFixed(2)}, granularity ${choice.granularity}, ${choice.evaluated} plans simulated`,
+      `, overlap slowdown ${model.overlapSlowdown.toFixed(2)}${model.opGapMs > 0 ? `, per-op gap ${f(model.opGapMs)} ms` : ""}, granularity ${choice.granularity}, ${choice.evaluated} plans simulated`,
   );
   if (calibration) {
     for (const k of calibration.kinds)
@@ -163,6 +163,7 @@ export function runPlan(configPath: string, o: PlanCommandOptions): PlanCommandR
     profile: model.profile,
     calibrated: model.calibration !== undefined,
     overlap_slowdown: model.overlapSlowdown,
+    op_gap_ms: model.opGapMs,
     granularity: choice.granularity,
     predicted: {
       forward_ms: sim.forward.makespanMs,

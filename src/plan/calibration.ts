@@ -213,36 +213,46 @@ function predictedMakespan(model: CostModel, m: MeasuredMakespan): number {
   return m.pass === "total" ? sim.totalMs : sim[m.pass].makespanMs;
 }
 
-/** Golden-section search for the overlap factor in [1, 4] that best predicts measured makespans. */
-function fitOverlap(model: CostModel, makespans: MeasuredMakespan[]): number {
-  const err = (f: number) => {
-    const m = { ...model, overlapSlowdown: f };
-    return makespans.reduce((s, x) => {
-      return s + ((predictedMakespan(m, x) - x.ms) / x.ms) ** 2;
-    }, 0);
-  };
-  let lo = 1;
-  let hi = 4;
+/** Golden-section minimisation of a unimodal function on [lo, hi]; returns the argmin (an end point if best). */
+export function goldenMin(fn: (x: number) => number, lo: number, hi: number, iterations = 30): number {
   const phi = (Math.sqrt(5) - 1) / 2;
-  let x1 = hi - phi * (hi - lo);
-  let x2 = lo + phi * (hi - lo);
-  let f1 = err(x1);
-  let f2 = err(x2);
-  for (let k = 0; k < 40; k++) {
+  let [a, b] = [lo, hi];
+  let x1 = b - phi * (b - a);
+  let x2 = a + phi * (b - a);
+  let f1 = fn(x1);
+  let f2 = fn(x2);
+  for (let k = 0; k < iterations; k++) {
     if (f1 <= f2) {
-      hi = x2; x2 = x1; f2 = f1; x1 = hi - phi * (hi - lo); f1 = err(x1);
+      b = x2; x2 = x1; f2 = f1; x1 = b - phi * (b - a); f1 = fn(x1);
     } else {
-      lo = x1; x1 = x2; f1 = f2; x2 = lo + phi * (hi - lo); f2 = err(x2);
+      a = x1; x1 = x2; f1 = f2; x2 = a + phi * (b - a); f2 = fn(x2);
     }
   }
-  const best = (lo + hi) / 2;
-  return err(1) <= err(best) ? 1 : best;
+  const mid = (a + b) / 2;
+  return [lo, mid, hi].reduce((best, x) => (fn(x) < fn(best) ? x : best), mid);
+}
+
+const makespanError = (model: CostModel, makespans: MeasuredMakespan[]) =>
+  makespans.reduce((s, x) => s + ((predictedMakespan(model, x) - x.ms) / x.ms) ** 2, 0);
+
+/**
+ * Fits the executor's per-op gap (ms) and, when pipelined plans were measured, the overlap
+ * slowdown (in [1, 4]) to measured makespans: nested golden-section searches on relative error.
+ */
+function fitSchedule(model: CostModel, makespans: MeasuredMakespan[], fitOverlap: boolean): { opGapMs: number; overlapSlowdown: number } {
+  const sumOps = Math.max(...makespans.map((m) => m.ms));
+  const gapFor = (f: number) => goldenMin((g) => makespanError({ ...model, overlapSlowdown: f, opGapMs: g }, makespans), 0, sumOps / 4, 24);
+  const overlapSlowdown = fitOverlap
+    ? goldenMin((f) => makespanError({ ...model, overlapSlowdown: f, opGapMs: gapFor(f) }, makespans), 1, 4, 24)
+    : model.overlapSlowdown;
+  return { overlapSlowdown, opGapMs: gapFor(overlapSlowdown) };
 }
 
 export interface CalibrationReport {
   kinds: Array<{ kind: OpKind; samples: number; a: number; b: number; rel_rmse: number }>;
   uncalibrated: OpKind[];
   overlapSlowdown: { value: number; fitted: boolean };
+  opGapMs: { value: number; fitted: boolean };
   makespans: Array<{ where: string; measured_ms: number; predicted_ms: number; rel_error: number }>;
 }
 
@@ -266,9 +276,10 @@ export function calibrate(base: CostModel, data: CalibrationData, source = "cali
     coefficients,
     calibration: { source, samples: pts.length, fitted_kinds: kinds.map((k) => k.kind) },
   };
-  const overlapping = data.makespans.filter((m) => m.plan.boundaries.length > 2);
-  const fitted = overlapping.length > 0;
-  if (fitted) model = { ...model, overlapSlowdown: fitOverlap(model, overlapping) };
+  // The schedule terms: a per-op gap from any measured makespan, the overlap slowdown only from
+  // pipelined plans (P > 1), where compute and communication actually overlap.
+  const fitted = data.makespans.some((m) => m.plan.boundaries.length > 2);
+  if (data.makespans.length > 0) model = { ...model, ...fitSchedule(model, data.makespans, fitted) };
   const makespans = data.makespans.map((m) => {
     const predicted = predictedMakespan(model, m);
     return { where: m.where, measured_ms: m.ms, predicted_ms: predicted, rel_error: (predicted - m.ms) / m.ms };
@@ -279,6 +290,7 @@ export function calibrate(base: CostModel, data: CalibrationData, source = "cali
       kinds,
       uncalibrated: OP_KINDS.filter((k) => !byKind.has(k)),
       overlapSlowdown: { value: model.overlapSlowdown, fitted },
+      opGapMs: { value: model.opGapMs, fitted: data.makespans.length > 0 },
       makespans,
     },
   };

@@ -138,6 +138,12 @@ export interface CostModel {
   dtype: BlockDims["dtype"];
   coefficients: Record<OpKind, Coefficient>;
   overlapSlowdown: number;
+  /**
+   * Executor overhead per op (ms) that op timers do not see: the gap between one op ending and
+   * the next starting on a stream (Python dispatch, event records, thread hand-offs). Added to
+   * every op in simulation; 0 in the profiles (their `b` includes it), fitted by calibration.
+   */
+  opGapMs: number;
   work: WorkOptions;
   /** Set when coefficients were fitted to measurements (calibration.ts). */
   calibration?: { source: string; samples: number; fitted_kinds: OpKind[] };
@@ -147,6 +153,7 @@ export interface ModelOverrides {
   bandwidthGbps?: number;
   latencyUs?: number;
   overlapSlowdown?: number;
+  opGapMs?: number;
   work?: WorkOptions;
 }
 
@@ -178,7 +185,9 @@ export function profileModel(profileName: string, dtype: BlockDims["dtype"], ove
     }
     coefficients[kind] = { a, b, source: "profile" };
   }
-  return { profile: p.name, dtype, coefficients, overlapSlowdown: over.overlapSlowdown ?? p.overlap_slowdown, work: over.work ?? {} };
+  const opGapMs = over.opGapMs ?? 0;
+  if (!(opGapMs >= 0)) throw new Error(`op gap must be >= 0 ms, got ${opGapMs}`);
+  return { profile: p.name, dtype, coefficients, overlapSlowdown: over.overlapSlowdown ?? p.overlap_slowdown, opGapMs, work: over.work ?? {} };
 }
 
 /** Predicted solo time (ms) of one op. */
@@ -189,7 +198,7 @@ export function opTimeMs(model: CostModel, dims: BlockDims, boundaries: readonly
 
 /** Op costs for the simulator from the model. */
 export function planCosts(model: CostModel, plan: Plan): OpCosts {
-  return (op: Op) => opTimeMs(model, plan.dims, plan.boundaries, op.kind, op.chunk);
+  return (op: Op) => opTimeMs(model, plan.dims, plan.boundaries, op.kind, op.chunk) + model.opGapMs;
 }
 
 export function simOptions(model: CostModel): SimOptions {

@@ -205,6 +205,7 @@ export function planBlock(dimsIn: BlockDims, model: CostModel, opts: PlannerOpti
       profile: model.profile,
       calibrated: model.calibration !== undefined,
       overlap_slowdown: model.overlapSlowdown,
+      op_gap_ms: model.opGapMs,
       forward_ms: sim.forward.makespanMs,
       backward_ms: sim.backward.makespanMs,
       total_ms: sim.totalMs,

@@ -17,10 +17,10 @@ function truth(): CostModel {
   const m = profileModel("cpu", "fp32");
   const coefficients = { ...m.coefficients };
   OP_KINDS.forEach((k, i) => (coefficients[k] = { a: m.coefficients[k].a * (0.5 + 0.1 * i), b: 0.01 + 0.002 * i, source: "profile" }));
-  return { ...m, coefficients, overlapSlowdown: 1.4 };
+  return { ...m, coefficients, overlapSlowdown: 1.4, opGapMs: 0.05 };
 }
 
-/** What the executor would report for a plan on the "true" device: per-op times and pass makespans. */
+/** What the executor would report for a plan on the "true" device: per-op times (without the executor's per-op gap) and pass makespans. */
 function measure(t: CostModel, plan: Plan) {
   const sim = predict(t, plan);
   const op_times_ms = Object.fromEntries([...plan.forward, ...plan.backward].map((o) => {
@@ -66,6 +66,8 @@ describe("calibration", () => {
     expect(report.uncalibrated).toEqual([]);
     expect(report.overlapSlowdown.fitted).toBe(true);
     expect(model.overlapSlowdown).toBeCloseTo(1.4, 3);
+    expect(report.opGapMs.fitted).toBe(true);
+    expect(model.opGapMs).toBeCloseTo(0.05, 4);
     for (const m of report.makespans) expect(Math.abs(m.rel_error)).toBeLessThan(1e-3);
     // the calibrated model predicts a plan it has not seen
     const unseen = makePlan("interleaved", dims, { degree: 4 });
