@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from ampipe.ops import reference
 
 from ops_helpers import naive_row_map, random_indices
+
+
+hypothesis = pytest.importorskip("hypothesis")  # a dev dependency; this module is CPU-only
+given, settings, st = hypothesis.given, hypothesis.settings, hypothesis.strategies
 
 
 @settings(max_examples=40, deadline=None)
