@@ -149,7 +149,10 @@ export function planBlock(dimsIn: BlockDims, model: CostModel, opts: PlannerOpti
   const dims = parseDims(dimsIn);
   const S = dims.seq_length;
   const chunkQkv = opts.chunkQkv ?? true;
-  const g = opts.granularity ?? defaultGranularity(S, model.profile);
+  let g = opts.granularity ?? defaultGranularity(S, model.profile);
+  // A degree the user fixed wins over the default granularity (not over an explicit one).
+  if (opts.granularity === undefined && opts.degrees)
+    while (g > 1 && maxDegreeFor(S, g) < Math.min(...opts.degrees)) g /= 2;
   if (!Number.isInteger(g) || g < 1) throw new Error(`granularity must be a positive integer, got ${g}`);
   const variants = opts.variants ?? ["grouped", "interleaved"];
   for (const v of variants)

@@ -56,6 +56,10 @@ describe("planner", () => {
     const r = planBlock(smallDims(), profileModel("cpu", "fp32"), { granularity: 16 });
     for (const x of r.best.boundaries.slice(1, -1)) expect(x % 16).toBe(0);
     expect(() => planBlock(smallDims(), profileModel("cpu", "fp32"), { degrees: [8], granularity: 16 })).toThrow(/degree: none of 8 fits seq_length 48 with granularity 16/);
+    // a fixed degree lowers the default granularity until it fits (48 / 8 = 6 rows per chunk: granularity 4)
+    const fine = planBlock(smallDims(), profileModel("cpu", "fp32"), { degrees: [8] });
+    expect(fine.granularity).toBe(4);
+    expect(fine.best.boundaries.length).toBe(9);
     expect(() => planBlock(smallDims(), profileModel("cpu", "fp32"), { granularity: 0 })).toThrow(/granularity must be a positive integer/);
     expect(() => planBlock(smallDims({ num_query_groups: 3 }), profileModel("cpu", "fp32"))).toThrow(/dims\.num_query_groups/);
   });
