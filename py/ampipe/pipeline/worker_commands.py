@@ -1,0 +1,186 @@
+"""Rank commands of the pipelined block: ``run_block`` (what ``ampipe run`` sends each rank).
+
+The controller imports this module on every rank (``launchRanks({imports: [...]})``); the
+command builds one MoE layer from the resolved experiment config, checks the plan against
+it, and calls `run_block_comparison` with the rank's expert-parallel group.
+
+The comparison runs on a helper thread while the rank's main thread keeps heartbeating and
+forwards events: the bridge's socket belongs to the main thread, and a comparison of a large
+block can outlast the controller's heartbeat deadline.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ampipe.worker.commands import CommandContext, command
+
+__all__ = ["TOLERANCE_BY_DTYPE", "expected_dims", "run_block"]
+
+# Largest relative difference (max|got - ref| / max|ref|, per tensor) accepted as equivalent.
+# fp32: the issue's 1e-5. Half precisions round each op's output, and the chunked schedule
+# sums in a different order, so differences of a few ulps of the tensor's scale are expected.
+TOLERANCE_BY_DTYPE: dict[str, float] = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
+
+# How often the main thread wakes to heartbeat and forward events while the comparison runs.
+POLL_S = 0.1
+# The main thread stops waiting (and the command fails) after this long by default.
+DEFAULT_TIMEOUT_S = 3600.0
+
+_ARG_FIELDS = {"config", "plan", "steps", "warmup", "seed", "emulated_comm", "tolerance", "timeout_s"}
+
+
+def expected_dims(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan `dims` an experiment config implies (the same fields as `ampipe plan` writes)."""
+    from ampipe.model.config import ModelConfig
+
+    model = ModelConfig.from_dict(_section(config, "model"))
+    par = _section(config, "parallelism")
+    return {
+        "seq_length": model.seq_length,
+        "micro_batch_size": model.micro_batch_size,
+        "hidden_size": model.hidden_size,
+        "num_attention_heads": model.num_attention_heads,
+        "num_query_groups": model.query_groups,
+        "kv_channels": model.head_dim,
+        "num_experts": model.num_experts,
+        "moe_router_topk": model.moe_router_topk,
+        "moe_ffn_hidden_size": model.moe_ffn_hidden_size,
+        "expert_model_parallel_size": int(par.get("expert_model_parallel_size", 1)),
+        "dtype": model.dtype,
+    }
+
+
+def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    s = config.get(name, {})
+    if not isinstance(s, Mapping):
+        raise ValueError(f"run_block: config.{name} must be a mapping, got {type(s).__name__}")
+    return s
+
+
+def _int_arg(args: Mapping[str, Any], name: str, default: int, minimum: int) -> int:
+    v = args.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"run_block: {name} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _expert_parallel(ctx: CommandContext, ep_size: int):
+    from ampipe.parallel.groups import ExpertParallel
+
+    if ep_size == 1:
+        return ExpertParallel.single()
+    if ctx.backend is None:
+        raise RuntimeError(f"run_block: parallelism.expert_model_parallel_size = {ep_size} needs "
+                           "torch.distributed on the ranks (launch them with dist enabled)")
+    if ctx.world_size % ep_size != 0:
+        raise ValueError(f"run_block: parallelism.world_size ({ctx.world_size}) is not divisible by "
+                         f"parallelism.expert_model_parallel_size ({ep_size})")
+    # Contiguous ranks [k*ep, (k+1)*ep) share experts: the layout of ampipe.parallel.groups.
+    return ExpertParallel(group=ctx.subgroup(ep_size), size=ep_size, rank=ctx.rank % ep_size)
+
+
+@command("run_block")
+def run_block(args: dict, ctx: CommandContext) -> dict[str, Any]:
+    """Baseline block vs `AMPipeBlock` on this rank, side by side (docs/run.md).
+
+    args: ``config`` (the resolved experiment config), ``plan`` (plan JSON, checked against
+    the config's dims), and optionally ``steps``, ``warmup``, ``seed`` (default: the
+    config's ``run`` section), ``emulated_comm`` (default: ``pipeline.emulated_comm``),
+    ``tolerance`` (default: by dtype, `TOLERANCE_BY_DTYPE`), ``timeout_s``.
+
+    Emits ``progress`` events (stage ``start`` and ``done``) and one ``metric`` event per
+    measured step (``name="block_step"``, ``baseline_ms``, ``pipelined_ms``); returns
+    `run_block_comparison`'s dict plus ``rank``, ``world_size``, ``backend`` and ``dims``.
+    """
+    unknown = set(args) - _ARG_FIELDS
+    if unknown:
+        raise ValueError(f"run_block: unknown argument(s) {sorted(unknown)}; known: {sorted(_ARG_FIELDS)}")
+    for name in ("config", "plan"):
+        if not isinstance(args.get(name), Mapping):
+            raise ValueError(f"run_block: argument {name!r} is required (a mapping), "
+                             f"got {type(args.get(name)).__name__}")
+    config: Mapping[str, Any] = args["config"]
+    run_cfg = _section(config, "run")
+    steps = _int_arg(args, "steps", int(run_cfg.get("steps", 4)), 1)
+    warmup = _int_arg(args, "warmup", int(run_cfg.get("warmup", 1)), 0)
+    seed = _int_arg(args, "seed", int(run_cfg.get("seed", 0)), 0)
+    emulated = args["emulated_comm"] if "emulated_comm" in args else _section(config, "pipeline").get("emulated_comm")
+    timeout_s = float(args.get("timeout_s") or DEFAULT_TIMEOUT_S)
+
+    from ampipe.pipeline.plan import check_dims, load_plan
+
+    dims = expected_dims(config)
+    plan = load_plan(dict(args["plan"]))
+    check_dims(plan, dims)  # a PlanError naming the field, before any rank builds anything
+    tolerance = args.get("tolerance")
+    if tolerance is None:
+        tolerance = TOLERANCE_BY_DTYPE[dims["dtype"]]
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
+        raise ValueError(f"run_block: tolerance must be a number >= 0, got {tolerance!r}")
+
+    ep = _expert_parallel(ctx, dims["expert_model_parallel_size"])
+    device = ctx.device if ctx.device is not None else "cpu"
+    ctx.emit("progress", stage="start", steps=steps, warmup=warmup,
+             variant=plan.variant, degree=plan.num_chunks)
+    t0 = time.perf_counter()
+    result = _run_beside_heartbeats(ctx, timeout_s, lambda: _compare(
+        config, plan, steps, warmup, seed, device, ep, emulated, float(tolerance)))
+    for i, (tb, tp) in enumerate(zip(result["baseline_samples_ms"], result["pipelined_samples_ms"])):
+        ctx.emit("metric", name="block_step", step=i, steps=steps, baseline_ms=tb, pipelined_ms=tp)
+    ctx.emit("progress", stage="done", seconds=time.perf_counter() - t0,
+             ok=bool(result["equivalence"]["ok"]))
+    result.update({"rank": ctx.rank, "ep_rank": ep.rank, "world_size": ctx.world_size,
+                   "backend": ctx.backend, "dims": dims, "steps": steps, "warmup": warmup, "seed": seed})
+    return result
+
+
+def _compare(config: Mapping[str, Any], plan: Any, steps: int, warmup: int, seed: int,
+             device: Any, ep: Any, emulated: Any, tolerance: float) -> dict[str, Any]:
+    import torch
+
+    from ampipe.pipeline.compare import run_block_comparison
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))  # the current device is per thread
+    return run_block_comparison(dict(_section(config, "model")), plan, steps, warmup=warmup,
+                                seed=seed, device=device, ep=ep, emulated_comm=emulated,
+                                tolerance=tolerance)
+
+
+def _run_beside_heartbeats(ctx: CommandContext, timeout_s: float, fn) -> Any:
+    """Runs `fn` on a helper thread; the calling (main) thread heartbeats until it ends.
+
+    The helper's exception is re-raised here unchanged. After `timeout_s` this raises
+    TimeoutError and stops heartbeating, so the controller's fault handling takes over.
+    """
+    box: queue.Queue = queue.Queue(maxsize=1)
+
+    def target() -> None:
+        try:
+            box.put(("ok", fn()))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread as is
+            box.put(("error", e))
+
+    worker = threading.Thread(target=target, name="ampipe-run-block", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            status, value = box.get(timeout=POLL_S)
+            break
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run_block: the comparison did not finish in {timeout_s:g} s "
+                                   f"(rank {ctx.rank})") from None
+            ctx.heartbeat()
+    worker.join()
+    if status == "error":
+        raise value
+    return value
