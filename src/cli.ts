@@ -12,6 +12,7 @@ const commandModules: Array<{ register(program: Command): void }> = [
   await import("./commands/config.ts"),
   await import("./commands/ping.ts"),
   await import("./commands/doctor.ts"),
+  await import("./commands/bench.ts"),
   await import("./commands/plan.ts"),
 ];
 for (const m of commandModules) m.register(program);

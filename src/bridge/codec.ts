@@ -10,7 +10,7 @@ import {
 // msgpackr's type declarations, hence the cast.
 const packr = new Packr({ useRecords: false, int64AsType: "auto" as "bigint", mapsAsObjects: true });
 
-export function encode(msg: ControllerMessage | Record<string, unknown>): Buffer {
+export function encode(msg: ControllerMessage | Record<string, unknown> | unknown[]): Buffer {
   // pack() returns a view of msgpackr's working buffer: copy before handing it to ZeroMQ.
   return Buffer.from(packr.pack(msg));
 }

@@ -9,7 +9,7 @@ import { decode, encode } from "./codec.ts";
 import { CommandError, RankFailure } from "./errors.ts";
 import {
   DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError,
-  type ControllerMessage, type Hello, type RankEventMsg, type RankMessage, type Reply, type Welcome,
+  type ControllerMessage, type Hello, type RankMessage, type Reply, type Welcome,
 } from "./protocol.ts";
 
 export interface ControllerOptions {
@@ -114,7 +114,7 @@ export class Controller {
     // linger 0: never hang at exit on unsent messages. sendTimeout 0: a full peer pipe is an
     // error we handle, never a send that waits forever. mandatory: an unknown or gone peer
     // is an error (EHOSTUNREACH), which is how a disconnect is pinned to a rank.
-    this.sock = new Router({ linger: 0, mandatory: true, sendTimeout: 0, receiveHighWaterMark: 100_000, sendHighWaterMark: 10_000 });
+    this.sock = new Router({ linger: 0, mandatory: true, sendTimeout: 0, receiveHighWaterMark: 10_000, sendHighWaterMark: 10_000 });
   }
 
   /** Binds the ROUTER and starts receiving. */
@@ -325,12 +325,10 @@ export class Controller {
       case "reply":
         return this.handleReply(r, msg);
       case "event":
-        st.stats.events++;
-        if (msg.kind === "error" && msg.fatal === true) {
-          this.fault(new RankFailure(`rank ${r} failed to start: ${String(msg.message)}`, r, "startup",
-            { pid: st.hello.pid, traceback: typeof msg.traceback === "string" ? msg.traceback : undefined }));
-        }
-        return this.dispatchEvent(r, msg);
+        return this.handleEvent(st, msg);
+      case "events":
+        for (const item of msg.items) this.handleEvent(st, item);
+        return;
       case "heartbeat":
         st.stats.lastHeartbeatSeq = msg.seq;
         st.stats.dropped = msg.dropped;
@@ -391,10 +389,18 @@ export class Controller {
     else p.reject(new CommandError(p.name, [{ rank, ...msg.error! }]));
   }
 
-  private dispatchEvent(rank: number, msg: RankEventMsg): void {
+  private handleEvent(st: RankState, msg: { kind: string; type?: string; [field: string]: unknown }): void {
+    const r = st.hello.rank;
+    st.stats.events++;
+    if (msg.kind === "error" && msg.fatal === true) {
+      this.fault(new RankFailure(`rank ${r} failed to start: ${String(msg.message)}`, r, "startup",
+        { pid: st.hello.pid, traceback: typeof msg.traceback === "string" ? msg.traceback : undefined }));
+    }
     if (!this.eventListeners.length) return;
-    const { type: _t, ...fields } = msg;
-    const ev = { ...fields, rank } as RankEvent;
+    // The decoded map is ours alone: label it in place rather than copying (this is the hot path).
+    delete msg.type;
+    const ev = msg as RankEvent;
+    ev.rank = r;
     for (const fn of this.eventListeners) fn(ev);
   }
 

@@ -24,11 +24,13 @@ export interface Reply {
   type: "reply"; id: number; ok: boolean; result?: unknown; error?: RemoteError; elapsed_s?: number;
 }
 export interface RankEventMsg { type: "event"; kind: string; [field: string]: unknown }
+/** A batch of events (what a rank streams under load). */
+export interface RankEventBatch { type: "events"; items: Array<{ kind: string; [field: string]: unknown }> }
 export interface RankHeartbeat { type: "heartbeat"; seq: number; busy: number | null; dropped: number; events: number }
 export interface Bye { type: "bye"; reason: string }
 export interface PeerProtocolError { type: "protocol_error"; message: string }
 
-export type RankMessage = Hello | Ready | Reply | RankEventMsg | RankHeartbeat | Bye | PeerProtocolError;
+export type RankMessage = Hello | Ready | Reply | RankEventMsg | RankEventBatch | RankHeartbeat | Bye | PeerProtocolError;
 
 // ---- controller -> rank ----------------------------------------------------------------
 export interface Welcome {
@@ -56,6 +58,7 @@ const isMap: Check = (v) => {
   return proto === Object.prototype || proto === null;
 };
 const isStrList: Check = (v) => Array.isArray(v) && v.every((x) => typeof x === "string");
+const isEventList: Check = (v) => Array.isArray(v) && v.every((e) => isMap(e) && typeof (e as { kind?: unknown }).kind === "string");
 const orNull = (c: Check): Check => (v) => v === null || v === undefined || c(v);
 const optional = orNull;
 
@@ -71,6 +74,7 @@ const RANK_FIELDS: Record<string, Record<string, [Check, string]>> = {
     error: [optional(isMap), "a map"],
   },
   event: { kind: [isStr, "a string"] },
+  events: { items: [isEventList, "a list of maps, each with a string 'kind'"] },
   heartbeat: {
     seq: [isInt, "an integer"], busy: [orNull(isInt), "an integer or nil"],
     dropped: [isInt, "an integer"], events: [isInt, "an integer"],

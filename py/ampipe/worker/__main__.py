@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         rank=_env_int("RANK"), world_size=_env_int("WORLD_SIZE"), local_rank=_env_int("LOCAL_RANK", _env_int("RANK")),
         join_timeout_s=a.join_timeout,
     )
+    if os.environ.get("AMPIPE_SEND_HWM"):
+        settings.send_hwm = int(os.environ["AMPIPE_SEND_HWM"])
     return run(settings)
 
 

@@ -30,12 +30,19 @@ class CommandContext(Protocol):
     device: Any  # torch.device
     backend: str | None  # "gloo" | "nccl" | None when torch.distributed is not initialised
 
-    def emit(self, kind: str, **fields: Any) -> bool:
-        """Streams an event (``metric``, ``log``, ...) to the controller without blocking.
+    def emit(self, kind: str, **fields: Any) -> None:
+        """Streams an event (``metric``, ``log``, ...) to the controller without ever blocking.
 
-        Returns False when it was dropped (the controller is not keeping up); drops are
-        counted and reported in the next heartbeat. Callable from any thread.
+        Events travel in batches; when the controller is not keeping up they are dropped and
+        counted (``dropped_events``, and every heartbeat). Callable from any thread.
         """
+
+    @property
+    def dropped_events(self) -> int:
+        """Events this rank has dropped so far because the controller was not keeping up."""
+
+    def flush_events(self) -> None:
+        """Sends the batched events now (a reply does this anyway)."""
 
     def heartbeat(self) -> None:
         """Proves liveness during a long command (emit() does this too)."""

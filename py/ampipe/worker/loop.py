@@ -32,7 +32,9 @@ EXIT_FATAL = 1  # a failure during start-up (imports, torch.distributed)
 EXIT_REJECTED = 2  # the controller refused the handshake
 EXIT_CONTROLLER_LOST = 3  # the controller went silent or away
 
-_THREAD_QUEUE_MAX = 10_000
+_THREAD_QUEUE_MAX = 10_000  # events from other threads waiting for the main thread
+_BATCH_MAX = 256
+_BATCH_AGE_S = 0.002
 
 
 @dataclass
@@ -43,7 +45,9 @@ class WorkerSettings:
     world_size: int
     local_rank: int
     join_timeout_s: float = 120.0
-    send_hwm: int = 10_000
+    # Messages (event batches of up to _BATCH_MAX) queued for a slow controller before
+    # events are dropped; AMPIPE_SEND_HWM overrides.
+    send_hwm: int = 1_000
 
 
 @dataclass
@@ -58,8 +62,15 @@ class _Context:
     backend: str | None = None
     _groups: dict[int, Any] = field(default_factory=dict)
 
-    def emit(self, kind: str, **fields: Any) -> bool:
-        return self.worker.emit(kind, fields)
+    def emit(self, kind: str, **fields: Any) -> None:
+        self.worker.emit(kind, fields)
+
+    @property
+    def dropped_events(self) -> int:
+        return self.worker.dropped
+
+    def flush_events(self) -> None:
+        self.worker.flush_events()
 
     def heartbeat(self) -> None:
         self.worker.maybe_heartbeat()
@@ -104,7 +115,9 @@ class Worker:
         self.sock.setsockopt(zmq.RCVHWM, 10_000)
         self.sock.connect(settings.endpoint)
         self.main_thread = threading.get_ident()
-        self.thread_events: collections.deque[bytes] = collections.deque()
+        self.thread_events: collections.deque[dict[str, Any]] = collections.deque()
+        self.batch: list[dict[str, Any]] = []
+        self.last_flush = 0.0
         self.thread_lock = threading.Lock()
         self.dropped = 0
         self.sent_events = 0
@@ -132,34 +145,39 @@ class Worker:
         except zmq.Again:
             return False
 
-    def emit(self, kind: str, fields: dict[str, Any]) -> bool:
-        frame = encode({"type": "event", "kind": kind, **fields})
+    def emit(self, kind: str, fields: dict[str, Any]) -> None:
+        """Queues an event. Events go out in batches (one frame of up to _BATCH_MAX events):
+        an event after a quiet spell is sent at once, a burst is sent every _BATCH_AGE_S or
+        _BATCH_MAX events, and whatever is left goes out with the next heartbeat or reply.
+        A batch the controller cannot take now is dropped and counted, never waited for."""
+        event = {"kind": kind, **fields}
         if threading.get_ident() != self.main_thread:
             with self.thread_lock:
                 if len(self.thread_events) >= _THREAD_QUEUE_MAX:
                     self.dropped += 1
-                    return False
-                self.thread_events.append(frame)
-            return True
-        self._flush_thread_events()
-        ok = self._send_nowait(frame)
-        if ok:
-            self.sent_events += 1
-        else:
-            self.dropped += 1
-        self.maybe_heartbeat()
-        return ok
-
-    def _flush_thread_events(self) -> None:
-        if not self.thread_events:
+                    return
+                self.thread_events.append(event)
             return
-        with self.thread_lock:
-            frames, self.thread_events = self.thread_events, collections.deque()
-        for f in frames:
-            if self._send_nowait(f):
-                self.sent_events += 1
-            else:
-                self.dropped += 1
+        self.batch.append(event)
+        now = time.monotonic()
+        if len(self.batch) >= _BATCH_MAX or now - self.last_flush >= _BATCH_AGE_S:
+            self.flush_events(now)
+        if now >= self.next_hb:
+            self.maybe_heartbeat()
+
+    def flush_events(self, now: float | None = None) -> None:
+        if self.thread_events:
+            with self.thread_lock:
+                moved, self.thread_events = self.thread_events, collections.deque()
+            self.batch.extend(moved)
+        if not self.batch:
+            return
+        items, self.batch = self.batch, []
+        self.last_flush = time.monotonic() if now is None else now
+        if self._send_nowait(encode({"type": "events", "items": items})):
+            self.sent_events += len(items)
+        else:
+            self.dropped += len(items)
 
     def maybe_heartbeat(self) -> None:
         now = time.monotonic()
@@ -167,6 +185,7 @@ class Worker:
             return
         self.next_hb = now + self.hb_interval
         self.hb_seq += 1
+        self.flush_events(now)
         self._send_nowait(encode({"type": "heartbeat", "seq": self.hb_seq, "busy": self.busy,
                                   "dropped": self.dropped, "events": self.sent_events}))
 
@@ -253,7 +272,7 @@ class Worker:
     def serve(self) -> int:
         last_heard = time.monotonic()
         while True:
-            self._flush_thread_events()
+            self.flush_events()
             self.maybe_heartbeat()
             try:
                 msg = self._recv(max(0.0, self.next_hb - time.monotonic()))
@@ -298,7 +317,7 @@ class Worker:
             finally:
                 self.busy = None
         reply["elapsed_s"] = time.perf_counter() - t0
-        self._flush_thread_events()
+        self.flush_events()
         self.send(reply)
 
     def close(self, reason: str) -> None:

@@ -30,8 +30,8 @@ class FakeController:
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.procs: list[subprocess.Popen] = []
 
-    def spawn(self, rank=0, world_size=1, token=TOKEN) -> subprocess.Popen:
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+    def spawn(self, rank=0, world_size=1, token=TOKEN, **extra_env: str) -> subprocess.Popen:
+        env = {**os.environ, **extra_env, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                "AMPIPE_CONTROLLER": self.endpoint, "AMPIPE_TOKEN": token, "AMPIPE_NUM_THREADS": "1",
                "PYTHONPATH": str(REPO / "py")}
         p = subprocess.Popen([sys.executable, "-m", "ampipe.worker"], env=env,
@@ -108,7 +108,8 @@ def test_handshake_commands_errors_and_shutdown(controller):
         _, m = controller.recv()
         if m["type"] == "reply":
             break
-        events.append(m)
+        assert m["type"] == "events"
+        events.extend(m["items"])
     assert [e["step"] for e in events if e["kind"] == "metric"] == list(range(50))
     assert m["result"]["count"] == 50 and m["result"]["dropped"] == 0
 
@@ -149,21 +150,24 @@ def test_rejected_rank_exits_with_the_reason(controller):
 def test_slow_controller_does_not_stall_the_rank(controller):
     """The rank streams far more events than the pipes hold while we read nothing: it drops
     and counts them instead of blocking, and its reply still arrives."""
-    p = controller.spawn()
+    controller.sock.setsockopt(zmq.RCVHWM, 10)  # only affects new connections: set before the rank connects
+    p = controller.spawn(AMPIPE_SEND_HWM="10")
     ident, _ = controller.recv()
     controller.welcome(ident)
     controller.recv()
-    controller.send(ident, {"type": "command", "id": 1, "name": "emit_metrics", "args": {"count": 300_000}})
-    time.sleep(3.0)  # a controller busy elsewhere
+    count = 200_000
+    controller.send(ident, {"type": "command", "id": 1, "name": "emit_metrics", "args": {"count": count}})
+    time.sleep(1.0)  # a controller busy elsewhere
     received = 0
     while True:
         _, m = controller.recv(skip=())
         if m["type"] == "reply":
             break
-        received += m["type"] == "event"
+        if m["type"] == "events":
+            received += len(m["items"])
     res = m["result"]
-    assert res["count"] == 300_000
+    assert res["count"] == count
     assert res["dropped"] > 0
-    assert received + res["dropped"] == 300_000
+    assert received + res["dropped"] == count
     controller.send(ident, {"type": "shutdown"})
     assert p.wait(timeout=20) == 0

@@ -47,7 +47,7 @@ describe("rank faults", () => {
     const f = await expectFailure(pending);
     expect(f.rank).toBe(0);
     expect(f.kind).toBe("unresponsive");
-    expect(f.message).toMatch(/rank 0 \(pid \d+ on .*\) sent nothing for [\d.]+ s \(heartbeat deadline 1\.5 s\); its process is stopped/);
+    expect(f.message).toMatch(/rank 0 \(pid \d+ on .*\) sent nothing for [\d.]+ s \(heartbeat deadline 1\.5 s\); it was running 'echo'; its process is stopped/);
     await run.close();
     expect(run.processes.map((p) => p.exit?.signal ?? p.exit?.code)).toEqual(["SIGKILL", expect.anything()]);
   });

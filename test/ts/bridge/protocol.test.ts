@@ -14,6 +14,7 @@ const valid = [
   { type: "reply", id: 7, ok: true, result: { x: [1, 2] }, elapsed_s: 0.1 },
   { type: "reply", id: 7, ok: false, error: { type: "ValueError", message: "m", traceback: "tb" } },
   { type: "event", kind: "metric", name: "loss", value: 1.5, step: 3 },
+  { type: "events", items: [{ kind: "metric", name: "loss", value: 1.5 }, { kind: "log", level: "info", message: "m" }] },
   { type: "heartbeat", seq: 1, busy: null, dropped: 0, events: 10 },
   { type: "bye", reason: "shutdown" },
   { type: "protocol_error", message: "x" },
@@ -40,6 +41,7 @@ describe("codec", () => {
     [encode({ type: "reply", id: 1, ok: false }), /a failed reply needs error/],
     [encode({ type: "heartbeat", seq: 2n ** 60n, busy: null, dropped: 0, events: 0 }), /field 'seq' must be an integer, got a 64-bit integer/],
     [encode([1, 2, 3]), /expected a map, got a list/],
+    [encode({ type: "events", items: [{ kind: "metric" }, { name: "no kind" }] }), /field 'items' must be a list of maps, each with a string 'kind'/],
   ])("rejects %s", (frame, why) => {
     expect(() => decode(frame)).toThrow(ProtocolError);
     expect(() => decode(frame)).toThrow(why);
