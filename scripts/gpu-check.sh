@@ -93,6 +93,19 @@ step kernels-bench-fp32 60 "$PY" -m ampipe.bench.kernels --device cuda --dtype f
 step kernels-bench-bf16 45 "$PY" -m ampipe.bench.kernels --device cuda --dtype bf16 \
   --json "$OUT/kernels-bench-bf16.json"
 
+# --- pipelined block (py/ampipe/pipeline; owned by the executor) ------------------------
+# Equivalence with the baseline block on CUDA in fp32 and bf16, and no host synchronisation
+# inside the block (torch.cuda.set_sync_debug_mode("error") over a forward+backward).
+step pipeline-tests-cuda 120 "$PY" -m pytest test/py/pipeline -m cuda -q -rs -p no:cacheprovider \
+  --junitxml="$OUT/pipeline-tests-cuda-junit.xml"
+
+# Baseline vs pipelined block on one GPU standing in for an emulated 8-way all-to-all.
+step pipeline-bench-cuda 100 "$PY" -m ampipe.bench.pipeline --device cuda --world-size 8 \
+  --set seq_length=4096 --set micro_batch_size=1 --set hidden_size=1024 \
+  --set num_attention_heads=16 --set num_experts=8 --set moe_ffn_hidden_size=2048 \
+  --plan sequential-p1 --plan interleaved-p2 --plan interleaved-p4 --plan grouped-p4 \
+  --plan interleaved-p8 --iters 5 --json "$OUT/pipeline-bench-cuda.json"
+
 if [ "${GPU_CHECK_FULL:-0}" = "1" ]; then
   step kernels-bench-full 150 "$PY" -m ampipe.bench.kernels --device cuda --full --reps 10 \
     --json "$OUT/kernels-bench-full.json"

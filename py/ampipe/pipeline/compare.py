@@ -23,7 +23,7 @@ from ..model.layers import TransformerLayer
 from ..parallel.groups import ExpertParallel
 from .block import AMPipeBlock
 from .emulation import DelayInjector, EmulatedComm
-from .plan import Plan, PlanOp, load_plan
+from .plan import Plan, data_needs, load_plan
 from .streams import OpTimes
 
 __all__ = ["model_config_from_plan", "EmulatedBaseline", "block_step", "largest_differences",
@@ -125,60 +125,29 @@ def largest_differences(ref: Mapping[str, torch.Tensor | None],
     return out
 
 
-def _closure(ops: Sequence[PlanOp], start: str, forward: bool) -> set[str]:
-    """Ops that must precede (forward=False) or follow (forward=True) op `start`."""
-    index = {op.id: i for i, op in enumerate(ops)}
-    preds: dict[str, set[str]] = {op.id: set(op.deps) for op in ops}
-    last: dict[str, str] = {}
-    for op in ops:
-        if op.stream in last:
-            preds[op.id].add(last[op.stream])
-        last[op.stream] = op.id
-    if not forward:
-        seen, todo = set(), [start]
-        while todo:
-            for p in preds[todo.pop()]:
-                if p not in seen:
-                    seen.add(p)
-                    todo.append(p)
-        return seen
-    succ: dict[str, set[str]] = {op.id: set() for op in ops}
-    for k, ps in preds.items():
-        for p in ps:
-            succ[p].add(k)
-    seen, todo = set(), [start]
-    while todo:
-        for s in succ[todo.pop()]:
-            if s not in seen:
-                seen.add(s)
-                todo.append(s)
-    return {s for s in seen if index[s] > index[start]}
-
-
-def ideal_bound_ms(plan: Plan, times: Mapping[str, Mapping[str, float]],
-                   is_comm: Mapping[str, bool] | None = None) -> dict[str, float]:
+def ideal_bound_ms(plan: Plan, times: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """The ideal bound of a pipelined step from per-op times (`{"forward": {id: ms}, ...}`).
 
-    Per pass: max(total compute, fill + total communication + drain), where fill is the
-    compute that must precede the pass's first all-to-all and drain the compute that must
-    follow its last one (through deps and stream order). No schedule with this chunking beats it.
+    Per pass: the largest of total compute (one compute stream's worth of work), total
+    communication, and the longest chain of data dependencies (`plan.data_needs`: the fill
+    and drain that no schedule of this chunking avoids). The step's bound is the sum of the
+    two passes' bounds.
     """
-    out = {}
+    out: dict[str, float] = {}
     for name, ops in (("forward", plan.forward), ("backward", plan.backward)):
         t = times.get(name, {})
-        comm = [op for op in ops if op.is_comm]
+        needs = data_needs(plan, forward=name == "forward")
+        finish: dict[str, float] = {}
+        for op in ops:  # list order is a topological order (deps point to earlier ops)
+            start = max((finish[d] for d in needs[op.id]), default=0.0)
+            finish[op.id] = start + t.get(op.id, 0.0)
         compute_ms = sum(t.get(op.id, 0.0) for op in ops if not op.is_comm)
-        comm_ms = sum(t.get(op.id, 0.0) for op in comm)
-        fill = drain = 0.0
-        if comm:
-            kinds = {op.id: op for op in ops}
-            fill = sum(t.get(i, 0.0) for i in _closure(ops, comm[0].id, False)
-                       if not kinds[i].is_comm)
-            drain = sum(t.get(i, 0.0) for i in _closure(ops, comm[-1].id, True)
-                        if not kinds[i].is_comm)
+        comm_ms = sum(t.get(op.id, 0.0) for op in ops if op.is_comm)
+        path_ms = max(finish.values(), default=0.0)
         out[f"{name}_compute_ms"] = compute_ms
         out[f"{name}_comm_ms"] = comm_ms
-        out[f"{name}_bound_ms"] = max(compute_ms, fill + comm_ms + drain)
+        out[f"{name}_critical_path_ms"] = path_ms
+        out[f"{name}_bound_ms"] = max(compute_ms, comm_ms, path_ms)
     out["bound_ms"] = out["forward_bound_ms"] + out["backward_bound_ms"]
     return out
 

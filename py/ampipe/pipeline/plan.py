@@ -8,6 +8,7 @@ silent race or a wrong gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -262,49 +263,57 @@ def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence
             raise PlanError(f"{name} op '{op.id}' ({op.kind}, chunk {op.chunk}): its input from "
                             f"'{other}' ({kind}) is not covered by its deps or stream order")
 
-    qkv_kind = "qkv" if name == "forward" else "qkv_bwd"
     for op in ops:
-        c = op.chunk
-        if name == "forward":
-            if op.kind == "attn":
-                for j in (range(c + 1) if plan.chunk_qkv else [None]):
-                    need(op, qkv_kind, j)
-            elif op.kind in ("proj", "route", "dispatch", "experts", "combine"):
-                prev = {"proj": "attn", "route": "proj", "dispatch": "route",
-                        "experts": "dispatch", "combine": "experts"}[op.kind]
-                need(op, prev, c)
-            elif op.kind == "unpermute":
-                for k in ("combine", "route", "proj"):
-                    need(op, k, c)
-            elif op.kind == "aux_loss":
-                for j in range(P):
-                    need(op, "route", j)
-        else:
-            if op.kind in ("combine_bwd", "experts_bwd", "dispatch_bwd"):
-                prev = {"combine_bwd": "unpermute_bwd", "experts_bwd": "combine_bwd",
-                        "dispatch_bwd": "experts_bwd"}[op.kind]
-                need(op, prev, c)
-            elif op.kind == "route_bwd":
-                need(op, "dispatch_bwd", c)
-                need(op, "unpermute_bwd", c)
-                need(op, "aux_loss_bwd", None)
-            elif op.kind == "proj_bwd":
-                need(op, "route_bwd", c)
-                need(op, "unpermute_bwd", c)
-            elif op.kind == "attn_bwd":
-                need(op, "proj_bwd", c)
-                # attn_bwd ops accumulate dK/dV in place into shared prefixes: any two of
-                # them must be ordered one way or the other.
-                for j in range(P):
-                    other = by_kind[("attn_bwd", j)]
-                    if j != c and not (hb[index[op.id]] & bit[other]
-                                       or hb[index[other]] & bit[op.id]):
-                        raise PlanError(
-                            f"backward op '{op.id}' (attn_bwd, chunk {c}): not ordered with "
-                            f"'{other}'; both accumulate dK/dV in place into shared prefixes")
-            elif op.kind == "qkv_bwd":
-                for j in (range(c, P) if plan.chunk_qkv else range(P)):
-                    need(op, "attn_bwd", j)
+        for kind, chunk in _needs(plan, op, name == "forward"):
+            need(op, kind, chunk)
+        if op.kind == "attn_bwd":
+            # attn_bwd ops accumulate dK/dV in place into shared prefixes: any two of them
+            # must be ordered one way or the other.
+            for j in range(P):
+                other = by_kind[("attn_bwd", j)]
+                if j != op.chunk and not (hb[index[op.id]] & bit[other]
+                                          or hb[index[other]] & bit[op.id]):
+                    raise PlanError(
+                        f"backward op '{op.id}' (attn_bwd, chunk {op.chunk}): not ordered with "
+                        f"'{other}'; both accumulate dK/dV in place into shared prefixes")
+
+
+_FORWARD_PREV = {"proj": "attn", "route": "proj", "dispatch": "route", "experts": "dispatch",
+                 "combine": "experts"}
+_BACKWARD_PREV = {"combine_bwd": "unpermute_bwd", "experts_bwd": "combine_bwd",
+                  "dispatch_bwd": "experts_bwd", "attn_bwd": "proj_bwd"}
+
+
+def _needs(plan: Plan, op: PlanOp, forward: bool) -> list[tuple[str, int | None]]:
+    """The (kind, chunk) ops whose results `op` reads (contracts.md section 2)."""
+    c, P = op.chunk, plan.num_chunks
+    if forward:
+        if op.kind == "attn":
+            return [("qkv", j) for j in (range(c + 1) if plan.chunk_qkv else [None])]
+        if op.kind in _FORWARD_PREV:
+            return [(_FORWARD_PREV[op.kind], c)]
+        if op.kind == "unpermute":
+            return [("combine", c), ("route", c), ("proj", c)]
+        if op.kind == "aux_loss":
+            return [("route", j) for j in range(P)]
+        return []
+    if op.kind in _BACKWARD_PREV:
+        return [(_BACKWARD_PREV[op.kind], c)]
+    if op.kind == "route_bwd":
+        return [("dispatch_bwd", c), ("unpermute_bwd", c), ("aux_loss_bwd", None)]
+    if op.kind == "proj_bwd":
+        return [("route_bwd", c), ("unpermute_bwd", c)]
+    if op.kind == "qkv_bwd":
+        return [("attn_bwd", j) for j in (range(c, P) if plan.chunk_qkv else range(P))]
+    return []
+
+
+def data_needs(plan: Plan, forward: bool = True) -> dict[str, list[str]]:
+    """For each op id of a pass, the ids of the ops whose results it reads: the dependencies
+    every schedule must respect (the plan's deps add its own ordering choices)."""
+    ops = plan.forward if forward else plan.backward
+    by_kind = {(op.kind, op.chunk): op.id for op in ops}
+    return {op.id: [by_kind[k] for k in _needs(plan, op, forward)] for op in ops}
 
 
 def _happens_before(ops: Sequence[PlanOp], index: Mapping[str, int]) -> list[int]:
@@ -334,3 +343,29 @@ def check_dims(plan: Plan, dims: Mapping[str, Any]) -> None:
     if plan.boundaries[-1] != dims.get("seq_length", plan.boundaries[-1]):
         raise PlanError(f"plan: last boundary {plan.boundaries[-1]} != the block's "
                         f"seq_length {dims['seq_length']}")
+
+
+def uniform_boundaries(seq_length: int, degree: int) -> list[int]:
+    """P chunks of (nearly) equal length: [0, ..., seq_length]."""
+    if not 1 <= degree <= seq_length:
+        raise PlanError(f"pipeline degree {degree} must be in [1, seq_length={seq_length}]")
+    return [round(i * seq_length / degree) for i in range(degree + 1)]
+
+
+def retarget_plan(plan: Plan, dims: Mapping[str, Any],
+                  boundaries: Sequence[int] | None = None) -> Plan:
+    """The same op lists (same schedule) over other dims and chunk boundaries.
+
+    A plan's op lists depend only on the variant, P and `chunk_qkv`, so a schedule can be
+    reused for another block size; the result is validated like any loaded plan.
+    """
+    new_dims = {**plan.dims, **dims}
+    b = list(boundaries) if boundaries is not None else uniform_boundaries(
+        int(new_dims["seq_length"]), plan.num_chunks)
+    if len(b) != len(plan.boundaries):
+        raise PlanError(f"retarget_plan: {len(b) - 1} chunks given for a plan with "
+                        f"{plan.num_chunks}")
+    out = dataclasses.replace(plan, dims=new_dims, boundaries=tuple(b),
+                              meta={**plan.meta, "retargeted_from": list(plan.boundaries)})
+    validate_plan(out)
+    return out
