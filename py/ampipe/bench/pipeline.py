@@ -35,7 +35,7 @@ import torch
 
 from ..model.config import ModelConfig
 from ..pipeline.block import AMPipeBlock, block_dims
-from ..pipeline.compare import EmulatedBaseline, block_step, ideal_bound_ms
+from ..pipeline.compare import EmulatedBaseline, block_step, ideal_bound_ms, simulate_ms
 from ..pipeline.emulation import EmulatedComm
 from ..pipeline.plan import Plan, load_plan, retarget_plan
 from .block import block_inputs, load_model_config, make_baseline_block
@@ -185,16 +185,19 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
             per_op = {n: {op: statistics.median(s[n][op] for s in op_samples[k])
                           for op in op_samples[k][0][n]} for n in ("forward", "backward")}
             bound = ideal_bound_ms(plan, per_op)["bound_ms"]
+            sim = simulate_ms(plan, per_op, per_stream=device.type == "cuda")["total_ms"]
             gain = tb - bound
             eff = (tb - tp) / gain if gain > 0 else None
             row = {"ratio": r, "plan": k, "degree": plan.num_chunks, "variant": plan.variant,
                    "baseline_ms": tb, "pipelined_ms": tp, "speedup": tb / tp,
                    "ideal_bound_ms": bound, "ideal_speedup": tb / bound,
                    "overlap_efficiency": eff, "emulated": emu.label,
+                   "schedule_simulated_ms": sim,
                    "bandwidth_gbps": emu.bandwidth_gbps, "op_times_ms": per_op}
             results.append(row)
             log(f"  {k:<22} {tp:8.2f} ms  speed-up {tb / tp:5.3f}  ideal {tb / bound:5.3f}  "
-                f"overlap efficiency {'n/a' if eff is None else f'{eff:5.2f}'}")
+                f"overlap efficiency {'n/a' if eff is None else f'{eff:5.2f}'}  "
+                f"(this schedule with these op times: {sim:.2f} ms)")
     return {"label": "emulated communication", "device": str(device), "config": cfg.to_dict(),
             "compute_ms": compute_ms, "no_comm_ms": no_comm, "p1_overhead": overhead,
             "memory_bytes": mem, "memory_ratio": mem_ratio, "memory_kind": mem_kind,
@@ -228,12 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    if args.config or args.set:
-        cfg = load_model_config(args.config, args.set)
-        if not args.config:
-            cfg = load_model_config(None, [f"{k}={v}" for k, v in DEFAULT_MODEL.items()] + args.set)
-    else:
-        cfg = ModelConfig.from_dict(DEFAULT_MODEL)
+    defaults = [] if args.config else [f"{k}={v}" for k, v in DEFAULT_MODEL.items()]
+    cfg = load_model_config(args.config, defaults + args.set)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     out = bench_pipeline(cfg, args.plan or list(DEFAULT_PLANS), ratios,
                          latency_us=args.latency_us, world_size=args.world_size,

@@ -114,12 +114,12 @@ class _Step:
         self.param_index = {id(p): i for i, p in enumerate(self.params)}
         S, B = x.shape[0], x.shape[1]
         cfg = self.layer.cfg
-        g, d = cfg.query_groups, cfg.head_dim
-        kv_shape = (S, B, g, d)
-        self.kbuf = x.new_empty(kv_shape) if self.plan.chunk_qkv else None
-        self.vbuf = x.new_empty(kv_shape) if self.plan.chunk_qkv else None
+        self.kv_shape = (S, B, cfg.query_groups, cfg.head_dim)
+        # Allocated at the first op that fills them, in the dtype it produces (autocast).
+        self.kbuf: torch.Tensor | None = None
+        self.vbuf: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
         self.q: dict[int | None, torch.Tensor] = {}
-        self.y = x.new_empty(x.shape)
         self.islands: dict[tuple[str, int | None], _Island] = {}
         self.values: dict[tuple[str, int | None], Any] = {}
         self.losses: MoELosses | None = None
@@ -168,6 +168,10 @@ class _Step:
         params = self.block._kind_params["qkv"]
         t = self._island(("qkv", c), [xin], lambda x: pieces.qkv(self.layer, x, lo), params)
         if self.plan.chunk_qkv:
+            if self.kbuf is None:
+                self.kbuf = t.k.new_empty(self.kv_shape)
+                self.vbuf = t.v.new_empty(self.kv_shape)
+                self._mark_all_streams(self.kbuf, self.vbuf)
             # Keep K/V once, in the sequence buffers: copy and rebind the island's outputs to
             # the buffer rows (their autograd graph is unchanged; only the storage moves).
             self.kbuf[lo:hi].copy_(t.k.detach())
@@ -250,6 +254,9 @@ class _Step:
         hin = _leaf(self.values.pop(("h", c)), self.track)
         y = self._island(("unpermute", c), [comb, gin, hin], lambda a, g, h: pieces.unpermute(
             self.layer, a, permuted, dataclasses.replace(routing, gates=g), h), [])
+        if self.y is None:
+            self.y = y.new_empty(self.x.shape)
+            self._mark_all_streams(self.y)
         self.y[lo:hi].copy_(y.detach())
         if self.track:
             y.data = self.y[lo:hi]  # keep y once, in the block output
@@ -279,11 +286,14 @@ class _Step:
         self.grad_y = grad_y
         self.grad_losses = (grad_aux, grad_z)
         self.dx = torch.zeros_like(x) if self.x_grad else None
-        kv_shape = (S, x.shape[1], cfg.query_groups, cfg.head_dim)
-        # One sequence-long dK/dV each; chunks add into prefixes of them in place.
-        self.dk = x.new_zeros(kv_shape)
-        self.dv = x.new_zeros(kv_shape)
-        self.dq = x.new_empty((S, x.shape[1], cfg.num_attention_heads, cfg.head_dim))
+        # One sequence-long dK/dV each; chunks add into prefixes of them in place, in fp32
+        # at least (P chunks add up: bf16 accumulation would round P times).
+        acc = torch.promote_types(self.kbuf.dtype, torch.float32)
+        self.dk = x.new_zeros(self.kv_shape, dtype=acc)
+        self.dv = x.new_zeros(self.kv_shape, dtype=acc)
+        q = next(iter(self.q.values()))
+        self.dq = x.new_empty((S, x.shape[1], cfg.num_attention_heads, cfg.head_dim),
+                              dtype=q.dtype)
         self._mark_all_streams(self.dx, self.dk, self.dv, self.dq, grad_y, grad_aux, grad_z)
 
     def _mark_all_streams(self, *tensors: torch.Tensor | None) -> None:
@@ -309,7 +319,7 @@ class _Step:
         for o, g in zip(island.outputs, grads):
             if g is not None and o.requires_grad:
                 outs.append(o)
-                gouts.append(g)
+                gouts.append(g if g.dtype == o.dtype else g.to(o.dtype))
         wrt_inputs = [i for i in island.inputs if i is not None and i.requires_grad]
         params = [p for p in island.params if p.requires_grad]
         if not outs or not (wrt_inputs or params):
@@ -429,7 +439,12 @@ class _PipelinedBlockFn(torch.autograd.Function):
         # The step must not reference the Function's output: y -> grad_fn -> ctx -> step -> y
         # would be a cycle through autograd that only the garbage collector could break.
         y, step.y = step.y, None
-        return y, losses.aux_loss.detach(), losses.z_loss.detach()
+        aux, z = losses.aux_loss.detach(), losses.z_loss.detach()
+        if step.cuda:  # made on a plan stream, used by the caller's
+            caller = torch.cuda.current_stream(x.device)
+            for t in (y, aux, z):
+                t.record_stream(caller)
+        return y, aux, z
 
     @staticmethod
     def backward(ctx, grad_y, grad_aux, grad_z):

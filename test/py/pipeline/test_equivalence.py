@@ -81,3 +81,21 @@ def test_no_grad_forward_equals_baseline():
     assert not y1.requires_grad
     torch.testing.assert_close(y1, y0, rtol=REL, atol=1e-6)
     torch.testing.assert_close(l1.aux_loss, l0.aux_loss, rtol=REL, atol=0)
+
+
+@pytest.mark.parametrize("name", ["interleaved-p4", "grouped-p3-nonuniform"])
+def test_bf16_autocast_matches_within_bf16_rounding(name):
+    # K/V buffers take the dtype autocast produces, dK/dV accumulate in fp32.
+    plan = load(name, expert_model_parallel_size=1)
+    layer = make_layer(plan)
+    block = AMPipeBlock.from_layer(layer, plan)
+    x, dy = inputs(plan)
+
+    def run(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return step(m, layer, x, dy)
+
+    ref, got = run(layer), run(block)
+    assert got["y"].dtype == ref["y"].dtype
+    assert_equal_within({k: v.float() for k, v in ref.items()},
+                        {k: v.float() for k, v in got.items()}, 2e-2, name + " bf16")
