@@ -14,6 +14,7 @@ const commandModules: Array<{ register(program: Command): void }> = [
   await import("./commands/doctor.ts"),
   await import("./commands/bench.ts"),
   await import("./commands/plan.ts"),
+  await import("./commands/run.ts"),
 ];
 for (const m of commandModules) m.register(program);
 

@@ -1,0 +1,459 @@
+// `ampipe run <config>`: plan the config's block, launch its ranks, run the baseline and the
+// pipelined block side by side on every rank (`run_block`, py/ampipe/pipeline/worker_commands.py)
+// and report the equivalence check, the measured speed-up next to the ideal bound and the
+// planner's prediction. Writes plan.json, its trace, result.json and calibration.json into the
+// run's output directory (docs/run.md).
+import { mkdirSync, renameSync, writeFileSync } from "node:fs";
+import { dirname, join, relative, resolve } from "node:path";
+import { Command, InvalidArgumentError, Option } from "commander";
+import { closeOnSignals, CommandError, RankFailure, type RankEvent, type RankRun } from "../bridge/index.ts";
+import { ConfigError, loadConfig, type ExperimentConfig } from "../config/index.ts";
+import { calibrate, readCalibration } from "../plan/calibration.ts";
+import { predict, profileModel, type CostModel } from "../plan/costs.ts";
+import { makePlan } from "../plan/generators.ts";
+import { type BlockDims, type Plan } from "../plan/ir.ts";
+import { planToJson, readPlan } from "../plan/io.ts";
+import { simulatePlan } from "../plan/simulate.ts";
+import { chromeTrace } from "../plan/trace.ts";
+import { dimsFromConfig, runPlan } from "./plan.ts";
+import { positiveInt, positiveNumber, startRun } from "./ping.ts";
+
+/** The Python module that registers `run_block` on each rank. */
+export const RANK_MODULE = "ampipe.pipeline.worker_commands";
+export const RESULT_FORMAT = "ampipe.run";
+
+// ---- what a rank returns (run_block_comparison's dict plus the rank's identity) ---------------
+
+export interface RankResult {
+  rank: number;
+  ep_rank: number;
+  ep_size: number;
+  world_size: number;
+  backend: string | null;
+  device: string;
+  emulated: string | null;
+  plan: { variant: string; degree: number; boundaries: number[] };
+  dims: BlockDims;
+  steps: number;
+  warmup: number;
+  seed: number;
+  equivalence: {
+    /** Tensor name -> max|pipelined - baseline| / max|baseline|, largest over the steps. */
+    largest_relative_differences: Record<string, number>;
+    worst: [string, number];
+    tolerance: number;
+    ok: boolean;
+  };
+  baseline_ms: number;
+  pipelined_ms: number;
+  baseline_samples_ms: number[];
+  pipelined_samples_ms: number[];
+  speedup: number;
+  ideal_bound_ms: number;
+  ideal_speedup: number;
+  overlap_efficiency: number | null;
+  bound: Record<string, number>;
+  op_times_ms: { forward: Record<string, number>; backward: Record<string, number> };
+}
+
+export interface RunSummary {
+  equivalence: {
+    ok: boolean;
+    tolerance: number;
+    dtype: string;
+    /** Largest over ranks and steps; null where a tensor was missing on one side (a failure). */
+    largest_relative_differences: Record<string, number | null>;
+    worst: { name: string; value: number | null; rank: number };
+  };
+  timing: {
+    /** How the ranks' times are combined: each step takes as long as its slowest rank. */
+    aggregation: string;
+    baseline_ms: number;
+    pipelined_ms: number;
+    speedup: number;
+    ideal_bound_ms: number;
+    ideal_speedup: number;
+    overlap_efficiency: number | null;
+    steps: Array<{ baseline_ms: number; pipelined_ms: number }>;
+    bound: Record<string, number>;
+  };
+  emulated: string | null;
+}
+
+const median = (v: number[]): number => {
+  const s = [...v].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+};
+
+/** Combines the ranks' results: differences are the largest over ranks, times the slowest rank's per step. */
+export function summarizeRanks(results: RankResult[], dtype: string): RunSummary {
+  if (results.length === 0) throw new Error("no rank returned a result");
+  const diffs: Record<string, number | null> = {};
+  let worst = { name: "", value: -1 as number | null, rank: 0 };
+  for (const r of results) {
+    for (const [k, v] of Object.entries(r.equivalence.largest_relative_differences)) {
+      // A tensor present on one side only comes back as inf; JSON has no inf, so it becomes null.
+      const val = Number.isFinite(v) ? v : null;
+      const prev = diffs[k];
+      diffs[k] = prev === null || val === null ? null : Math.max(prev ?? 0, val);
+      const worse = val === null ? worst.value !== null : worst.value !== null && val > worst.value;
+      if (worse) worst = { name: k, value: val, rank: r.rank };
+    }
+  }
+  const tolerance = Math.max(...results.map((r) => r.equivalence.tolerance));
+  const ok = results.every((r) => r.equivalence.ok) && Object.values(diffs).every((v) => v !== null && v <= tolerance);
+
+  const n = Math.min(...results.map((r) => Math.min(r.baseline_samples_ms.length, r.pipelined_samples_ms.length)));
+  const steps = Array.from({ length: n }, (_, i) => ({
+    baseline_ms: Math.max(...results.map((r) => r.baseline_samples_ms[i])),
+    pipelined_ms: Math.max(...results.map((r) => r.pipelined_samples_ms[i])),
+  }));
+  const baseline = median(steps.map((s) => s.baseline_ms));
+  const pipelined = median(steps.map((s) => s.pipelined_ms));
+  const slowest = results.reduce((a, r) => (r.ideal_bound_ms > a.ideal_bound_ms ? r : a));
+  const bound = slowest.ideal_bound_ms;
+  return {
+    equivalence: { ok, tolerance, dtype, largest_relative_differences: diffs, worst },
+    timing: {
+      aggregation: "per step, the slowest rank; then the median over the measured steps",
+      baseline_ms: baseline,
+      pipelined_ms: pipelined,
+      speedup: baseline / pipelined,
+      ideal_bound_ms: bound,
+      ideal_speedup: baseline / bound,
+      // (T_baseline - T_pipelined) / (T_baseline - T_bound); undefined when the bound is not below the baseline.
+      overlap_efficiency: baseline > bound ? (baseline - pipelined) / (baseline - bound) : null,
+      steps,
+      bound: slowest.bound,
+    },
+    emulated: results[0].emulated,
+  };
+}
+
+// ---- the plan -------------------------------------------------------------------------------
+
+/** Fields of the plan's dims and the config fields they come from. */
+const DIM_SOURCES: Record<keyof BlockDims, string> = {
+  seq_length: "model.seq_length",
+  micro_batch_size: "model.micro_batch_size",
+  hidden_size: "model.hidden_size",
+  num_attention_heads: "model.num_attention_heads",
+  num_query_groups: "model.num_query_groups",
+  kv_channels: "model.kv_channels",
+  num_experts: "model.num_experts",
+  moe_router_topk: "model.moe_router_topk",
+  moe_ffn_hidden_size: "model.moe_ffn_hidden_size",
+  expert_model_parallel_size: "parallelism.expert_model_parallel_size",
+  dtype: "model.dtype",
+};
+
+/** Throws when a plan was made for another block than the config's, naming each differing field. */
+export function checkPlanDims(plan: Plan, cfg: ExperimentConfig, source: string): void {
+  const want = dimsFromConfig(cfg);
+  const bad: string[] = [];
+  for (const [k, field] of Object.entries(DIM_SOURCES) as Array<[keyof BlockDims, string]>) {
+    if (plan.dims[k] !== want[k])
+      bad.push(`  dims.${k}: the plan has ${JSON.stringify(plan.dims[k])}, the config has ${JSON.stringify(want[k])} (${field})`);
+  }
+  if (bad.length) throw new Error(`${source}: the plan does not fit the config's block\n${bad.join("\n")}`);
+}
+
+/** The cost model `ampipe plan` uses for a config (device profile, emulated interconnect, calibration). */
+export function costModelFor(cfg: ExperimentConfig, calibrationPath?: string): CostModel {
+  const profile = cfg.parallelism.device === "cuda" ? "h100" : "cpu";
+  const emu = cfg.pipeline.emulated_comm;
+  const base = profileModel(profile, cfg.model.dtype, {
+    bandwidthGbps: emu?.bandwidth_gbps,
+    latencyUs: emu?.latency_us,
+    work: { expertActivation: cfg.model.moe_expert_activation, commWorldSize: emu?.world_size },
+  });
+  return calibrationPath ? calibrate(base, readCalibration(calibrationPath), calibrationPath).model : base;
+}
+
+interface PlannedBlock {
+  plan: Plan;
+  source: "planner" | string;
+  planPath: string;
+  tracePath: string;
+  predicted: { forward_ms: number; backward_ms: number; total_ms: number; sequential_total_ms: number; speedup: number; profile: string; calibrated: boolean };
+}
+
+function writeAtomic(path: string, text: string): void {
+  mkdirSync(dirname(path), { recursive: true });
+  const tmp = `${path}.tmp-${process.pid}`;
+  writeFileSync(tmp, text);
+  renameSync(tmp, path);
+}
+
+/** Plans the config (or loads --plan), writes plan.json and plan.trace.json into outDir. */
+export function prepareRunPlan(configPath: string, cfg: ExperimentConfig, o: { set: string[]; plan?: string; calibration?: string }, outDir: string): PlannedBlock {
+  const planPath = join(outDir, "plan.json");
+  const tracePath = join(outDir, "plan.trace.json");
+  if (!o.plan) {
+    const r = runPlan(configPath, { set: o.set, out: planPath, trace: tracePath, calibration: o.calibration });
+    const p = r.summary.predicted as PlannedBlock["predicted"];
+    return {
+      plan: r.choice.plan, source: "planner", planPath, tracePath,
+      predicted: { forward_ms: p.forward_ms, backward_ms: p.backward_ms, total_ms: p.total_ms, sequential_total_ms: p.sequential_total_ms, speedup: p.speedup, profile: r.model.profile, calibrated: r.model.calibration !== undefined },
+    };
+  }
+  const plan = readPlan(o.plan);
+  checkPlanDims(plan, cfg, o.plan);
+  const model = costModelFor(cfg, o.calibration);
+  const sim = predict(model, plan);
+  const seq = predict(model, makePlan("sequential", plan.dims, { boundaries: [0, plan.dims.seq_length], chunkQkv: plan.chunk_qkv }));
+  writeAtomic(planPath, planToJson(plan));
+  writeAtomic(tracePath, JSON.stringify(chromeTrace(plan, sim)) + "\n");
+  return {
+    plan, source: o.plan, planPath, tracePath,
+    predicted: { forward_ms: sim.forward.makespanMs, backward_ms: sim.backward.makespanMs, total_ms: sim.totalMs, sequential_total_ms: seq.totalMs, speedup: seq.totalMs / sim.totalMs, profile: model.profile, calibrated: model.calibration !== undefined },
+  };
+}
+
+/** Measured per-op times in the planner's calibration format (docs/plan.md), one run per rank. */
+export function calibrationDoc(results: RankResult[], planFile: string, outDir: string, device: string): Record<string, unknown> {
+  return {
+    format: "ampipe.calibration",
+    version: 1,
+    device,
+    runs: results.map((r) => ({
+      plan: planFile,
+      op_times_ms: r.op_times_ms,
+      makespan_ms: { total: r.pipelined_ms },
+      source: `ampipe run ${outDir} rank ${r.rank}${r.emulated ? ` (${r.emulated})` : ""}`,
+    })),
+  };
+}
+
+/**
+ * The plan simulated with one rank's measured op times: what the executed schedule looked like.
+ * Measured times already include any slowdown from overlap, so none is added.
+ */
+function replayTrace(plan: Plan, r: RankResult): ReturnType<typeof chromeTrace> {
+  const sim = simulatePlan(plan, (op, pass) => r.op_times_ms[pass][op.id] ?? 0);
+  return chromeTrace(plan, sim, `measured op times of rank ${r.rank}, replayed`);
+}
+
+// ---- the command ------------------------------------------------------------------------------
+
+export interface RunCommandOptions {
+  plan?: string;
+  steps?: number;
+  warmup?: number;
+  out?: string;
+  json?: boolean;
+  set: string[];
+  calibration?: string;
+  tolerance?: number;
+  bind: string;
+  allowRemote?: boolean;
+  external?: boolean;
+  joinTimeout: number;
+  heartbeatTimeout: number;
+}
+
+const fmtMs = (ms: number) => (ms >= 100 ? ms.toFixed(1) : ms >= 1 ? ms.toFixed(2) : ms.toPrecision(3));
+const fmtDiff = (v: number | null) => (v === null ? "missing" : v === 0 ? "0" : v.toExponential(2));
+
+/** Renders the equivalence and timing report. */
+export function reportText(s: RunSummary, planned: PlannedBlock, results: RankResult[]): string {
+  const L: string[] = [];
+  const e = s.equivalence;
+  L.push(`equivalence (largest relative difference max|pipelined - baseline| / max|baseline| over ranks and steps; tolerance ${e.tolerance.toExponential(0)} for ${e.dtype}): ${e.ok ? "PASS" : "FAIL"}`);
+  const entries = Object.entries(e.largest_relative_differences);
+  const grads = entries.filter(([k]) => k.startsWith("grad."));
+  for (const [k, v] of entries.filter(([k]) => !k.startsWith("grad."))) L.push(`  ${k.padEnd(34)} ${fmtDiff(v)}`);
+  if (grads.length) {
+    const sorted = [...grads].sort((a, b) => (b[1] ?? Infinity) - (a[1] ?? Infinity));
+    for (const [k, v] of sorted.slice(0, 3)) L.push(`  ${k.padEnd(34)} ${fmtDiff(v)}`);
+    if (sorted.length > 3) L.push(`  (${sorted.length - 3} more parameter gradients, all <= ${fmtDiff(sorted[3][1])})`);
+  }
+  if (!e.ok) L.push(`  worst: ${e.worst.name} on rank ${e.worst.rank}: ${fmtDiff(e.worst.value)} > ${e.tolerance.toExponential(0)}`);
+  L.push("");
+  const t = s.timing;
+  const label = s.emulated ? `comm: ${s.emulated} — EMULATED figures` : "comm: real (no emulation)";
+  L.push(`timing, forward+backward per step (median of ${t.steps.length} steps, slowest rank per step; ${label}):`);
+  L.push(`  ${"".padEnd(20)} ${"measured".padStart(10)} ${"predicted".padStart(10)}`);
+  const p = planned.predicted;
+  L.push(`  ${"baseline".padEnd(20)} ${fmtMs(t.baseline_ms).padStart(7)} ms ${fmtMs(p.sequential_total_ms).padStart(7)} ms  (predicted: the sequential plan)`);
+  L.push(`  ${"pipelined".padEnd(20)} ${fmtMs(t.pipelined_ms).padStart(7)} ms ${fmtMs(p.total_ms).padStart(7)} ms  (fwd ${fmtMs(p.forward_ms)} + bwd ${fmtMs(p.backward_ms)} predicted)`);
+  L.push(`  ${"ideal bound".padEnd(20)} ${fmtMs(t.ideal_bound_ms).padStart(7)} ms  (max(compute, fill + comm + drain) per pass, from measured op times)`);
+  L.push(`  ${"speed-up".padEnd(20)} ${t.speedup.toFixed(3).padStart(8)}x ${p.speedup.toFixed(3).padStart(9)}x`);
+  L.push(`  ${"ideal speed-up".padEnd(20)} ${t.ideal_speedup.toFixed(3).padStart(8)}x`);
+  L.push(`  ${"overlap efficiency".padEnd(20)} ${t.overlap_efficiency === null ? "n/a (the bound is not below the baseline)" : t.overlap_efficiency.toFixed(2).padStart(9)}`);
+  L.push(`  (cost model: profile ${p.profile}, ${p.calibrated ? "calibrated" : "uncalibrated"}; ranks: ${results.map((r) => `${r.rank}: ${fmtMs(r.baseline_ms)}/${fmtMs(r.pipelined_ms)} ms`).join(", ")})`);
+  return L.join("\n") + "\n";
+}
+
+interface Printer { line(s: string): void }
+
+/** Runs the whole experiment; returns the process exit code (0 ok, 1 failed, 2 bad input). */
+export async function runCommand(configPath: string, o: RunCommandOptions, out: Printer = { line: (s) => process.stdout.write(s + "\n") }): Promise<number> {
+  const say = (s: string) => { if (!o.json) out.line(s); };
+  const t0 = performance.now();
+  let cfg: ExperimentConfig;
+  let planned: PlannedBlock;
+  let outDir: string;
+  try {
+    cfg = loadConfig(configPath, o.set);
+    if (o.steps !== undefined) cfg.run.steps = o.steps;
+    if (o.warmup !== undefined) cfg.run.warmup = o.warmup;
+    if (o.out !== undefined) cfg.run.output_dir = o.out;
+    outDir = cfg.run.output_dir;
+    mkdirSync(outDir, { recursive: true });
+    planned = prepareRunPlan(configPath, cfg, o, outDir);
+  } catch (e) {
+    process.stderr.write(`${e instanceof ConfigError ? "" : "ampipe run: "}${(e as Error).message}\n`);
+    return 2;
+  }
+  const plan = planned.plan;
+  const P = plan.boundaries.length - 1;
+  say(`plan: ${plan.variant}, P=${P}, boundaries [${plan.boundaries.join(", ")}] (${planned.source === "planner" ? "planned" : `from ${planned.source}`}); ` +
+    `predicted ${fmtMs(planned.predicted.total_ms)} ms vs sequential ${fmtMs(planned.predicted.sequential_total_ms)} ms (${planned.predicted.speedup.toFixed(3)}x)`);
+  say(`wrote ${planned.planPath} and ${planned.tracePath}`);
+  if (cfg.model.moe_expert_capacity_factor !== null)
+    say(`note: model.moe_expert_capacity_factor is set: the blocks agree only while no expert reaches its capacity`);
+
+  const par = cfg.parallelism;
+  let run: RankRun | undefined;
+  let stopSignals: (() => void) | undefined;
+  const stepsSeen = new Map<number, Map<number, { b: number; p: number }>>();
+  const onEvent = (ev: RankEvent) => {
+    if (ev.kind === "progress" && ev.stage === "start" && ev.rank === 0)
+      say(`running: ${ev.warmup} warm-up + ${ev.steps} measured steps on each rank, baseline and pipelined interleaved ...`);
+    if (ev.kind === "metric" && ev.name === "block_step") {
+      const step = ev.step as number;
+      const m = stepsSeen.get(step) ?? new Map();
+      m.set(ev.rank, { b: ev.baseline_ms as number, p: ev.pipelined_ms as number });
+      stepsSeen.set(step, m);
+      if (m.size === par.world_size) {
+        const b = Math.max(...[...m.values()].map((x) => x.b));
+        const p = Math.max(...[...m.values()].map((x) => x.p));
+        say(`  step ${step + 1}/${ev.steps}: baseline ${fmtMs(b)} ms, pipelined ${fmtMs(p)} ms (slowest rank)`);
+      }
+    }
+  };
+  try {
+    const tl = performance.now();
+    run = await startRun(
+      {
+        ranks: par.world_size, device: par.device, backend: par.backend, bind: o.bind, allowRemote: o.allowRemote, external: o.external,
+        heartbeatInterval: 1000, heartbeatTimeout: o.heartbeatTimeout, joinTimeout: o.joinTimeout,
+      },
+      { imports: [RANK_MODULE], onEvent },
+    );
+    stopSignals = closeOnSignals(run);
+    const r0 = run.ranks[0];
+    say(`${run.worldSize} ranks ready in ${((performance.now() - tl) / 1000).toFixed(1)} s (torch ${r0.torch}, ${r0.backend ?? "no dist"} on ${r0.device}; ` +
+      `expert-parallel size ${par.expert_model_parallel_size})`);
+    const args: Record<string, unknown> = {
+      config: cfg, plan, steps: cfg.run.steps, warmup: cfg.run.warmup, seed: cfg.run.seed,
+      ...(o.tolerance !== undefined ? { tolerance: o.tolerance } : {}),
+    };
+    // Fail fast: one rank's error must not wait for the others (they may sit in a collective).
+    const results = (await Promise.all(
+      [...Array(run.worldSize).keys()].map((r) => run!.request(r, "run_block", args)),
+    )) as RankResult[];
+
+    const summary = summarizeRanks(results, cfg.model.dtype);
+    const calibrationPath = join(outDir, "calibration.json");
+    const resultPath = join(outDir, "result.json");
+    const measuredTracePath = join(outDir, "measured.trace.json");
+    writeAtomic(calibrationPath, JSON.stringify(calibrationDoc(results, "plan.json", outDir, r0.device), null, 2) + "\n");
+    writeAtomic(measuredTracePath, JSON.stringify(replayTrace(plan, results[0])) + "\n");
+    const doc = {
+      format: RESULT_FORMAT,
+      version: 1,
+      created: new Date().toISOString(),
+      config_path: resolve(configPath),
+      config: cfg,
+      plan: { path: "plan.json", trace: "plan.trace.json", source: planned.source, variant: plan.variant, degree: P, boundaries: plan.boundaries, chunk_qkv: plan.chunk_qkv },
+      device: r0.device,
+      backend: r0.backend,
+      torch: r0.torch,
+      world_size: run.worldSize,
+      expert_model_parallel_size: par.expert_model_parallel_size,
+      steps: cfg.run.steps,
+      warmup: cfg.run.warmup,
+      seed: cfg.run.seed,
+      emulated: summary.emulated,
+      equivalence: summary.equivalence,
+      timing: summary.timing,
+      predicted: planned.predicted,
+      calibration: "calibration.json",
+      measured_trace: "measured.trace.json",
+      ranks: results.map((r) => ({ ...r, equivalence: { ...r.equivalence, largest_relative_differences: finite(r.equivalence.largest_relative_differences) } })),
+      elapsed_s: (performance.now() - t0) / 1000,
+    };
+    writeAtomic(resultPath, JSON.stringify(doc, null, 2) + "\n");
+    if (o.json) out.line(JSON.stringify(doc, null, 2));
+    else {
+      out.line("");
+      out.line(reportText(summary, planned, results).trimEnd());
+      out.line("");
+      out.line(`wrote ${resultPath}, ${measuredTracePath} and ${calibrationPath}`);
+      out.line(`  refit the cost model and replan: ampipe plan ${configPath} --calibration ${shortPath(calibrationPath)}`);
+      out.line(`done in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+    }
+    if (!summary.equivalence.ok) {
+      process.stderr.write(`ampipe run: equivalence FAILED: ${summary.equivalence.worst.name} differs by ${fmtDiff(summary.equivalence.worst.value)} ` +
+        `(rank ${summary.equivalence.worst.rank}), tolerance ${summary.equivalence.tolerance}\n`);
+      return 1;
+    }
+    return 0;
+  } catch (e) {
+    if (e instanceof RankFailure || e instanceof CommandError) {
+      process.stderr.write(`ampipe run: ${e.message}\n`);
+      return 1;
+    }
+    throw e;
+  } finally {
+    stopSignals?.();
+    await run?.close();
+  }
+}
+
+/** The path relative to the working directory when it lies below it, else absolute. */
+function shortPath(p: string): string {
+  const r = relative(process.cwd(), p);
+  return r && !r.startsWith("..") ? r : resolve(p);
+}
+
+function finite(d: Record<string, number>): Record<string, number | null> {
+  return Object.fromEntries(Object.entries(d).map(([k, v]) => [k, Number.isFinite(v) ? v : null]));
+}
+
+const nonNegInt = (v: string) => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError("expected an integer >= 0");
+  return n;
+};
+const nonNegNumber = (v: string) => {
+  const n = Number(v);
+  if (!Number.isFinite(n) || n < 0) throw new InvalidArgumentError("expected a number >= 0");
+  return n;
+};
+
+export function register(program: Command): void {
+  program
+    .command("run")
+    .description("plan a config, run the baseline and the pipelined block side by side on its ranks, report equivalence and speed-up")
+    .argument("<config>", "experiment config (.yaml, .yml or .json)")
+    .option("--plan <file>", "execute this plan instead of planning (its dims must match the config)")
+    .option("--steps <n>", "measured steps (default: run.steps)", positiveInt)
+    .option("--warmup <n>", "warm-up steps before measuring (default: run.warmup)", nonNegInt)
+    .option("--out <dir>", "output directory (default: run.output_dir)")
+    .option("--calibration <file>", "measured op times for the planner's cost model (e.g. a previous run's calibration.json)")
+    .option("--tolerance <x>", "largest relative difference accepted (default by dtype: fp32 1e-5, fp16 1e-2, bf16 5e-2)", nonNegNumber)
+    .option("--set <field=value>", "override a config field, e.g. --set model.seq_length=512 (repeatable)", (v: string, acc: string[]) => [...acc, v], [])
+    .option("--json", "print result.json instead of the report")
+    .option("--bind <endpoint>", "controller endpoint to bind", "tcp://127.0.0.1:0")
+    .option("--allow-remote", "allow binding a non-loopback address (ranks on other machines)")
+    .option("--external", "do not spawn ranks: wait for ranks started by torchrun/Slurm to connect")
+    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120)
+    .addOption(new Option("--heartbeat-timeout <ms>", "a rank silent this long is reported as stuck").argParser(positiveNumber).default(60_000))
+    .action(async (config: string, opts: RunCommandOptions) => {
+      process.exitCode = await runCommand(config, opts);
+    });
+}

@@ -1,0 +1,166 @@
+// `ampipe run` end to end on a tiny config: two ranks (EP=2 over gloo), the planner, the
+// rank command run_block, result.json and calibration.json; and the ways it must fail.
+import { spawn } from "node:child_process";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { runPlan } from "../../../src/commands/plan.ts";
+
+const root = join(import.meta.dirname, "..", "..", "..");
+const dir = mkdtempSync(join(tmpdir(), "ampipe-run-test-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const CONFIG = `
+model:
+  num_layers: 1
+  hidden_size: 32
+  num_attention_heads: 4
+  seq_length: 48
+  micro_batch_size: 2
+  vocab_size: 64
+  ffn_hidden_size: 64
+  num_experts: 4
+  moe_router_topk: 2
+  moe_ffn_hidden_size: 32
+parallelism:
+  world_size: 2
+  expert_model_parallel_size: 2
+  device: cpu
+  backend: gloo
+pipeline:
+  degree: 2
+  variant: interleaved
+  emulated_comm: { latency_us: 50, bandwidth_gbps: 1.0, world_size: 8 }
+run:
+  steps: 2
+  warmup: 0
+  seed: 5
+  output_dir: ${JSON.stringify(join(dir, "unused"))}
+`;
+const configPath = join(dir, "tiny.yaml");
+writeFileSync(configPath, CONFIG);
+
+interface Ran { code: number | null; stdout: string; stderr: string; pid: number }
+
+/** Runs the CLI; resolves when it exits. */
+function ampipe(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Ran> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [join(root, "bin", "ampipe.js"), ...args], {
+      cwd: root, env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    child.on("error", reject);
+    child.on("close", (code) => resolve({ code, stdout, stderr, pid: child.pid! }));
+  });
+}
+
+/** Live processes started by the CLI with this pid (ranks carry AMPIPE_PARENT_PID). */
+function ranksOf(pid: number): number[] {
+  const out: number[] = [];
+  for (const p of readdirSync("/proc")) {
+    if (!/^\d+$/.test(p)) continue;
+    try {
+      const env = readFileSync(`/proc/${p}/environ`, "latin1");
+      if (env.split("\0").includes(`AMPIPE_PARENT_PID=${pid}`)) out.push(Number(p));
+    } catch {
+      // gone, or not ours
+    }
+  }
+  return out;
+}
+
+describe("ampipe run", () => {
+  const outDir = join(dir, "run-ok");
+  let first: Ran;
+
+  it("plans, runs both blocks on two ranks, prints PASS and writes result.json", async () => {
+    first = await ampipe(["run", configPath, "--out", outDir]);
+    expect(first.code, first.stderr).toBe(0);
+    expect(first.stdout).toMatch(/^plan: interleaved, P=2, boundaries \[0, \d+, 48\] \(planned\)/m);
+    expect(first.stdout).toMatch(/2 ranks ready .*gloo on cpu; expert-parallel size 2/);
+    expect(first.stdout).toMatch(/step 2\/2: baseline [\d.]+ ms, pipelined [\d.]+ ms/);
+    expect(first.stdout).toMatch(/^equivalence .*tolerance 1e-5 for fp32\): PASS$/m);
+    expect(first.stdout).toContain("emulated 8-way all-to-all");
+    expect(first.stdout).toContain("EMULATED figures");
+    expect(first.stdout).toMatch(/overlap efficiency/);
+    expect(ranksOf(first.pid)).toEqual([]);
+
+    for (const f of ["plan.json", "plan.trace.json", "result.json", "calibration.json", "measured.trace.json"])
+      expect(existsSync(join(outDir, f)), f).toBe(true);
+    expect(readdirSync(outDir).filter((f) => f.includes(".tmp-"))).toEqual([]); // atomic writes left no temp file
+
+    const r = JSON.parse(readFileSync(join(outDir, "result.json"), "utf8"));
+    expect(r.format).toBe("ampipe.run");
+    expect(r.version).toBe(1);
+    expect(r.config.model.hidden_size).toBe(32);
+    expect(r.config.run.output_dir).toBe(outDir);
+    expect(r.plan).toMatchObject({ path: "plan.json", source: "planner", variant: "interleaved", degree: 2 });
+    expect(r.world_size).toBe(2);
+    expect(r.expert_model_parallel_size).toBe(2);
+    expect(r.device).toBe("cpu");
+    expect(r.emulated).toMatch(/^emulated 8-way all-to-all \(50 us \+ bytes \/ 1 GB\/s\)$/);
+    expect(r.equivalence.ok).toBe(true);
+    expect(r.equivalence.tolerance).toBe(1e-5);
+    const diffs = r.equivalence.largest_relative_differences as Record<string, number>;
+    for (const k of ["y", "dx", "aux_loss", "z_loss"]) expect(diffs[k]).toBeLessThanOrEqual(1e-5);
+    expect(Object.keys(diffs).filter((k) => k.startsWith("grad.")).length).toBeGreaterThan(5);
+    expect(r.timing.steps).toHaveLength(2);
+    for (const k of ["baseline_ms", "pipelined_ms", "ideal_bound_ms", "speedup", "ideal_speedup"]) expect(r.timing[k]).toBeGreaterThan(0);
+    expect(r.timing.speedup).toBeCloseTo(r.timing.baseline_ms / r.timing.pipelined_ms, 10);
+    expect(r.predicted.total_ms).toBeGreaterThan(0);
+    expect(r.predicted.sequential_total_ms).toBeGreaterThan(0);
+    expect(r.ranks.map((x: { rank: number; ep_rank: number }) => [x.rank, x.ep_rank])).toEqual([[0, 0], [1, 1]]);
+    const plan = JSON.parse(readFileSync(join(outDir, "plan.json"), "utf8"));
+    expect(Object.keys(r.ranks[0].op_times_ms.forward).sort()).toEqual(plan.forward.map((o: { id: string }) => o.id).sort());
+  });
+
+  it("writes calibration.json in the format the planner accepts", () => {
+    const cal = JSON.parse(readFileSync(join(outDir, "calibration.json"), "utf8"));
+    expect(cal.format).toBe("ampipe.calibration");
+    expect(cal.runs).toHaveLength(2);
+    const replanned = runPlan(configPath, { calibration: join(outDir, "calibration.json"), out: join(dir, "replanned.json"), trace: false });
+    expect(replanned.model.calibration?.source).toBe(join(outDir, "calibration.json"));
+    expect(replanned.calibration!.kinds.map((k) => k.kind)).toContain("attn_bwd");
+    expect(replanned.calibration!.makespans.length).toBeGreaterThan(0); // the measured totals were read
+  });
+
+  it("executes a given plan file and prints result.json with --json", async () => {
+    const ran = await ampipe(["run", configPath, "--plan", join(outDir, "plan.json"), "--out", join(dir, "run-plan"), "--json", "--steps", "1"]);
+    expect(ran.code, ran.stderr).toBe(0);
+    const r = JSON.parse(ran.stdout);
+    expect(r.plan.source).toBe(join(outDir, "plan.json"));
+    expect(r.steps).toBe(1);
+    expect(r.equivalence.ok).toBe(true);
+    expect(JSON.parse(readFileSync(join(dir, "run-plan", "result.json"), "utf8"))).toEqual(r);
+  });
+
+  it("rejects a plan made for another block, naming the field, before starting ranks", async () => {
+    const other = join(dir, "other-plan.json");
+    runPlan(configPath, { set: ["model.hidden_size=64"], out: other, trace: false });
+    const ran = await ampipe(["run", configPath, "--plan", other, "--out", join(dir, "run-bad")]);
+    expect(ran.code).toBe(2);
+    expect(ran.stderr).toContain("the plan does not fit the config's block");
+    expect(ran.stderr).toMatch(/dims\.hidden_size: the plan has 64, the config has 32 \(model\.hidden_size\)/);
+    expect(ran.stdout).not.toContain("ranks ready");
+    expect(existsSync(join(dir, "run-bad", "result.json"))).toBe(false);
+    expect(ranksOf(ran.pid)).toEqual([]);
+  });
+
+  it("reports a config error naming the field", async () => {
+    const ran = await ampipe(["run", configPath, "--set", "model.moe_router_topk=9", "--out", join(dir, "run-cfg")]);
+    expect(ran.code).toBe(2);
+    expect(ran.stderr).toMatch(/model\.moe_router_topk/);
+  });
+
+  it.skipIf(existsSync("/dev/nvidia0"))("exits non-zero and leaves no rank behind when the ranks cannot start", async () => {
+    const ran = await ampipe(["run", configPath, "--set", "parallelism.device=cuda", "--out", join(dir, "run-cuda")]);
+    expect(ran.code).toBe(1);
+    expect(ran.stderr).toMatch(/ampipe run: rank \d/);
+    expect(existsSync(join(dir, "run-cuda", "result.json"))).toBe(false);
+    expect(ranksOf(ran.pid)).toEqual([]);
+  });
+});
