@@ -54,6 +54,12 @@ def _find() -> tuple[Path | None, str, dict | None]:
 def load_extension(required: bool = False) -> ExtensionState:
     """Load ``torch.ops.ampipe`` once; ``required`` turns a fallback into an error."""
     global _state
+    if _state is not None:  # the hot path (and what torch.compile traces): no lock
+        if required and not _state.loaded:
+            raise RuntimeError(
+                f"AMPIPE_OPS=compiled but the extension is not loaded: {_state.reason}; {BUILD_HINT}"
+            )
+        return _state
     with _lock:
         if _state is None:
             _state = _load()

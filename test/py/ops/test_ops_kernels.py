@@ -253,3 +253,24 @@ def test_many_rows_split_across_threads(compiled, device, cap):
         assert_same(compiled, device, 3000, 2, 16, 48, cap, torch.float32, seed=21)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_torch_compile_fullgraph_through_the_dispatcher(compiled):
+    # Fake kernels + registered autograd + a trace-time dispatch: no graph break.
+    import ampipe.ops as ops
+
+    def route_and_combine(x, indices, gates):
+        row_map, _ = ops.make_row_map(indices, 4, None)
+        buffer = ops.permute(x, row_map, x.shape[0] * indices.shape[1])
+        return ops.unpermute(buffer * 2, row_map, gates)
+
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(route_and_combine, backend="aot_eager", fullgraph=True)
+    x, indices, gates, _ = make_case(8, 2, 4, 5, torch.float64, "cpu", seed=3)
+    y = compiled_fn(x, indices, gates)
+    gx, gg = torch.autograd.grad(y.sum(), (x, gates))
+    y_ref = route_and_combine(x, indices, gates)
+    gx_ref, gg_ref = torch.autograd.grad(y_ref.sum(), (x, gates))
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gg, gg_ref)
