@@ -16,6 +16,7 @@ Exit codes: 0 built or up to date, 1 the build failed, 2 nothing to build (no cs
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import importlib.util
 import json
@@ -42,12 +43,18 @@ def _torch_versions() -> tuple[str, str | None]:
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("torch is not installed")
-    scope: dict = {}
     text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text()
-    for line in text.splitlines():  # only the simple assignments we need
-        if re.match(r"^(__version__|cuda)\s*(:\s*[^=]+)?=", line):
-            exec(line, scope)  # noqa: S102  (a file of our own installed torch)
-    return str(scope.get("__version__")), scope.get("cuda")
+    found: dict = {}
+    for node in ast.parse(text).body:  # `__version__ = '...'`, `cuda: Optional[str] = '12.8'`
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id in ("__version__", "cuda"):
+            found[target.id] = ast.literal_eval(value)
+    return str(found.get("__version__")), found.get("cuda")
 
 
 def _nvcc() -> tuple[str | None, str | None]:
