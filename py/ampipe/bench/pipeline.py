@@ -171,6 +171,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                   **{k: AMPipeBlock.from_layer(layer, p, emulated_comm=emu) for k, p in plans.items()}}
         samples = {k: [] for k in blocks}
         op_samples: dict[str, list[dict[str, dict[str, float]]]] = {k: [] for k in plans}
+        spans: dict[str, list[dict[str, float]]] = {k: [] for k in plans}
         for i in range(warmup + iters):
             for k, b in blocks.items():
                 t = _timed_step(b, x, dy, params, device)
@@ -178,6 +179,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                     samples[k].append(t)
                     if k in plans:
                         op_samples[k].append({n: ts.op_times_ms for n, ts in b.last_times.items()})
+                        spans[k].append({n: ts.makespan_ms for n, ts in b.last_times.items()})
         tb = statistics.median(samples["baseline"])
         log(f"\nratio {r:g}: {emu.label}; baseline {tb:.2f} ms (emulated)")
         for k, plan in plans.items():
@@ -193,6 +195,8 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                    "ideal_bound_ms": bound, "ideal_speedup": tb / bound,
                    "overlap_efficiency": eff, "emulated": emu.label,
                    "schedule_simulated_ms": sim,
+                   "calibration": {"plan": plan.to_dict(), "op_times_ms": per_op, "makespan_ms": {
+                       n: statistics.median(sp[n] for sp in spans[k]) for n in ("forward", "backward")}},
                    "bandwidth_gbps": emu.bandwidth_gbps, "op_times_ms": per_op}
             results.append(row)
             log(f"  {k:<22} {tp:8.2f} ms  speed-up {tb / tp:5.3f}  ideal {tb / bound:5.3f}  "

@@ -177,6 +177,14 @@ def simulate_ms(plan: Plan, times: Mapping[str, Mapping[str, float]], *,
     return out
 
 
+def _median_makespans(samples: list[dict[str, OpTimes]]) -> dict[str, float]:
+    out = {name: statistics.median(s[name].makespan_ms for s in samples)
+           for name in ("forward", "backward") if all(name in s for s in samples)}
+    if len(out) == 2:
+        out["total"] = out["forward"] + out["backward"]
+    return out
+
+
 def _median_times(samples: list[dict[str, OpTimes]]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for name in ("forward", "backward"):
@@ -277,4 +285,7 @@ def run_block_comparison(
         "bound": bound,
         "simulated_ms": sim["total_ms"],
         "op_times_ms": op_times,
+        # The planner's calibration input (docs/plan.md): `ampipe plan --calibration`.
+        "calibration": {"plan": plan.to_dict(), "op_times_ms": op_times,
+                        "makespan_ms": _median_makespans(samples)},
     }
