@@ -546,13 +546,15 @@ class AMPipeBlock(TransformerLayer):
         communication thread; run them on the calling thread."""
         return self.mlp.ep.size == 1 and self.emulated_comm is None
 
+    def _injector(self, device: torch.device) -> DelayInjector:
+        inj = self._delay_cache.get(device)
+        if inj is None:  # on CUDA this calibrates (and synchronises) once per device
+            inj = self._delay_cache[device] = DelayInjector(self.emulated_comm, device)
+        return inj
+
     def _delay(self, t: torch.Tensor) -> None:
-        if self.emulated_comm is None:
-            return
-        inj = self._delay_cache.get(t.device)
-        if inj is None:
-            inj = self._delay_cache[t.device] = DelayInjector(self.emulated_comm, t.device)
-        inj(t.numel() * t.element_size())
+        if self.emulated_comm is not None:
+            self._injector(t.device)(t.numel() * t.element_size())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoELosses]:
         S, B = x.shape[0], x.shape[1]
@@ -564,6 +566,8 @@ class AMPipeBlock(TransformerLayer):
             raise PlanError(f"AMPipeBlock: input micro-batch size {B} != plan "
                             f"dims.micro_batch_size {mbs}")
         self._device = x.device
+        if self.emulated_comm is not None:
+            self._injector(x.device)  # before the block's ops: calibration synchronises
         params = [p for p in self.parameters()]
         track = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
         step = _Step(self, x.detach(), params, track)
