@@ -62,6 +62,11 @@ describe("summarizeRanks", () => {
     expect(s.timing.overlap_efficiency).toBeCloseTo((14 - 11) / (14 - 7), 12);
   });
 
+  it("reports the replayed schedule of the slowest rank, when every rank has one", () => {
+    expect(summarizeRanks([{ ...rank(0), simulated_ms: 9 }, { ...rank(1), simulated_ms: 12 }], "fp32").timing.replayed_ms).toBe(12);
+    expect(summarizeRanks([{ ...rank(0), simulated_ms: 9 }, rank(1)], "fp32").timing.replayed_ms).toBeNull();
+  });
+
   it("leaves the overlap efficiency undefined when the bound is not below the baseline", () => {
     const s = summarizeRanks([rank(0, { base: [5, 5], pipe: [6, 6], bound: 7 })], "fp32");
     expect(s.timing.overlap_efficiency).toBeNull();
