@@ -43,16 +43,17 @@ writeFileSync(configPath, CONFIG);
 
 interface Ran { code: number | null; stdout: string; stderr: string; pid: number }
 
-/** Runs the CLI; resolves when it exits. */
-function ampipe(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Ran> {
+/** Runs the CLI; resolves when it exits. `onStart` gets the child and its live stdout. */
+function ampipe(args: string[], onStart?: (pid: number, stdout: () => string) => void): Promise<Ran> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [join(root, "bin", "ampipe.js"), ...args], {
-      cwd: root, env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"],
+      cwd: root, stdio: ["ignore", "pipe", "pipe"],
     });
     let stdout = "";
     let stderr = "";
     child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
     child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    onStart?.(child.pid!, () => stdout);
     child.on("error", reject);
     child.on("close", (code) => resolve({ code, stdout, stderr, pid: child.pid! }));
   });
@@ -161,6 +162,27 @@ describe("ampipe run", () => {
     expect(ran.code).toBe(1);
     expect(ran.stderr).toMatch(/ampipe run: rank \d/);
     expect(existsSync(join(dir, "run-cuda", "result.json"))).toBe(false);
+    expect(ranksOf(ran.pid)).toEqual([]);
+  });
+
+  it("exits non-zero and stops the other rank when a rank dies mid-run", async () => {
+    let killed = 0;
+    let poll: NodeJS.Timeout | undefined;
+    const ran = await ampipe(["run", configPath, "--steps", "100000", "--out", join(dir, "run-killed")], (pid, stdout) => {
+      poll = setInterval(() => {
+        const ranks = ranksOf(pid);
+        if (ranks.length === 2 && stdout().includes("running:")) {
+          clearInterval(poll);
+          killed = ranks[0];
+          process.kill(killed, "SIGKILL");
+        }
+      }, 100);
+    });
+    clearInterval(poll);
+    expect(killed).toBeGreaterThan(0);
+    expect(ran.code).toBe(1);
+    expect(ran.stderr).toMatch(new RegExp(`ampipe run: rank \\d \\(pid ${killed}\\) was killed by SIGKILL while running 'run_block'`));
+    expect(existsSync(join(dir, "run-killed", "result.json"))).toBe(false);
     expect(ranksOf(ran.pid)).toEqual([]);
   });
 });
