@@ -141,9 +141,8 @@ class _Step:
             if t is not None and t.device.type == "cuda":
                 t.record_stream(stream)
 
-    def _island(self, key: tuple[str, int | None], inputs: list[torch.Tensor | None],
-                fn, params: list[nn.Parameter]):
-        """Run `fn(*inputs)` as an island: under enable_grad when tracking."""
+    def _run(self, inputs: list[torch.Tensor | None], fn):
+        """Run an island's `fn(*inputs)`: under enable_grad when tracking (`_keep` records it)."""
         self._mark_used(*inputs)
         with torch.set_grad_enabled(self.track):
             out = fn(*inputs)
@@ -166,7 +165,7 @@ class _Step:
         lo, hi = self._rows(c)
         xin = _leaf(self.x[lo:hi], self.x_grad)
         params = self.block._kind_params["qkv"]
-        t = self._island(("qkv", c), [xin], lambda x: pieces.qkv(self.layer, x, lo), params)
+        t = self._run([xin], lambda x: pieces.qkv(self.layer, x, lo))
         if self.plan.chunk_qkv:
             if self.kbuf is None:
                 self.kbuf = t.k.new_empty(self.kv_shape)
@@ -189,8 +188,7 @@ class _Step:
         qin = _leaf(q, self.track)
         kin = _alias_rows(self.kbuf, 0, hi).requires_grad_(self.track)
         vin = _alias_rows(self.vbuf, 0, hi).requires_grad_(self.track)
-        ctx = self._island(("attn", c), [qin, kin, vin],
-                           lambda q, k, v: pieces.attention(self.layer, q, k, v), [])
+        ctx = self._run([qin, kin, vin], lambda q, k, v: pieces.attention(self.layer, q, k, v))
         self.values[("ctx", c)] = ctx
         self._keep(("attn", c), [qin, kin, vin], [ctx], [])
 
@@ -199,8 +197,7 @@ class _Step:
         cin = _leaf(self.values.pop(("ctx", c)), self.track)
         rin = _leaf(self.x[lo:hi], self.x_grad)
         params = self.block._kind_params["proj"]
-        h, normed = self._island(("proj", c), [cin, rin],
-                                 lambda a, r: pieces.proj(self.layer, a, r), params)
+        h, normed = self._run([cin, rin], lambda a, r: pieces.proj(self.layer, a, r))
         self.values[("h", c)] = h
         self.values[("normed", c)] = normed
         self._keep(("proj", c), [cin, rin], [h, normed], params)
@@ -213,7 +210,7 @@ class _Step:
             routing = pieces.route(self.layer, n)
             return routing, pieces.permute(self.layer, n, routing)
 
-        routing, permuted = self._island(("route", c), [nin], fn, params)
+        routing, permuted = self._run([nin], fn)
         self.values[("routing", c)] = routing
         self.values[("permuted", c)] = permuted
         self._keep(("route", c), [nin], [permuted.buffer, routing.gates,
@@ -222,8 +219,8 @@ class _Step:
     def _f_dispatch(self, c: int) -> None:
         permuted: Permuted = self.values[("permuted", c)]
         bin_ = _leaf(permuted.buffer, self.track)
-        d = self._island(("dispatch", c), [bin_], lambda b: pieces.dispatch(
-            self.layer, dataclasses.replace(permuted, buffer=b)), [])
+        d = self._run([bin_], lambda b: pieces.dispatch(
+            self.layer, dataclasses.replace(permuted, buffer=b)))
         self.block._delay(bin_)
         self.values[("dispatched", c)] = d
         self._keep(("dispatch", c), [bin_], [d.tokens], [])
@@ -232,15 +229,15 @@ class _Step:
         d = self.values[("dispatched", c)]
         tin = _leaf(d.tokens, self.track)
         params = self.block._kind_params["experts"]
-        out = self._island(("experts", c), [tin], lambda t: pieces.experts(
-            self.layer, dataclasses.replace(d, tokens=t)), params)
+        out = self._run([tin], lambda t: pieces.experts(
+            self.layer, dataclasses.replace(d, tokens=t)))
         self.values[("expert_out", c)] = out
         self._keep(("experts", c), [tin], [out], params)
 
     def _f_combine(self, c: int) -> None:
         d = self.values.pop(("dispatched", c))
         ein = _leaf(self.values.pop(("expert_out", c)), self.track)
-        out = self._island(("combine", c), [ein], lambda e: pieces.combine(self.layer, e, d), [])
+        out = self._run([ein], lambda e: pieces.combine(self.layer, e, d))
         self.block._delay(ein)
         self.values[("combined", c)] = out
         self._keep(("combine", c), [ein], [out], [])
@@ -252,8 +249,8 @@ class _Step:
         comb = _leaf(self.values.pop(("combined", c)), self.track)
         gin = _leaf(routing.gates, self.track)
         hin = _leaf(self.values.pop(("h", c)), self.track)
-        y = self._island(("unpermute", c), [comb, gin, hin], lambda a, g, h: pieces.unpermute(
-            self.layer, a, permuted, dataclasses.replace(routing, gates=g), h), [])
+        y = self._run([comb, gin, hin], lambda a, g, h: pieces.unpermute(
+            self.layer, a, permuted, dataclasses.replace(routing, gates=g), h))
         if self.y is None:
             self.y = y.new_empty(self.x.shape)
             self._mark_all_streams(self.y)
@@ -273,7 +270,7 @@ class _Step:
             return pieces.moe_losses(self.layer.cfg, pieces.sum_stats(*chunks))
 
         flat = [t for pair in leaves for t in pair]
-        self.losses = self._island(("aux_loss", None), flat, fn, [])
+        self.losses = self._run(flat, fn)
         self._keep(("aux_loss", None), flat, [self.losses.aux_loss, self.losses.z_loss], [])
 
     # -- backward ops ------------------------------------------------------------------
