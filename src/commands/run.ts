@@ -452,7 +452,7 @@ export function register(program: Command): void {
     .option("--warmup <n>", "warm-up steps before measuring (default: run.warmup)", nonNegInt)
     .option("--out <dir>", "output directory (default: run.output_dir)")
     .option("--calibration <file>", "measured op times for the planner's cost model (e.g. a previous run's calibration.json)")
-    .option("--tolerance <x>", "largest relative difference accepted (default by dtype: fp32 1e-5, fp16 1e-2, bf16 5e-2)", nonNegNumber)
+    .option("--tolerance <x>", "largest relative difference accepted (default: fp32 1e-5 on CPU and 1e-4 on CUDA, fp16 1e-2, bf16 3e-2)", nonNegNumber)
     .option("--set <field=value>", "override a config field, e.g. --set model.seq_length=512 (repeatable)", (v: string, acc: string[]) => [...acc, v], [])
     .option("--json", "print result.json instead of the report")
     .option("--bind <endpoint>", "controller endpoint to bind", "tcp://127.0.0.1:0")

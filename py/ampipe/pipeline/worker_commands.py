@@ -19,12 +19,21 @@ from typing import Any
 
 from ampipe.worker.commands import CommandContext, command
 
-__all__ = ["TOLERANCE_BY_DTYPE", "expected_dims", "run_block"]
+__all__ = ["TOLERANCE_BY_DTYPE", "CUDA_TOLERANCE_BY_DTYPE", "default_tolerance", "expected_dims", "run_block"]
 
 # Largest relative difference (max|got - ref| / max|ref|, per tensor) accepted as equivalent.
-# fp32: the issue's 1e-5. Half precisions round each op's output, and the chunked schedule
-# sums in a different order, so differences of a few ulps of the tensor's scale are expected.
-TOLERANCE_BY_DTYPE: dict[str, float] = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 1e-2}
+# fp32 on CPU: the issue's 1e-5. On CUDA, chunked attention and matmuls of other shapes pick
+# other kernels (and reduction orders), so fp32 gets 1e-4, as in test_cuda.py. Half
+# precisions round each op's output, and the chunked schedule sums in another order.
+TOLERANCE_BY_DTYPE: dict[str, float] = {"fp32": 1e-5, "bf16": 3e-2, "fp16": 1e-2}
+CUDA_TOLERANCE_BY_DTYPE: dict[str, float] = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+
+
+def default_tolerance(dtype: str, device_type: str) -> float:
+    """The equivalence tolerance `run_block` uses unless it is given one."""
+    table = CUDA_TOLERANCE_BY_DTYPE if device_type == "cuda" else TOLERANCE_BY_DTYPE
+    return table[dtype]
+
 
 # How often the main thread wakes to heartbeat and forward events while the comparison runs.
 POLL_S = 0.1
@@ -93,7 +102,7 @@ def run_block(args: dict, ctx: CommandContext) -> dict[str, Any]:
     args: ``config`` (the resolved experiment config), ``plan`` (plan JSON, checked against
     the config's dims), and optionally ``steps``, ``warmup``, ``seed`` (default: the
     config's ``run`` section), ``emulated_comm`` (default: ``pipeline.emulated_comm``),
-    ``tolerance`` (default: by dtype, `TOLERANCE_BY_DTYPE`), ``timeout_s``.
+    ``tolerance`` (default: `default_tolerance` of the dtype and device), ``timeout_s``.
 
     Emits ``progress`` events (stage ``start`` and ``done``) and one ``metric`` event per
     measured step (``name="block_step"``, ``baseline_ms``, ``pipelined_ms``); returns
@@ -119,14 +128,14 @@ def run_block(args: dict, ctx: CommandContext) -> dict[str, Any]:
     dims = expected_dims(config)
     plan = load_plan(dict(args["plan"]))
     check_dims(plan, dims)  # a PlanError naming the field, before any rank builds anything
+    device = ctx.device if ctx.device is not None else "cpu"
     tolerance = args.get("tolerance")
     if tolerance is None:
-        tolerance = TOLERANCE_BY_DTYPE[dims["dtype"]]
+        tolerance = default_tolerance(dims["dtype"], getattr(device, "type", str(device).split(":")[0]))
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
         raise ValueError(f"run_block: tolerance must be a number >= 0, got {tolerance!r}")
 
     ep = _expert_parallel(ctx, dims["expert_model_parallel_size"])
-    device = ctx.device if ctx.device is not None else "cpu"
     ctx.emit("progress", stage="start", steps=steps, warmup=warmup,
              variant=plan.variant, degree=plan.num_chunks)
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import pytest
 
 from ampipe.pipeline import worker_commands
 from ampipe.pipeline.plan import PlanError
-from ampipe.pipeline.worker_commands import TOLERANCE_BY_DTYPE, expected_dims, run_block
+from ampipe.pipeline.worker_commands import TOLERANCE_BY_DTYPE, default_tolerance, expected_dims, run_block
 from ampipe.worker import commands
 
 PLANS = Path(__file__).resolve().parents[2] / "fixtures" / "plans"
@@ -65,6 +65,13 @@ def experiment_config(plan: dict[str, Any], steps: int = 2, **model: Any) -> dic
 
 def test_registered_under_its_name():
     assert commands.get("run_block") is run_block
+
+
+def test_default_tolerance_by_dtype_and_device():
+    assert default_tolerance("fp32", "cpu") == 1e-5
+    assert default_tolerance("fp32", "cuda") == 1e-4
+    assert default_tolerance("bf16", "cuda") == 3e-2
+    assert set(TOLERANCE_BY_DTYPE) == {"fp32", "bf16", "fp16"}
 
 
 def test_expected_dims_resolve_query_groups_and_head_dim():
