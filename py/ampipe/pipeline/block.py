@@ -37,7 +37,7 @@ from .emulation import DelayInjector, EmulatedComm
 from .plan import Plan, PlanError, PlanOp, check_dims, load_plan
 from .streams import OpTimes, StreamExecutor
 
-__all__ = ["AMPipeBlock", "block_dims"]
+__all__ = ["AMPipeBlock", "block_dims", "pipeline_layers", "baseline_layers"]
 
 # Parameters each op kind's island differentiates (the union must cover the layer).
 _KIND_MODULES = {
@@ -444,6 +444,7 @@ class _PipelinedBlockFn(torch.autograd.Function):
         return y, aux, z
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_aux, grad_z):
         step: _Step | None = ctx.step
         if step is None:
@@ -577,3 +578,30 @@ class AMPipeBlock(TransformerLayer):
             step.values.clear()
             y, aux, z = step.y, step.losses.aux_loss, step.losses.z_loss
         return y, MoELosses(aux_loss=aux, z_loss=z)
+
+
+def pipeline_layers(model: nn.Module, plan: Plan | str | Path | Mapping[str, Any], **options: Any,
+                    ) -> list[str]:
+    """Replace every MoE `TransformerLayer` inside `model` by an `AMPipeBlock` over the same
+    modules (no weight copied, state_dict unchanged). Returns the names replaced. `options`
+    go to `AMPipeBlock.from_layer` (`emulated_comm`, `record_times`)."""
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    return _swap(model, lambda m: (isinstance(m, TransformerLayer) and m.is_moe
+                                   and not isinstance(m, AMPipeBlock)),
+                 lambda m: AMPipeBlock.from_layer(m, plan, **options))
+
+
+def baseline_layers(model: nn.Module) -> list[str]:
+    """Undo `pipeline_layers`: every `AMPipeBlock` back to a `TransformerLayer` (same modules)."""
+    return _swap(model, lambda m: isinstance(m, AMPipeBlock), lambda m: m.to_layer())
+
+
+def _swap(model: nn.Module, match, make) -> list[str]:
+    swapped = []
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if match(child):
+                setattr(parent, child_name, make(child))  # ModuleList accepts "3" too
+                swapped.append(f"{name}.{child_name}" if name else child_name)
+    return swapped

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ampipe.pipeline.block as blk
-from ampipe.pipeline import AMPipeBlock, EmulatedComm, OpFailed
+from ampipe.pipeline import AMPipeBlock, EmulatedComm, OpFailed, baseline_layers, pipeline_layers
 from ampipe.pipeline.streams import COMM_THREAD_NAME
 
 from pipeline_helpers import assert_equal_within, inputs, load, make_layer, step
@@ -55,6 +55,22 @@ def test_op_failing_mid_forward_names_the_op_and_leaves_no_thread(monkeypatch, k
     assert _comm_threads() == []
     monkeypatch.setattr(blk.pieces, kind, real)
     assert_equal_within(ref, step(block, layer, x, dy), 1e-5, "after a failed step")
+
+
+def test_second_backward_and_double_backward_are_refused():
+    plan = load("grouped-p2")
+    layer = make_layer(plan)
+    block = AMPipeBlock.from_layer(layer, plan)
+    x, dy = inputs(plan)
+    y, losses = block(x)
+    loss = (y * dy).sum() + losses.aux_loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    y, losses = block(x)
+    (g,) = torch.autograd.grad((y * dy).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
 
 
 def test_op_failing_mid_backward_names_the_op_and_leaves_no_thread(monkeypatch):
@@ -165,8 +181,13 @@ def test_gpt_model_switches_blocks_without_copying():
     ids = torch.randint(0, 64, (cfg.micro_batch_size, cfg.seq_length), generator=torch.Generator().manual_seed(0))
     ref = model(ids, ids)
     names = list(model.state_dict())
-    layers = model.decoder.layers
-    layers[0] = AMPipeBlock.from_layer(layers[0], plan)
+    params = [id(p) for p in model.parameters()]
+    assert pipeline_layers(model, plan) == ["decoder.layers.0"]  # layer 1 is dense
+    assert isinstance(model.decoder.layers[0], AMPipeBlock)
     assert list(model.state_dict()) == names
+    assert [id(p) for p in model.parameters()] == params
     out = model(ids, ids)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
+    assert baseline_layers(model) == ["decoder.layers.0"]
+    assert type(model.decoder.layers[0]) is not AMPipeBlock
+    torch.testing.assert_close(model(ids, ids).loss, ref.loss, rtol=0, atol=0)
