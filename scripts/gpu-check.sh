@@ -96,7 +96,7 @@ step kernels-bench-bf16 45 "$PY" -m ampipe.bench.kernels --device cuda --dtype b
 # --- pipelined block (py/ampipe/pipeline; owned by the executor) ------------------------
 # Equivalence with the baseline block on CUDA in fp32 and bf16, and no host synchronisation
 # inside the block (torch.cuda.set_sync_debug_mode("error") over a forward+backward).
-step pipeline-tests-cuda 120 "$PY" -m pytest test/py/pipeline -m cuda -q -rs -p no:cacheprovider \
+step pipeline-tests-cuda 120 "$PY" -m pytest test/py/pipeline/test_pipeline_cuda.py -q -rs -p no:cacheprovider \
   --junitxml="$OUT/pipeline-tests-cuda-junit.xml"
 
 # Baseline vs pipelined block on one GPU standing in for an emulated 8-way all-to-all.
