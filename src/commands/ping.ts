@@ -62,8 +62,9 @@ export async function startRun(o: RunCliOptions, extra: Partial<RunOptions> = {}
     onListening: (endpoint, token) => {
       process.stderr.write(
         `ampipe: waiting for ${o.ranks} ranks at ${endpoint}; start them with\n` +
-        `  AMPIPE_TOKEN=${token} python -m torch.distributed.run --nproc-per-node ${o.ranks} ` +
-        `-m ampipe.worker --controller ${endpoint.replace("0.0.0.0", "<this host>")}\n`);
+        `  AMPIPE_TOKEN=${token} python -m torch.distributed.run --standalone --nproc-per-node ${o.ranks} ` +
+        `-m ampipe.worker --controller ${endpoint.replace("0.0.0.0", "<this host>")}\n` +
+        `(several machines: replace --standalone with torchrun's --nnodes/--rdzv-* options)\n`);
     },
   });
 }
