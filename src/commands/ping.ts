@@ -4,6 +4,7 @@ import { Command, InvalidArgumentError, Option } from "commander";
 import {
   attachRanks, closeOnSignals, CommandError, launchRanks, RankFailure, type RankRun, type RunOptions,
 } from "../bridge/index.ts";
+import { ConfigError, loadConfig } from "../config/index.ts";
 
 interface PingResult {
   rank: number; pid: number; host: string; backend: string; device: string;
@@ -39,7 +40,24 @@ export function addRunOptions(cmd: Command): Command {
     .option("--external", "do not spawn ranks: wait for ranks started by torchrun/Slurm to connect")
     .option("--heartbeat-interval <ms>", "application heartbeat interval", positiveNumber, 1000)
     .option("--heartbeat-timeout <ms>", "a rank silent this long is reported as stuck", positiveNumber, 60_000)
-    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120);
+    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120)
+    .option("--config <file>", "take --ranks/--device/--backend from this experiment config's parallelism section")
+    .hook("preAction", (c) => {
+      // Options given on the command line win over the config file.
+      const file = c.getOptionValue("config") as string | undefined;
+      if (!file) return;
+      let p;
+      try {
+        p = loadConfig(file).parallelism;
+      } catch (e) {
+        if (e instanceof ConfigError) c.error(e.message, { exitCode: 2, code: "ampipe.config" });
+        throw e;
+      }
+      const fromConfig: Record<string, unknown> = { ranks: p.world_size, device: p.device, backend: p.backend };
+      for (const [k, v] of Object.entries(fromConfig)) {
+        if (c.getOptionValueSource(k) === "default") c.setOptionValueWithSource(k, v, "config");
+      }
+    });
 }
 
 export interface RunCliOptions {

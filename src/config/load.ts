@@ -19,7 +19,10 @@ export class ConfigError extends Error {
   constructor(issues: ConfigIssue[], source?: string) {
     const where = source ? `${source}: ` : "";
     const lines = issues.map((i) => `  ${i.path || "(config)"}: ${i.message}`);
-    super(`${where}invalid experiment config\n${lines.join("\n")}`);
+    // A problem with the file itself (unreadable, not YAML) reads better on one line.
+    super(issues.length === 1 && !issues[0].path
+      ? `${where}${issues[0].message}`
+      : `${where}invalid experiment config\n${lines.join("\n")}`);
     this.name = "ConfigError";
     this.issues = issues;
     this.source = source;

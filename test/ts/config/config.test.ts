@@ -73,7 +73,7 @@ describe("experiment config", () => {
     expect(applyOverrides({ a: { b: 1 } }, ["a.c=auto", "d.e=null"])).toEqual({ a: { b: 1, c: "auto" }, d: { e: null } });
     const bad = join(dir, "bad.yaml");
     writeFileSync(bad, "model:\n  hidden_size: 64\n  hidden_size: 32\n");
-    expect(() => loadConfig(bad)).toThrow(/bad\.yaml: invalid experiment config\n.*not valid YAML: Map keys must be unique/);
+    expect(() => loadConfig(bad)).toThrow(/bad\.yaml: not valid YAML: Map keys must be unique/);
     expect(() => loadConfig(join(dir, "missing.yaml"))).toThrow(/missing\.yaml: [\s\S]*cannot read file: ENOENT/);
     expect(() => applyOverrides({}, ["steps"])).toThrow(/an override must look like "section.field=value"/);
   });
