@@ -6,7 +6,7 @@ import { randomBytes, timingSafeEqual } from "node:crypto";
 import { isIP } from "node:net";
 import { Router } from "zeromq";
 import { decode, encode } from "./codec.ts";
-import { CommandError, RankFailure } from "./errors.ts";
+import { CommandError, RankFailure, RunClosedError } from "./errors.ts";
 import {
   DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError,
   type ControllerMessage, type Hello, type RankMessage, type Reply, type Welcome,
@@ -93,6 +93,8 @@ export class Controller {
   private hbTimer: NodeJS.Timeout | null = null;
   private lastTick = 0;
   private closed = false;
+  /** shutdownRanks() was called: ranks leaving now is expected, not a fault. */
+  private stopping = false;
   private failure: Error | null = null;
   private joinWaiters: Array<{ resolve(): void; reject(e: Error): void }> = [];
   private eventListeners: Array<(e: RankEvent) => void> = [];
@@ -171,7 +173,7 @@ export class Controller {
   /** Sends one command to one rank; resolves with its result, rejects with CommandError or a failure. */
   request(rank: number, name: string, args: Record<string, unknown> = {}): Promise<unknown> {
     if (this.failure) return Promise.reject(this.failure);
-    if (this.closed) return Promise.reject(new Error("the controller is closed"));
+    if (this.closed || this.stopping) return Promise.reject(new RunClosedError(`command '${name}' on rank ${rank}`));
     const st = this.ranks.get(rank);
     if (!st?.ready) return Promise.reject(new Error(`rank ${rank} is not ready`));
     const id = this.nextId++;
@@ -230,7 +232,7 @@ export class Controller {
 
   private rankGone(rank: number, why: string): void {
     const st = this.ranks.get(rank);
-    if (!st || this.closed || this.failure) return;
+    if (!st || this.closed || this.stopping || this.failure) return;
     this.fault(new RankFailure(
       `rank ${rank} (pid ${st.hello.pid} on ${st.hello.host}) ${why}` + (st.left ? ` after saying bye (${st.left})` : ""),
       rank, "disconnected", { pid: st.hello.pid }));
@@ -257,7 +259,7 @@ export class Controller {
         continue;
       }
       const silent = now - st.lastSeen;
-      if (silent > this.heartbeatTimeoutMs && !this.failure && !this.closed) {
+      if (silent > this.heartbeatTimeoutMs && !this.failure && !this.closed && !this.stopping) {
         this.fault(new RankFailure(
           `rank ${rank} (pid ${st.hello.pid} on ${st.hello.host}) sent nothing for ${(silent / 1000).toFixed(1)} s ` +
           `(heartbeat deadline ${(this.heartbeatTimeoutMs / 1000).toFixed(1)} s)` +
@@ -336,7 +338,7 @@ export class Controller {
         return;
       case "bye":
         st.left = msg.reason;
-        if (!this.closed && !this.failure && msg.reason !== "shutdown") {
+        if (!this.closed && !this.stopping && !this.failure && msg.reason !== "shutdown") {
           this.fault(new RankFailure(`rank ${r} left the run: ${msg.reason}`, r, "left", { pid: st.hello.pid }));
         }
         return;
@@ -413,7 +415,7 @@ export class Controller {
   // ---- faults and shutdown ------------------------------------------------------------
   /** Records the first fault, fails every pending request with it and tells the listeners. */
   fault(fault: RankFailure): void {
-    if (this.failure || this.closed) return;
+    if (this.failure || this.closed || this.stopping) return;
     const f = this.opts.enrichFault ? this.opts.enrichFault(fault) : fault;
     this.failure = f;
     for (const [id, p] of this.pending) {
@@ -433,6 +435,12 @@ export class Controller {
 
   /** Asks every rank that joined to exit. */
   shutdownRanks(): void {
+    this.stopping = true;
+    for (const [id, p] of this.pending) {
+      this.pending.delete(id);
+      p.reject(new RunClosedError(`command '${p.name}' on rank ${p.rank}`));
+    }
+    for (const w of this.joinWaiters.splice(0)) w.reject(new RunClosedError("the ranks' start-up"));
     for (const [rank] of this.ranks) this.enqueue(rank, { type: "shutdown" }, false);
   }
 

@@ -30,3 +30,11 @@ export class CommandError extends Error {
 export function indent(text: string, prefix = "    "): string {
   return text.split("\n").map((l) => prefix + l).join("\n");
 }
+
+/** The run was closed (by the caller, or on SIGINT/SIGTERM) while a request was pending. */
+export class RunClosedError extends Error {
+  constructor(what: string) {
+    super(`the run was closed while ${what} was pending`);
+    this.name = "RunClosedError";
+  }
+}

@@ -2,7 +2,7 @@
 // an all_to_all_single and checks them; the controller prints the results with the round trip.
 import { Command, InvalidArgumentError, Option } from "commander";
 import {
-  attachRanks, closeOnSignals, CommandError, launchRanks, RankFailure, type RankRun, type RunOptions,
+  attachRanks, closeOnSignals, CommandError, launchRanks, RankFailure, RunClosedError, type RankRun, type RunOptions,
 } from "../bridge/index.ts";
 import { ConfigError, loadConfig } from "../config/index.ts";
 
@@ -89,6 +89,10 @@ export async function startRun(o: RunCliOptions, extra: Partial<RunOptions> = {}
 
 /** Prints a run failure or command error and sets a non-zero exit code. */
 export function reportFailure(e: unknown): void {
+  if (e instanceof RunClosedError) {
+    process.exitCode ||= 1;
+    return; // closed on purpose (SIGINT/SIGTERM): closeOnSignals reports it and sets the exit code
+  }
   if (e instanceof RankFailure || e instanceof CommandError) {
     process.stderr.write(`ampipe: ${e.message}\n`);
     process.exitCode = 1;
