@@ -2,7 +2,7 @@
 // process behind (checked in the process table).
 import { afterEach, describe, expect, it } from "vitest";
 import { CommandError, RankFailure, type RankRun } from "../../../src/bridge/index.ts";
-import { launchQuiet, processesOfRun, sleep } from "./helpers.ts";
+import { launchQuiet, processesOfRun, SHORT_DEADLINE, sleep } from "./helpers.ts";
 
 let current: RankRun | undefined;
 afterEach(async () => {
@@ -40,7 +40,7 @@ describe("rank faults", () => {
   });
 
   it("a rank stopped with SIGSTOP is reported after the heartbeat deadline and killed", async () => {
-    const run = (current = await launchQuiet({ worldSize: 2 }));
+    const run = (current = await launchQuiet({ worldSize: 2, ...SHORT_DEADLINE }));
     await run.broadcast("echo", {});
     process.kill(run.processes[0].pid!, "SIGSTOP");
     const pending = run.broadcast("echo", { x: 1 });
@@ -53,7 +53,7 @@ describe("rank faults", () => {
   });
 
   it("a rank stuck in a busy loop is reported after the heartbeat deadline", async () => {
-    const run = (current = await launchQuiet({ worldSize: 2 }));
+    const run = (current = await launchQuiet({ worldSize: 2, ...SHORT_DEADLINE }));
     const f = await expectFailure(run.broadcast("spin", { ranks: [1], seconds: 600 }));
     expect(f.rank).toBe(1);
     expect(f.kind).toBe("unresponsive");
