@@ -174,10 +174,28 @@ class Worker:
             return
         items, self.batch = self.batch, []
         self.last_flush = time.monotonic() if now is None else now
-        if self._send_nowait(encode({"type": "events", "items": items})):
+        try:
+            frame = encode({"type": "events", "items": items})
+        except (TypeError, ValueError, OverflowError):
+            items = self._sendable(items)
+            frame = encode({"type": "events", "items": items})
+        if self._send_nowait(frame):
             self.sent_events += len(items)
         else:
             self.dropped += len(items)
+
+    def _sendable(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Drops (and reports on stderr, and counts) the events msgpack cannot carry."""
+        ok = []
+        for item in items:
+            try:
+                encode(item)
+                ok.append(item)
+            except (TypeError, ValueError, OverflowError) as e:
+                self.dropped += 1
+                print(f"ampipe rank {self.s.rank}: dropped a {item.get('kind')!r} event "
+                      f"({item.get('name', '')!s}): {e}", file=sys.stderr)
+        return ok
 
     def maybe_heartbeat(self) -> None:
         now = time.monotonic()
@@ -358,9 +376,16 @@ def run(settings: WorkerSettings) -> int:
 
         torch.set_num_threads(int(threads))
     worker = Worker(settings)
+    # Python logging: INFO and up travel as `log` events; WARNING and up also go to stderr,
+    # so they show in the controller's output and in the stderr tail of a failure report.
     log_handler = _EventLogHandler(worker)
-    logging.getLogger().addHandler(log_handler)
-    logging.getLogger().setLevel(logging.INFO)
+    stderr_handler = logging.StreamHandler(sys.stderr)
+    stderr_handler.setLevel(logging.WARNING)
+    stderr_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(log_handler)
+    root.addHandler(stderr_handler)
+    root.setLevel(logging.INFO)
     code, reason = EXIT_FATAL, "fatal"
     try:
         welcome = worker.handshake()
@@ -384,5 +409,6 @@ def run(settings: WorkerSettings) -> int:
         code = int(e.code or 0)
         return code
     finally:
-        logging.getLogger().removeHandler(log_handler)
+        root.removeHandler(log_handler)
+        root.removeHandler(stderr_handler)
         worker.close(reason)

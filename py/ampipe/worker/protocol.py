@@ -28,8 +28,20 @@ class ProtocolError(ValueError):
     """A frame that is not a valid message of this protocol version."""
 
 
+def _to_plain(obj: Any) -> Any:
+    """msgpack's fallback: numpy scalars and 0-d tensors by value, arrays and tensors as lists."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", getattr(obj, "dim", lambda: None)()) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"cannot send a {type(obj).__module__}.{type(obj).__qualname__} over the bridge "
+                    "(send numbers, strings, bytes, lists and dicts)")
+
+
 def encode(msg: dict[str, Any]) -> bytes:
-    return msgpack.packb(msg, use_bin_type=True)
+    return msgpack.packb(msg, use_bin_type=True, default=_to_plain)
 
 
 def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:

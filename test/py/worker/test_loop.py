@@ -31,9 +31,9 @@ class FakeController:
         self.procs: list[subprocess.Popen] = []
 
     def spawn(self, rank=0, world_size=1, token=TOKEN, **extra_env: str) -> subprocess.Popen:
-        env = {**os.environ, **extra_env, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                "AMPIPE_CONTROLLER": self.endpoint, "AMPIPE_TOKEN": token, "AMPIPE_NUM_THREADS": "1",
-               "PYTHONPATH": str(REPO / "py")}
+               "PYTHONPATH": str(REPO / "py"), **extra_env}
         p = subprocess.Popen([sys.executable, "-m", "ampipe.worker"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(p)
@@ -171,3 +171,28 @@ def test_slow_controller_does_not_stall_the_rank(controller):
     assert received + res["dropped"] == count
     controller.send(ident, {"type": "shutdown"})
     assert p.wait(timeout=20) == 0
+
+
+def test_imported_commands_events_from_threads_numpy_values_and_logging(controller):
+    p = controller.spawn(PYTHONPATH=f"{REPO / 'py'}:{Path(__file__).parent}")
+    ident, _ = controller.recv()
+    controller.welcome(ident, imports=["worker_test_commands"])
+    _, ready = controller.recv()
+    assert "test_emit_values" in ready["commands"]
+    controller.send(ident, {"type": "command", "id": 1, "name": "test_emit_values", "args": {}})
+    items = []
+    while True:
+        _, m = controller.recv()
+        if m["type"] == "reply":
+            break
+        items.extend(m["items"])
+    metrics = {e["name"]: e["value"] for e in items if e["kind"] == "metric"}
+    assert metrics == {"np": 1.5, "tensor": 2.5, "from_thread": 3}
+    logs = [e for e in items if e["kind"] == "log"]
+    assert logs == [{"kind": "log", "level": "warning", "logger": "ampipe.test", "message": "careful: 7"}]
+    assert m["result"] == {"dropped": 1}
+    controller.send(ident, {"type": "shutdown"})
+    assert p.wait(timeout=20) == 0
+    err = p.stderr.read()
+    assert "dropped a 'metric' event (bad): cannot send a builtins.object" in err
+    assert "WARNING ampipe.test: careful: 7" in err
