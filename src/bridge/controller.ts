@@ -143,6 +143,8 @@ export class Controller {
     return [...this.ranks.values()].filter((r) => r.ready).map((r) => r.ready!).sort((a, b) => a.rank - b.rank);
   }
   rankStats(rank: number): RankStats | undefined { return this.ranks.get(rank)?.stats; }
+  /** Whether the rank's handshake was accepted (it may still be starting). */
+  hasJoined(rank: number): boolean { return this.ranks.has(rank); }
 
   /** Resolves when all worldSize ranks are ready; rejects on failure or timeout. */
   waitForRanks(timeoutMs: number): Promise<void> {

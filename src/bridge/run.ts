@@ -10,6 +10,7 @@
 import { indent, RankFailure } from "./errors.ts";
 import { Controller, type ControllerOptions, type RankEvent, type RankInfo } from "./controller.ts";
 import { freePort, RankProcess } from "./launcher.ts";
+import { pythonPath } from "../python.ts";
 
 export interface RunOptions extends Omit<ControllerOptions, "dist" | "detectDisconnects" | "enrichFault"> {
   /** torch.distributed for the ranks (default true), on this device with this backend. */
@@ -130,7 +131,11 @@ export async function launchRanks(o: LaunchOptions): Promise<RankRun> {
     void p.exited.then(() => {
       if (run.failure) return;
       if (controller.failed || isClosing(run)) return;
-      controller.fault(new RankFailure(`rank ${rank} (pid ${p.pid}) ${p.describeExit()}`, rank, "exited"));
+      const joined = controller.hasJoined(rank);
+      const what = p.pid === undefined ? `could not be started (${o.python ?? pythonPath()})` : `(pid ${p.pid}) ${p.describeExit()}`;
+      controller.fault(new RankFailure(
+        `rank ${rank} ${what}` + (joined ? "" : " before joining the run; `ampipe doctor` checks the Python side"),
+        rank, "exited"));
     });
   }
   try {

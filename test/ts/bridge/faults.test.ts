@@ -78,6 +78,12 @@ describe("rank faults", () => {
     expect(results.map((r) => r.all_reduce.ok)).toEqual([true, true]);
   });
 
+  it("a Python that does not exist is reported, pointing at ampipe doctor", async () => {
+    const f = await expectFailure(launchQuiet({ worldSize: 2, python: "/nonexistent/python3" }));
+    expect(f.message).toMatch(/rank \d could not be started \(\/nonexistent\/python3\) before joining the run; `ampipe doctor`/);
+    expect(f.message).toContain("spawn /nonexistent/python3 ENOENT");
+  });
+
   it("a rank that cannot start (a bad import) is reported with its traceback", async () => {
     const f = await expectFailure(launchQuiet({ worldSize: 1, dist: false, imports: ["ampipe.no_such_module"] }));
     expect(f.rank).toBe(0);
