@@ -6,7 +6,7 @@ import { randomBytes, timingSafeEqual } from "node:crypto";
 import { isIP } from "node:net";
 import { Router } from "zeromq";
 import { decode, encode } from "./codec.ts";
-import { CommandError, RankFailure, RunClosedError } from "./errors.ts";
+import { BridgeError, CommandError, RankFailure, RunClosedError } from "./errors.ts";
 import {
   DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError,
   type ControllerMessage, type Hello, type RankMessage, type Reply, type Welcome,
@@ -62,11 +62,12 @@ export function checkBindAddress(endpoint: string, allowRemote: boolean): void {
   const m = /^tcp:\/\/(\[[^\]]+\]|[^:]+):(\d+|\*)$/.exec(endpoint);
   if (!m) {
     if (endpoint.startsWith("ipc://") || endpoint.startsWith("inproc://")) return;
-    throw new Error(`cannot bind '${endpoint}': expected tcp://HOST:PORT (or ipc://PATH)`);
+    throw new BridgeError(`cannot bind '${endpoint}': expected tcp://HOST:PORT (or ipc://PATH)`);
   }
   const host = m[1];
+  if (m[2] !== "*" && Number(m[2]) > 65535) throw new BridgeError(`cannot bind '${endpoint}': port ${m[2]} is out of range`);
   if (!LOOPBACK.has(host) && !allowRemote) {
-    throw new Error(
+    throw new BridgeError(
       `refusing to bind ${endpoint}: it is not a loopback address, so other machines could reach the ` +
       `controller; pass --allow-remote (allowRemote: true) to bind ${host}` +
       (isIP(host) === 0 && host !== "*" ? " (or use an IP address)" : ""),
@@ -122,8 +123,14 @@ export class Controller {
   /** Binds the ROUTER and starts receiving. */
   async start(): Promise<void> {
     const bind = this.opts.bind ?? "tcp://127.0.0.1:0";
-    checkBindAddress(bind, this.opts.allowRemote ?? false);
-    await this.sock.bind(bind.replace(/:0$/, ":*"));
+    try {
+      checkBindAddress(bind, this.opts.allowRemote ?? false);
+      await this.sock.bind(bind.replace(/:0$/, ":*"));
+    } catch (e) {
+      this.close();
+      if (e instanceof BridgeError) throw e;
+      throw new BridgeError(`cannot bind ${bind}: ${(e as Error).message}`);
+    }
     this.endpoint = this.sock.lastEndpoint ?? bind;
     if (this.opts.detectDisconnects ?? true) this.sock.events.on("disconnect", () => this.probeRanks());
     void this.receiveLoop();

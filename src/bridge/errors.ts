@@ -38,3 +38,11 @@ export class RunClosedError extends Error {
     this.name = "RunClosedError";
   }
 }
+
+/** The controller could not be set up (an address refused or already in use). */
+export class BridgeError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "BridgeError";
+  }
+}

@@ -2,7 +2,7 @@
 // an all_to_all_single and checks them; the controller prints the results with the round trip.
 import { Command, InvalidArgumentError, Option } from "commander";
 import {
-  attachRanks, closeOnSignals, CommandError, launchRanks, RankFailure, RunClosedError, type RankRun, type RunOptions,
+  attachRanks, BridgeError, closeOnSignals, CommandError, launchRanks, RankFailure, RunClosedError, type RankRun, type RunOptions,
 } from "../bridge/index.ts";
 import { ConfigError, loadConfig } from "../config/index.ts";
 
@@ -93,7 +93,7 @@ export function reportFailure(e: unknown): void {
     process.exitCode ||= 1;
     return; // closed on purpose (SIGINT/SIGTERM): closeOnSignals reports it and sets the exit code
   }
-  if (e instanceof RankFailure || e instanceof CommandError) {
+  if (e instanceof RankFailure || e instanceof CommandError || e instanceof BridgeError) {
     process.stderr.write(`ampipe: ${e.message}\n`);
     process.exitCode = 1;
     return;

@@ -95,6 +95,7 @@ describe("binding and tokens", () => {
     expect(() => checkBindAddress("tcp://10.1.2.3:5555", false)).toThrow(/not a loopback address/);
     expect(() => checkBindAddress("tcp://0.0.0.0:5555", true)).not.toThrow();
     expect(() => checkBindAddress("tcp://127.0.0.1:0", false)).not.toThrow();
+    expect(() => checkBindAddress("tcp://127.0.0.1:99999", false)).toThrow(/port 99999 is out of range/);
     const c = new Controller({ worldSize: 1, bind: "tcp://0.0.0.0:0" });
     await expect(c.start()).rejects.toThrow(/--allow-remote/);
     c.close();
