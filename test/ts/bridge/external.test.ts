@@ -75,4 +75,17 @@ describe("ampipe ping (CLI)", () => {
     expect(stderr).toMatch(new RegExp(`rank 1 \\(pid ${pids[1]}\\) was killed by SIGKILL`));
     expect(pids.filter(alive)).toEqual([]);
   });
+
+  it("ranks die with the controller when it is killed with SIGKILL", async () => {
+    const cli = spawn(process.execPath, [join(root, "bin", "ampipe.js"), "ping", "--ranks", "2", "--seconds", "60", "--json"],
+      { stdio: ["ignore", "pipe", "ignore"] });
+    const [first] = (await once(createInterface({ input: cli.stdout! }), "line")) as [string];
+    const pids = (JSON.parse(first) as { results: Array<{ pid: number }> }).results.map((r) => r.pid);
+    expect(pids.filter(alive)).toEqual(pids);
+    cli.kill("SIGKILL");
+    await once(cli, "exit");
+    const end = Date.now() + 5000;
+    while (pids.some(alive) && Date.now() < end) await new Promise((r) => setTimeout(r, 50));
+    expect(pids.filter(alive)).toEqual([]);
+  });
 });
