@@ -112,7 +112,7 @@ export class Controller {
     this.heartbeatTimeoutMs = opts.heartbeatTimeoutMs ?? 60_000;
     this.maxMessageBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     if (this.heartbeatTimeoutMs <= this.heartbeatIntervalMs) {
-      throw new Error(`heartbeat timeout (${this.heartbeatTimeoutMs} ms) must exceed the interval (${this.heartbeatIntervalMs} ms)`);
+      throw new BridgeError(`heartbeat timeout (${this.heartbeatTimeoutMs} ms) must exceed the heartbeat interval (${this.heartbeatIntervalMs} ms)`);
     }
     // linger 0: never hang at exit on unsent messages. sendTimeout 0: a full peer pipe is an
     // error we handle, never a send that waits forever. mandatory: an unknown or gone peer
