@@ -255,14 +255,20 @@ def experts_ffn(layer: TransformerLayer, tokens: torch.Tensor, counts: list[int]
         if ex.bias2 is not None:
             out = out + ex.bias2.unsqueeze(1)
         return out.reshape(tokens.shape[0], out.shape[-1])
+    # unbind, not w1[j]: the backward of each index (select) allocates a zero gradient of the
+    # whole grouped weight and adds into it, E full-size passes per call; unbind's backward
+    # stacks the E expert gradients once.
+    w1s, w2s = w1.unbind(0), w2.unbind(0)
+    b1s = ex.bias1.unbind(0) if ex.bias1 is not None else None
+    b2s = ex.bias2.unbind(0) if ex.bias2 is not None else None
     outs = []
     for j, xj in enumerate(torch.split(tokens, counts)):
-        h = xj @ w1[j]
-        if ex.bias1 is not None:
-            h = h + ex.bias1[j]
-        o = activation(h, ex.activation) @ w2[j]
-        if ex.bias2 is not None:
-            o = o + ex.bias2[j]
+        h = xj @ w1s[j]
+        if b1s is not None:
+            h = h + b1s[j]
+        o = activation(h, ex.activation) @ w2s[j]
+        if b2s is not None:
+            o = o + b2s[j]
         outs.append(o)
     return torch.cat(outs)
 
