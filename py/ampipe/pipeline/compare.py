@@ -125,29 +125,58 @@ def largest_differences(ref: Mapping[str, torch.Tensor | None],
     return out
 
 
+def _resource_bound(work: Sequence[tuple[float, float, float]]) -> float:
+    """Least makespan of one sequential resource running ops given as (head, ms, tail):
+    an op cannot start before `head` (the longest chain of data needs before it) nor end
+    later than `tail` before the pass does. For every pair of thresholds (h, q), the ops with
+    head >= h and tail >= q run one after another, after h, and the last of them is followed
+    by at least q: makespan >= h + sum(ms) + q. The largest such figure is a lower bound for
+    any schedule (it is the fill + busy time + drain of the resource)."""
+    best = 0.0
+    heads = sorted({h for h, _, _ in work})
+    tails = sorted({q for _, _, q in work})
+    for h in heads:
+        for q in tails:
+            busy = sum(ms for hh, ms, qq in work if hh >= h and qq >= q)
+            if busy > 0:
+                best = max(best, h + busy + q)
+    return best
+
+
 def ideal_bound_ms(plan: Plan, times: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """The ideal bound of a pipelined step from per-op times (`{"forward": {id: ms}, ...}`).
 
-    Per pass: the largest of total compute (one compute stream's worth of work), total
-    communication, and the longest chain of data dependencies (`plan.data_needs`: the fill
-    and drain that no schedule of this chunking avoids). The step's bound is the sum of the
-    two passes' bounds.
+    Per pass, the largest of: the longest chain of data dependencies (`plan.data_needs`), and
+    for each resource — the compute ops (one compute stream's worth of work) and the
+    communication ops — its fill + total busy time + drain, where fill and drain are the
+    data-dependency chains before and after its ops that no schedule of this chunking avoids
+    (`_resource_bound`; e.g. the first dispatch waits for the front of a chunk, the last
+    unpermute for the last combine). Every schedule of these ops with these times on one
+    compute and one communication resource takes at least this long. The step's bound is
+    the sum of the two passes' bounds.
     """
     out: dict[str, float] = {}
     for name, ops in (("forward", plan.forward), ("backward", plan.backward)):
         t = times.get(name, {})
         needs = data_needs(plan, forward=name == "forward")
-        finish: dict[str, float] = {}
+        ms = {op.id: t.get(op.id, 0.0) for op in ops}
+        head: dict[str, float] = {}
         for op in ops:  # list order is a topological order (deps point to earlier ops)
-            start = max((finish[d] for d in needs[op.id]), default=0.0)
-            finish[op.id] = start + t.get(op.id, 0.0)
-        compute_ms = sum(t.get(op.id, 0.0) for op in ops if not op.is_comm)
-        comm_ms = sum(t.get(op.id, 0.0) for op in ops if op.is_comm)
-        path_ms = max(finish.values(), default=0.0)
-        out[f"{name}_compute_ms"] = compute_ms
-        out[f"{name}_comm_ms"] = comm_ms
+            head[op.id] = max((head[d] + ms[d] for d in needs[op.id]), default=0.0)
+        tail = {op.id: 0.0 for op in ops}
+        for op in reversed(ops):
+            for d in needs[op.id]:
+                tail[d] = max(tail[d], ms[op.id] + tail[op.id])
+        path_ms = max((head[i] + ms[i] + tail[i] for i in ms), default=0.0)
+        compute = [(head[op.id], ms[op.id], tail[op.id]) for op in ops if not op.is_comm]
+        comm = [(head[op.id], ms[op.id], tail[op.id]) for op in ops if op.is_comm]
+        out[f"{name}_compute_ms"] = sum(w for _, w, _ in compute)
+        out[f"{name}_comm_ms"] = sum(w for _, w, _ in comm)
         out[f"{name}_critical_path_ms"] = path_ms
-        out[f"{name}_bound_ms"] = max(compute_ms, comm_ms, path_ms)
+        out[f"{name}_compute_bound_ms"] = _resource_bound(compute)
+        out[f"{name}_comm_bound_ms"] = _resource_bound(comm)
+        out[f"{name}_bound_ms"] = max(path_ms, out[f"{name}_compute_bound_ms"],
+                                      out[f"{name}_comm_bound_ms"])
     out["bound_ms"] = out["forward_bound_ms"] + out["backward_bound_ms"]
     return out
 
