@@ -166,7 +166,7 @@ class _Step:
         xin = _leaf(self.x[lo:hi], self.x_grad)
         params = self.block._kind_params["qkv"]
         t = self._run([xin], lambda x: pieces.qkv(self.layer, x, lo))
-        if self.plan.chunk_qkv:
+        if self.plan.chunk_qkv and (lo, hi) != (0, self.x.shape[0]):
             if self.kbuf is None:
                 self.kbuf = t.k.new_empty(self.kv_shape)
                 self.vbuf = t.v.new_empty(self.kv_shape)
@@ -251,12 +251,15 @@ class _Step:
         hin = _leaf(self.values.pop(("h", c)), self.track)
         y = self._run([comb, gin, hin], lambda a, g, h: pieces.unpermute(
             self.layer, a, permuted, dataclasses.replace(routing, gates=g), h))
-        if self.y is None:
-            self.y = y.new_empty(self.x.shape)
-            self._mark_all_streams(self.y)
-        self.y[lo:hi].copy_(y.detach())
-        if self.track:
-            y.data = self.y[lo:hi]  # keep y once, in the block output
+        if (lo, hi) == (0, self.x.shape[0]):
+            self.y = y.detach()  # one chunk: its output is the block output
+        else:
+            if self.y is None:
+                self.y = y.new_empty(self.x.shape)
+                self._mark_all_streams(self.y)
+            self.y[lo:hi].copy_(y.detach())
+            if self.track:
+                y.data = self.y[lo:hi]  # keep y once, in the block output
         self._keep(("unpermute", c), [comb, gin, hin], [y], [])
 
     def _f_aux_loss(self, c: None) -> None:
@@ -282,16 +285,23 @@ class _Step:
         cfg = self.layer.cfg
         self.grad_y = grad_y
         self.grad_losses = (grad_aux, grad_z)
-        self.dx = torch.zeros_like(x) if self.x_grad else None
+        # dx rows are first written by proj_bwd (which precedes the qkv_bwd of the same rows
+        # in every valid plan), then added to: no zero fill.
+        self.dx = torch.empty_like(x) if self.x_grad else None
         # One sequence-long dK/dV each; chunks add into prefixes of them in place, in fp32
-        # at least (P chunks add up: bf16 accumulation would round P times).
-        acc = torch.promote_types(self.kbuf.dtype, torch.float32)
-        self.dk = x.new_zeros(self.kv_shape, dtype=acc)
-        self.dv = x.new_zeros(self.kv_shape, dtype=acc)
-        q = next(iter(self.q.values()))
-        self.dq = x.new_empty((S, x.shape[1], cfg.num_attention_heads, cfg.head_dim),
-                              dtype=q.dtype)
-        self._mark_all_streams(self.dx, self.dk, self.dv, self.dq, grad_y, grad_aux, grad_z)
+        # at least (P chunks add up: bf16 accumulation would round P times). The first
+        # attn_bwd, when it covers the whole sequence (the last chunk, which plans run first),
+        # hands over its own gradient as the buffer; otherwise the buffer is zero-filled.
+        self.kv_acc = torch.promote_types(self.kbuf.dtype, torch.float32)
+        self.dk: torch.Tensor | None = None
+        self.dv: torch.Tensor | None = None
+        # dQ: per chunk (qkv_bwd[c] reads its own); one sequence-long buffer for a whole-sequence qkv.
+        self.dq: torch.Tensor | None = None
+        if not self.plan.chunk_qkv:
+            q = self.q[None]
+            self.dq = x.new_empty((S, x.shape[1], cfg.num_attention_heads, cfg.head_dim),
+                                  dtype=q.dtype)
+        self._mark_all_streams(self.dx, self.dq, grad_y, grad_aux, grad_z)
 
     def _mark_all_streams(self, *tensors: torch.Tensor | None) -> None:
         """Tensors made on the caller's stream and used by the plan's streams."""
@@ -400,24 +410,40 @@ class _Step:
         g_ctx, g_res = self._run_island_backward(
             ("proj", c), [self._slot(("h", c)), self._slot(("normed", c))])
         self._put(("ctx", c), g_ctx)
-        if g_res is not None and self.dx is not None:
-            self.dx[lo:hi].add_(g_res)
+        if self.dx is not None:
+            if g_res is None:
+                self.dx[lo:hi].zero_()
+            else:
+                self.dx[lo:hi].copy_(g_res)
 
     def _b_attn(self, c: int) -> None:
         lo, hi = self.plan.chunk_rows(c)
         g_q, g_k, g_v = self._run_island_backward(("attn", c), [self._slot(("ctx", c))])
         # dK/dV of the prefix, added in place: never a sequence-long tensor per chunk.
+        if self.dk is None:
+            S = self.x.shape[0]
+            adopt = hi == S and all(g is not None and g.dtype == self.kv_acc and g.shape == self.kv_shape
+                                    for g in (g_k, g_v))
+            if adopt:
+                self.dk, self.dv, g_k, g_v = g_k, g_v, None, None
+            else:
+                self.dk = self.x.new_zeros(self.kv_shape, dtype=self.kv_acc)
+                self.dv = self.x.new_zeros(self.kv_shape, dtype=self.kv_acc)
+            self._mark_all_streams(self.dk, self.dv)
         if g_k is not None:
             self.dk[:hi].add_(g_k)
         if g_v is not None:
             self.dv[:hi].add_(g_v)
         if g_q is not None:
-            self.dq[lo:hi].copy_(g_q)
+            if self.dq is not None:
+                self.dq[lo:hi].copy_(g_q)
+            else:
+                self.slots[("q", c)] = g_q
 
     def _b_qkv(self, c: int | None) -> None:
         lo, hi = self._rows(c)
-        (g_x,) = self._run_island_backward(
-            ("qkv", c), [self.dq[lo:hi], self.dk[lo:hi], self.dv[lo:hi]])
+        dq = self.dq[lo:hi] if self.dq is not None else self._slot(("q", c))
+        (g_x,) = self._run_island_backward(("qkv", c), [dq, self.dk[lo:hi], self.dv[lo:hi]])
         if g_x is not None and self.dx is not None:
             self.dx[lo:hi].add_(g_x)
 
