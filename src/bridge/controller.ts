@@ -242,9 +242,13 @@ export class Controller {
   private rankGone(rank: number, why: string): void {
     const st = this.ranks.get(rank);
     if (!st || this.closed || this.stopping || this.failure) return;
-    this.fault(new RankFailure(
+    const report = () => this.fault(new RankFailure(
       `rank ${rank} (pid ${st.hello.pid} on ${st.hello.host}) ${why}` + (st.left ? ` after saying bye (${st.left})` : ""),
       rank, "disconnected", { pid: st.hello.pid }));
+    // For local ranks the process watcher gives the better report (exit code or signal and
+    // stderr), and its news can trail the socket's by a few hundred ms: give it a second.
+    if (this.opts.detectDisconnects ?? true) report();
+    else setTimeout(report, 1000).unref();
   }
 
   /** On a ZeroMQ disconnect (which does not say who), find out which rank went away. */
