@@ -66,8 +66,9 @@ __device__ __forceinline__ int64_t slot_of(int64_t p, int64_t T, int64_t K) {
   return (p % T) * K + p / T;
 }
 
-__global__ void tile_counts_kernel(const int64_t* __restrict__ idx, int64_t T, int64_t K,
-                                   int64_t E, int* __restrict__ tile_counts) {
+__global__ void __launch_bounds__(kTile)
+    tile_counts_kernel(const int64_t* __restrict__ idx, int64_t T, int64_t K, int64_t E,
+                       int* __restrict__ tile_counts) {
   extern __shared__ int counts[];
   for (int64_t e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
   __syncthreads();
@@ -84,10 +85,10 @@ __global__ void tile_counts_kernel(const int64_t* __restrict__ idx, int64_t T, i
 }
 
 // tile_offsets[b, e]: slots of expert e in tiles before b. starts[e]: first dropless row of e.
-__global__ void rank_kernel(const int64_t* __restrict__ idx, int64_t T, int64_t K, int64_t E,
-                            const int64_t* __restrict__ tile_offsets,
-                            const int64_t* __restrict__ starts, int64_t capacity,
-                            int64_t* __restrict__ row_map) {
+__global__ void __launch_bounds__(kTile)
+    rank_kernel(const int64_t* __restrict__ idx, int64_t T, int64_t K, int64_t E,
+                const int64_t* __restrict__ tile_offsets, const int64_t* __restrict__ starts,
+                int64_t capacity, int64_t* __restrict__ row_map) {
   extern __shared__ int running[];
   for (int64_t e = threadIdx.x; e < E; e += blockDim.x) running[e] = 0;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
@@ -175,7 +176,9 @@ at::Tensor inverse_map_cuda(const char* op, const at::Tensor& row_map, int64_t R
   if (sync_checks()) inverse_map(op, row_map.cpu(), R);
   at::Tensor inverse = at::full({R}, -1, row_map.options());
   const int64_t n = row_map.numel();
-  if (n > 0 && R > 0) {
+  // Launched even when R == 0: any entry other than -1 is then out of range and must trip
+  // the assert, as the CPU raises (the kernel never writes `inverse` for such an entry).
+  if (n > 0) {
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, kMaxBlocks);
     inverse_kernel<<<static_cast<unsigned>(blocks), threads, 0,
@@ -190,9 +193,9 @@ at::Tensor inverse_map_cuda(const char* op, const at::Tensor& row_map, int64_t R
 // permute: buffer[r] = x[inverse[r] / K] or zeros; a byte copy, so dtype-agnostic.
 
 template <typename V>
-__global__ void permute_rows_kernel(const V* __restrict__ x, const int64_t* __restrict__ inverse,
-                                    int64_t R, int64_t K, int64_t T, int64_t per_row,
-                                    V* __restrict__ out) {
+__global__ void __launch_bounds__(kMaxThreads)
+    permute_rows_kernel(const V* __restrict__ x, const int64_t* __restrict__ inverse, int64_t R,
+                        int64_t K, int64_t T, int64_t per_row, V* __restrict__ out) {
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
     const int64_t s = inverse[r];
     V* dst = out + r * per_row;
@@ -250,11 +253,10 @@ at::Tensor permute_cuda(const at::Tensor& x_in, const at::Tensor& row_map_in, in
 // unpermute: out[t] = sum_k gates[t, k] * buffer[row_map[t, k]], accumulated in opmath.
 
 template <typename scalar_t, int VEC>
-__global__ void unpermute_kernel(const scalar_t* __restrict__ buffer,
-                                 const int64_t* __restrict__ row_map,
-                                 const scalar_t* __restrict__ gates,  // may be null
-                                 int64_t T, int64_t K, int64_t R, int64_t H,
-                                 scalar_t* __restrict__ out) {
+__global__ void __launch_bounds__(kMaxThreads)
+    unpermute_kernel(const scalar_t* __restrict__ buffer, const int64_t* __restrict__ row_map,
+                     const scalar_t* __restrict__ gates,  // may be null
+                     int64_t T, int64_t K, int64_t R, int64_t H, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   const int64_t chunks = H / VEC;
@@ -359,13 +361,13 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared /* >= 32 */) {
 }
 
 template <typename scalar_t, int VEC>
-__global__ void unpermute_backward_kernel(const scalar_t* __restrict__ grad_out,
-                                          const scalar_t* __restrict__ buffer,
-                                          const scalar_t* __restrict__ gates,
-                                          const int64_t* __restrict__ inverse, int64_t R,
-                                          int64_t K, int64_t T, int64_t H,
-                                          scalar_t* __restrict__ grad_buffer,
-                                          scalar_t* __restrict__ grad_gates) {
+__global__ void __launch_bounds__(kMaxThreads)
+    unpermute_backward_kernel(const scalar_t* __restrict__ grad_out,
+                              const scalar_t* __restrict__ buffer,
+                              const scalar_t* __restrict__ gates,
+                              const int64_t* __restrict__ inverse, int64_t R, int64_t K, int64_t T,
+                              int64_t H, scalar_t* __restrict__ grad_buffer,
+                              scalar_t* __restrict__ grad_gates) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   __shared__ acc_t shared[32];
