@@ -2,11 +2,12 @@
 
 Launched by the controller (``ampipe ping``, ``launchRanks``) or by torchrun:
 
-    python -m torch.distributed.run --nproc-per-node 2 -m ampipe.worker \\
-        --controller tcp://HOST:PORT --token TOKEN
+    AMPIPE_TOKEN=<token> python -m torch.distributed.run --standalone --nproc-per-node 2 \\
+        -m ampipe.worker --controller tcp://HOST:PORT
 
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from the environment
-(torchrun sets them); the token may also come from AMPIPE_TOKEN.
+(torchrun sets them). The token (printed by `ampipe ping --external`) comes from
+AMPIPE_TOKEN or --token; the environment keeps it out of the process list.
 """
 
 from __future__ import annotations
