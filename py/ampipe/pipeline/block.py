@@ -87,6 +87,12 @@ def _alias_rows(buf: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return alias
 
 
+def _owns_storage(t: torch.Tensor) -> bool:
+    """Whether `t` is a contiguous tensor spanning its whole storage (not a view into a larger one)."""
+    return (t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
 def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
     return t.detach().requires_grad_(requires_grad and t.is_floating_point())
 
@@ -166,7 +172,17 @@ class _Step:
         xin = _leaf(self.x[lo:hi], self.x_grad)
         params = self.block._kind_params["qkv"]
         t = self._run([xin], lambda x: pieces.qkv(self.layer, x, lo))
-        if self.plan.chunk_qkv and (lo, hi) != (0, self.x.shape[0]):
+        if self.plan.chunk_qkv and (lo, hi) == (0, self.x.shape[0]):
+            # One chunk: K/V are the sequence buffers. A view into the fused QKV output
+            # (V; K without rope) is copied out so that the fused output can be freed.
+            kv = []
+            for out in (t.k, t.v):
+                if not _owns_storage(out):
+                    out.data = out.detach().clone(memory_format=torch.contiguous_format)
+                kv.append(out.detach())
+            self.kbuf, self.vbuf = kv
+            self._mark_all_streams(self.kbuf, self.vbuf)
+        elif self.plan.chunk_qkv:
             if self.kbuf is None:
                 self.kbuf = t.k.new_empty(self.kv_shape)
                 self.vbuf = t.v.new_empty(self.kv_shape)
