@@ -17,7 +17,8 @@
 #
 # Environment: AMPIPE_PYTHON (default python3), CUDA_HOME (default: from the nvcc on
 # PATH, else /usr/local/cuda), AMPIPE_EXT_DIR (default build/ext), GPU_CHECK_BUDGET_S,
-# GPU_CHECK_FULL=1 (adds the full kernel sweep).
+# GPU_CHECK_FULL=1 (adds the full kernel sweep), GPU_CHECK_SANITIZE=1 (adds compute-sanitizer
+# runs of the kernels).
 #
 # Adding a step: one `step NAME BUDGET_S command...` line below. Steps run in order, each
 # logging to its own file; a failed step does not stop the others, and the script exits
@@ -125,6 +126,39 @@ assert info["ninja"], "ninja is not on PATH (pip install ninja); the extension b
 step build-ext 180 "$PY" -m ampipe.ops.build --verbose
 
 step ops-tests-cuda 90 "${PYTEST[@]}" test/py/ops -m cuda --junitxml="$OUT/ops-tests-cuda-junit.xml"
+
+# Opt-in (GPU_CHECK_SANITIZE=1): the ampipe kernels under compute-sanitizer (memcheck with
+# the caching allocator off, so a read past a tensor is caught; racecheck for the shared-
+# memory rank counters and block reductions; synccheck for the barriers), on shapes that
+# hit every path: several make_row_map tiles, capacity drops, vector and scalar rows, an
+# offset (misaligned) input, half types, empty rows.
+SANITIZE_PY='
+import torch
+from ampipe.ops.loader import load_extension
+assert load_extension(required=True).cuda, "extension built without CUDA kernels"
+ops = torch.ops.ampipe
+g = torch.Generator().manual_seed(0)
+for T, K, E, H, dtype, cap in [(700, 2, 40, 64, torch.float32, None), (700, 2, 40, 13, torch.bfloat16, 20),
+                               (33, 1, 3, 8, torch.float16, 0), (5, 4, 4, 1, torch.float64, 2)]:
+    idx = torch.rand(T, E, generator=g).argsort(1)[:, :K].cuda()
+    rm, tpe = ops.make_row_map(idx, E, cap)
+    R = T * K if cap is None else E * cap
+    x = torch.randn(T * H + 1, generator=g).to("cuda", dtype)[1:].view(T, H)  # offset storage
+    gates = torch.rand(T, K, generator=g).to("cuda", dtype)
+    buf = ops.permute(x, rm, R)
+    out = ops.unpermute(buf, rm, gates)
+    ops.unpermute(buf, rm, None)
+    ops.unpermute_backward(torch.randn_like(out), buf, rm, gates)
+torch.cuda.synchronize()
+print("sanitized shapes ran")
+'
+if [ "${GPU_CHECK_SANITIZE:-0}" = "1" ]; then
+  SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+  for tool in memcheck racecheck synccheck; do
+    step "sanitize-$tool" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
+      --error-exitcode 1 --kernel-name kns=ampipe "$PY" -c "$SANITIZE_PY"
+  done
+fi
 
 # Chunked attention on CUDA (SDPA lower-right, FlashAttention when installed) and the
 # baseline block on CUDA against CPU.
