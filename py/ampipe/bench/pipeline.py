@@ -12,8 +12,11 @@ calibrated per ratio r from the measured baseline compute time C so that the bas
 four all-to-alls (dispatch, combine and their backward) take r·C.
 
 Printed per ratio and plan: baseline and pipelined medians, speed-up, the ideal bound
-(per pass max(compute, fill + comm + drain), from the pipelined block's measured per-op
-times) as a speed-up, and the overlap efficiency (T_base - T_pipe) / (T_base - T_bound).
+(per pass the largest of fill + compute + drain, fill + comm + drain and the longest
+dependency chain, from the pipelined block's median per-op times; `compare.ideal_bound_ms`)
+as a speed-up, the overlap efficiency (T_base - T_pipe) / (T_base - T_bound), and the plan's
+own schedule replayed with those op times (what the executor's hand-offs add is the gap
+between that and the measured time).
 Also the P=1 overhead (a one-chunk plan against the baseline, no emulation) and the
 memory ratio: on CUDA the peak allocated during a step; on CPU the bytes the step keeps
 alive for backward (tensors saved by autograd, plus what the executor holds), deduplicated
