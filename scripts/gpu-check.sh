@@ -153,7 +153,11 @@ torch.cuda.synchronize()
 print("sanitized shapes ran")
 '
 if [ "${GPU_CHECK_SANITIZE:-0}" = "1" ]; then
-  SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+  SANITIZER="$(command -v compute-sanitizer || true)"
+  for c in "${CUDA_HOME:-/usr/local/cuda}/bin" "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer"; do
+    [ -z "$SANITIZER" ] && [ -x "$c/compute-sanitizer" ] && SANITIZER="$c/compute-sanitizer"
+  done
+  SANITIZER="${SANITIZER:-compute-sanitizer}"  # not found: the step fails saying so
   for tool in memcheck racecheck synccheck; do
     step "sanitize-$tool" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
       --error-exitcode 1 --kernel-name kns=ampipe "$PY" -c "$SANITIZE_PY"
