@@ -31,10 +31,13 @@ if [ $# -ne 1 ]; then
 fi
 mkdir -p "$1"
 OUT="$(cd "$1" && pwd)"
+PY="${AMPIPE_PYTHON:-python3}"
+case "$PY" in  # a relative path means relative to the caller's directory (a venv link kept)
+  */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;;
+esac
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 
-PY="${AMPIPE_PYTHON:-python3}"
 if ! command -v "$PY" >/dev/null 2>&1; then
   echo "gpu-check: no Python at '$PY' (set AMPIPE_PYTHON)" >&2
   exit 2
