@@ -193,15 +193,17 @@ class StreamExecutor:
     def _run_cpu(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], None],
                  pass_name: str, inline: bool) -> OpTimes:
         times = OpTimes(self.device)
-        comm_ops = [] if inline else [op for op in ops if self.streams[op.stream].kind == "comm"]
-        compute_ops = ops if inline else [op for op in ops
-                                          if self.streams[op.stream].kind != "comm"]
+        if inline:
+            return self._run_inline(ops, run_op, pass_name, times)
+        comm_ops = [op for op in ops if self.streams[op.stream].kind == "comm"]
+        compute_ops = [op for op in ops if self.streams[op.stream].kind != "comm"]
         done = {op.id: threading.Event() for op in ops}
         abort = threading.Event()
         failures: list[BaseException] = []
         lock = threading.Lock()
         t0 = time.perf_counter()
         record = self.record_times
+        local = self._local
 
         def fail(err: BaseException) -> None:
             with lock:
@@ -216,11 +218,14 @@ class StreamExecutor:
             if abort.is_set():
                 raise _Aborted
             start = time.perf_counter()
-            with self._on_stream(op.stream):
-                try:
-                    run_op(op)
-                except Exception as e:
-                    raise OpFailed(op, pass_name, e) from e
+            prev = getattr(local, "stream", None)
+            local.stream = op.stream
+            try:
+                run_op(op)
+            except Exception as e:
+                raise OpFailed(op, pass_name, e) from e
+            finally:
+                local.stream = prev
             if record:
                 end = time.perf_counter()
                 times._cpu.append(OpTime(op.id, op.kind, op.chunk, op.stream,
@@ -255,4 +260,29 @@ class StreamExecutor:
                 thread.join()
         if failures:
             raise failures[0]
+        return times
+
+    def _run_inline(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], None],
+                    pass_name: str, times: OpTimes) -> OpTimes:
+        """Every op on the calling thread, in list order (which satisfies every dep: deps
+        point to earlier ops), without events or hand-offs."""
+        record = self.record_times
+        local = self._local
+        prev = getattr(local, "stream", None)
+        clock = time.perf_counter
+        t0 = clock()
+        try:
+            for op in ops:
+                start = clock()
+                local.stream = op.stream
+                try:
+                    run_op(op)
+                except Exception as e:
+                    raise OpFailed(op, pass_name, e) from e
+                if record:
+                    end = clock()
+                    times._cpu.append(OpTime(op.id, op.kind, op.chunk, op.stream,
+                                             (start - t0) * 1e3, (end - start) * 1e3))
+        finally:
+            local.stream = prev
         return times
