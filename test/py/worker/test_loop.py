@@ -147,17 +147,25 @@ def test_rejected_rank_exits_with_the_reason(controller):
     assert "the controller rejected this rank: wrong token" in p.stderr.read()
 
 
-def test_slow_controller_does_not_stall_the_rank(controller):
+def test_slow_controller_does_not_stall_the_rank(controller, tmp_path):
     """The rank streams far more events than the pipes hold while we read nothing: it drops
     and counts them instead of blocking, and its reply still arrives."""
     controller.sock.setsockopt(zmq.RCVHWM, 10)  # only affects new connections: set before the rank connects
-    p = controller.spawn(AMPIPE_SEND_HWM="10")
+    p = controller.spawn(AMPIPE_SEND_HWM="10", PYTHONPATH=f"{REPO / 'py'}:{Path(__file__).parent}")
     ident, _ = controller.recv()
-    controller.welcome(ident)
+    controller.welcome(ident, imports=["worker_test_commands"])
     controller.recv()
     count = 200_000
-    controller.send(ident, {"type": "command", "id": 1, "name": "emit_metrics", "args": {"count": count}})
-    time.sleep(1.0)  # a controller busy elsewhere
+    done = tmp_path / "done"
+    controller.send(ident, {"type": "command", "id": 1, "name": "test_emit_then_mark_done",
+                            "args": {"count": count, "done_file": str(done)}})
+    # A controller busy elsewhere: read nothing until the rank has emitted every event (a
+    # fixed sleep is not enough on a loaded machine, where the rank may still be emitting).
+    deadline = time.monotonic() + 60
+    while not done.exists():
+        assert time.monotonic() < deadline, "the rank blocked while the controller was not reading"
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.05)
     received = 0
     while True:
         _, m = controller.recv(skip=())

@@ -20,3 +20,15 @@ def emit_values(args, ctx):
     logging.getLogger("ampipe.test").warning("careful: %d", 7)
     ctx.flush_events()
     return {"dropped": ctx.dropped_events}
+
+
+@command("test_emit_then_mark_done")
+def emit_then_mark_done(args, ctx):
+    """Streams ``count`` metrics, then creates ``done_file``: the test reads nothing until
+    then, so every event is emitted against a controller that is not reading."""
+    dropped0 = ctx.dropped_events
+    for i in range(int(args["count"])):
+        ctx.emit("metric", name="m", value=float(i), step=i)
+    ctx.flush_events()
+    open(args["done_file"], "w").close()
+    return {"count": int(args["count"]), "dropped": ctx.dropped_events - dropped0}
