@@ -23,7 +23,7 @@ describe("experiment config", () => {
   it("loads the small default config and resolves derived fields", () => {
     const c = loadConfig(defaultConfig);
     expect(c.parallelism).toEqual({ world_size: 2, expert_model_parallel_size: 2, device: "cpu", backend: "gloo" });
-    expect(c.model.seq_length).toBe(256);
+    expect(c.model.seq_length).toBe(1024);
     expect(c.model.hidden_size).toBe(128);
     expect(c.model.num_experts).toBe(4);
     expect(c.model.moe_router_topk).toBe(2);
