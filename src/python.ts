@@ -1,5 +1,4 @@
 // Which Python runs ranks and probes: $AMPIPE_PYTHON, else the repository's .venv.
-import { existsSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -27,8 +26,4 @@ export function pythonEnv(base: NodeJS.ProcessEnv = process.env): NodeJS.Process
   const pyDir = join(repoRoot, "py");
   const pp = base.PYTHONPATH ? `${pyDir}:${base.PYTHONPATH}` : pyDir;
   return { ...base, PYTHONPATH: pp, PYTHONUNBUFFERED: "1" };
-}
-
-export function venvExists(): boolean {
-  return existsSync(join(repoRoot, ".venv", "bin", "python"));
 }

@@ -1,37 +1,82 @@
 // `ampipe plan <config> --out plan.json`: choose the pipe degree, variant and chunk boundaries for
 // a config's block under the cost model, write the plan and its Chrome trace, and print the
 // predicted timeline and the speed-up over the sequential block.
-import { mkdirSync, writeFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import { Command, Option } from "commander";
 import { ConfigError, loadConfig, type ExperimentConfig } from "../config/index.ts";
 import { validatePlan } from "../plan/check.ts";
 import { calibrate, readCalibration, type CalibrationReport } from "../plan/calibration.ts";
 import { PROFILES, profileModel, type CostModel } from "../plan/costs.ts";
-import { VARIANTS, parseDims, type BlockDims, type Variant } from "../plan/ir.ts";
-import { planToJson } from "../plan/io.ts";
+import { VARIANTS, parseDims, type BlockDims, type Plan, type Variant } from "../plan/ir.ts";
+import { writeFileAtomic, writePlan } from "../plan/io.ts";
 import { planBlock, type PlanChoice } from "../plan/planner.ts";
 import { TIMELINE_LEGEND, chromeTrace, textTimeline } from "../plan/trace.ts";
 
+/** Each field of a plan's dims and the config field it comes from. */
+export const DIM_SOURCES: Record<keyof BlockDims, string> = {
+  seq_length: "model.seq_length",
+  micro_batch_size: "model.micro_batch_size",
+  hidden_size: "model.hidden_size",
+  num_attention_heads: "model.num_attention_heads",
+  num_query_groups: "model.num_query_groups",
+  kv_channels: "model.kv_channels",
+  num_experts: "model.num_experts",
+  moe_router_topk: "model.moe_router_topk",
+  moe_ffn_hidden_size: "model.moe_ffn_hidden_size",
+  expert_model_parallel_size: "parallelism.expert_model_parallel_size",
+  dtype: "model.dtype",
+};
+
 /** The block dims a plan is made for, from a resolved experiment config. */
 export function dimsFromConfig(cfg: ExperimentConfig): BlockDims {
-  const m = cfg.model;
-  return parseDims(
-    {
-      seq_length: m.seq_length,
-      micro_batch_size: m.micro_batch_size,
-      hidden_size: m.hidden_size,
-      num_attention_heads: m.num_attention_heads,
-      num_query_groups: m.num_query_groups,
-      kv_channels: m.kv_channels,
-      num_experts: m.num_experts,
-      moe_router_topk: m.moe_router_topk,
-      moe_ffn_hidden_size: m.moe_ffn_hidden_size,
-      expert_model_parallel_size: cfg.parallelism.expert_model_parallel_size,
-      dtype: m.dtype,
-    },
-    "model",
+  const sections = cfg as unknown as Record<string, Record<string, unknown>>;
+  const raw = Object.fromEntries(
+    Object.entries(DIM_SOURCES).map(([k, field]) => {
+      const [section, key] = field.split(".");
+      return [k, sections[section][key]];
+    }),
   );
+  return parseDims(raw, "model");
+}
+
+/** Throws when a plan was made for another block than the config's, naming each differing field. */
+export function checkPlanDims(plan: Plan, cfg: ExperimentConfig, source: string): void {
+  const want = dimsFromConfig(cfg);
+  const bad: string[] = [];
+  for (const [k, field] of Object.entries(DIM_SOURCES) as Array<[keyof BlockDims, string]>) {
+    if (plan.dims[k] !== want[k])
+      bad.push(`  dims.${k}: the plan has ${JSON.stringify(plan.dims[k])}, the config has ${JSON.stringify(want[k])} (${field})`);
+  }
+  if (bad.length) throw new Error(`${source}: the plan does not fit the config's block\n${bad.join("\n")}`);
+}
+
+export interface CostModelOverrides {
+  /** Device profile name; default h100 when the config runs on cuda, else cpu. */
+  profile?: string;
+  bandwidthGbps?: number;
+  latencyUs?: number;
+  overlapSlowdown?: number;
+}
+
+/**
+ * The cost model for a config: its device profile, `pipeline.emulated_comm` as the interconnect
+ * (explicit overrides win), fitted to the calibration file when one is given. An explicit
+ * overlap slowdown is kept over the fitted one.
+ */
+export function costModelFor(cfg: ExperimentConfig, calibrationPath?: string, over: CostModelOverrides = {}): { model: CostModel; calibration?: CalibrationReport } {
+  const profile = over.profile ?? (cfg.parallelism.device === "cuda" ? "h100" : "cpu");
+  if (!PROFILES[profile]) throw new Error(`--profile: unknown device profile "${profile}" (known: ${Object.keys(PROFILES).join(", ")})`);
+  const emu = cfg.pipeline.emulated_comm;
+  const base = profileModel(profile, cfg.model.dtype, {
+    bandwidthGbps: over.bandwidthGbps ?? emu?.bandwidth_gbps,
+    latencyUs: over.latencyUs ?? emu?.latency_us,
+    overlapSlowdown: over.overlapSlowdown,
+    work: { expertActivation: cfg.model.moe_expert_activation, commWorldSize: emu?.world_size },
+  });
+  if (!calibrationPath) return { model: base };
+  const r = calibrate(base, readCalibration(calibrationPath), calibrationPath);
+  const model = over.overlapSlowdown !== undefined ? { ...r.model, overlapSlowdown: base.overlapSlowdown } : r.model;
+  return { model, calibration: r.report };
 }
 
 export interface PlanCommandOptions {
@@ -79,22 +124,12 @@ export function runPlan(configPath: string, o: PlanCommandOptions): PlanCommandR
     throw new Error(`--variant: must be one of ${[...VARIANTS, "auto"].join(", ")}, got "${variantArg}"`);
   const degreeArg = o.degree ?? String(pl.degree);
   const degree = degreeArg === "auto" ? undefined : num("--degree", degreeArg, (x) => Number.isInteger(x) && x >= 1 && x <= dims.seq_length, `must be "auto" or an integer in [1, ${dims.seq_length}]`);
-  const profile = o.profile ?? (cfg.parallelism.device === "cuda" ? "h100" : "cpu");
-  if (!PROFILES[profile]) throw new Error(`--profile: unknown device profile "${profile}" (known: ${Object.keys(PROFILES).join(", ")})`);
-  const emu = pl.emulated_comm;
-  const model0 = profileModel(profile, dims.dtype, {
-    bandwidthGbps: num("--bandwidth-gbps", o.bandwidthGbps, (x) => x > 0, "must be > 0") ?? emu?.bandwidth_gbps,
-    latencyUs: num("--latency-us", o.latencyUs, (x) => x >= 0, "must be >= 0") ?? emu?.latency_us,
+  const { model, calibration } = costModelFor(cfg, o.calibration, {
+    profile: o.profile,
+    bandwidthGbps: num("--bandwidth-gbps", o.bandwidthGbps, (x) => x > 0, "must be > 0"),
+    latencyUs: num("--latency-us", o.latencyUs, (x) => x >= 0, "must be >= 0"),
     overlapSlowdown: num("--overlap-slowdown", o.overlapSlowdown, (x) => x >= 1, "must be >= 1"),
-    work: { expertActivation: cfg.model.moe_expert_activation, commWorldSize: emu?.world_size },
   });
-  let model = model0;
-  let calibration: CalibrationReport | undefined;
-  if (o.calibration) {
-    const r = calibrate(model0, readCalibration(o.calibration), o.calibration);
-    model = o.overlapSlowdown !== undefined ? { ...r.model, overlapSlowdown: model0.overlapSlowdown } : r.model;
-    calibration = r.report;
-  }
 
   // Fixed config values constrain the search; a degree with explicit boundaries must agree (checked by the config).
   const variants: Variant[] | undefined = variantArg === "auto" ? undefined : [variantArg as Variant];
@@ -114,12 +149,8 @@ export function runPlan(configPath: string, o: PlanCommandOptions): PlanCommandR
 
   const outPath = o.out ?? join(cfg.run.output_dir, "plan.json");
   const tracePath = o.trace === false ? null : (o.trace ?? outPath.replace(/(\.json)?$/, ".trace.json"));
-  mkdirSync(dirname(outPath), { recursive: true });
-  writeFileSync(outPath, planToJson(plan));
-  if (tracePath) {
-    mkdirSync(dirname(tracePath), { recursive: true });
-    writeFileSync(tracePath, JSON.stringify(chromeTrace(plan, choice.sim)) + "\n");
-  }
+  writePlan(outPath, plan);
+  if (tracePath) writeFileAtomic(tracePath, JSON.stringify(chromeTrace(plan, choice.sim)) + "\n");
 
   const { sim, best, sequential } = choice;
   const f = (ms: number) => (ms >= 100 ? ms.toFixed(1) : ms >= 1 ? ms.toFixed(3) : ms.toPrecision(3));

@@ -1,5 +1,6 @@
 // Reading and writing plan files. Plans are written with one op per line so that they diff well.
-import { readFileSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
+import { dirname } from "node:path";
 import { validatePlan } from "./check.ts";
 import type { Plan } from "./ir.ts";
 
@@ -39,6 +40,17 @@ export function readPlan(path: string): Plan {
   }
 }
 
+/**
+ * Writes a file whole or not at all (a temporary file renamed over the target), creating its
+ * folder: a reader never sees half a plan, and an interrupted run leaves the old file.
+ */
+export function writeFileAtomic(path: string, text: string): void {
+  mkdirSync(dirname(path), { recursive: true });
+  const tmp = `${path}.tmp-${process.pid}`;
+  writeFileSync(tmp, text);
+  renameSync(tmp, path);
+}
+
 export function writePlan(path: string, plan: Plan): void {
-  writeFileSync(path, planToJson(plan));
+  writeFileAtomic(path, planToJson(plan));
 }
