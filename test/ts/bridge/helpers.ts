@@ -1,6 +1,6 @@
 // Shared by the bridge tests: quiet launches and a process-table check for leftovers.
-import { readdirSync, readFileSync } from "node:fs";
 import { launchRanks, type LaunchOptions, type RankRun } from "../../../src/bridge/index.ts";
+import { processesWithEnv } from "../processes.ts";
 
 /** Fast heartbeats; the deadline is generous so a loaded CI machine does not fail a healthy rank. */
 export const FAST = { heartbeatIntervalMs: 100, heartbeatTimeoutMs: 5000 } as const;
@@ -19,20 +19,7 @@ export async function launchQuiet(o: Partial<LaunchOptions> & { worldSize: numbe
 
 /** Live processes (not zombies) whose environment carries this run's token. */
 export function processesOfRun(token: string): number[] {
-  const found: number[] = [];
-  for (const d of readdirSync("/proc")) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const env = readFileSync(`/proc/${d}/environ`, "latin1");
-      if (!env.split("\0").includes(`AMPIPE_TOKEN=${token}`)) continue;
-      const stat = readFileSync(`/proc/${d}/stat`, "utf8");
-      if (stat.slice(stat.lastIndexOf(")") + 2)[0] === "Z") continue;
-      found.push(Number(d));
-    } catch {
-      // gone meanwhile, or not ours to read
-    }
-  }
-  return found;
+  return processesWithEnv(`AMPIPE_TOKEN=${token}`);
 }
 
 export function sleep(ms: number): Promise<void> {

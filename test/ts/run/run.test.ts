@@ -6,6 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { runPlan } from "../../../src/commands/plan.ts";
+import { processesWithEnv } from "../processes.ts";
 
 const root = join(import.meta.dirname, "..", "..", "..");
 const dir = mkdtempSync(join(tmpdir(), "ampipe-run-test-"));
@@ -60,19 +61,7 @@ function ampipe(args: string[], onStart?: (pid: number, stdout: () => string) =>
 }
 
 /** Live processes started by the CLI with this pid (ranks carry AMPIPE_PARENT_PID). */
-function ranksOf(pid: number): number[] {
-  const out: number[] = [];
-  for (const p of readdirSync("/proc")) {
-    if (!/^\d+$/.test(p)) continue;
-    try {
-      const env = readFileSync(`/proc/${p}/environ`, "latin1");
-      if (env.split("\0").includes(`AMPIPE_PARENT_PID=${pid}`)) out.push(Number(p));
-    } catch {
-      // gone, or not ours
-    }
-  }
-  return out;
-}
+const ranksOf = (pid: number): number[] => processesWithEnv(`AMPIPE_PARENT_PID=${pid}`);
 
 describe("ampipe run", () => {
   const outDir = join(dir, "run-ok");
