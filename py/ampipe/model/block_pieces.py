@@ -29,6 +29,7 @@ computations agree only without it (different random masks).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -229,10 +230,14 @@ class Dispatched:
     layout: DispatchLayout
 
 
-def dispatch(layer: TransformerLayer, permuted: Permuted) -> Dispatched:
-    """Exchange split sizes (dropless EP only) and all-to-all the rows to the experts' ranks."""
+def dispatch(layer: TransformerLayer, permuted: Permuted, host_counts: Sequence[int] | None = None) -> Dispatched:
+    """Exchange split sizes (dropless EP only) and all-to-all the rows to the experts' ranks.
+
+    ``host_counts``: ``permuted.tokens_per_expert`` already read to the host by the caller
+    (dropless), so that this does not read it here (see `dispatch_layout`)."""
     moe = layer.mlp
-    layout = ep_comm.dispatch_layout(permuted.tokens_per_expert, moe.ep, moe.num_experts, permuted.capacity)
+    layout = ep_comm.dispatch_layout(permuted.tokens_per_expert, moe.ep, moe.num_experts, permuted.capacity,
+                                     host_counts=host_counts)
     return Dispatched(ep_comm.dispatch(permuted.buffer, layout, moe.ep), layout)
 
 

@@ -77,13 +77,17 @@ def all_to_all(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[i
 
 
 def dispatch_layout(
-    tokens_per_expert: torch.Tensor, ep: ExpertParallel, num_experts: int, capacity: int | None
+    tokens_per_expert: torch.Tensor, ep: ExpertParallel, num_experts: int, capacity: int | None,
+    host_counts: Sequence[int] | None = None,
 ) -> DispatchLayout:
-    """Split sizes for dispatching a permuted buffer; the only host sync is dropless EP > 1.
+    """Split sizes for dispatching a permuted buffer; dropless, they are read on the host.
 
     `tokens_per_expert` [E] is `make_row_map`'s second output (kept rows per global expert).
     With a capacity, the buffer has E*C rows and every expert is given all C of them
-    (unused rows are zero), so the shapes are static.
+    (unused rows are zero), so the shapes are static. `host_counts`, dropless only: the same
+    counts already on the host (a caller that started their copy early, on the stream that
+    made them); with one EP rank nothing is then read here, with EP > 1 they give the send
+    splits and only the exchanged receive counts are read back.
     """
     R = ep.size
     El = num_experts // R
@@ -99,15 +103,19 @@ def dispatch_layout(
         raise ValueError(
             f"dispatch_layout: tokens_per_expert must have shape [{num_experts}]; got {list(tokens_per_expert.shape)}"
         )
+    if host_counts is not None and len(host_counts) != num_experts:
+        raise ValueError(f"dispatch_layout: host_counts must have {num_experts} entries; got {len(host_counts)}")
     if not ep.active:
-        counts = tokens_per_expert.tolist()
+        counts = list(host_counts) if host_counts is not None else tokens_per_expert.tolist()
         return DispatchLayout(El, 1, None, [sum(counts)], [sum(counts)], [counts], counts)
     send_counts = tokens_per_expert.to(torch.int64).contiguous()
     recv_counts_t = torch.empty_like(send_counts)
     # recv_counts_t[src*El + j]: rows rank `src` sends to my local expert j.
     dist.all_to_all_single(recv_counts_t, send_counts, group=ep.group)
-    both = torch.stack([send_counts, recv_counts_t]).cpu().tolist()
-    send, recv = both
+    if host_counts is not None:
+        send, recv = list(host_counts), recv_counts_t.cpu().tolist()
+    else:
+        send, recv = torch.stack([send_counts, recv_counts_t]).cpu().tolist()
     send_splits = [sum(send[r * El:(r + 1) * El]) for r in range(R)]
     recv_counts = [recv[s * El:(s + 1) * El] for s in range(R)]
     recv_splits = [sum(c) for c in recv_counts]

@@ -34,8 +34,9 @@ from ..model import block_pieces as pieces
 from ..model.block_pieces import MoELosses, Permuted, Routing, RoutingStats
 from ..model.layers import TransformerLayer
 from .emulation import DelayInjector, EmulatedComm
-from .plan import Plan, PlanError, PlanOp, check_dims, load_plan
-from .streams import OpTimes, StreamExecutor
+from .plan import (Plan, PlanError, PlanOp, check_cuda_streams, check_dims, compute_stream_count,
+                   load_plan)
+from .streams import OpTimes, StreamExecutor, shared_executor
 
 __all__ = ["AMPipeBlock", "block_dims", "pipeline_layers", "baseline_layers"]
 
@@ -97,6 +98,35 @@ def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
     return t.detach().requires_grad_(requires_grad and t.is_floating_point())
 
 
+class _HostCounts:
+    """Dropless routing's per-expert counts, on their way to the host (the split sizes).
+
+    On CUDA the copy starts where the counts are made (the route op's compute stream) into
+    pinned memory, and `get()` waits only for that copy's event: the dispatch op, on the
+    comm stream, then does not block the host behind every comm kernel already queued
+    there (earlier chunks' all-to-alls and emulated delays), which would starve compute.
+    On CPU the values are read when asked."""
+
+    def __init__(self, counts: torch.Tensor) -> None:
+        counts = counts.detach()
+        self._event: torch.cuda.Event | None = None
+        if counts.device.type == "cuda":
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            counts = host
+        self._counts = counts
+        self._values: list[int] | None = None
+
+    def get(self) -> list[int]:
+        if self._values is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._values = self._counts.tolist()
+        return self._values
+
+
 @dataclasses.dataclass
 class _Island:
     inputs: list[torch.Tensor | None]  # leaves whose grads the backward op routes on
@@ -135,6 +165,10 @@ class _Step:
         self._param_writer: dict[int, tuple[str, torch.cuda.Event]] = {}
         self.cuda = x.device.type == "cuda"
         self.executor = block._executor
+        # Parameter gradients need cross-stream ordering only with several compute streams.
+        self.order_param_grads = self.cuda and block._compute_streams > 1
+        # The delay the emulation put on each comm op, per pass (`AMPipeBlock.last_delays_ms`).
+        self.delays_ms: dict[str, dict[str, float]] = {"forward": {}, "backward": {}}
 
     # -- stream bookkeeping (CUDA) -----------------------------------------------------
 
@@ -146,6 +180,25 @@ class _Step:
         for t in tensors:
             if t is not None and t.device.type == "cuda":
                 t.record_stream(stream)
+
+    def _shared_empty(self, like: torch.Tensor, shape: Sequence[int],
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A buffer several plan streams write (K/V, y, dK/dV). On CUDA it is allocated from
+        the caller's stream's pool, whose queue every plan stream has waited on at the
+        pass's entry: allocated on the stream of whichever op runs first, its memory could
+        still be in use by that stream's earlier kernels when an op on another stream
+        writes it (record_stream protects the free, not the first use)."""
+        if not self.cuda or self.executor.caller_stream is None:
+            return like.new_empty(shape, dtype=dtype)
+        with torch.cuda.stream(self.executor.caller_stream):
+            buf = like.new_empty(shape, dtype=dtype)
+        self._mark_all_streams(buf)
+        return buf
+
+    def _delay(self, pass_name: str, kind: str, c: int | None, t: torch.Tensor) -> None:
+        seconds = self.block._delay(t)
+        if seconds:
+            self.delays_ms[pass_name][self.block._op_ids[(kind, c)]] = seconds * 1e3
 
     def _run(self, inputs: list[torch.Tensor | None], fn):
         """Run an island's `fn(*inputs)`: under enable_grad when tracking (`_keep` records it)."""
@@ -184,9 +237,8 @@ class _Step:
             self._mark_all_streams(self.kbuf, self.vbuf)
         elif self.plan.chunk_qkv:
             if self.kbuf is None:
-                self.kbuf = t.k.new_empty(self.kv_shape)
-                self.vbuf = t.v.new_empty(self.kv_shape)
-                self._mark_all_streams(self.kbuf, self.vbuf)
+                self.kbuf = self._shared_empty(t.k, self.kv_shape)
+                self.vbuf = self._shared_empty(t.v, self.kv_shape)
             # Keep K/V once, in the sequence buffers: copy and rebind the island's outputs to
             # the buffer rows (their autograd graph is unchanged; only the storage moves).
             self.kbuf[lo:hi].copy_(t.k.detach())
@@ -229,15 +281,19 @@ class _Step:
         routing, permuted = self._run([nin], fn)
         self.values[("routing", c)] = routing
         self.values[("permuted", c)] = permuted
+        if permuted.capacity is None:  # dropless: start the split sizes' trip to the host
+            self.values[("counts", c)] = _HostCounts(permuted.tokens_per_expert)
         self._keep(("route", c), [nin], [permuted.buffer, routing.gates,
                                          routing.stats.probs_sum, routing.stats.z_sum], params)
 
     def _f_dispatch(self, c: int) -> None:
         permuted: Permuted = self.values[("permuted", c)]
         bin_ = _leaf(permuted.buffer, self.track)
+        counts = self.values.pop(("counts", c), None)
+        host_counts = counts.get() if counts is not None else None
         d = self._run([bin_], lambda b: pieces.dispatch(
-            self.layer, dataclasses.replace(permuted, buffer=b)))
-        self.block._delay(bin_)
+            self.layer, dataclasses.replace(permuted, buffer=b), host_counts=host_counts))
+        self._delay("forward", "dispatch", c, bin_)
         self.values[("dispatched", c)] = d
         self._keep(("dispatch", c), [bin_], [d.tokens], [])
 
@@ -254,7 +310,7 @@ class _Step:
         d = self.values.pop(("dispatched", c))
         ein = _leaf(self.values.pop(("expert_out", c)), self.track)
         out = self._run([ein], lambda e: pieces.combine(self.layer, e, d))
-        self.block._delay(ein)
+        self._delay("forward", "combine", c, ein)
         self.values[("combined", c)] = out
         self._keep(("combine", c), [ein], [out], [])
 
@@ -271,8 +327,7 @@ class _Step:
             self.y = y.detach()  # one chunk: its output is the block output
         else:
             if self.y is None:
-                self.y = y.new_empty(self.x.shape)
-                self._mark_all_streams(self.y)
+                self.y = self._shared_empty(y, self.x.shape)
             self.y[lo:hi].copy_(y.detach())
             if self.track:
                 y.data = self.y[lo:hi]  # keep y once, in the block output
@@ -349,6 +404,9 @@ class _Step:
             return [None] * len(island.inputs)
         self._mark_used(*gouts)
         got = torch.autograd.grad(outs, wrt_inputs + params, gouts, allow_unused=True)
+        # The engine allocates these on the island's forward stream; `check_cuda_streams`
+        # makes that the current one, record_stream keeps it right if it ever differs.
+        self._mark_used(*got)
         by_input = dict(zip(map(id, wrt_inputs), got[:len(wrt_inputs)]))
         for p, g in zip(params, got[len(wrt_inputs):]):
             if g is not None:
@@ -358,8 +416,8 @@ class _Step:
     def _accumulate_param(self, p: nn.Parameter, g: torch.Tensor) -> None:
         i = self.param_index[id(p)]
         cur = self.param_grads[i]
-        if self.cuda:
-            # Ops on different streams may add into one parameter's gradient: order them.
+        if self.order_param_grads:
+            # Ops on different compute streams may add into one parameter's gradient: order them.
             here = self.executor.current_stream_name
             prev = self._param_writer.get(i)
             if prev is not None and prev[0] != here:
@@ -369,7 +427,7 @@ class _Step:
             self.param_grads[i] = g
         else:
             cur.add_(g)
-        if self.cuda:
+        if self.order_param_grads:
             ev = torch.cuda.Event()
             ev.record()
             self._param_writer[i] = (self.executor.current_stream_name, ev)
@@ -401,7 +459,7 @@ class _Step:
         g = self._slot(("combined", c))
         (g_e,) = self._run_island_backward(("combine", c), [g])
         if g is not None:
-            self.block._delay(g)
+            self._delay("backward", "combine_bwd", c, g)
         self._put(("expert_out", c), g_e)
 
     def _b_experts(self, c: int) -> None:
@@ -412,7 +470,7 @@ class _Step:
         g = self._slot(("tokens", c))
         (g_b,) = self._run_island_backward(("dispatch", c), [g])
         if g is not None:
-            self.block._delay(g)
+            self._delay("backward", "dispatch_bwd", c, g)
         self._put(("buffer", c), g_b)
 
     def _b_route(self, c: int) -> None:
@@ -443,8 +501,8 @@ class _Step:
             if adopt:
                 self.dk, self.dv, g_k, g_v = g_k, g_v, None, None
             else:
-                self.dk = self.x.new_zeros(self.kv_shape, dtype=self.kv_acc)
-                self.dv = self.x.new_zeros(self.kv_shape, dtype=self.kv_acc)
+                self.dk = self._shared_empty(self.x, self.kv_shape, self.kv_acc).zero_()
+                self.dv = self._shared_empty(self.x, self.kv_shape, self.kv_acc).zero_()
             self._mark_all_streams(self.dk, self.dv)
         if g_k is not None:
             self.dk[:hi].add_(g_k)
@@ -472,6 +530,7 @@ class _PipelinedBlockFn(torch.autograd.Function):
         block = step.block
         block.last_times = {"forward": step.executor.run(
             block.plan.forward, step.forward_op, "forward", inline=block._inline_comm)}
+        block.last_delays_ms = step.delays_ms
         step.values.clear()
         ctx.step = step
         losses = step.losses
@@ -499,6 +558,7 @@ class _PipelinedBlockFn(torch.autograd.Function):
         times = step.executor.run(block.plan.backward, step.backward_op, "backward",
                                   inline=block._inline_comm)
         block.last_times = {**(block.last_times or {}), "backward": times}
+        block.last_delays_ms = step.delays_ms
         if step.cuda:  # results were made on plan streams; the caller's stream uses them now
             caller = torch.cuda.current_stream(step.x.device)
             for t in (step.dx, *step.param_grads):
@@ -561,24 +621,28 @@ class AMPipeBlock(TransformerLayer):
         self.emulated_comm = emulated_comm
         self.record_times = record_times
         self.last_times: dict[str, OpTimes] | None = None
+        self.last_delays_ms: dict[str, dict[str, float]] | None = None
+        self._op_ids = {(op.kind, op.chunk): op.id for op in (*plan.forward, *plan.backward)}
+        self._compute_streams = compute_stream_count(plan)
         self._kind_params = {k: [p for m in mods for p in _submodule(self, m).parameters()]
                              for k, mods in _KIND_MODULES.items()}
         covered = {id(p) for ps in self._kind_params.values() for p in ps}
         missing = [n for n, p in self.named_parameters() if id(p) not in covered]
         if missing:
             raise PlanError(f"AMPipeBlock: no plan op differentiates parameter(s) {missing}")
-        self._executor_cache: dict[torch.device, StreamExecutor] = {}
         self._delay_cache: dict[torch.device, DelayInjector] = {}
         self._device: torch.device | None = None
 
     @property
     def _executor(self) -> StreamExecutor:
-        dev = self._device
-        ex = self._executor_cache.get(dev)
-        if ex is None:
-            ex = StreamExecutor(self.plan.streams, dev, self.record_times)
-            self._executor_cache[dev] = ex
-        return ex
+        return self._executor_for(self._device)
+
+    def _executor_for(self, device: torch.device) -> StreamExecutor:
+        """The process-wide executor for this device and stream spec (shared by blocks);
+        on CUDA the plan must first pass `check_cuda_streams`."""
+        if device.type == "cuda":
+            check_cuda_streams(self.plan)
+        return shared_executor(self.plan.streams, device, self.record_times)
 
     @property
     def _inline_comm(self) -> bool:
@@ -592,9 +656,11 @@ class AMPipeBlock(TransformerLayer):
             inj = self._delay_cache[device] = DelayInjector(self.emulated_comm, device)
         return inj
 
-    def _delay(self, t: torch.Tensor) -> None:
-        if self.emulated_comm is not None:
-            self._injector(t.device)(t.numel() * t.element_size())
+    def _delay(self, t: torch.Tensor) -> float:
+        """Inject the emulated delay of moving `t`; returns the modelled seconds."""
+        if self.emulated_comm is None:
+            return 0.0
+        return self._injector(t.device)(t.numel() * t.element_size())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoELosses]:
         S, B = x.shape[0], x.shape[1]
@@ -617,6 +683,7 @@ class AMPipeBlock(TransformerLayer):
         else:
             self.last_times = {"forward": step.executor.run(
                 self.plan.forward, step.forward_op, "forward", inline=self._inline_comm)}
+            self.last_delays_ms = step.delays_ms
             step.values.clear()
             y, aux, z = step.y, step.losses.aux_loss, step.losses.z_loss
         return y, MoELosses(aux_loss=aux, z_loss=z)

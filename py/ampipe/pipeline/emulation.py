@@ -9,8 +9,9 @@ labelled "emulated" (`EmulatedComm.label`).
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,22 +88,68 @@ def _sleep_precise(seconds: float) -> None:
 
 _CYCLES_CACHE: dict[int, float] = {}
 
+# Calibration: `_sleep(n)` spins n SM clock cycles, so its rate is the SM clock, which idles
+# far below its boost clock (the H200s read 345 MHz idle, 1980 MHz under load). The rate is
+# taken after a few tens of ms of matmuls (clocks at boost, as during a step) as the median
+# of several samples, the first dropped (it may still catch the ramp).
+CALIBRATION_CYCLES = 5_000_000
+CALIBRATION_SAMPLES = 6
+
+
+def sleep_rate(cycles: int, elapsed_ms: list[float]) -> float:
+    """Cycles per second from timed `_sleep(cycles)` samples: the median, without the first
+    sample when there are several."""
+    use = elapsed_ms[1:] if len(elapsed_ms) > 2 else elapsed_ms
+    if not use or min(use) <= 0:
+        raise ValueError(f"sleep calibration: unusable timings {elapsed_ms}")
+    return cycles / (statistics.median(use) * 1e-3)
+
+
+def _warm_up_clocks(device: torch.device) -> None:
+    a = torch.randn(2048, 2048, device=device)
+    for _ in range(30):  # ~10-50 ms of real work
+        a = a @ a
+        a = a / a.norm()
+    torch.cuda.synchronize(device)
+
 
 def _calibrate_cuda_sleep(device: torch.device) -> float:
-    """GPU clock cycles per second of `torch.cuda._sleep`, measured once per device (this
-    synchronises, so it happens when the executor is built, never inside a block)."""
+    """GPU clock cycles per second of `torch.cuda._sleep`, measured once per device on a
+    warmed-up GPU (this synchronises, so it happens before a block's ops, never inside)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx in _CYCLES_CACHE:
         return _CYCLES_CACHE[idx]
     with torch.cuda.device(idx):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        cycles = 20_000_000
-        torch.cuda._sleep(cycles // 10)  # warm-up
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        end.synchronize()
-        rate = cycles / (start.elapsed_time(end) * 1e-3)
+        dev = torch.device("cuda", idx)
+        _warm_up_clocks(dev)
+        elapsed = []
+        for _ in range(CALIBRATION_SAMPLES):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(CALIBRATION_CYCLES)
+            end.record()
+            end.synchronize()
+            elapsed.append(start.elapsed_time(end))
+        rate = sleep_rate(CALIBRATION_CYCLES, elapsed)
     _CYCLES_CACHE[idx] = rate
     return rate
+
+
+def delay_report(ops: Iterable[Any], measured_ms: Mapping[str, float],
+                 modelled_ms: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """Per comm kind, the measured time of its ops against the delay the model put on them:
+    `{kind: {"ops", "measured_ms", "modelled_ms", "ratio"}}` (sums over the chunks). A comm
+    op's measured time is its local data movement plus the injected delay, so with one
+    rank (no data movement) the ratio should be ~1; far from it, the emulation is off (a
+    wrong sleep calibration, the delay kernel queued behind compute)."""
+    out: dict[str, dict[str, float]] = {}
+    for op in ops:
+        if op.id not in modelled_ms or op.id not in measured_ms:
+            continue
+        row = out.setdefault(op.kind, {"ops": 0, "measured_ms": 0.0, "modelled_ms": 0.0})
+        row["ops"] += 1
+        row["measured_ms"] += measured_ms[op.id]
+        row["modelled_ms"] += modelled_ms[op.id]
+    for row in out.values():
+        row["ratio"] = row["measured_ms"] / row["modelled_ms"] if row["modelled_ms"] > 0 else float("nan")
+    return out

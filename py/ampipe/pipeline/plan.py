@@ -332,6 +332,38 @@ def _happens_before(ops: Sequence[PlanOp], index: Mapping[str, int]) -> list[int
     return hb
 
 
+def forward_kind(backward_kind: str) -> str:
+    """The forward kind whose island a backward kind differentiates (`attn_bwd` -> `attn`)."""
+    return backward_kind[:-len("_bwd")]
+
+
+def check_cuda_streams(plan: Plan) -> None:
+    """Reject a plan the CUDA executor would not run as written: every backward op must be
+    on the stream of the forward op of the same kind and chunk.
+
+    Under autograd each backward kernel runs on the stream its forward kernel ran on (the
+    engine's stream semantics), whatever stream the backward op is issued from; a backward
+    op on another stream would neither run there nor overlap as planned, and the gradients
+    the engine allocates would be used on a stream they were not made on. On CPU the
+    assignment is only an order (every compute op runs on the calling thread), so this is
+    checked where the device is CUDA (`AMPipeBlock`), not by `validate_plan`.
+    """
+    fwd = {(op.kind, op.chunk): op for op in plan.forward}
+    for op in plan.backward:
+        f = fwd.get((forward_kind(op.kind), op.chunk))
+        if f is not None and f.stream != op.stream:
+            raise PlanError(
+                f"backward op '{op.id}' ({op.kind}) is on stream '{op.stream}' but its forward "
+                f"op '{f.id}' is on '{f.stream}': on CUDA a backward op must use its forward "
+                f"op's stream (autograd runs backward kernels on the forward kernels' stream)")
+
+
+def compute_stream_count(plan: Plan) -> int:
+    """How many distinct compute streams the plan's ops use."""
+    kind = {s.name: s.kind for s in plan.streams}
+    return len({op.stream for op in (*plan.forward, *plan.backward) if kind[op.stream] == "compute"})
+
+
 def check_dims(plan: Plan, dims: Mapping[str, Any]) -> None:
     """Reject a plan whose dims disagree with the block it is given (naming the field)."""
     for key in DIM_KEYS:

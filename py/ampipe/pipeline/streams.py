@@ -3,6 +3,10 @@
 CUDA: one `torch.cuda.Stream` per logical stream, an event per op for cross-stream deps,
 no host synchronisation: the host only enqueues. The caller's current stream is joined at
 entry (every plan stream waits on it) and at exit (it waits on every plan stream).
+Communication streams are created with high priority, so their small kernels (reorders,
+the emulated delay) are not queued behind large compute grids. `shared_executor` hands
+every block of one device and one stream spec the same executor, so a model's layers use
+the same CUDA streams (not one pool stream per layer and logical stream).
 
 CPU: compute ops run on the calling thread, communication ops on one communication thread,
 each in plan-list order, waiting on `threading.Event`s for their deps. One thread serves all
@@ -109,6 +113,11 @@ def is_total_order(ops: Sequence[PlanOp]) -> bool:
     return True
 
 
+def stream_priority(kind: str) -> int:
+    """CUDA stream priority of a logical stream kind (lower is higher priority)."""
+    return -1 if kind == "comm" else 0
+
+
 class StreamExecutor:
     """Runs a list of plan ops over logical streams on one device (see module docstring)."""
 
@@ -120,8 +129,12 @@ class StreamExecutor:
         self._cuda_streams: dict[str, torch.cuda.Stream] = {}
         if self.device.type == "cuda":
             for s in streams:
-                self._cuda_streams[s.name] = torch.cuda.Stream(device=self.device)
+                self._cuda_streams[s.name] = torch.cuda.Stream(
+                    device=self.device, priority=stream_priority(s.kind))
         self._local = threading.local()
+        # The caller's stream while a CUDA pass runs: shared buffers are allocated from its
+        # pool, whose queue every plan stream has already waited on (the entry event).
+        self.caller_stream: torch.cuda.Stream | None = None
 
     # The stream the op being run is on (the block uses it for record_stream).
     @property
@@ -154,6 +167,7 @@ class StreamExecutor:
                   pass_name: str) -> OpTimes:
         times = OpTimes(self.device)
         caller = torch.cuda.current_stream(self.device)
+        outer_caller, self.caller_stream = self.caller_stream, caller
         used = list(dict.fromkeys(op.stream for op in ops))
         entry = torch.cuda.Event(enable_timing=self.record_times)
         entry.record(caller)
@@ -186,6 +200,7 @@ class StreamExecutor:
             # Even on failure the caller's stream must not run ahead of enqueued work.
             for name in used:
                 caller.wait_stream(self._cuda_streams[name])
+            self.caller_stream = outer_caller
         return times
 
     # -- CPU ------------------------------------------------------------------------------
@@ -286,3 +301,20 @@ class StreamExecutor:
         finally:
             local.stream = prev
         return times
+
+
+_SHARED: dict[tuple[torch.device, tuple[StreamSpec, ...], bool], StreamExecutor] = {}
+
+
+def shared_executor(streams: Sequence[StreamSpec], device: torch.device | str,
+                    record_times: bool = True) -> StreamExecutor:
+    """The executor for one device and one stream spec, created once per process and shared
+    by every block using it (the blocks of a model run one after another, never nested)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = (dev, tuple(streams), record_times)
+    ex = _SHARED.get(key)
+    if ex is None:
+        ex = _SHARED[key] = StreamExecutor(streams, dev, record_times)
+    return ex
