@@ -16,7 +16,9 @@ Printed per ratio and plan: baseline and pipelined medians, speed-up, the ideal 
 dependency chain, from the pipelined block's median per-op times; `compare.ideal_bound_ms`)
 as a speed-up, the overlap efficiency (T_base - T_pipe) / (T_base - T_bound), and the plan's
 own schedule replayed with those op times (what the executor's hand-offs add is the gap
-between that and the measured time).
+between that and the measured time), and per comm kind the measured comm op time against
+the modelled delay (`emulated_delay`: ~1 when the emulation does what it says; its local
+data movement is nothing with one rank).
 Also the P=1 overhead (a one-chunk plan against the baseline, no emulation) and the
 memory ratio: on CUDA the peak allocated during a step; on CPU the bytes the step keeps
 alive for backward (tensors saved by autograd, plus what the executor holds), deduplicated
@@ -38,7 +40,8 @@ import torch
 
 from ..model.config import ModelConfig
 from ..pipeline.block import AMPipeBlock, block_dims
-from ..pipeline.compare import EmulatedBaseline, block_step, ideal_bound_ms, simulate_ms
+from ..pipeline.compare import (EmulatedBaseline, block_step, emulated_delay_report, ideal_bound_ms,
+                                simulate_ms)
 from ..pipeline.emulation import EmulatedComm
 from ..pipeline.plan import Plan, load_plan, retarget_plan
 from .block import block_inputs, load_model_config, make_baseline_block
@@ -175,6 +178,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
         samples = {k: [] for k in blocks}
         op_samples: dict[str, list[dict[str, dict[str, float]]]] = {k: [] for k in plans}
         spans: dict[str, list[dict[str, float]]] = {k: [] for k in plans}
+        delays: dict[str, list[dict[str, dict[str, float]]]] = {k: [] for k in plans}
         for i in range(warmup + iters):
             for k, b in blocks.items():
                 t = _timed_step(b, x, dy, params, device)
@@ -183,6 +187,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                     if k in plans:
                         op_samples[k].append({n: ts.op_times_ms for n, ts in b.last_times.items()})
                         spans[k].append({n: ts.makespan_ms for n, ts in b.last_times.items()})
+                        delays[k].append(b.last_delays_ms or {})
         tb = statistics.median(samples["baseline"])
         log(f"\nratio {r:g}: {emu.label}; baseline {tb:.2f} ms (emulated)")
         for k, plan in plans.items():
@@ -191,6 +196,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                           for op in op_samples[k][0][n]} for n in ("forward", "backward")}
             bound = ideal_bound_ms(plan, per_op)["bound_ms"]
             sim = simulate_ms(plan, per_op, per_stream=device.type == "cuda")["total_ms"]
+            delay_check = emulated_delay_report(plan, per_op, delays[k])
             gain = tb - bound
             eff = (tb - tp) / gain if gain > 0 else None
             row = {"ratio": r, "plan": k, "degree": plan.num_chunks, "variant": plan.variant,
@@ -200,11 +206,15 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                    "schedule_simulated_ms": sim,
                    "calibration": {"plan": plan.to_dict(), "op_times_ms": per_op, "makespan_ms": {
                        n: statistics.median(sp[n] for sp in spans[k]) for n in ("forward", "backward")}},
-                   "bandwidth_gbps": emu.bandwidth_gbps, "op_times_ms": per_op}
+                   "bandwidth_gbps": emu.bandwidth_gbps, "op_times_ms": per_op,
+                   "emulated_delay": delay_check}
             results.append(row)
             log(f"  {k:<22} {tp:8.2f} ms  speed-up {tb / tp:5.3f}  ideal {tb / bound:5.3f}  "
                 f"overlap efficiency {'n/a' if eff is None else f'{eff:5.2f}'}  "
                 f"(this schedule with these op times: {sim:.2f} ms)")
+            log("    comm op time / modelled delay: " + ", ".join(
+                f"{kind} {d['measured_ms']:.2f}/{d['modelled_ms']:.2f} ms = {d['ratio']:.2f}"
+                for kind, d in delay_check.items()))
     return {"label": "emulated communication", "device": str(device), "config": cfg.to_dict(),
             "compute_ms": compute_ms, "no_comm_ms": no_comm, "p1_overhead": overhead,
             "memory_bytes": mem, "memory_ratio": mem_ratio, "memory_kind": mem_kind,

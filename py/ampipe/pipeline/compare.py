@@ -22,12 +22,12 @@ from ..model.gpt import init_parameters
 from ..model.layers import TransformerLayer
 from ..parallel.groups import ExpertParallel
 from .block import AMPipeBlock
-from .emulation import DelayInjector, EmulatedComm
+from .emulation import DelayInjector, EmulatedComm, delay_report
 from .plan import Plan, data_needs, load_plan
 from .streams import OpTimes
 
 __all__ = ["model_config_from_plan", "EmulatedBaseline", "block_step", "largest_differences",
-           "ideal_bound_ms", "simulate_ms", "run_block_comparison"]
+           "ideal_bound_ms", "simulate_ms", "emulated_delay_report", "run_block_comparison"]
 
 _DIM_TO_FIELD = {"num_query_groups": "num_query_groups", "kv_channels": "kv_channels",
                  "seq_length": "seq_length", "micro_batch_size": "micro_batch_size",
@@ -206,6 +206,22 @@ def simulate_ms(plan: Plan, times: Mapping[str, Mapping[str, float]], *,
     return out
 
 
+def emulated_delay_report(plan: Plan, op_times: Mapping[str, Mapping[str, float]],
+                          delays: Sequence[Mapping[str, Mapping[str, float]]]
+                          ) -> dict[str, dict[str, float]]:
+    """Per comm kind (`dispatch`, `combine`, `*_bwd`): measured op time vs the delay the
+    emulation modelled for it (`delay_report`), from median per-op times and the blocks'
+    `last_delays_ms` of each sample (medians per op)."""
+    modelled: dict[str, list[float]] = {}
+    for sample in delays:
+        for per_op in sample.values():
+            for k, v in per_op.items():
+                modelled.setdefault(k, []).append(v)
+    med = {k: statistics.median(v) for k, v in modelled.items()}
+    measured = {k: v for name in ("forward", "backward") for k, v in op_times.get(name, {}).items()}
+    return delay_report((*plan.forward, *plan.backward), measured, med)
+
+
 def _median_makespans(samples: list[dict[str, OpTimes]]) -> dict[str, float]:
     out = {name: statistics.median(s[name].makespan_ms for s in samples)
            for name in ("forward", "backward") if all(name in s for s in samples)}
@@ -281,7 +297,7 @@ def run_block_comparison(
     for _ in range(warmup):
         run(baseline)
         run(block)
-    base_ms, pipe_ms, samples = [], [], []
+    base_ms, pipe_ms, samples, delays = [], [], [], []
     diffs: dict[str, float] = {}
     for _ in range(max(1, steps)):
         ref, tb = run(baseline)
@@ -289,6 +305,7 @@ def run_block_comparison(
         base_ms.append(tb)
         pipe_ms.append(tp)
         samples.append(block.last_times)
+        delays.append(block.last_delays_ms or {})
         for k, v in largest_differences(ref, got).items():
             diffs[k] = max(diffs.get(k, 0.0), v)
 
@@ -314,6 +331,8 @@ def run_block_comparison(
         "bound": bound,
         "simulated_ms": sim["total_ms"],
         "op_times_ms": op_times,
+        # Emulation check: per comm kind, measured op time / modelled delay (expect ~1).
+        "emulated_delay": emulated_delay_report(plan, op_times, delays) if emulated_comm else None,
         # The planner's calibration input (docs/plan.md): `ampipe plan --calibration`.
         "calibration": {"plan": plan.to_dict(), "op_times_ms": op_times,
                         "makespan_ms": _median_makespans(samples)},

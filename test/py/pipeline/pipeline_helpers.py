@@ -13,7 +13,7 @@ from ampipe.model.gpt import init_parameters
 from ampipe.model.layers import TransformerLayer
 from ampipe.parallel.groups import ExpertParallel
 from ampipe.pipeline.compare import model_config_from_plan
-from ampipe.pipeline.plan import Plan, load_plan
+from ampipe.pipeline.plan import Plan, data_needs, load_plan
 
 PLANS = Path(__file__).resolve().parents[2] / "fixtures" / "plans"
 PLAN_NAMES = sorted(p.stem for p in PLANS.glob("*.json"))
@@ -66,3 +66,26 @@ def assert_equal_within(ref: dict[str, torch.Tensor], got: dict[str, torch.Tenso
 
 def load(name: str, **dims: Any) -> Plan:
     return load_plan(plan_doc(name, **dims))
+
+
+def two_compute_streams(plan: Plan) -> Plan:
+    """The same schedule with odd chunks' compute ops (forward and their backward alike) on
+    a second compute stream `compute2`. Every op gets its data needs as explicit deps (the
+    stream order that covered some of them is gone) and each attn_bwd a dep on the previous
+    one (they accumulate dK/dV in place). Contracts §2 allows several streams of a kind."""
+    doc = plan.to_dict()
+    doc["streams"] = [*doc["streams"], {"name": "compute2", "kind": "compute"}]
+    for name, forward in (("forward", True), ("backward", False)):
+        needs = data_needs(plan, forward)
+        prev_attn_bwd = None
+        for op in doc[name]:
+            if op["stream"] == "compute" and op["chunk"] is not None and op["chunk"] % 2 == 1:
+                op["stream"] = "compute2"
+            deps = list(dict.fromkeys([*op["deps"], *needs[op["id"]]]))
+            if op["kind"] == "attn_bwd":
+                if prev_attn_bwd is not None and prev_attn_bwd not in deps:
+                    deps.append(prev_attn_bwd)
+                prev_attn_bwd = op["id"]
+            op["deps"] = deps
+    doc["variant"] = f"{plan.variant}-two-compute-streams"
+    return load_plan(doc)

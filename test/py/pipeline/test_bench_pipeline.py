@@ -16,9 +16,13 @@ def test_bench_pipeline_cli_writes_every_figure(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "P=1 overhead (sequential-p1" in printed and "emulated 8-way" in printed
+    assert "comm op time / modelled delay: dispatch" in printed
     d = json.loads(out.read_text())
     assert {(r["ratio"], r["plan"]) for r in d["results"]} == {(0.5, "sequential-p1"), (0.5, "interleaved-p3")}
     for r in d["results"]:
         assert r["speedup"] > 0 and r["ideal_bound_ms"] > 0 and "emulated" in r["emulated"]
         assert set(r["op_times_ms"]) == {"forward", "backward"}
+        delay = r["emulated_delay"]  # per comm kind: measured op time vs modelled delay
+        assert set(delay) == {"dispatch", "combine", "dispatch_bwd", "combine_bwd"}
+        assert all(v["ops"] == r["degree"] and v["modelled_ms"] > 0 for v in delay.values())
     assert set(d["memory_ratio"]) == {"sequential-p1", "interleaved-p3"}
