@@ -4,7 +4,7 @@
 import { Command } from "commander";
 import { quantileSorted } from "simple-statistics";
 import { closeOnSignals, launchRanks, type RankRun } from "../bridge/index.ts";
-import { positiveInt, reportFailure } from "../commands/ping.ts";
+import { nonNegative, positiveInt, reportFailure } from "../commands/ping.ts";
 
 export interface BridgeBenchOptions { rounds: number; warmup: number; metrics: number; slowMs: number }
 
@@ -72,7 +72,7 @@ export function register(bench: Command): void {
     .option("--rounds <n>", "round trips to time", positiveInt, 2000)
     .option("--warmup <n>", "untimed round trips first", positiveInt, 200)
     .option("--metrics <n>", "metric events to stream", positiveInt, 200_000)
-    .option("--slow-ms <ms>", "block the controller this long while a rank streams (0: skip)", (v) => Number(v), 1000)
+    .option("--slow-ms <ms>", "block the controller this long while a rank streams (0: skip)", nonNegative, 1000)
     .option("--json", "print the result as JSON")
     .action(async (o: BridgeBenchOptions & { json?: boolean }) => {
       let run: RankRun | undefined;

@@ -37,7 +37,7 @@ export interface LaunchOptions extends RunOptions {
 export class RankRun {
   readonly controller: Controller;
   readonly processes: RankProcess[];
-  private closing: Promise<void> | null = null;
+  private teardownDone: Promise<void> | null = null;
   private failureListeners: Array<(f: RankFailure) => void> = [];
   private readonly graceMs: number;
 
@@ -54,6 +54,8 @@ export class RankRun {
   get worldSize(): number { return this.controller.worldSize; }
   get ranks(): RankInfo[] { return this.controller.rankInfo(); }
   get failure(): RankFailure | null { return this.controller.failed as RankFailure | null; }
+  /** True once close() (or a fault's teardown) has begun: ranks exiting then are not faults. */
+  get closing(): boolean { return this.teardownDone !== null; }
 
   broadcast(name: string, args: Record<string, unknown> = {}): Promise<unknown[]> {
     return this.controller.broadcast(name, args);
@@ -73,7 +75,7 @@ export class RankRun {
   }
 
   private teardown(graceMs: number): Promise<void> {
-    this.closing ??= (async () => {
+    this.teardownDone ??= (async () => {
       this.controller.shutdownRanks();
       await this.controller.flush(Math.min(graceMs, 500));
       if (this.processes.length) {
@@ -86,7 +88,7 @@ export class RankRun {
       }
       this.controller.close();
     })();
-    return this.closing;
+    return this.teardownDone;
   }
 }
 
@@ -130,7 +132,7 @@ export async function launchRanks(o: LaunchOptions): Promise<RankRun> {
     processes.push(p);
     void p.exited.then(() => {
       if (run.failure) return;
-      if (controller.failed || isClosing(run)) return;
+      if (controller.failed || run.closing) return;
       const joined = controller.hasJoined(rank);
       const what = p.pid === undefined ? `could not be started (${o.python ?? pythonPath()})` : `(pid ${p.pid}) ${p.describeExit()}`;
       controller.fault(new RankFailure(
@@ -145,10 +147,6 @@ export async function launchRanks(o: LaunchOptions): Promise<RankRun> {
     throw e;
   }
   return run;
-}
-
-function isClosing(run: RankRun): boolean {
-  return (run as unknown as { closing: Promise<void> | null }).closing !== null;
 }
 
 export interface AttachOptions extends RunOptions {

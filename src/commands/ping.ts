@@ -22,11 +22,11 @@ export function positiveNumber(v: string): number {
   if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError("expected a positive number");
   return n;
 }
-const nonNegative = (v: string) => {
+export function nonNegative(v: string): number {
   const n = Number(v);
   if (!Number.isFinite(n) || n < 0) throw new InvalidArgumentError("expected a number >= 0");
   return n;
-};
+}
 
 /** Options every command that launches ranks shares (ping, bench bridge, ...). */
 export function addRunOptions(cmd: Command): Command {
@@ -142,9 +142,9 @@ export function register(program: Command): void {
           if (o.json) {
             console.log(JSON.stringify({ seq, rtt_ms: rttMs, ok: problems.length === 0, problems, results }));
           } else {
-            const ar = results[0].all_reduce;
-            console.log(`ping ${seq}: all_reduce ${problems.length ? "FAILED" : "ok"} (sum ${ar.value}), ` +
-              `all_to_all_single ${problems.length ? "FAILED" : "ok"}, round trip ${rttMs.toFixed(2)} ms ` +
+            const okIf = (op: "all_reduce" | "all_to_all") => (results.every((r) => r[op].ok) ? "ok" : "FAILED");
+            console.log(`ping ${seq}: all_reduce ${okIf("all_reduce")} (sum ${results[0].all_reduce.value}), ` +
+              `all_to_all_single ${okIf("all_to_all")}, round trip ${rttMs.toFixed(2)} ms ` +
               `(slowest rank: all_reduce ${ms(results, "all_reduce")} ms, all_to_all ${ms(results, "all_to_all")} ms)`);
             for (const p of problems) console.log(`  ${p}`);
           }
