@@ -35,6 +35,7 @@ from ..model.config import ModelConfig
 from ..model.gpt import autocast_context, init_parameters
 from ..model.layers import TransformerLayer
 from ..parallel.groups import ExpertParallel, ParallelGroups, init_parallel_groups
+from .timing import quantile, sync
 
 __all__ = ["BlockBenchResult", "make_baseline_block", "block_inputs", "bench_blocks", "bench_block", "main"]
 
@@ -99,11 +100,6 @@ def block_inputs(cfg: ModelConfig, device: torch.device | str, seed: int = 0) ->
     return x, dy
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _saved_bytes(block: BlockFn, x: torch.Tensor, cfg: ModelConfig) -> int:
     seen: dict[tuple[int, int], int] = {}
 
@@ -126,24 +122,19 @@ def _step(block: BlockFn, x: torch.Tensor, dy: torch.Tensor, cfg: ModelConfig, p
     x.grad = None
     for p in params:
         p.grad = None
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with autocast_context(cfg, device):
         y, losses = block(x)
         obj = (y.float() * dy).sum()
         if losses is not None:
             obj = obj + losses.total
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     obj.backward()
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     return (t2 - t0) * 1e3, (t1 - t0) * 1e3
-
-
-def _quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def bench_blocks(
@@ -183,7 +174,7 @@ def bench_blocks(
     for k, b in blocks.items():
         peak = None
         if device.type == "cuda":
-            _sync(device)
+            sync(device)
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             _step(b, x, dy, cfg, plist[k])
@@ -191,7 +182,7 @@ def bench_blocks(
         med = statistics.median(total[k])
         out[k] = BlockBenchResult(
             label=k, device=str(device), dtype=cfg.dtype, ep_size=ep_size, iters=iters,
-            fwd_bwd_ms_median=med, fwd_bwd_ms_p10=_quantile(total[k], 0.1), fwd_bwd_ms_p90=_quantile(total[k], 0.9),
+            fwd_bwd_ms_median=med, fwd_bwd_ms_p10=quantile(total[k], 0.1), fwd_bwd_ms_p90=quantile(total[k], 0.9),
             fwd_ms_median=statistics.median(fwd[k]), tokens_per_s=tokens / (med / 1e3),
             saved_activation_bytes=_saved_bytes(b, x, cfg),
             peak_memory_bytes=peak,
@@ -286,7 +277,7 @@ def _run_ep(cfg: ModelConfig, args: argparse.Namespace) -> BlockBenchResult:
     r0 = results[0]
     r0.update(
         samples_ms=per_iter, fwd_bwd_ms_median=statistics.median(per_iter),
-        fwd_bwd_ms_p10=_quantile(per_iter, 0.1), fwd_bwd_ms_p90=_quantile(per_iter, 0.9),
+        fwd_bwd_ms_p10=quantile(per_iter, 0.1), fwd_bwd_ms_p90=quantile(per_iter, 0.9),
         tokens_per_s=cfg.seq_length * cfg.micro_batch_size / (statistics.median(per_iter) / 1e3),
         label=f"baseline (max over {args.ep} ranks)",
     )

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ampipe.bench.timing import sync
 from ampipe.ops import reference
 from ampipe.ops.loader import load_extension
 
@@ -71,11 +72,6 @@ class Row:
     pct_of_peak: float | None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn, device: torch.device) -> float:
     """Seconds of one call (CUDA: events around it; CPU: wall clock)."""
     if device.type == "cuda":
@@ -94,7 +90,7 @@ def _compare(fns: dict, device: torch.device, reps: int, warmup: int) -> dict:
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    _sync(device)
+    sync(device)
     samples: dict = {name: [] for name in fns}
     for _ in range(reps):  # interleaved, so drift hits both sides alike
         for name, fn in fns.items():

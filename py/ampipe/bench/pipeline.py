@@ -45,6 +45,7 @@ from ..pipeline.compare import (EmulatedBaseline, block_step, emulated_delay_rep
 from ..pipeline.emulation import EmulatedComm
 from ..pipeline.plan import Plan, load_plan, retarget_plan
 from .block import block_inputs, load_model_config, make_baseline_block
+from .timing import sync
 
 __all__ = ["bench_pipeline", "activation_bytes", "main"]
 
@@ -55,16 +56,11 @@ DEFAULT_PLANS = ("sequential-p1", "interleaved-p2", "grouped-p2", "interleaved-p
 FIXTURES = Path(__file__).resolve().parents[3] / "test" / "fixtures" / "plans"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_step(block, x, dy, params, device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     block_step(block, x, dy, params)
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -100,11 +96,11 @@ def activation_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def _peak_cuda(block, x, dy, params, device) -> int:
-    _sync(device)
+    sync(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     block_step(block, x, dy, params)
-    _sync(device)
+    sync(device)
     return torch.cuda.max_memory_allocated(device) - before
 
 
