@@ -285,7 +285,7 @@ export function reportText(s: RunSummary, planned: PlannedBlock, results: RankRe
   L.push(`  ${"pipelined".padEnd(20)} ${fmtMs(t.pipelined_ms).padStart(7)} ms ${fmtMs(p.total_ms).padStart(7)} ms  (fwd ${fmtMs(p.forward_ms)} + bwd ${fmtMs(p.backward_ms)} predicted)`);
   if (t.replayed_ms !== null)
     L.push(`  ${"replayed schedule".padEnd(20)} ${fmtMs(t.replayed_ms).padStart(7)} ms  (the plan with the measured op times, no executor overhead)`);
-  L.push(`  ${"ideal bound".padEnd(20)} ${fmtMs(t.ideal_bound_ms).padStart(7)} ms  (per pass max(compute, comm, dependency chain), measured op times)`);
+  L.push(`  ${"ideal bound".padEnd(20)} ${fmtMs(t.ideal_bound_ms).padStart(7)} ms  (per pass the largest of fill+compute+drain, fill+comm+drain and the longest dependency chain; measured op times)`);
   L.push(`  ${"speed-up".padEnd(20)} ${t.speedup.toFixed(3).padStart(8)}x ${p.speedup.toFixed(3).padStart(9)}x`);
   L.push(`  ${"ideal speed-up".padEnd(20)} ${t.ideal_speedup.toFixed(3).padStart(8)}x`);
   L.push(`  ${"overlap efficiency".padEnd(20)} ${t.overlap_efficiency === null ? "n/a (the bound is not below the baseline)" : t.overlap_efficiency.toFixed(2).padStart(9)}`);

@@ -106,8 +106,8 @@ def sleep_rate(cycles: int, elapsed_ms: list[float]) -> float:
 
 
 def _warm_up_clocks(device: torch.device) -> None:
-    a = torch.randn(2048, 2048, device=device)
-    for _ in range(30):  # ~10-50 ms of real work
+    a = torch.randn(4096, 4096, device=device)
+    for _ in range(15):  # ~10-50 ms of real work
         a = a @ a
         a = a / a.norm()
     torch.cuda.synchronize(device)
