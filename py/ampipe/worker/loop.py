@@ -70,9 +70,17 @@ class _Context:
         return self.worker.dropped
 
     def flush_events(self) -> None:
-        self.worker.flush_events()
+        """Sends what is batched. From another thread it does nothing: the socket is the main
+        thread's, and that thread sends other threads' events with its next flush."""
+        if threading.get_ident() == self.worker.main_thread:
+            self.worker.flush_events()
 
     def heartbeat(self) -> None:
+        """Tells the controller this rank is alive; only the thread running the command can."""
+        if threading.get_ident() != self.worker.main_thread:
+            raise RuntimeError(
+                f"ctx.heartbeat() called from thread {threading.current_thread().name!r} of rank {self.rank}: "
+                "only the thread running the command can send heartbeats (the socket is not thread-safe)")
         self.worker.maybe_heartbeat()
 
     def subgroup(self, size: int) -> Any:

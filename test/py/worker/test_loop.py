@@ -198,7 +198,10 @@ def test_imported_commands_events_from_threads_numpy_values_and_logging(controll
     assert metrics == {"np": 1.5, "tensor": 2.5, "from_thread": 3}
     logs = [e for e in items if e["kind"] == "log"]
     assert logs == [{"kind": "log", "level": "warning", "logger": "ampipe.test", "message": "careful: 7"}]
-    assert m["result"] == {"dropped": 1}
+    assert m["result"]["dropped"] == 1
+    assert m["result"]["heartbeat_error"] == [
+        "ctx.heartbeat() called from thread 'helper' of rank 0: only the thread running the command "
+        "can send heartbeats (the socket is not thread-safe)"]
     controller.send(ident, {"type": "shutdown"})
     assert p.wait(timeout=20) == 0
     err = p.stderr.read()

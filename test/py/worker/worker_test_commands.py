@@ -14,12 +14,22 @@ def emit_values(args, ctx):
     ctx.emit("metric", name="np", value=np.float32(1.5))
     ctx.emit("metric", name="tensor", value=torch.tensor(2.5))
     ctx.emit("metric", name="bad", value=object())
-    t = threading.Thread(target=lambda: ctx.emit("metric", name="from_thread", value=3))
+    heartbeat_error: list[str] = []
+
+    def from_thread():
+        ctx.emit("metric", name="from_thread", value=3)
+        ctx.flush_events()  # not this thread's socket: left to the main thread
+        try:
+            ctx.heartbeat()
+        except RuntimeError as e:
+            heartbeat_error.append(str(e))
+
+    t = threading.Thread(target=from_thread, name="helper")
     t.start()
     t.join()
     logging.getLogger("ampipe.test").warning("careful: %d", 7)
     ctx.flush_events()
-    return {"dropped": ctx.dropped_events}
+    return {"dropped": ctx.dropped_events, "heartbeat_error": heartbeat_error}
 
 
 @command("test_emit_then_mark_done")
