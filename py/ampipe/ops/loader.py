@@ -54,22 +54,17 @@ def _find() -> tuple[Path | None, str, dict | None]:
 def load_extension(required: bool = False) -> ExtensionState:
     """Load ``torch.ops.ampipe`` once; ``required`` turns a fallback into an error."""
     global _state
-    if _state is not None:  # the hot path (and what torch.compile traces): no lock
-        if required and not _state.loaded:
-            raise RuntimeError(
-                f"AMPIPE_OPS=compiled but the extension is not loaded: {_state.reason}; {BUILD_HINT}"
-            )
-        return _state
-    with _lock:
-        if _state is None:
-            _state = _load()
-            if not _state.loaded:
-                warnings.warn(
-                    f"ampipe: compiled dispatch/combine ops not loaded: {_state.reason}; using the "
-                    f"pure-torch reference ({BUILD_HINT})",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+    if _state is None:  # after the first call this is the whole hot path (what torch.compile traces): no lock
+        with _lock:
+            if _state is None:
+                _state = _load()
+                if not _state.loaded:
+                    warnings.warn(
+                        f"ampipe: compiled dispatch/combine ops not loaded: {_state.reason}; using the "
+                        f"pure-torch reference ({BUILD_HINT})",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
     if required and not _state.loaded:
         raise RuntimeError(
             f"AMPIPE_OPS=compiled but the extension is not loaded: {_state.reason}; {BUILD_HINT}"

@@ -42,7 +42,7 @@ def test_index_out_of_range(impl, device, sync_checks, compiled):
     indices, row_map, x, gates, buffer = inputs(device)
     bad = indices.clone()
     bad[4, 1] = 3
-    with pytest.raises(IndexError, match=r"indices\[4, 1\] = 3 is out of range|out of range"):
+    with pytest.raises(IndexError, match=r"indices\[4, 1\] = 3 is out of range"):
         impl.make_row_map(bad, 3)
     neg = indices.clone()
     neg[0, 0] = -1
