@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { dimsFromConfig, runPlan } from "../../../src/commands/plan.ts";
+import { checkPlanDims, costModelFor, dimsFromConfig, runPlan } from "../../../src/commands/plan.ts";
 import { loadConfig } from "../../../src/config/index.ts";
 import { predict } from "../../../src/plan/costs.ts";
 import { readPlan } from "../../../src/plan/io.ts";
@@ -67,6 +67,35 @@ describe("ampipe plan", () => {
     const r = runPlan(path, { out: join(dir, "e.json"), trace: false, variant: "sequential" });
     expect(r.model.coefficients.dispatch.b).toBeCloseTo(0.5, 12);
     expect(r.model.work.commWorldSize).toBe(4);
+  });
+
+  it("costModelFor: emulated_comm unless a flag overrides it; the calibrated slowdown unless one is given", () => {
+    const cfg = loadConfig(config("m.yaml", "  emulated_comm: { latency_us: 500, bandwidth_gbps: 1, world_size: 4 }"));
+    const plain = costModelFor(cfg).model;
+    expect(plain.coefficients.dispatch.b).toBeCloseTo(0.5, 12);
+    expect(plain.coefficients.dispatch.a).toBeCloseTo(1e3 / 1e9, 18);
+    const over = costModelFor(cfg, undefined, { latencyUs: 20, overlapSlowdown: 1.5 }).model;
+    expect(over.coefficients.dispatch.b).toBeCloseTo(0.02, 12);
+    expect(over.coefficients.dispatch.a).toBeCloseTo(1e3 / 1e9, 18);
+    expect(over.overlapSlowdown).toBe(1.5);
+    expect(() => costModelFor(cfg, undefined, { profile: "tpu" })).toThrow(/--profile: unknown device profile "tpu"/);
+  });
+
+  it("checkPlanDims names every dims field that differs, with its config field", () => {
+    const cfg = loadConfig(config("k.yaml", "  degree: auto"));
+    const plan = makePlan("grouped", { ...dimsFromConfig(cfg), seq_length: 64, expert_model_parallel_size: 1 }, { degree: 2 });
+    expect(() => checkPlanDims(makePlan("grouped", dimsFromConfig(cfg), { degree: 2 }), cfg, "p.json")).not.toThrow();
+    let message = "";
+    try {
+      checkPlanDims(plan, cfg, "p.json");
+    } catch (e) {
+      message = (e as Error).message;
+    }
+    expect(message.split("\n")).toEqual([
+      "p.json: the plan does not fit the config's block",
+      "  dims.seq_length: the plan has 64, the config has 128 (model.seq_length)",
+      "  dims.expert_model_parallel_size: the plan has 1, the config has 2 (parallelism.expert_model_parallel_size)",
+    ]);
   });
 
   it("--calibration fits the model to an executed plan's op times", () => {
