@@ -69,7 +69,7 @@ describe("ampipe plan", () => {
     expect(r.model.work.commWorldSize).toBe(4);
   });
 
-  it("costModelFor: emulated_comm unless a flag overrides it; the calibrated slowdown unless one is given", () => {
+  it("costModelFor: emulated_comm for the interconnect unless an override is given; an unknown profile is named", () => {
     const cfg = loadConfig(config("m.yaml", "  emulated_comm: { latency_us: 500, bandwidth_gbps: 1, world_size: 4 }"));
     const plain = costModelFor(cfg).model;
     expect(plain.coefficients.dispatch.b).toBeCloseTo(0.5, 12);
