@@ -99,11 +99,7 @@ export function parseCalibration(value: unknown, baseDir = ".", name = "calibrat
     const dims = s.dims ?? file.dims;
     if (!dims) throw new Error(`${where}.dims: missing (and the file has no top-level dims)`);
     const boundaries = s.boundaries ?? [0, dims.seq_length];
-    try {
-      checkBoundaries(boundaries, dims.seq_length, `${where}.boundaries`);
-    } catch (e) {
-      throw new Error((e as Error).message);
-    }
+    checkBoundaries(boundaries, dims.seq_length, `${where}.boundaries`);
     if (s.chunk !== null && s.chunk >= boundaries.length - 1)
       throw new Error(`${where}.chunk: ${s.chunk} is out of range for ${boundaries.length - 1} chunks`);
     out.samples.push({ kind: s.kind, chunk: s.chunk, dims, boundaries, ms: median(s.ms), where });
@@ -240,8 +236,8 @@ const makespanError = (model: CostModel, makespans: MeasuredMakespan[]) =>
  * slowdown (in [1, 4]) to measured makespans: nested golden-section searches on relative error.
  */
 function fitSchedule(model: CostModel, makespans: MeasuredMakespan[], fitOverlap: boolean): { opGapMs: number; overlapSlowdown: number } {
-  const sumOps = Math.max(...makespans.map((m) => m.ms));
-  const gapFor = (f: number) => goldenMin((g) => makespanError({ ...model, overlapSlowdown: f, opGapMs: g }, makespans), 0, sumOps / 4, 24);
+  const longest = Math.max(...makespans.map((m) => m.ms));
+  const gapFor = (f: number) => goldenMin((g) => makespanError({ ...model, overlapSlowdown: f, opGapMs: g }, makespans), 0, longest / 4, 24);
   const overlapSlowdown = fitOverlap
     ? goldenMin((f) => makespanError({ ...model, overlapSlowdown: f, opGapMs: gapFor(f) }, makespans), 1, 4, 24)
     : model.overlapSlowdown;
