@@ -574,7 +574,8 @@ class AMPipeBlock(TransformerLayer):
     layer's submodules (same Parameter objects, same state_dict names), so a model swaps
     between the two without copying a weight, and `to_layer()` goes back. Its forward
     returns `(y, MoELosses)` like the baseline. Per-op times of the latest step are in
-    `last_times` (`{"forward": OpTimes, "backward": OpTimes}`).
+    `last_times` (`{"forward": OpTimes, "backward": OpTimes}`), and with emulated
+    communication the delay modelled per comm op in `last_delays_ms` (`{pass: {op id: ms}}`).
     """
 
     plan: Plan
