@@ -110,15 +110,7 @@ export async function launchRanks(o: LaunchOptions): Promise<RankRun> {
     if (f.details.traceback && !tail.some((l) => l.includes("Traceback"))) msg += `\n${indent(f.details.traceback.trimEnd())}`;
     return new RankFailure(msg, f.rank, f.kind, { ...f.details, pid: p.pid, stderr: tail, ...p.exit });
   };
-  const controller = new Controller({
-    ...o,
-    dist: o.dist === false ? null : { backend: o.backend ?? "auto", device: o.device ?? "cpu", timeoutS: o.distTimeoutS },
-    detectDisconnects: false,
-    enrichFault: describe,
-  });
-  if (o.onEvent) controller.onEvent(o.onEvent);
-  if (o.onProtocolError) controller.onProtocolError(o.onProtocolError);
-  await controller.start();
+  const controller = await startController(o, "cpu", { detectDisconnects: false, enrichFault: describe });
   const run = new RankRun(controller, processes, o.graceMs ?? 5000);
   const masterPort = await freePort();
   const onOutput = o.onOutput ?? ((rank, stream, line) => {
@@ -140,13 +132,7 @@ export async function launchRanks(o: LaunchOptions): Promise<RankRun> {
         rank, "exited"));
     });
   }
-  try {
-    await controller.waitForRanks(o.joinTimeoutMs ?? 120_000);
-  } catch (e) {
-    await run.close();
-    throw e;
-  }
-  return run;
+  return whenJoined(run, o.joinTimeoutMs ?? 120_000);
 }
 
 export interface AttachOptions extends RunOptions {
@@ -156,18 +142,28 @@ export interface AttachOptions extends RunOptions {
 
 /** Binds a controller and waits for externally started ranks (torchrun, Slurm) to join. */
 export async function attachRanks(o: AttachOptions): Promise<RankRun> {
+  const controller = await startController(o, "auto", { detectDisconnects: true });
+  o.onListening?.(controller.endpoint, controller.token);
+  return whenJoined(new RankRun(controller, [], o.graceMs ?? 5000), o.joinTimeoutMs ?? 300_000);
+}
+
+/** A listening controller for a run's options; `device` is the ranks' device when none is given. */
+async function startController(o: RunOptions, device: string, extra: Partial<ControllerOptions>): Promise<Controller> {
   const controller = new Controller({
     ...o,
-    dist: o.dist === false ? null : { backend: o.backend ?? "auto", device: o.device ?? "auto", timeoutS: o.distTimeoutS },
-    detectDisconnects: true,
+    dist: o.dist === false ? null : { backend: o.backend ?? "auto", device: o.device ?? device, timeoutS: o.distTimeoutS },
+    ...extra,
   });
   if (o.onEvent) controller.onEvent(o.onEvent);
   if (o.onProtocolError) controller.onProtocolError(o.onProtocolError);
   await controller.start();
-  o.onListening?.(controller.endpoint, controller.token);
-  const run = new RankRun(controller, [], o.graceMs ?? 5000);
+  return controller;
+}
+
+/** Resolves once every rank is ready; a run whose ranks do not all join is closed first. */
+async function whenJoined(run: RankRun, timeoutMs: number): Promise<RankRun> {
   try {
-    await controller.waitForRanks(o.joinTimeoutMs ?? 300_000);
+    await run.controller.waitForRanks(timeoutMs);
   } catch (e) {
     await run.close();
     throw e;
