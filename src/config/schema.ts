@@ -114,6 +114,10 @@ function checkInvariants(c: Parsed, ctx: z.RefinementCtx): void {
   if (m.moe_router_topk > m.num_experts) {
     issue("model.moe_router_topk", `must be <= model.num_experts (${m.num_experts}); got ${m.moe_router_topk}`);
   }
+  const headDim = m.kv_channels ?? m.hidden_size / m.num_attention_heads;
+  if (m.position_embedding_type === "rope" && Number.isInteger(headDim) && headDim % 2 !== 0) {
+    issue("model.kv_channels", `rotary embeddings need an even head dim; got ${headDim}`);
+  }
   if (m.moe_layer_freq > m.num_layers) {
     issue("model.moe_layer_freq", `must be <= model.num_layers (${m.num_layers}); got ${m.moe_layer_freq}`);
   }

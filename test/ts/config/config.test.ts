@@ -42,6 +42,8 @@ describe("experiment config", () => {
     [{ model: { hidden_size: 130 } }, "model.num_attention_heads: must divide model.hidden_size (130) unless model.kv_channels is given; got 4"],
     [{ model: { num_query_groups: 3 } }, "model.num_query_groups: must divide model.num_attention_heads (4); got 3"],
     [{ model: { moe_router_topk: 5 } }, "model.moe_router_topk: must be <= model.num_experts (4); got 5"],
+    [{ model: { hidden_size: 12, num_attention_heads: 4 } }, "model.kv_channels: rotary embeddings need an even head dim; got 3"],
+    [{ model: { kv_channels: 7 } }, "model.kv_channels: rotary embeddings need an even head dim; got 7"],
     [{ model: { num_experts: 6 }, parallelism: { expert_model_parallel_size: 4, world_size: 4 } },
       "model.num_experts: must be divisible by parallelism.expert_model_parallel_size (4); got 6"],
     [{ parallelism: { world_size: 3 } }, "parallelism.world_size: must be divisible by parallelism.expert_model_parallel_size (2); got 3"],
@@ -62,6 +64,7 @@ describe("experiment config", () => {
 
   it("accepts kv_channels that do not divide hidden_size, and explicit boundaries that match the degree", () => {
     expect(issues({ model: { hidden_size: 130, kv_channels: 32 } })).toEqual([]);
+    expect(issues({ model: { kv_channels: 7, position_embedding_type: "learned_absolute" } })).toEqual([]);
     expect(resolveConfig({ pipeline: { degree: 3, boundaries: [0, 96, 176, 256] } }).pipeline.boundaries).toEqual([0, 96, 176, 256]);
   });
 
