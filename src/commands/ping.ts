@@ -28,19 +28,24 @@ export function nonNegative(v: string): number {
   return n;
 }
 
-/** Options every command that launches ranks shares (ping, bench bridge, ...). */
-export function addRunOptions(cmd: Command): Command {
+/** The controller's options, shared by the commands that launch ranks (ping, run). */
+export function addControllerOptions(cmd: Command): Command {
   return cmd
-    .option("--ranks <n>", "number of ranks (world size)", positiveInt, 2)
-    .addOption(new Option("--device <device>", "device of the ranks").choices(["cpu", "cuda", "auto"]).default("cpu"))
-    .addOption(new Option("--backend <backend>", "torch.distributed backend (auto: gloo on cpu, nccl on cuda)")
-      .choices(["gloo", "nccl", "auto"]).default("auto"))
     .option("--bind <endpoint>", "controller endpoint to bind", "tcp://127.0.0.1:0")
     .option("--allow-remote", "allow binding a non-loopback address (needed for ranks on other machines)")
     .option("--external", "do not spawn ranks: wait for ranks started by torchrun/Slurm to connect")
     .option("--heartbeat-interval <ms>", "application heartbeat interval", positiveNumber, 1000)
     .option("--heartbeat-timeout <ms>", "a rank silent this long is reported as stuck", positiveNumber, 60_000)
-    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120)
+    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120);
+}
+
+/** The ranks' options (count, device, backend, or --config), then the controller's: for commands not given a config (ping). */
+export function addRunOptions(cmd: Command): Command {
+  return addControllerOptions(cmd
+    .option("--ranks <n>", "number of ranks (world size)", positiveInt, 2)
+    .addOption(new Option("--device <device>", "device of the ranks").choices(["cpu", "cuda", "auto"]).default("cpu"))
+    .addOption(new Option("--backend <backend>", "torch.distributed backend (auto: gloo on cpu, nccl on cuda)")
+      .choices(["gloo", "nccl", "auto"]).default("auto")))
     .option("--config <file>", "take --ranks/--device/--backend from this experiment config's parallelism section")
     .hook("preAction", (c) => {
       // Options given on the command line win over the config file.
@@ -87,14 +92,14 @@ export async function startRun(o: RunCliOptions, extra: Partial<RunOptions> = {}
   });
 }
 
-/** Prints a run failure or command error and sets a non-zero exit code. */
-export function reportFailure(e: unknown): void {
+/** Prints a run failure or command error (as `prog: message`) and sets a non-zero exit code. */
+export function reportFailure(e: unknown, prog = "ampipe"): void {
   if (e instanceof RunClosedError) {
     process.exitCode ||= 1;
     return; // closed on purpose (SIGINT/SIGTERM): closeOnSignals reports it and sets the exit code
   }
   if (e instanceof RankFailure || e instanceof CommandError || e instanceof BridgeError) {
-    process.stderr.write(`ampipe: ${e.message}\n`);
+    process.stderr.write(`${prog}: ${e.message}\n`);
     process.exitCode = 1;
     return;
   }

@@ -3,20 +3,20 @@
 // and report the equivalence check, the measured speed-up next to the ideal bound and the
 // planner's prediction. Writes plan.json, its trace, result.json and calibration.json into the
 // run's output directory (docs/run.md).
-import { mkdirSync, renameSync, writeFileSync } from "node:fs";
-import { dirname, join, relative, resolve } from "node:path";
-import { Command, InvalidArgumentError, Option } from "commander";
-import { closeOnSignals, CommandError, RankFailure, type RankEvent, type RankRun } from "../bridge/index.ts";
+import { mkdirSync } from "node:fs";
+import { join, relative, resolve } from "node:path";
+import { Command, InvalidArgumentError } from "commander";
+import { checkBindAddress, closeOnSignals, type RankEvent, type RankRun } from "../bridge/index.ts";
 import { ConfigError, loadConfig, type ExperimentConfig } from "../config/index.ts";
-import { calibrate, readCalibration } from "../plan/calibration.ts";
-import { predict, profileModel, type CostModel } from "../plan/costs.ts";
+import { median } from "../plan/calibration.ts";
+import { predict } from "../plan/costs.ts";
 import { makePlan } from "../plan/generators.ts";
 import { type BlockDims, type Plan } from "../plan/ir.ts";
-import { planToJson, readPlan } from "../plan/io.ts";
+import { readPlan, writeFileAtomic, writePlan } from "../plan/io.ts";
 import { simulatePlan } from "../plan/simulate.ts";
 import { chromeTrace } from "../plan/trace.ts";
-import { dimsFromConfig, runPlan } from "./plan.ts";
-import { positiveInt, positiveNumber, startRun } from "./ping.ts";
+import { checkPlanDims, costModelFor, runPlan } from "./plan.ts";
+import { addControllerOptions, nonNegative, positiveInt, reportFailure, startRun, type RunCliOptions } from "./ping.ts";
 
 /** The Python module that registers `run_block` on each rank. */
 export const RANK_MODULE = "ampipe.pipeline.worker_commands";
@@ -84,12 +84,6 @@ export interface RunSummary {
   emulated: string | null;
 }
 
-const median = (v: number[]): number => {
-  const s = [...v].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-};
-
 /** Combines the ranks' results: differences are the largest over ranks, times the slowest rank's per step. */
 export function summarizeRanks(results: RankResult[], dtype: string): RunSummary {
   if (results.length === 0) throw new Error("no rank returned a result");
@@ -138,57 +132,12 @@ export function summarizeRanks(results: RankResult[], dtype: string): RunSummary
 
 // ---- the plan -------------------------------------------------------------------------------
 
-/** Fields of the plan's dims and the config fields they come from. */
-const DIM_SOURCES: Record<keyof BlockDims, string> = {
-  seq_length: "model.seq_length",
-  micro_batch_size: "model.micro_batch_size",
-  hidden_size: "model.hidden_size",
-  num_attention_heads: "model.num_attention_heads",
-  num_query_groups: "model.num_query_groups",
-  kv_channels: "model.kv_channels",
-  num_experts: "model.num_experts",
-  moe_router_topk: "model.moe_router_topk",
-  moe_ffn_hidden_size: "model.moe_ffn_hidden_size",
-  expert_model_parallel_size: "parallelism.expert_model_parallel_size",
-  dtype: "model.dtype",
-};
-
-/** Throws when a plan was made for another block than the config's, naming each differing field. */
-export function checkPlanDims(plan: Plan, cfg: ExperimentConfig, source: string): void {
-  const want = dimsFromConfig(cfg);
-  const bad: string[] = [];
-  for (const [k, field] of Object.entries(DIM_SOURCES) as Array<[keyof BlockDims, string]>) {
-    if (plan.dims[k] !== want[k])
-      bad.push(`  dims.${k}: the plan has ${JSON.stringify(plan.dims[k])}, the config has ${JSON.stringify(want[k])} (${field})`);
-  }
-  if (bad.length) throw new Error(`${source}: the plan does not fit the config's block\n${bad.join("\n")}`);
-}
-
-/** The cost model `ampipe plan` uses for a config (device profile, emulated interconnect, calibration). */
-export function costModelFor(cfg: ExperimentConfig, calibrationPath?: string): CostModel {
-  const profile = cfg.parallelism.device === "cuda" ? "h100" : "cpu";
-  const emu = cfg.pipeline.emulated_comm;
-  const base = profileModel(profile, cfg.model.dtype, {
-    bandwidthGbps: emu?.bandwidth_gbps,
-    latencyUs: emu?.latency_us,
-    work: { expertActivation: cfg.model.moe_expert_activation, commWorldSize: emu?.world_size },
-  });
-  return calibrationPath ? calibrate(base, readCalibration(calibrationPath), calibrationPath).model : base;
-}
-
 interface PlannedBlock {
   plan: Plan;
   source: "planner" | string;
   planPath: string;
   tracePath: string;
   predicted: { forward_ms: number; backward_ms: number; total_ms: number; sequential_total_ms: number; speedup: number; profile: string; calibrated: boolean };
-}
-
-function writeAtomic(path: string, text: string): void {
-  mkdirSync(dirname(path), { recursive: true });
-  const tmp = `${path}.tmp-${process.pid}`;
-  writeFileSync(tmp, text);
-  renameSync(tmp, path);
 }
 
 /** Plans the config (or loads --plan), writes plan.json and plan.trace.json into outDir. */
@@ -205,11 +154,11 @@ export function prepareRunPlan(configPath: string, cfg: ExperimentConfig, o: { s
   }
   const plan = readPlan(o.plan);
   checkPlanDims(plan, cfg, o.plan);
-  const model = costModelFor(cfg, o.calibration);
+  const { model } = costModelFor(cfg, o.calibration);
   const sim = predict(model, plan);
   const seq = predict(model, makePlan("sequential", plan.dims, { boundaries: [0, plan.dims.seq_length], chunkQkv: plan.chunk_qkv }));
-  writeAtomic(planPath, planToJson(plan));
-  writeAtomic(tracePath, JSON.stringify(chromeTrace(plan, sim)) + "\n");
+  writePlan(planPath, plan);
+  writeFileAtomic(tracePath, JSON.stringify(chromeTrace(plan, sim)) + "\n");
   return {
     plan, source: o.plan, planPath, tracePath,
     predicted: { forward_ms: sim.forward.makespanMs, backward_ms: sim.backward.makespanMs, total_ms: sim.totalMs, sequential_total_ms: seq.totalMs, speedup: seq.totalMs / sim.totalMs, profile: model.profile, calibrated: model.calibration !== undefined },
@@ -242,7 +191,9 @@ function replayTrace(plan: Plan, r: RankResult): ReturnType<typeof chromeTrace> 
 
 // ---- the command ------------------------------------------------------------------------------
 
-export interface RunCommandOptions {
+/** The options of `ampipe run`; the controller's are the ones every rank-launching command takes. */
+export interface RunCommandOptions
+  extends Pick<RunCliOptions, "bind" | "allowRemote" | "external" | "heartbeatInterval" | "heartbeatTimeout" | "joinTimeout"> {
   plan?: string;
   steps?: number;
   warmup?: number;
@@ -251,11 +202,20 @@ export interface RunCommandOptions {
   set: string[];
   calibration?: string;
   tolerance?: number;
-  bind: string;
-  allowRemote?: boolean;
-  external?: boolean;
-  joinTimeout: number;
-  heartbeatTimeout: number;
+}
+
+/**
+ * The controller options, checked before anything is written: the controller checks them again
+ * when it starts, but by then the plan would be on disk and the error would not be an input error.
+ */
+function checkControllerOptions(o: RunCommandOptions): void {
+  try {
+    checkBindAddress(o.bind, o.allowRemote ?? false);
+  } catch (e) {
+    throw new Error(`--bind: ${(e as Error).message}`);
+  }
+  if (o.heartbeatTimeout <= o.heartbeatInterval)
+    throw new Error(`--heartbeat-timeout: ${o.heartbeatTimeout} ms must exceed --heartbeat-interval (${o.heartbeatInterval} ms)`);
 }
 
 const fmtMs = (ms: number) => (ms >= 100 ? ms.toFixed(1) : ms >= 1 ? ms.toFixed(2) : ms.toPrecision(3));
@@ -303,6 +263,7 @@ export async function runCommand(configPath: string, o: RunCommandOptions, out: 
   let planned: PlannedBlock;
   let outDir: string;
   try {
+    checkControllerOptions(o);
     cfg = loadConfig(configPath, o.set);
     if (o.steps !== undefined) cfg.run.steps = o.steps;
     if (o.warmup !== undefined) cfg.run.warmup = o.warmup;
@@ -346,7 +307,7 @@ export async function runCommand(configPath: string, o: RunCommandOptions, out: 
     run = await startRun(
       {
         ranks: par.world_size, device: par.device, backend: par.backend, bind: o.bind, allowRemote: o.allowRemote, external: o.external,
-        heartbeatInterval: 1000, heartbeatTimeout: o.heartbeatTimeout, joinTimeout: o.joinTimeout,
+        heartbeatInterval: o.heartbeatInterval, heartbeatTimeout: o.heartbeatTimeout, joinTimeout: o.joinTimeout,
       },
       { imports: [RANK_MODULE], onEvent },
     );
@@ -367,8 +328,8 @@ export async function runCommand(configPath: string, o: RunCommandOptions, out: 
     const calibrationPath = join(outDir, "calibration.json");
     const resultPath = join(outDir, "result.json");
     const measuredTracePath = join(outDir, "measured.trace.json");
-    writeAtomic(calibrationPath, JSON.stringify(calibrationDoc(results, "plan.json", outDir, r0.device), null, 2) + "\n");
-    writeAtomic(measuredTracePath, JSON.stringify(replayTrace(plan, results[0])) + "\n");
+    writeFileAtomic(calibrationPath, JSON.stringify(calibrationDoc(results, "plan.json", outDir, r0.device), null, 2) + "\n");
+    writeFileAtomic(measuredTracePath, JSON.stringify(replayTrace(plan, results[0])) + "\n");
     const doc = {
       format: RESULT_FORMAT,
       version: 1,
@@ -393,7 +354,7 @@ export async function runCommand(configPath: string, o: RunCommandOptions, out: 
       ranks: results.map((r) => ({ ...r, equivalence: { ...r.equivalence, largest_relative_differences: finite(r.equivalence.largest_relative_differences) } })),
       elapsed_s: (performance.now() - t0) / 1000,
     };
-    writeAtomic(resultPath, JSON.stringify(doc, null, 2) + "\n");
+    writeFileAtomic(resultPath, JSON.stringify(doc, null, 2) + "\n");
     if (o.json) out.line(JSON.stringify(doc, null, 2));
     else {
       out.line("");
@@ -410,11 +371,8 @@ export async function runCommand(configPath: string, o: RunCommandOptions, out: 
     }
     return 0;
   } catch (e) {
-    if (e instanceof RankFailure || e instanceof CommandError) {
-      process.stderr.write(`ampipe run: ${e.message}\n`);
-      return 1;
-    }
-    throw e;
+    reportFailure(e, "ampipe run"); // a rank, command or controller failure, or a run closed by a signal
+    return 1;
   } finally {
     stopSignals?.();
     await run?.close();
@@ -436,14 +394,9 @@ const nonNegInt = (v: string) => {
   if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError("expected an integer >= 0");
   return n;
 };
-const nonNegNumber = (v: string) => {
-  const n = Number(v);
-  if (!Number.isFinite(n) || n < 0) throw new InvalidArgumentError("expected a number >= 0");
-  return n;
-};
 
 export function register(program: Command): void {
-  program
+  const cmd = program
     .command("run")
     .description("plan a config, run the baseline and the pipelined block side by side on its ranks, report equivalence and speed-up")
     .argument("<config>", "experiment config (.yaml, .yml or .json)")
@@ -452,14 +405,11 @@ export function register(program: Command): void {
     .option("--warmup <n>", "warm-up steps before measuring (default: run.warmup)", nonNegInt)
     .option("--out <dir>", "output directory (default: run.output_dir)")
     .option("--calibration <file>", "measured op times for the planner's cost model (e.g. a previous run's calibration.json)")
-    .option("--tolerance <x>", "largest relative difference accepted (default: fp32 1e-5 on CPU and 1e-4 on CUDA, fp16 1e-2, bf16 3e-2)", nonNegNumber)
+    .option("--tolerance <x>", "largest relative difference accepted (default: fp32 1e-5 on CPU and 1e-4 on CUDA, fp16 1e-2, bf16 3e-2)", nonNegative)
     .option("--set <field=value>", "override a config field, e.g. --set model.seq_length=512 (repeatable)", (v: string, acc: string[]) => [...acc, v], [])
-    .option("--json", "print result.json instead of the report")
-    .option("--bind <endpoint>", "controller endpoint to bind", "tcp://127.0.0.1:0")
-    .option("--allow-remote", "allow binding a non-loopback address (ranks on other machines)")
-    .option("--external", "do not spawn ranks: wait for ranks started by torchrun/Slurm to connect")
-    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120)
-    .addOption(new Option("--heartbeat-timeout <ms>", "a rank silent this long is reported as stuck").argParser(positiveNumber).default(60_000))
+    .option("--json", "print result.json instead of the report");
+  // The world size, device and backend come from the config's parallelism section (--set them).
+  addControllerOptions(cmd)
     .action(async (config: string, opts: RunCommandOptions) => {
       process.exitCode = await runCommand(config, opts);
     });

@@ -3,6 +3,7 @@
 import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
+import { createServer, type AddressInfo } from "node:net";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { runPlan } from "../../../src/commands/plan.ts";
@@ -144,6 +145,40 @@ describe("ampipe run", () => {
     const ran = await ampipe(["run", configPath, "--set", "model.moe_router_topk=9", "--out", join(dir, "run-cfg")]);
     expect(ran.code).toBe(2);
     expect(ran.stderr).toMatch(/model\.moe_router_topk/);
+  });
+
+  it("rejects a non-loopback --bind in one line before writing the plan or starting a rank", async () => {
+    const out = join(dir, "run-bind");
+    const ran = await ampipe(["run", configPath, "--bind", "tcp://10.0.0.1:0", "--out", out]);
+    expect(ran.code).toBe(2);
+    expect(ran.stderr).toMatch(/^ampipe run: --bind: refusing to bind tcp:\/\/10\.0\.0\.1:0: it is not a loopback address.*--allow-remote.*\n$/);
+    expect(ran.stderr.trimEnd().split("\n")).toHaveLength(1);
+    expect(ran.stdout).toBe("");
+    expect(existsSync(out)).toBe(false);
+    expect(ranksOf(ran.pid)).toEqual([]);
+  });
+
+  it("rejects a heartbeat timeout that does not exceed the interval, naming both options", async () => {
+    const out = join(dir, "run-heartbeat");
+    const ran = await ampipe(["run", configPath, "--heartbeat-interval", "2000", "--heartbeat-timeout", "2000", "--out", out]);
+    expect(ran.code).toBe(2);
+    expect(ran.stderr).toBe("ampipe run: --heartbeat-timeout: 2000 ms must exceed --heartbeat-interval (2000 ms)\n");
+    expect(existsSync(out)).toBe(false);
+  });
+
+  it("reports a controller that cannot bind (port taken) in one line, exit 1, no rank left", async () => {
+    const taken = createServer();
+    await new Promise<void>((ok) => taken.listen(0, "127.0.0.1", ok));
+    try {
+      const port = (taken.address() as AddressInfo).port;
+      const ran = await ampipe(["run", configPath, "--bind", `tcp://127.0.0.1:${port}`, "--out", join(dir, "run-taken")]);
+      expect(ran.code).toBe(1);
+      expect(ran.stderr).toMatch(new RegExp(`^ampipe run: cannot bind tcp://127\\.0\\.0\\.1:${port}: .+\n$`));
+      expect(ran.stdout).not.toContain("ranks ready");
+      expect(ranksOf(ran.pid)).toEqual([]);
+    } finally {
+      await new Promise((ok) => taken.close(ok));
+    }
   });
 
   it.skipIf(existsSync("/dev/nvidia0"))("exits non-zero and leaves no rank behind when the ranks cannot start", async () => {

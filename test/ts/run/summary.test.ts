@@ -1,10 +1,10 @@
 // How `ampipe run` combines the ranks' results and checks a plan file against the config.
 import { describe, expect, it } from "vitest";
-import { calibrationDoc, checkPlanDims, summarizeRanks, type RankResult } from "../../../src/commands/run.ts";
+import { calibrationDoc, summarizeRanks, type RankResult } from "../../../src/commands/run.ts";
 import { resolveConfig } from "../../../src/config/index.ts";
 import { makePlan } from "../../../src/plan/generators.ts";
 import { parseCalibration } from "../../../src/plan/calibration.ts";
-import { dimsFromConfig } from "../../../src/commands/plan.ts";
+import { checkPlanDims, dimsFromConfig } from "../../../src/commands/plan.ts";
 
 const cfg = resolveConfig({
   model: { hidden_size: 32, num_attention_heads: 4, seq_length: 48, num_experts: 4, moe_router_topk: 2, moe_ffn_hidden_size: 32 },
