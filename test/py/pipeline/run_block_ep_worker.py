@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
+# test_worker_commands (this folder) imports rank_procs (test/py): pytest puts both on the path, a rank needs them too.
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from test_worker_commands import FakeContext, experiment_config, fixture_plan  # noqa: E402
 
 from ampipe.pipeline.worker_commands import run_block  # noqa: E402
@@ -29,13 +30,14 @@ class DistContext(FakeContext):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--world", type=int, required=True)
     ap.add_argument("--init-file", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{a.init_file}", rank=a.rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{a.init_file}", rank=a.rank, world_size=a.world)
     try:
-        plan = fixture_plan("interleaved-p2")  # EP 2 in its dims
-        ctx = DistContext(rank=a.rank, world_size=2, backend="gloo")
+        plan = fixture_plan("interleaved-p2")  # EP 2 in its dims: the world must be 2
+        ctx = DistContext(rank=a.rank, world_size=a.world, backend="gloo")
         result = run_block({"config": experiment_config(plan, steps=2), "plan": plan}, ctx)
         print(json.dumps({"result": result, "events": ctx.events}), flush=True)
     finally:

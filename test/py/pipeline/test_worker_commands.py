@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +14,7 @@ from ampipe.pipeline import worker_commands
 from ampipe.pipeline.plan import PlanError
 from ampipe.pipeline.worker_commands import TOLERANCE_BY_DTYPE, default_tolerance, expected_dims, run_block
 from ampipe.worker import commands
+from rank_procs import run_ranks
 
 PLANS = Path(__file__).resolve().parents[2] / "fixtures" / "plans"
 EP_WORKER = Path(__file__).with_name("run_block_ep_worker.py")
@@ -216,25 +214,7 @@ def test_timeout_fails_the_command_and_stops_heartbeating(monkeypatch):
 
 @pytest.mark.slow
 def test_ep2_over_gloo(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, str(EP_WORKER), "--rank", str(r),
-                               "--init-file", str(tmp_path / "rendezvous")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            outs.append((p.returncode, out, err))
-    finally:
-        for p in procs:  # a failed rank can leave the other waiting in a collective
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    results = []
-    for r, (rc, out, err) in enumerate(outs):
-        assert rc == 0, f"rank {r} exited {rc}:\n{err[-4000:]}"
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = [json.loads(out.strip().splitlines()[-1]) for out in run_ranks(EP_WORKER, 2, tmp_path, timeout=120)]
     for r, got in enumerate(results):
         res = got["result"]
         assert res["rank"] == r and res["ep_rank"] == r and res["ep_size"] == 2
