@@ -289,7 +289,7 @@ export async function runCommand(configPath: string, o: RunCommandOptions, out: 
   const stepsSeen = new Map<number, Map<number, { b: number; p: number }>>();
   const onEvent = (ev: RankEvent) => {
     if (ev.kind === "progress" && ev.stage === "start" && ev.rank === 0)
-      say(`running: ${ev.warmup} warm-up + ${ev.steps} measured steps on each rank, baseline and pipelined interleaved ...`);
+      say(`running: ${ev.warmup} warm-up + ${ev.steps} measured steps on each rank, baseline and pipelined block alternating ...`);
     if (ev.kind === "metric" && ev.name === "block_step") {
       const step = ev.step as number;
       const m = stepsSeen.get(step) ?? new Map();

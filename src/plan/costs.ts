@@ -107,7 +107,7 @@ export const PROFILES: Record<string, DeviceProfile> = {
     flops_per_s: { fp32: 40e9, bf16: 15e9, fp16: 8e9 },
     attention_efficiency: 0.5,
     memory_bytes_per_s: 8e9,
-    op_overhead_ms: 0.03,
+    op_overhead_ms: 0.3, // the executor's per-op Python cost on CPU: calibrations here fit 0.2-1.2 ms
     interconnect: { bandwidth_gbps: 2, latency_us: 60 },
     overlap_slowdown: 1.25,
   },

@@ -33,7 +33,7 @@ describe("ampipe plan", () => {
 
   it("writes a valid plan and a Perfetto trace, and reports the timeline and the speed-up", () => {
     const out = join(dir, "a", "plan.json");
-    const r = runPlan(config("a.yaml", "  degree: auto\n  variant: auto"), { out, bandwidthGbps: "0.25" });
+    const r = runPlan(config("a.yaml", "  degree: auto\n  variant: auto"), { out, bandwidthGbps: "0.02" });
     const plan = readPlan(out);
     expect(plan.boundaries).toEqual(r.choice.best.boundaries);
     expect(r.tracePath).toBe(join(dir, "a", "plan.trace.json"));
@@ -43,7 +43,7 @@ describe("ampipe plan", () => {
     expect(r.text).toMatch(/\n {2}compute \|[a-zA-Z.]+\|\n {2}comm {4}\|[a-zA-Z.]+\|/);
     expect(r.text).toMatch(/speed-up \d+\.\d{3}x/);
     expect(r.choice.best.totalMs).toBeLessThanOrEqual(r.choice.sequential.totalMs);
-    // a slow link (0.25 GB/s) makes the all-to-all worth hiding
+    // a slow link (0.02 GB/s: ~3 ms per all-to-all, well above the CPU per-op cost) makes it worth hiding
     expect(r.choice.speedup).toBeGreaterThan(1);
     expect((r.summary.predicted as { total_ms: number }).total_ms).toBeCloseTo(predict(r.model, plan).totalMs, 9);
   });
