@@ -10,7 +10,6 @@ gathering them gives the global state dict back. Exits non-zero with the failing
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -20,6 +19,7 @@ from ampipe.model import ModelConfig
 from ampipe.model.checkpoint import gather_experts, shard_experts
 from ampipe.model.gpt import GPTModel
 from ampipe.parallel import init_parallel_groups, sync_gradients
+from rank_procs import gloo_rank
 
 BASE = dict(num_layers=2, hidden_size=16, num_attention_heads=4, seq_length=8, micro_batch_size=2,
             vocab_size=32, ffn_hidden_size=24, num_experts=4, moe_ffn_hidden_size=12)
@@ -110,15 +110,8 @@ def check_dispatch(ep_size: int) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rank", type=int, required=True)
-    ap.add_argument("--world", type=int, required=True)
-    ap.add_argument("--init-file", required=True)
-    ap.add_argument("--ep-sizes", required=True, help="comma-separated EP sizes to check")
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{a.init_file}", rank=a.rank, world_size=a.world)
-    try:
+    with gloo_rank(lambda ap: ap.add_argument("--ep-sizes", required=True,
+                                              help="comma-separated EP sizes to check")) as a:
         for ep in (int(s) for s in a.ep_sizes.split(",")):
             msg = check_dispatch(ep)
             if a.rank == 0:
@@ -127,8 +120,6 @@ def main() -> int:
                 msg = check(name, ModelConfig(**{**BASE, **extra}), ep)
                 if a.rank == 0:
                     print(msg, flush=True)
-    finally:
-        dist.destroy_process_group()
     return 0
 
 

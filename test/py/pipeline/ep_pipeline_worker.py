@@ -7,31 +7,17 @@ gradient. The all-to-alls run on the communication thread over gloo. Prints "<pl
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+from pipeline_helpers import assert_equal_within, inputs, load, make_layer, step
+from rank_procs import gloo_rank
 
-import torch
-import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_helpers import assert_equal_within, inputs, load, make_layer, step  # noqa: E402
-
-from ampipe.parallel import init_parallel_groups  # noqa: E402
-from ampipe.pipeline import AMPipeBlock, EmulatedComm  # noqa: E402
+from ampipe.parallel import init_parallel_groups
+from ampipe.pipeline import AMPipeBlock, EmulatedComm
 
 PLANS = ["interleaved-p2", "interleaved-p2-nonuniform", "grouped-p3", "grouped-p3-nonuniform"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rank", type=int, required=True)
-    ap.add_argument("--world", type=int, required=True)
-    ap.add_argument("--init-file", required=True)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{a.init_file}", rank=a.rank, world_size=a.world)
-    try:
+    with gloo_rank() as a:
         groups = init_parallel_groups(a.world)
         for i, name in enumerate(PLANS):
             plan = load(name)
@@ -44,8 +30,6 @@ def main() -> None:
             assert_equal_within(ref, got, 1e-5, f"rank {a.rank} {name}")
             assert_equal_within(ref, step(block, layer, x, dy), 1e-5, f"rank {a.rank} {name} again")
             print(f"{name} ok", flush=True)
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
