@@ -88,10 +88,43 @@ def _alias_rows(buf: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return alias
 
 
+def _prefix(buf: torch.Tensor, end: int) -> torch.Tensor:
+    """Rows [0, end) of a K/V buffer as an attention input. Later chunks' qkv ops write the
+    rows past `end`, hence an alias with its own version counter; the whole buffer has no
+    later writer (every chunk's K/V precede the attention that reads them all)."""
+    return buf.detach() if end == buf.shape[0] else _alias_rows(buf, 0, end)
+
+
 def _owns_storage(t: torch.Tensor) -> bool:
     """Whether `t` is a contiguous tensor spanning its whole storage (not a view into a larger one)."""
     return (t.is_contiguous() and t.storage_offset() == 0
             and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def _add_grads(a: torch.Tensor | None, b: torch.Tensor | None, like: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """a + b where either may be None (no gradient: zero), into `out` when given, else a
+    new tensor (never one of the inputs: an incoming gradient may alias the caller's)."""
+    if a is not None and b is not None:
+        return torch.add(a, b, out=out) if out is not None else a + b
+    g = a if a is not None else b
+    if out is None:
+        return g.clone() if g is not None else torch.zeros_like(like)
+    return out.copy_(g) if g is not None else out.zero_()
+
+
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+
+
+def _island_grad(outputs: list[torch.Tensor], grads: list[torch.Tensor],
+                 inputs: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    """`torch.autograd.grad(outputs, inputs, grads, allow_unused=True)` without its Python
+    argument checks (the caller matched dtypes, autograd checks shapes): those cost about
+    25 µs a call, and a block makes about ten calls per chunk in each step."""
+    if _ENGINE is None:
+        return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+    return _ENGINE.run_backward(tuple(outputs), tuple(grads), False, False, tuple(inputs),
+                                True, False)
 
 
 def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
@@ -132,6 +165,12 @@ class _Island:
     inputs: list[torch.Tensor | None]  # leaves whose grads the backward op routes on
     outputs: list[torch.Tensor]
     params: list[nn.Parameter]
+
+    @property
+    def identity(self) -> bool:
+        """The op returned its inputs unchanged (a comm op with one EP rank)."""
+        return (not self.params and len(self.outputs) == len(self.inputs)
+                and all(o is i for o, i in zip(self.outputs, self.inputs)))
 
 
 class _Step:
@@ -203,9 +242,10 @@ class _Step:
     def _run(self, inputs: list[torch.Tensor | None], fn):
         """Run an island's `fn(*inputs)`: under enable_grad when tracking (`_keep` records it)."""
         self._mark_used(*inputs)
+        if torch.is_grad_enabled() == self.track:  # the pass set it already (the usual case)
+            return fn(*inputs)
         with torch.set_grad_enabled(self.track):
-            out = fn(*inputs)
-        return out
+            return fn(*inputs)
 
     def _keep(self, key: tuple[str, int | None], inputs: list[torch.Tensor | None],
               outputs: Iterable[torch.Tensor], params: list[nn.Parameter]) -> None:
@@ -254,8 +294,8 @@ class _Step:
         lo, hi = self.plan.chunk_rows(c)
         q = self.q[c] if self.plan.chunk_qkv else _alias_rows(self.q[None].detach(), lo, hi)
         qin = _leaf(q, self.track)
-        kin = _alias_rows(self.kbuf, 0, hi).requires_grad_(self.track)
-        vin = _alias_rows(self.vbuf, 0, hi).requires_grad_(self.track)
+        kin = _prefix(self.kbuf, hi).requires_grad_(self.track)
+        vin = _prefix(self.vbuf, hi).requires_grad_(self.track)
         ctx = self._run([qin, kin, vin], lambda q, k, v: pieces.attention(self.layer, q, k, v))
         self.values[("ctx", c)] = ctx
         self._keep(("attn", c), [qin, kin, vin], [ctx], [])
@@ -356,9 +396,10 @@ class _Step:
         cfg = self.layer.cfg
         self.grad_y = grad_y
         self.grad_losses = (grad_aux, grad_z)
-        # dx rows are first written by proj_bwd (which precedes the qkv_bwd of the same rows
-        # in every valid plan), then added to: no zero fill.
-        self.dx = torch.empty_like(x) if self.x_grad else None
+        # dx rows: proj_bwd[c] leaves the residual's gradient in a slot, qkv_bwd (which
+        # follows it in every valid plan) writes residual + norm1 path in one add. One chunk
+        # spanning the sequence returns that sum as dx; otherwise rows go into one buffer.
+        self.dx: torch.Tensor | None = None
         # One sequence-long dK/dV each; chunks add into prefixes of them in place, in fp32
         # at least (P chunks add up: bf16 accumulation would round P times). The first
         # attn_bwd, when it covers the whole sequence (the last chunk, which plans run first),
@@ -372,7 +413,7 @@ class _Step:
             q = self.q[None]
             self.dq = x.new_empty((S, x.shape[1], cfg.num_attention_heads, cfg.head_dim),
                                   dtype=q.dtype)
-        self._mark_all_streams(self.dx, self.dq, grad_y, grad_aux, grad_z)
+        self._mark_all_streams(self.dq, grad_y, grad_aux, grad_z)
 
     def _mark_all_streams(self, *tensors: torch.Tensor | None) -> None:
         """Tensors made on the caller's stream and used by the plan's streams."""
@@ -393,6 +434,9 @@ class _Step:
         """autograd.grad of one island; returns its inputs' grads and accumulates its
         parameters' grads. Frees the island."""
         island = self.islands.pop(key)
+        if island.identity:  # the engine would hand each gradient straight back
+            return [g if i is not None and i.requires_grad else None
+                    for i, g in zip(island.inputs, grads)]
         outs, gouts = [], []
         for o, g in zip(island.outputs, grads):
             if g is not None and o.requires_grad:
@@ -403,7 +447,7 @@ class _Step:
         if not outs or not (wrt_inputs or params):
             return [None] * len(island.inputs)
         self._mark_used(*gouts)
-        got = torch.autograd.grad(outs, wrt_inputs + params, gouts, allow_unused=True)
+        got = _island_grad(outs, gouts, wrt_inputs + params)
         # The engine allocates these on the island's forward stream; `check_cuda_streams`
         # makes that the current one, record_stream keeps it right if it ever differs.
         self._mark_used(*got)
@@ -480,15 +524,11 @@ class _Step:
         self._put(("normed", c), g_n)
 
     def _b_proj(self, c: int) -> None:
-        lo, hi = self.plan.chunk_rows(c)
         g_ctx, g_res = self._run_island_backward(
             ("proj", c), [self._slot(("h", c)), self._slot(("normed", c))])
         self._put(("ctx", c), g_ctx)
-        if self.dx is not None:
-            if g_res is None:
-                self.dx[lo:hi].zero_()
-            else:
-                self.dx[lo:hi].copy_(g_res)
+        if self.x_grad:
+            self.slots[("res", c)] = g_res
 
     def _b_attn(self, c: int) -> None:
         lo, hi = self.plan.chunk_rows(c)
@@ -518,8 +558,23 @@ class _Step:
         lo, hi = self._rows(c)
         dq = self.dq[lo:hi] if self.dq is not None else self._slot(("q", c))
         (g_x,) = self._run_island_backward(("qkv", c), [dq, self.dk[lo:hi], self.dv[lo:hi]])
-        if g_x is not None and self.dx is not None:
-            self.dx[lo:hi].add_(g_x)
+        if not self.x_grad:
+            return
+        S = self.x.shape[0]
+        chunks = [c] if c is not None else range(self.plan.num_chunks)
+        if (lo, hi) == (0, S) and c is not None:  # one chunk: dx is this sum, no buffer
+            res = self._slot(("res", c))
+            self._mark_used(res)
+            self.dx = _add_grads(res, g_x, self.x)
+            return
+        if self.dx is None:
+            self.dx = self._shared_empty(self.x, self.x.shape)
+        for j in chunks:
+            a, b = self.plan.chunk_rows(j)
+            gx = None if g_x is None else g_x[a - lo:b - lo]
+            res = self._slot(("res", j))
+            self._mark_used(res)
+            _add_grads(res, gx, self.x[a:b], out=self.dx[a:b])
 
 
 class _PipelinedBlockFn(torch.autograd.Function):
@@ -528,8 +583,9 @@ class _PipelinedBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step: _Step, x: torch.Tensor, *params: torch.Tensor):
         block = step.block
-        block.last_times = {"forward": step.executor.run(
-            block.plan.forward, step.forward_op, "forward", inline=block._inline_comm)}
+        with torch.enable_grad():  # islands record graphs (`_Step._run` then need not switch)
+            block.last_times = {"forward": step.executor.run(
+                block.plan.forward, step.forward_op, "forward", inline=block._inline_comm)}
         block.last_delays_ms = step.delays_ms
         step.values.clear()
         ctx.step = step
@@ -625,6 +681,7 @@ class AMPipeBlock(TransformerLayer):
         self.last_delays_ms: dict[str, dict[str, float]] | None = None
         self._op_ids = {(op.kind, op.chunk): op.id for op in (*plan.forward, *plan.backward)}
         self._compute_streams = compute_stream_count(plan)
+        self._params = list(self.parameters())
         self._kind_params = {k: [p for m in mods for p in _submodule(self, m).parameters()]
                              for k, mods in _KIND_MODULES.items()}
         covered = {id(p) for ps in self._kind_params.values() for p in ps}
@@ -675,7 +732,7 @@ class AMPipeBlock(TransformerLayer):
         self._device = x.device
         if self.emulated_comm is not None:
             self._injector(x.device)  # before the block's ops: calibration synchronises
-        params = [p for p in self.parameters()]
+        params = self._params
         track = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
         step = _Step(self, x.detach(), params, track)
         if track:
