@@ -188,7 +188,7 @@ step pipeline-bench-cuda 90 "$PY" -m ampipe.bench.pipeline --device cuda --world
   --set seq_length=4096 --set micro_batch_size=1 --set hidden_size=1024 \
   --set num_attention_heads=16 --set num_experts=8 --set moe_ffn_hidden_size=2048 \
   --plan sequential-p1 --plan interleaved-p2 --plan interleaved-p4 --plan grouped-p4 \
-  --plan interleaved-p8 --iters 5 --json "$OUT/pipeline-bench-cuda.json"
+  --plan interleaved-p8 --iters 5 --overhead-iters 9 --json "$OUT/pipeline-bench-cuda.json"
 
 # The same with a capacity factor: static shapes, so dispatch needs no host read of the
 # token counts and the host never waits inside the block (dropless must wait, see docs).
@@ -196,7 +196,7 @@ step pipeline-bench-cuda-capacity 60 "$PY" -m ampipe.bench.pipeline --device cud
   --set seq_length=4096 --set micro_batch_size=1 --set hidden_size=1024 \
   --set num_attention_heads=16 --set num_experts=8 --set moe_ffn_hidden_size=2048 \
   --set moe_expert_capacity_factor=1.25 --ratios 0.5,1.0 \
-  --plan sequential-p1 --plan interleaved-p4 --plan interleaved-p8 --iters 5 \
+  --plan sequential-p1 --plan interleaved-p4 --plan interleaved-p8 --iters 5 --overhead-iters 5 \
   --json "$OUT/pipeline-bench-cuda-capacity.json"
 
 # The CPU kernels built by this machine's compiler (CI covers them too: lowest value here).

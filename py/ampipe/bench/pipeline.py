@@ -5,24 +5,30 @@
     python -m ampipe.bench.pipeline --device cuda --world-size 8 --set seq_length=4096
 
 Both blocks run in one process over the same parameters and input, repetitions
-interleaved (baseline, plan 1, plan 2, ..., baseline, ...), medians quoted. Communication
+interleaved (baseline, plan 1, ..., plan n, then plan n, ..., baseline: ABBA order). Communication
 is *emulated* (one device stands in for `--world-size` ranks): each all-to-all does its
 local data movement plus `latency + bytes / bandwidth` on its stream. The bandwidth is
 calibrated per ratio r from the measured baseline compute time C so that the baseline's
 four all-to-alls (dispatch, combine and their backward) take r·C.
 
-Printed per ratio and plan: baseline and pipelined medians, speed-up, the ideal bound
-(per pass the largest of fill + compute + drain, fill + comm + drain and the longest
-dependency chain, from the pipelined block's median per-op times; `compare.ideal_bound_ms`)
-as a speed-up, the overlap efficiency (T_base - T_pipe) / (T_base - T_bound), and the plan's
-own schedule replayed with those op times (what the executor's hand-offs add is the gap
-between that and the measured time), and per comm kind the measured comm op time against
-the modelled delay (`emulated_delay`: ~1 when the emulation does what it says; its local
-data movement is nothing with one rank).
-Also the P=1 overhead (a one-chunk plan against the baseline, no emulation) and the
-memory ratio: on CUDA the peak allocated during a step; on CPU the bytes the step keeps
-alive for backward (tensors saved by autograd, plus what the executor holds), deduplicated
-by storage, since CPU has no allocator peak counter.
+Figures are *paired*: repetition i gives the baseline time T_base,i, each plan's time
+T_pipe,i and the plan's ideal bound T_bound,i (per pass the largest of fill + compute +
+drain, fill + comm + drain and the longest dependency chain, from that repetition's per-op
+times; `compare.ideal_bound_ms`). A ratio is formed per repetition, then the median and the
+quartiles over repetitions are quoted. On a shared machine whose speed drifts between
+seconds, the two times of one repetition drift together and the ratio cancels it; medians
+of each side taken separately do not.
+
+Printed per ratio and plan: baseline and pipelined medians, speed-up T_base/T_pipe, the
+ideal speed-up T_base/T_bound, the overlap efficiency (T_base - T_pipe) / (T_base - T_bound)
+with its quartiles, the plan's own schedule replayed with the median op times (what the
+executor's hand-offs add is the gap between that and the measured time), and per comm kind
+the measured comm op time against the modelled delay (`emulated_delay`: ~1 when the
+emulation does what it says; its local data movement is nothing with one rank).
+Also the P=1 overhead (a one-chunk plan against the baseline, no emulation, paired over
+`--overhead-iters` repetitions) and the memory ratio: on CUDA the peak allocated during a
+step; on CPU the bytes the step keeps alive for backward (tensors saved by autograd, plus
+what the executor holds), deduplicated by storage, since CPU has no allocator peak counter.
 """
 
 from __future__ import annotations
@@ -54,6 +60,35 @@ DEFAULT_MODEL = dict(num_layers=1, seq_length=512, micro_batch_size=2, hidden_si
                      moe_ffn_hidden_size=512)
 DEFAULT_PLANS = ("sequential-p1", "interleaved-p2", "grouped-p2", "interleaved-p4")
 FIXTURES = Path(__file__).resolve().parents[3] / "test" / "fixtures" / "plans"
+
+
+def paired(values: list[float]) -> dict[str, float]:
+    """Median and quartiles of per-repetition figures."""
+    if len(values) < 2:
+        v = values[0]
+        return {"median": v, "q1": v, "q3": v, "n": len(values)}
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": q2, "q1": q1, "q3": q3, "n": len(values)}
+
+
+def paired_figures(plan: Plan, base_ms: list[float], pipe_ms: list[float],
+                   op_times: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Per repetition: speed-up, ideal speed-up (bound from that repetition's op times) and
+    overlap efficiency; each as `paired` statistics. Repetitions whose bound is not below
+    the baseline have no efficiency; None when none has."""
+    bounds = [ideal_bound_ms(plan, t)["bound_ms"] for t in op_times]
+    eff = [(tb - tp) / (tb - b) for tb, tp, b in zip(base_ms, pipe_ms, bounds) if tb > b]
+    return {"speedup": paired([tb / tp for tb, tp in zip(base_ms, pipe_ms)]),
+            "ideal_speedup": paired([tb / b for tb, b in zip(base_ms, bounds)]),
+            "overlap_efficiency": paired(eff) if eff else None,
+            "ideal_bound_ms": statistics.median(bounds)}
+
+
+def _in_turn(blocks: dict[str, Any], i: int) -> list[tuple[str, Any]]:
+    """The blocks of repetition i: in order, then reversed (ABBA), so that a drift within a
+    repetition does not always favour the blocks that run first."""
+    items = list(blocks.items())
+    return items if i % 2 == 0 else items[::-1]
 
 
 def _timed_step(block, x, dy, params, device) -> float:
@@ -119,7 +154,8 @@ def _plans_for(cfg: ModelConfig, layer, names: list[str], plan_dir: Path) -> dic
 
 def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float], *,
                    latency_us: float = 20.0, world_size: int = 8, warmup: int = 1,
-                   iters: int = 5, seed: int = 0, device: str | torch.device = "cpu",
+                   iters: int = 9, overhead_iters: int = 21, seed: int = 0,
+                   device: str | torch.device = "cpu",
                    plan_dir: Path = FIXTURES, log=print) -> dict[str, Any]:
     device = torch.device(device)
     layer = make_baseline_block(cfg, device=device, seed=seed)
@@ -130,8 +166,8 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
     # 1. Baseline compute and the P=1 overhead, without communication.
     plain = {"baseline": layer, **{k: AMPipeBlock.from_layer(layer, p) for k, p in plans.items()}}
     samples: dict[str, list[float]] = {k: [] for k in plain}
-    for i in range(warmup + iters):
-        for k, b in plain.items():
+    for i in range(warmup + overhead_iters):
+        for k, b in _in_turn(plain, i):
             t = _timed_step(b, x, dy, params, device)
             if i >= warmup:
                 samples[k].append(t)
@@ -140,10 +176,12 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
     log(f"baseline compute (no communication): {compute_ms:.2f} ms fwd+bwd "
         f"[{device}, {cfg.dtype}, s={cfg.seq_length} b={cfg.micro_batch_size} "
         f"H={cfg.hidden_size} E={cfg.num_experts} top-{cfg.moe_router_topk}]")
-    overhead = {k: v / compute_ms - 1 for k, v in no_comm.items()
-                if k != "baseline" and plans[k].num_chunks == 1}
-    for k, v in overhead.items():
-        log(f"P=1 overhead ({k}, no communication): {v * 100:+.1f}%")
+    overhead_stats = {k: paired([t / tb - 1 for t, tb in zip(v, samples["baseline"])])
+                      for k, v in samples.items() if k != "baseline" and plans[k].num_chunks == 1}
+    overhead = {k: v["median"] for k, v in overhead_stats.items()}
+    for k, v in overhead_stats.items():
+        log(f"P=1 overhead ({k}, no communication): {v['median'] * 100:+.1f}% "
+            f"(paired median of {v['n']}; quartiles {v['q1'] * 100:+.1f}% .. {v['q3'] * 100:+.1f}%)")
 
     # 2. Memory.
     if device.type == "cuda":
@@ -176,7 +214,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
         spans: dict[str, list[dict[str, float]]] = {k: [] for k in plans}
         delays: dict[str, list[dict[str, dict[str, float]]]] = {k: [] for k in plans}
         for i in range(warmup + iters):
-            for k, b in blocks.items():
+            for k, b in _in_turn(blocks, i):
                 t = _timed_step(b, x, dy, params, device)
                 if i >= warmup:
                     samples[k].append(t)
@@ -190,29 +228,34 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
             tp = statistics.median(samples[k])
             per_op = {n: {op: statistics.median(s[n][op] for s in op_samples[k])
                           for op in op_samples[k][0][n]} for n in ("forward", "backward")}
-            bound = ideal_bound_ms(plan, per_op)["bound_ms"]
+            fig = paired_figures(plan, samples["baseline"], samples[k], op_samples[k])
             sim = simulate_ms(plan, per_op, per_stream=device.type == "cuda")["total_ms"]
             delay_check = emulated_delay_report(plan, per_op, delays[k])
-            gain = tb - bound
-            eff = (tb - tp) / gain if gain > 0 else None
+            eff = fig["overlap_efficiency"]
             row = {"ratio": r, "plan": k, "degree": plan.num_chunks, "variant": plan.variant,
-                   "baseline_ms": tb, "pipelined_ms": tp, "speedup": tb / tp,
-                   "ideal_bound_ms": bound, "ideal_speedup": tb / bound,
-                   "overlap_efficiency": eff, "emulated": emu.label,
+                   "baseline_ms": tb, "pipelined_ms": tp,
+                   "speedup": fig["speedup"]["median"],
+                   "ideal_bound_ms": fig["ideal_bound_ms"],
+                   "ideal_speedup": fig["ideal_speedup"]["median"],
+                   "overlap_efficiency": None if eff is None else eff["median"],
+                   "paired": fig, "emulated": emu.label,
                    "schedule_simulated_ms": sim,
                    "calibration": {"plan": plan.to_dict(), "op_times_ms": per_op, "makespan_ms": {
                        n: statistics.median(sp[n] for sp in spans[k]) for n in ("forward", "backward")}},
                    "bandwidth_gbps": emu.bandwidth_gbps, "op_times_ms": per_op,
                    "emulated_delay": delay_check}
             results.append(row)
-            log(f"  {k:<22} {tp:8.2f} ms  speed-up {tb / tp:5.3f}  ideal {tb / bound:5.3f}  "
-                f"overlap efficiency {'n/a' if eff is None else f'{eff:5.2f}'}  "
+            eff_txt = ("n/a" if eff is None else
+                       f"{eff['median']:5.2f} [{eff['q1']:.2f}..{eff['q3']:.2f}]")
+            log(f"  {k:<22} {tp:8.2f} ms  speed-up {row['speedup']:5.3f}  "
+                f"ideal {row['ideal_speedup']:5.3f}  overlap efficiency {eff_txt}  "
                 f"(this schedule with these op times: {sim:.2f} ms)")
             log("    comm op time / modelled delay: " + ", ".join(
                 f"{kind} {d['measured_ms']:.2f}/{d['modelled_ms']:.2f} ms = {d['ratio']:.2f}"
                 for kind, d in delay_check.items()))
     return {"label": "emulated communication", "device": str(device), "config": cfg.to_dict(),
             "compute_ms": compute_ms, "no_comm_ms": no_comm, "p1_overhead": overhead,
+            "p1_overhead_paired": overhead_stats, "overhead_iters": overhead_iters,
             "memory_bytes": mem, "memory_ratio": mem_ratio, "memory_kind": mem_kind,
             "latency_us": latency_us, "world_size": world_size, "iters": iters,
             "results": results}
@@ -235,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world-size", type=int, default=8, help="emulated expert-parallel ranks")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=9, help="repetitions per ratio")
+    ap.add_argument("--overhead-iters", type=int, default=21,
+                    help="repetitions of the no-communication pass (P=1 overhead)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", metavar="FILE", help="write every figure as JSON")
@@ -249,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     out = bench_pipeline(cfg, args.plan or list(DEFAULT_PLANS), ratios,
                          latency_us=args.latency_us, world_size=args.world_size,
-                         warmup=args.warmup, iters=args.iters, seed=args.seed,
+                         warmup=args.warmup, iters=args.iters,
+                         overhead_iters=args.overhead_iters, seed=args.seed,
                          device=args.device, plan_dir=Path(args.plan_dir))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

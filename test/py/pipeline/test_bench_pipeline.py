@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import statistics
 
-from ampipe.bench.pipeline import main
+import pytest
+
+from ampipe.bench.pipeline import FIXTURES, main, paired, paired_figures
+from ampipe.pipeline.compare import ideal_bound_ms
+from ampipe.pipeline.plan import load_plan
 
 
 def test_bench_pipeline_cli_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["--set", "seq_length=48", "--set", "hidden_size=32", "--set", "num_attention_heads=4",
                "--set", "moe_ffn_hidden_size=64", "--plan", "sequential-p1", "--plan", "interleaved-p3",
-               "--ratios", "0.5", "--iters", "1", "--warmup", "0", "--latency-us", "5",
+               "--ratios", "0.5", "--iters", "2", "--overhead-iters", "3", "--warmup", "0",
+               "--latency-us", "5",
                "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -26,3 +32,27 @@ def test_bench_pipeline_cli_writes_every_figure(tmp_path, capsys):
         assert set(delay) == {"dispatch", "combine", "dispatch_bwd", "combine_bwd"}
         assert all(v["ops"] == r["degree"] and v["modelled_ms"] > 0 for v in delay.values())
     assert set(d["memory_ratio"]) == {"sequential-p1", "interleaved-p3"}
+    assert d["p1_overhead_paired"]["sequential-p1"]["n"] == 3
+    assert all(r["paired"]["speedup"]["n"] == 2 for r in d["results"])
+
+
+def test_paired_figures_form_ratios_per_repetition():
+    plan = load_plan(FIXTURES / "interleaved-p2.json")
+    times = [{"forward": {op.id: 1.0 for op in plan.forward},
+              "backward": {op.id: 2.0 for op in plan.backward}}] * 3
+    bound = ideal_bound_ms(plan, times[0])["bound_ms"]
+    # Repetitions drift (x1, x2): each pairs its own baseline and pipelined time. The third
+    # has a baseline at the bound: no efficiency from it.
+    base = [bound + 10, bound + 20, bound]
+    pipe = [bound + 1, bound + 4, bound + 2]
+    fig = paired_figures(plan, base, pipe, times)
+    assert fig["overlap_efficiency"]["n"] == 2
+    assert fig["overlap_efficiency"]["median"] == pytest.approx((0.9 + 0.8) / 2)
+    assert fig["speedup"]["median"] == pytest.approx(statistics.median(b / p for b, p in zip(base, pipe)))
+    assert fig["ideal_bound_ms"] == pytest.approx(bound)
+    assert paired_figures(plan, [bound], [bound + 1], times[:1])["overlap_efficiency"] is None
+
+
+def test_paired_quartiles():
+    assert paired([3.0, 1.0, 2.0, 4.0, 5.0]) == {"median": 3.0, "q1": 2.0, "q3": 4.0, "n": 5}
+    assert paired([7.0]) == {"median": 7.0, "q1": 7.0, "q3": 7.0, "n": 1}

@@ -20,8 +20,10 @@ torch.set_num_threads(1)
 FAST_EMU = EmulatedComm(latency_us=1, bandwidth_gbps=1000.0, world_size=2)
 
 
-def _comm_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == COMM_THREAD_NAME and t.is_alive()]
+def _parked_comm_thread(block: AMPipeBlock) -> threading.Thread:
+    thread = block._executor.comm_thread  # started by a pass, parked between passes
+    assert thread is not None and thread.is_alive() and thread.name == COMM_THREAD_NAME
+    return thread
 
 
 def _failing(real, chunk_to_fail: int, arg_of_chunk):
@@ -39,6 +41,8 @@ def test_op_failing_mid_forward_names_the_op_and_leaves_no_thread(monkeypatch, k
     block = AMPipeBlock.from_layer(layer, plan, emulated_comm=FAST_EMU)  # comm on its thread
     x, dy = inputs(plan)
     ref = step(layer, layer, x, dy)
+    block(x)
+    comm = _parked_comm_thread(block)
     calls = {"n": 0}
     real = getattr(blk.pieces, kind)
 
@@ -52,7 +56,7 @@ def test_op_failing_mid_forward_names_the_op_and_leaves_no_thread(monkeypatch, k
     with pytest.raises(OpFailed, match=rf"forward op '{op_id}'.*injected failure") as info:
         block(x)
     assert info.value.op.id == op_id
-    assert _comm_threads() == []
+    assert not comm.is_alive() and block._executor.comm_thread is None  # stopped and joined
     monkeypatch.setattr(blk.pieces, kind, real)
     assert_equal_within(ref, step(block, layer, x, dy), 1e-5, "after a failed step")
 
@@ -87,9 +91,10 @@ def test_op_failing_mid_backward_names_the_op_and_leaves_no_thread(monkeypatch):
 
     monkeypatch.setattr(blk._Step, "_b_attn", fail_chunk_1)
     y, losses = block(x)
+    comm = _parked_comm_thread(block)
     with pytest.raises(OpFailed, match=r"backward op 'b\.attn\.1'.*injected backward failure"):
         ((y * dy).sum() + losses.aux_loss).backward()
-    assert _comm_threads() == []
+    assert not comm.is_alive() and block._executor.comm_thread is None
 
 
 def _live_tensors() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -26,8 +27,6 @@ def _chain(n: int) -> list[PlanOp]:
     return ops
 
 
-def _no_comm_thread() -> bool:
-    return not any(t.name == COMM_THREAD_NAME and t.is_alive() for t in threading.enumerate())
 
 
 def test_deps_and_stream_order_are_respected_and_comm_overlaps():
@@ -52,7 +51,11 @@ def test_deps_and_stream_order_are_respected_and_comm_overlaps():
     # a1 must run while c0 is in flight: the comm thread really overlaps
     assert by_id["a1"][2] < by_id["c0"][3]
     assert set(times.op_times_ms) == {op.id for op in ops}
-    assert _no_comm_thread()
+    # the executor keeps its communication thread, parked, for the next pass
+    comm = ex.comm_thread
+    assert comm is not None and comm.is_alive() and comm.name == COMM_THREAD_NAME
+    ex.run(ops, run, "backward")
+    assert ex.comm_thread is comm
 
 
 @pytest.mark.parametrize("bad", ["c1", "a2"])
@@ -60,6 +63,9 @@ def test_failing_op_is_named_and_no_thread_is_left(bad):
     ops = _chain(4)
     ex = StreamExecutor(STREAMS, "cpu")
     ran: list[str] = []
+    ex.run(ops, lambda op: None, "forward")  # starts the communication thread
+    comm = ex.comm_thread
+    assert comm is not None and comm.is_alive()
 
     def run(op: PlanOp) -> None:
         if op.id == bad:
@@ -70,7 +76,7 @@ def test_failing_op_is_named_and_no_thread_is_left(bad):
         ex.run(ops, run, "forward")
     assert info.value.op.id == bad
     assert isinstance(info.value.__cause__, ValueError)
-    assert _no_comm_thread()
+    assert not comm.is_alive() and ex.comm_thread is None  # stopped and joined
     # nothing that depends on the failed op ran
     assert not any(op.id in ran and bad in op.deps for op in ops)
 
@@ -87,3 +93,14 @@ def test_emulated_delay_model_and_cpu_sleep():
     with pytest.raises(ValueError, match="bandwidth_gbps"):
         EmulatedComm(bandwidth_gbps=0)
     assert EmulatedComm.from_dict({"latency_us": 5, "bandwidth_gbps": 2, "world_size": 2}).world_size == 2
+
+
+def test_collected_executor_lets_its_comm_thread_go():
+    ex = StreamExecutor(STREAMS, "cpu")
+    ex.run(_chain(2), lambda op: None, "forward")
+    comm = ex.comm_thread
+    assert comm is not None and comm.is_alive()
+    del ex
+    gc.collect()
+    comm.join(timeout=10)
+    assert not comm.is_alive()
