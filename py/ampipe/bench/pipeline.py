@@ -20,8 +20,9 @@ seconds, the two times of one repetition drift together and the ratio cancels it
 of each side taken separately do not.
 
 Printed per ratio and plan: baseline and pipelined medians, speed-up T_base/T_pipe, the
-ideal speed-up T_base/T_bound, the overlap efficiency (T_base - T_pipe) / (T_base - T_bound)
-with its quartiles, the plan's own schedule replayed with the median op times (what the
+ideal speed-up T_base/T_bound, the overlap efficiency median(T_base - T_pipe) /
+median(T_base - T_bound) over repetitions (`[q1..q3, n of N]`: quartiles of the per-repetition
+efficiency over the n repetitions whose bound is below the baseline), the plan's own schedule replayed with the median op times (what the
 executor's hand-offs add is the gap between that and the measured time), and per comm kind
 the measured comm op time against the modelled delay (`emulated_delay`: ~1 when the
 emulation does what it says; its local data movement is nothing with one rank).
@@ -64,6 +65,8 @@ FIXTURES = Path(__file__).resolve().parents[3] / "test" / "fixtures" / "plans"
 
 def paired(values: list[float]) -> dict[str, float]:
     """Median and quartiles of per-repetition figures."""
+    if not values:
+        raise ValueError("paired: no repetitions")
     if len(values) < 2:
         v = values[0]
         return {"median": v, "q1": v, "q3": v, "n": len(values)}
@@ -73,20 +76,29 @@ def paired(values: list[float]) -> dict[str, float]:
 
 def paired_figures(plan: Plan, base_ms: list[float], pipe_ms: list[float],
                    op_times: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
-    """Per repetition: speed-up, ideal speed-up (bound from that repetition's op times) and
-    overlap efficiency; each as `paired` statistics. Repetitions whose bound is not below
-    the baseline have no efficiency; None when none has."""
+    """Per repetition i: speed-up, ideal speed-up (the bound from that repetition's op
+    times), each as `paired` statistics; and the overlap efficiency
+    median_i(T_base - T_pipe) / median_i(T_base - T_bound) (None when the bound is not below
+    the baseline), with the quartiles of the per-repetition efficiencies beside it. A ratio
+    per repetition would be unstable where the bound comes near the baseline, and keeping
+    only the repetitions whose bound is below it would keep the noise that went one way."""
     bounds = [ideal_bound_ms(plan, t)["bound_ms"] for t in op_times]
-    eff = [(tb - tp) / (tb - b) for tb, tp, b in zip(base_ms, pipe_ms, bounds) if tb > b]
+    gain = statistics.median(tb - b for tb, b in zip(base_ms, bounds))
+    eff = None
+    if gain > 0:
+        per_rep = [(tb - tp) / (tb - b) for tb, tp, b in zip(base_ms, pipe_ms, bounds) if tb > b]
+        eff = {**(paired(per_rep) if per_rep else {"median": None, "q1": None, "q3": None, "n": 0}),
+               "value": statistics.median(tb - tp for tb, tp in zip(base_ms, pipe_ms)) / gain}
     return {"speedup": paired([tb / tp for tb, tp in zip(base_ms, pipe_ms)]),
             "ideal_speedup": paired([tb / b for tb, b in zip(base_ms, bounds)]),
-            "overlap_efficiency": paired(eff) if eff else None,
+            "overlap_efficiency": eff,
             "ideal_bound_ms": statistics.median(bounds)}
 
 
 def _in_turn(blocks: dict[str, Any], i: int) -> list[tuple[str, Any]]:
-    """The blocks of repetition i: in order, then reversed (ABBA), so that a drift within a
-    repetition does not always favour the blocks that run first."""
+    """The blocks of repetition i (0 = the first measured one): in order on even
+    repetitions, reversed on odd ones (ABBA), so that a drift within a repetition does not
+    always favour the blocks that run first. Even repetition counts balance the orders."""
     items = list(blocks.items())
     return items if i % 2 == 0 else items[::-1]
 
@@ -154,7 +166,7 @@ def _plans_for(cfg: ModelConfig, layer, names: list[str], plan_dir: Path) -> dic
 
 def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float], *,
                    latency_us: float = 20.0, world_size: int = 8, warmup: int = 1,
-                   iters: int = 9, overhead_iters: int = 21, seed: int = 0,
+                   iters: int = 10, overhead_iters: int = 30, seed: int = 0,
                    device: str | torch.device = "cpu",
                    plan_dir: Path = FIXTURES, log=print) -> dict[str, Any]:
     device = torch.device(device)
@@ -164,19 +176,23 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
     plans = _plans_for(cfg, layer, plan_names, plan_dir)
 
     # 1. Baseline compute and the P=1 overhead, without communication.
+    # Every block runs `iters` repetitions; the baseline and the one-chunk plans carry on
+    # to `overhead_iters` (the P=1 overhead is a small difference: it needs more).
     plain = {"baseline": layer, **{k: AMPipeBlock.from_layer(layer, p) for k, p in plans.items()}}
     samples: dict[str, list[float]] = {k: [] for k in plain}
-    for i in range(warmup + overhead_iters):
-        for k, b in _in_turn(plain, i):
+    for i in range(-warmup, max(iters, overhead_iters)):
+        now = {k: b for k, b in plain.items()
+               if i < iters or k == "baseline" or plans[k].num_chunks == 1}
+        for k, b in _in_turn(now, i):
             t = _timed_step(b, x, dy, params, device)
-            if i >= warmup:
+            if i >= 0:
                 samples[k].append(t)
     compute_ms = statistics.median(samples["baseline"])
     no_comm = {k: statistics.median(v) for k, v in samples.items()}
     log(f"baseline compute (no communication): {compute_ms:.2f} ms fwd+bwd "
         f"[{device}, {cfg.dtype}, s={cfg.seq_length} b={cfg.micro_batch_size} "
         f"H={cfg.hidden_size} E={cfg.num_experts} top-{cfg.moe_router_topk}]")
-    overhead_stats = {k: paired([t / tb - 1 for t, tb in zip(v, samples["baseline"])])
+    overhead_stats = {k: paired([t / tb - 1 for t, tb in zip(v, samples["baseline"][:len(v)])])
                       for k, v in samples.items() if k != "baseline" and plans[k].num_chunks == 1}
     overhead = {k: v["median"] for k, v in overhead_stats.items()}
     for k, v in overhead_stats.items():
@@ -213,10 +229,10 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
         op_samples: dict[str, list[dict[str, dict[str, float]]]] = {k: [] for k in plans}
         spans: dict[str, list[dict[str, float]]] = {k: [] for k in plans}
         delays: dict[str, list[dict[str, dict[str, float]]]] = {k: [] for k in plans}
-        for i in range(warmup + iters):
+        for i in range(-warmup, iters):
             for k, b in _in_turn(blocks, i):
                 t = _timed_step(b, x, dy, params, device)
-                if i >= warmup:
+                if i >= 0:
                     samples[k].append(t)
                     if k in plans:
                         op_samples[k].append({n: ts.op_times_ms for n, ts in b.last_times.items()})
@@ -237,7 +253,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                    "speedup": fig["speedup"]["median"],
                    "ideal_bound_ms": fig["ideal_bound_ms"],
                    "ideal_speedup": fig["ideal_speedup"]["median"],
-                   "overlap_efficiency": None if eff is None else eff["median"],
+                   "overlap_efficiency": None if eff is None else eff["value"],
                    "paired": fig, "emulated": emu.label,
                    "schedule_simulated_ms": sim,
                    "calibration": {"plan": plan.to_dict(), "op_times_ms": per_op, "makespan_ms": {
@@ -245,8 +261,9 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                    "bandwidth_gbps": emu.bandwidth_gbps, "op_times_ms": per_op,
                    "emulated_delay": delay_check}
             results.append(row)
-            eff_txt = ("n/a" if eff is None else
-                       f"{eff['median']:5.2f} [{eff['q1']:.2f}..{eff['q3']:.2f}]")
+            eff_txt = ("n/a" if eff is None else f"{eff['value']:5.2f}" + (
+                f" [{eff['q1']:.2f}..{eff['q3']:.2f}, {eff['n']} of {len(samples[k])}]"
+                if eff["n"] else ""))
             log(f"  {k:<22} {tp:8.2f} ms  speed-up {row['speedup']:5.3f}  "
                 f"ideal {row['ideal_speedup']:5.3f}  overlap efficiency {eff_txt}  "
                 f"(this schedule with these op times: {sim:.2f} ms)")
@@ -259,6 +276,15 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
             "memory_bytes": mem, "memory_ratio": mem_ratio, "memory_kind": mem_kind,
             "latency_us": latency_us, "world_size": world_size, "iters": iters,
             "results": results}
+
+
+def _count(least: int):
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text}")
+        return n
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-us", type=float, default=20.0, help="emulated latency per all-to-all")
     ap.add_argument("--world-size", type=int, default=8, help="emulated expert-parallel ranks")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=9, help="repetitions per ratio")
-    ap.add_argument("--overhead-iters", type=int, default=21,
-                    help="repetitions of the no-communication pass (P=1 overhead)")
+    ap.add_argument("--warmup", type=_count(0), default=1)
+    ap.add_argument("--iters", type=_count(1), default=10, help="repetitions per ratio")
+    ap.add_argument("--overhead-iters", type=_count(1), default=30,
+                    help="repetitions of the baseline and one-chunk plans without communication "
+                         "(the P=1 overhead)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", metavar="FILE", help="write every figure as JSON")

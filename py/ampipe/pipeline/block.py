@@ -119,12 +119,13 @@ _ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
 def _island_grad(outputs: list[torch.Tensor], grads: list[torch.Tensor],
                  inputs: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     """`torch.autograd.grad(outputs, inputs, grads, allow_unused=True)` without its Python
-    argument checks (the caller matched dtypes, autograd checks shapes): those cost about
-    25 µs a call, and a block makes about ten calls per chunk in each step."""
+    argument handling (the caller matched shapes and dtypes): that costs about 25 µs a call,
+    and a block makes about ten calls per chunk in each step."""
     if _ENGINE is None:
         return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
-    return _ENGINE.run_backward(tuple(outputs), tuple(grads), False, False, tuple(inputs),
-                                True, False)
+    return _ENGINE.run_backward(tensors=tuple(outputs), grad_tensors=tuple(grads),
+                                keep_graph=False, create_graph=False, inputs=tuple(inputs),
+                                allow_unreachable=True, accumulate_grad=False)
 
 
 def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
@@ -440,6 +441,9 @@ class _Step:
         outs, gouts = [], []
         for o, g in zip(island.outputs, grads):
             if g is not None and o.requires_grad:
+                if g.shape != o.shape:  # the engine would broadcast-reduce it silently
+                    raise RuntimeError(f"AMPipeBlock: gradient of shape {tuple(g.shape)} for an "
+                                       f"output of shape {tuple(o.shape)} ({key[0]} op)")
                 outs.append(o)
                 gouts.append(g if g.dtype == o.dtype else g.to(o.dtype))
         wrt_inputs = [i for i in island.inputs if i is not None and i.requires_grad]
@@ -681,6 +685,16 @@ class AMPipeBlock(TransformerLayer):
         self.last_delays_ms: dict[str, dict[str, float]] | None = None
         self._op_ids = {(op.kind, op.chunk): op.id for op in (*plan.forward, *plan.backward)}
         self._compute_streams = compute_stream_count(plan)
+        self._cache_params()
+        # Parameter objects replaced (load_state_dict(assign=True), to_empty, a conversion
+        # that swaps parameters): the per-op parameter lists must follow.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._cache_params())
+        self._delay_cache: dict[torch.device, DelayInjector] = {}
+        self._device: torch.device | None = None
+
+    def _cache_params(self) -> None:
+        """The parameter list (the Function's inputs) and each op kind's parameters, built
+        once rather than walked every step."""
         self._params = list(self.parameters())
         self._kind_params = {k: [p for m in mods for p in _submodule(self, m).parameters()]
                              for k, mods in _KIND_MODULES.items()}
@@ -688,8 +702,11 @@ class AMPipeBlock(TransformerLayer):
         missing = [n for n, p in self.named_parameters() if id(p) not in covered]
         if missing:
             raise PlanError(f"AMPipeBlock: no plan op differentiates parameter(s) {missing}")
-        self._delay_cache: dict[torch.device, DelayInjector] = {}
-        self._device: torch.device | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._cache_params()
+        return out
 
     @property
     def _executor(self) -> StreamExecutor:

@@ -15,8 +15,10 @@ threads on one process group could interleave them differently per rank). Becaus
 always point to earlier ops of the list and both threads walk the list in order, the
 schedule cannot deadlock. The communication thread is the executor's, like a CUDA stream:
 started at its first pass and parked between passes (starting a thread per pass cost about
-0.3 ms before the first op could run, twice a step). If an op raises, the other thread stops
-at its next op, the pass waits for it, the communication thread is stopped and joined (no
+0.3 ms before the first op could run, twice a step). A pass that finds it busy (a pass
+nested in an op of another, as an activation-checkpoint recompute does; a pass from a second
+thread) gets a thread of its own for that pass. If an op raises, the other thread stops at
+its next op, the pass waits for it, the communication thread is stopped and joined (no
 thread outlives a failed pass; the next pass starts a new one), and the error surfaces as
 `OpFailed` naming the op.
 """
@@ -33,10 +35,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from .plan import PlanOp, StreamSpec
 
 COMM_THREAD_NAME = "ampipe-comm"
+
+# Exceptions that are control flow, not failures: they leave a pass unwrapped. Non-reentrant
+# activation checkpointing stops a recompute early by raising this from a saved-tensor hook
+# (inside an island) and catches it around the recomputed forward.
+_PASS_THROUGH: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),) if t is not None)
 
 
 class OpFailed(RuntimeError):
@@ -106,6 +115,7 @@ class _CommWorker:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
+        self.busy = False  # a pass holds it (set under the executor's lock)
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._main, name=COMM_THREAD_NAME, daemon=True)
         self.thread.start()
@@ -174,6 +184,8 @@ class StreamExecutor:
                     device=self.device, priority=stream_priority(s.kind))
         self._local = threading.local()
         self._worker: _CommWorker | None = None
+        self._worker_lock = threading.Lock()
+        self._worker_finalizer: weakref.finalize | None = None
         # The caller's stream while a CUDA pass runs: shared buffers are allocated from its
         # pool, whose queue every plan stream has already waited on (the entry event).
         self.caller_stream: torch.cuda.Stream | None = None
@@ -231,6 +243,8 @@ class StreamExecutor:
                         start.record(stream)
                     try:
                         run_op(op)
+                    except _PASS_THROUGH:
+                        raise
                     except Exception as e:
                         raise OpFailed(op, pass_name, e) from e
                     end = torch.cuda.Event(enable_timing=self.record_times)
@@ -279,6 +293,8 @@ class StreamExecutor:
             local.stream = op.stream
             try:
                 run_op(op)
+            except _PASS_THROUGH:
+                raise
             except Exception as e:
                 raise OpFailed(op, pass_name, e) from e
             finally:
@@ -298,10 +314,9 @@ class StreamExecutor:
             except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
                 fail(e)
 
-        finished = None
+        worker, kept, finished = None, False, threading.Event()
         if comm_ops:
             grad_enabled = torch.is_grad_enabled()
-            finished = threading.Event()
 
             def comm_pass() -> None:
                 try:
@@ -310,38 +325,62 @@ class StreamExecutor:
                 finally:
                     finished.set()
 
-            self._comm_worker().submit(comm_pass)
+            worker, kept = self._take_comm_worker()
+            worker.submit(comm_pass)
         try:
             walk(compute_ops)
         finally:
-            if finished is not None:
+            if worker is not None:
                 if failures:
                     abort.set()
                 finished.wait()
+        # (Interrupted while waiting, the worker stays busy: later passes take another.)
+        if worker is not None:
+            if failures or not kept:
+                self._drop_comm_worker(worker)  # nothing outlives a failed pass
+            else:
+                worker.busy = False
         if failures:
-            self.stop_comm_thread()  # nothing outlives a failed pass
             raise failures[0]
         return times
 
     @property
     def comm_thread(self) -> threading.Thread | None:
         """The communication thread (parked between passes), if one is running."""
-        return self._worker.thread if self._worker is not None and self._worker.usable else None
+        w = self._worker
+        return w.thread if w is not None and w.usable else None
 
-    def _comm_worker(self) -> _CommWorker:
-        if self._worker is None or not self._worker.usable:
-            self._worker = _CommWorker()
-            # An executor that is garbage collected lets its thread go.
-            self._worker_finalizer = weakref.finalize(self, self._worker.retire)
-        return self._worker
+    def _take_comm_worker(self) -> tuple[_CommWorker, bool]:
+        """A communication thread for one pass, and whether it is the executor's parked one.
+        That one is busy during a pass nested in another pass's op (an activation-checkpoint
+        recompute), a pass from a second thread, or after an interrupted pass: such a pass
+        gets a thread of its own, stopped when it ends (queuing behind the busy one could
+        wait forever on the very op that started it)."""
+        with self._worker_lock:
+            w = self._worker
+            if w is None or not w.usable:
+                if self._worker_finalizer is not None:
+                    self._worker_finalizer.detach()
+                w = self._worker = _CommWorker()
+                # An executor that is garbage collected lets its thread go.
+                self._worker_finalizer = weakref.finalize(self, w.retire)
+            if not w.busy:
+                w.busy = True
+                return w, True
+        own = _CommWorker()
+        own.busy = True
+        return own, False
 
-    def stop_comm_thread(self) -> None:
-        """Stop and join the parked communication thread (a later pass starts another)."""
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            self._worker_finalizer.detach()
-            if worker.usable:
-                worker.stop()
+    def _drop_comm_worker(self, worker: _CommWorker) -> None:
+        """Stop and join `worker`; the next pass starts another."""
+        with self._worker_lock:
+            if self._worker is worker:
+                self._worker = None
+                if self._worker_finalizer is not None:
+                    self._worker_finalizer.detach()
+                    self._worker_finalizer = None
+        if worker.usable:
+            worker.stop()
 
     def _run_inline(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], None],
                     pass_name: str, times: OpTimes) -> OpTimes:
@@ -358,6 +397,8 @@ class StreamExecutor:
                 local.stream = op.stream
                 try:
                     run_op(op)
+                except _PASS_THROUGH:
+                    raise
                 except Exception as e:
                     raise OpFailed(op, pass_name, e) from e
                 if record:

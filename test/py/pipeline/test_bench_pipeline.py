@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from ampipe.bench.pipeline import FIXTURES, main, paired, paired_figures
+from ampipe.bench.pipeline import FIXTURES, _in_turn, main, paired, paired_figures
 from ampipe.pipeline.compare import ideal_bound_ms
 from ampipe.pipeline.plan import load_plan
 
@@ -46,13 +46,30 @@ def test_paired_figures_form_ratios_per_repetition():
     base = [bound + 10, bound + 20, bound]
     pipe = [bound + 1, bound + 4, bound + 2]
     fig = paired_figures(plan, base, pipe, times)
-    assert fig["overlap_efficiency"]["n"] == 2
-    assert fig["overlap_efficiency"]["median"] == pytest.approx((0.9 + 0.8) / 2)
+    eff = fig["overlap_efficiency"]
+    # median(T_base - T_pipe) / median(T_base - T_bound) = 9 / 10; per repetition 0.9 and 0.8
+    assert eff["value"] == pytest.approx(0.9)
+    assert eff["n"] == 2 and eff["median"] == pytest.approx((0.9 + 0.8) / 2)
     assert fig["speedup"]["median"] == pytest.approx(statistics.median(b / p for b, p in zip(base, pipe)))
     assert fig["ideal_bound_ms"] == pytest.approx(bound)
     assert paired_figures(plan, [bound], [bound + 1], times[:1])["overlap_efficiency"] is None
 
 
+def test_in_turn_alternates_order_from_the_first_measured_repetition():
+    blocks = {"a": 1, "b": 2, "c": 3}
+    assert [k for k, _ in _in_turn(blocks, 0)] == ["a", "b", "c"]
+    assert [k for k, _ in _in_turn(blocks, 1)] == ["c", "b", "a"]
+    assert [k for k, _ in _in_turn(blocks, -1)] == ["c", "b", "a"]  # a warm-up repetition
+
+
+def test_repetition_counts_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["--iters", "0"])
+    assert "--iters: must be an integer >= 1" in capsys.readouterr().err
+
+
 def test_paired_quartiles():
     assert paired([3.0, 1.0, 2.0, 4.0, 5.0]) == {"median": 3.0, "q1": 2.0, "q3": 4.0, "n": 5}
     assert paired([7.0]) == {"median": 7.0, "q1": 7.0, "q3": 7.0, "n": 1}
+    with pytest.raises(ValueError, match="no repetitions"):
+        paired([])

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ampipe.pipeline.block as blk
@@ -95,6 +96,38 @@ def test_op_failing_mid_backward_names_the_op_and_leaves_no_thread(monkeypatch):
     with pytest.raises(OpFailed, match=r"backward op 'b\.attn\.1'.*injected backward failure"):
         ((y * dy).sum() + losses.aux_loss).backward()
     assert not comm.is_alive() and block._executor.comm_thread is None
+
+
+class _Checkpointed(torch.nn.Module):
+    """A block under non-reentrant activation checkpointing: its backward recomputes the
+    block's forward from inside the block's own backward pass (a pass nested in an op)."""
+
+    def __init__(self, block: torch.nn.Module, early_stop: bool) -> None:
+        super().__init__()
+        self.block, self.early_stop = block, early_stop
+
+    def forward(self, x: torch.Tensor):
+        def run(x: torch.Tensor):
+            y, losses = self.block(x)
+            return y, losses.aux_loss, losses.z_loss
+
+        with torch.utils.checkpoint.set_checkpoint_early_stop(self.early_stop):
+            y, aux, z = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+        return y, blk.MoELosses(aux_loss=aux, z_loss=z)
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_activation_checkpointing_recomputes_the_block(early_stop):
+    # Early stop ends the recompute by raising from a saved-tensor hook: the executor must let
+    # that through unwrapped. Without it, the recompute is a whole pass nested in an op of
+    # the backward pass, on the same executor: it needs a communication thread of its own.
+    plan = load("interleaved-p4")
+    layer = make_layer(plan)
+    block = AMPipeBlock.from_layer(layer, plan, emulated_comm=FAST_EMU)
+    x, dy = inputs(plan)
+    ref = step(layer, layer, x, dy)
+    got = step(_Checkpointed(block, early_stop), layer, x, dy)
+    assert_equal_within(ref, got, 1e-5, f"checkpointed, early_stop={early_stop}")
 
 
 def _live_tensors() -> int:
@@ -196,3 +229,17 @@ def test_gpt_model_switches_blocks_without_copying():
     assert baseline_layers(model) == ["decoder.layers.0"]
     assert type(model.decoder.layers[0]) is not AMPipeBlock
     torch.testing.assert_close(model(ids, ids).loss, ref.loss, rtol=0, atol=0)
+
+
+def test_parameters_replaced_by_assign_are_the_ones_trained():
+    # load_state_dict(assign=True) puts new Parameter objects in place: the block's per-op
+    # parameter lists must follow, or the new parameters would get no gradient.
+    plan = load("grouped-p2")
+    layer = make_layer(plan)
+    block = AMPipeBlock.from_layer(layer, plan)
+    x, dy = inputs(plan)
+    ref = step(layer, layer, x, dy)
+    old = list(block.parameters())
+    block.load_state_dict({k: v.clone() for k, v in block.state_dict().items()}, assign=True)
+    assert all(p is not q for p, q in zip(block.parameters(), old))
+    assert_equal_within(ref, step(block, block, x, dy), 1e-5, "after load_state_dict(assign=True)")

@@ -104,3 +104,63 @@ def test_collected_executor_lets_its_comm_thread_go():
     gc.collect()
     comm.join(timeout=10)
     assert not comm.is_alive()
+
+
+def test_pass_nested_in_an_op_gets_its_own_comm_thread():
+    # A compute op that runs a pass on the same executor (what an activation-checkpoint
+    # recompute inside backward does) must not queue behind the pass it is part of.
+    ex = StreamExecutor(STREAMS, "cpu")
+    ran: list[str] = []
+    inner_comm: list[threading.Thread] = []
+    outer_comm: list[threading.Thread] = []
+
+    def inner(op: PlanOp) -> None:
+        ran.append("inner." + op.id)
+        if op.stream == "comm":
+            inner_comm.append(threading.current_thread())
+
+    def outer(op: PlanOp) -> None:
+        ran.append(op.id)
+        if op.stream == "comm":
+            outer_comm.append(threading.current_thread())
+        if op.id == "a1":
+            ex.run(_chain(2), inner, "forward")
+
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: (ex.run(_chain(2), outer, "backward"), done.set()),
+                              daemon=True)
+    runner.start()
+    assert done.wait(30), "a nested pass deadlocked"
+    assert {f"inner.{op.id}" for op in _chain(2)} <= set(ran)
+    # the parked thread served the outer pass and is kept; the nested pass had its own,
+    # stopped and joined when that pass ended
+    (nested,) = set(inner_comm)
+    assert nested.name == COMM_THREAD_NAME and nested is not outer_comm[0]
+    assert not nested.is_alive() and ex.comm_thread is outer_comm[0]
+
+
+def test_passes_from_two_threads_on_one_executor_both_progress():
+    # Two threads (stand-ins for two ranks) each run a pass on one executor; their comm ops
+    # meet at a barrier (an all-to-all). Neither may wait behind the other's pass.
+    ex = StreamExecutor(STREAMS, "cpu")
+    ex.run(_chain(1), lambda op: None, "warm-up")
+    barrier = threading.Barrier(2, timeout=20)
+    results: dict[int, str] = {}
+
+    def run_op(op: PlanOp) -> None:
+        if op.stream == "comm":
+            barrier.wait()
+
+    def rank(r: int) -> None:
+        try:
+            ex.run(_chain(1), run_op, "forward")
+            results[r] = "ok"
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[r] = f"{type(e).__name__}: {e}"
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == {0: "ok", 1: "ok"}
