@@ -243,3 +243,26 @@ def test_parameters_replaced_by_assign_are_the_ones_trained():
     block.load_state_dict({k: v.clone() for k, v in block.state_dict().items()}, assign=True)
     assert all(p is not q for p, q in zip(block.parameters(), old))
     assert_equal_within(ref, step(block, block, x, dy), 1e-5, "after load_state_dict(assign=True)")
+
+
+def test_island_gradient_of_the_wrong_shape_is_refused():
+    # The engine, called directly, would sum a broadcastable gradient down without a word.
+    plan = load("grouped-p2")
+    block = AMPipeBlock.from_layer(make_layer(plan), plan)
+    x, _ = inputs(plan)
+    y, _ = block(x)
+    step_state = y.grad_fn.step
+    wrong = torch.ones(1, *y.shape[1:])  # broadcastable to the chunk's rows, not equal
+    with pytest.raises(RuntimeError, match=r"gradient of shape \(1, .*unpermute"):
+        step_state._run_island_backward(("unpermute", 0), [wrong])
+
+
+def test_engine_fallback_computes_the_same_gradients(monkeypatch):
+    # Without the engine's private entry point, islands go through torch.autograd.grad.
+    plan = load("interleaved-p3")
+    layer = make_layer(plan)
+    block = AMPipeBlock.from_layer(layer, plan)
+    x, dy = inputs(plan)
+    ref = step(layer, layer, x, dy)
+    monkeypatch.setattr(blk, "_ENGINE", None)
+    assert_equal_within(ref, step(block, layer, x, dy), 1e-5, "torch.autograd.grad fallback")
