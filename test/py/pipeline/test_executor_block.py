@@ -252,8 +252,9 @@ def test_island_gradient_of_the_wrong_shape_is_refused():
     x, _ = inputs(plan)
     y, _ = block(x)
     step_state = y.grad_fn.step
-    wrong = torch.ones(1, *y.shape[1:])  # broadcastable to the chunk's rows, not equal
-    with pytest.raises(RuntimeError, match=r"gradient of shape \(1, .*unpermute"):
+    lo, hi = plan.chunk_rows(0)
+    wrong = torch.ones(2, hi - lo, *y.shape[1:])  # the chunk's output broadcasts to it
+    with pytest.raises(RuntimeError, match=r"gradient of shape \(2, .*unpermute"):
         step_state._run_island_backward(("unpermute", 0), [wrong])
 
 
