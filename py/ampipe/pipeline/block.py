@@ -436,7 +436,8 @@ class _Step:
         parameters' grads. Frees the island."""
         island = self.islands.pop(key)
         if island.identity:  # the engine would hand each gradient straight back
-            return [g if i is not None and i.requires_grad else None
+            return [None if g is None or i is None or not i.requires_grad
+                    else g if g.dtype == i.dtype else g.to(i.dtype)
                     for i, g in zip(island.inputs, grads)]
         outs, gouts = [], []
         for o, g in zip(island.outputs, grads):
