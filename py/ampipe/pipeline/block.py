@@ -565,13 +565,12 @@ class _Step:
         (g_x,) = self._run_island_backward(("qkv", c), [dq, self.dk[lo:hi], self.dv[lo:hi]])
         if not self.x_grad:
             return
-        S = self.x.shape[0]
-        chunks = [c] if c is not None else range(self.plan.num_chunks)
-        if (lo, hi) == (0, S) and c is not None:  # one chunk: dx is this sum, no buffer
-            res = self._slot(("res", c))
+        if self.plan.num_chunks == 1:  # dx is this sum, no buffer
+            res = self._slot(("res", 0))
             self._mark_used(res)
             self.dx = _add_grads(res, g_x, self.x)
             return
+        chunks = [c] if c is not None else range(self.plan.num_chunks)
         if self.dx is None:
             self.dx = self._shared_empty(self.x, self.x.shape)
         for j in chunks:
