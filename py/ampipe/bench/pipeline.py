@@ -21,9 +21,10 @@ of each side taken separately do not.
 
 Printed per ratio and plan: baseline and pipelined medians, speed-up T_base/T_pipe, the
 ideal speed-up T_base/T_bound, the overlap efficiency median(T_base - T_pipe) /
-median(T_base - T_bound) over repetitions (`[q1..q3, n of N]`: quartiles of the per-repetition
-efficiency over the n repetitions whose bound is below the baseline), the plan's own schedule replayed with the median op times (what the
-executor's hand-offs add is the gap between that and the measured time), and per comm kind
+median(T_base - T_bound) over repetitions (`[q1..q3, n of N]`: quartiles of the
+per-repetition efficiency over the n repetitions whose bound is below the baseline), the
+plan's own schedule replayed with the median op times (what the executor's hand-offs add
+is the gap between that and the measured time), and per comm kind
 the measured comm op time against the modelled delay (`emulated_delay`: ~1 when the
 emulation does what it says; its local data movement is nothing with one rank).
 Also the P=1 overhead (a one-chunk plan against the baseline, no emulation, paired over
@@ -284,6 +285,7 @@ def _count(least: int):
         if n < least:
             raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text}")
         return n
+    parse.__name__ = "integer"  # argparse's "invalid integer value: ..."
     return parse
 
 
