@@ -59,6 +59,16 @@ class OpFailed(RuntimeError):
         self.pass_name = pass_name
 
 
+def _run_op(op: PlanOp, run_op: Callable[[PlanOp], None], pass_name: str) -> None:
+    """run_op(op), its failure raised as `OpFailed` naming the op (control flow passes)."""
+    try:
+        run_op(op)
+    except _PASS_THROUGH:
+        raise
+    except Exception as e:
+        raise OpFailed(op, pass_name, e) from e
+
+
 class _Aborted(Exception):
     """Another thread failed; this one stops without running more ops."""
 
@@ -241,12 +251,7 @@ class StreamExecutor:
                     if self.record_times:
                         start = torch.cuda.Event(enable_timing=True)
                         start.record(stream)
-                    try:
-                        run_op(op)
-                    except _PASS_THROUGH:
-                        raise
-                    except Exception as e:
-                        raise OpFailed(op, pass_name, e) from e
+                    _run_op(op, run_op, pass_name)
                     end = torch.cuda.Event(enable_timing=self.record_times)
                     end.record(stream)
                 done[op.id] = (op.stream, end)
@@ -292,11 +297,7 @@ class StreamExecutor:
             prev = getattr(local, "stream", None)
             local.stream = op.stream
             try:
-                run_op(op)
-            except _PASS_THROUGH:
-                raise
-            except Exception as e:
-                raise OpFailed(op, pass_name, e) from e
+                _run_op(op, run_op, pass_name)
             finally:
                 local.stream = prev
             if record:
@@ -395,12 +396,7 @@ class StreamExecutor:
             for op in ops:
                 start = clock()
                 local.stream = op.stream
-                try:
-                    run_op(op)
-                except _PASS_THROUGH:
-                    raise
-                except Exception as e:
-                    raise OpFailed(op, pass_name, e) from e
+                _run_op(op, run_op, pass_name)
                 if record:
                     end = clock()
                     times._cpu.append(OpTime(op.id, op.kind, op.chunk, op.stream,
