@@ -26,7 +26,7 @@ from .emulation import DelayInjector, EmulatedComm, delay_report
 from .plan import Plan, data_needs, load_plan
 from .streams import OpTimes
 
-__all__ = ["model_config_from_plan", "EmulatedBaseline", "block_step", "largest_differences",
+__all__ = ["model_config_from_plan", "EmulatedBaseline", "add_emulated_delays", "block_step", "largest_differences",
            "ideal_bound_ms", "simulate_ms", "emulated_delay_report", "run_block_comparison"]
 
 _DIM_TO_FIELD = {"num_query_groups": "num_query_groups", "kv_channels": "kv_channels",
@@ -80,14 +80,34 @@ class EmulatedBaseline(torch.nn.Module):
         if self._inj is None or self._inj.device != x.device:
             self._inj = DelayInjector(self.emulated_comm, x.device)
         y, losses = self.layer(x)
-        cfg = self.layer.cfg
-        rows = x.shape[0] * x.shape[1] * cfg.moe_router_topk
-        nbytes = rows * cfg.hidden_size * x.element_size()  # dropless buffer (capacity: E*C rows)
-        cap = cfg.expert_capacity(x.shape[0] * x.shape[1])
-        if cap is not None:
-            nbytes = cfg.num_experts * cap * cfg.hidden_size * x.element_size()
-        y = _DelayFn.apply(y, self._inj, [nbytes, nbytes], [nbytes, nbytes])
-        return y, losses
+        return _with_delays(self.layer, x, y, self._inj), losses
+
+
+def _with_delays(layer: TransformerLayer, x: torch.Tensor, y: torch.Tensor, inj: DelayInjector) -> torch.Tensor:
+    """`y`, after the modelled delays of the layer's two all-to-alls (and before their backward)."""
+    cfg = layer.cfg
+    rows = x.shape[0] * x.shape[1] * cfg.moe_router_topk
+    nbytes = rows * cfg.hidden_size * x.element_size()  # dropless buffer (capacity: E*C rows)
+    cap = cfg.expert_capacity(x.shape[0] * x.shape[1])
+    if cap is not None:
+        nbytes = cfg.num_experts * cap * cfg.hidden_size * x.element_size()
+    return _DelayFn.apply(y, inj, [nbytes, nbytes], [nbytes, nbytes])
+
+
+def add_emulated_delays(model: torch.nn.Module, emulated_comm: EmulatedComm) -> list[Any]:
+    """`EmulatedBaseline`'s delays on every baseline MoE layer of `model`, by forward hooks, so
+    the modules (and state_dict names) stay as they are. Returns the hook handles."""
+    injectors: dict[torch.device, DelayInjector] = {}
+
+    def hook(layer: TransformerLayer, args: tuple, out: tuple) -> tuple:
+        x = args[0]
+        inj = injectors.get(x.device)
+        if inj is None:
+            inj = injectors[x.device] = DelayInjector(emulated_comm, x.device)
+        return (_with_delays(layer, x, out[0], inj), out[1])
+
+    return [m.register_forward_hook(hook) for m in model.modules()
+            if type(m) is TransformerLayer and m.is_moe]
 
 
 def block_step(block: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor,

@@ -11,12 +11,11 @@ block can outlast the controller's heartbeat deadline.
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from ampipe.worker.background import run_beside_heartbeats
 from ampipe.worker.commands import CommandContext, command
 
 __all__ = ["TOLERANCE_BY_DTYPE", "CUDA_TOLERANCE_BY_DTYPE", "default_tolerance", "expected_dims", "run_block"]
@@ -35,8 +34,6 @@ def default_tolerance(dtype: str, device_type: str) -> float:
     return table[dtype]
 
 
-# How often the main thread wakes to heartbeat and forward events while the comparison runs.
-POLL_S = 0.1
 # The main thread stops waiting (and the command fails) after this long by default.
 DEFAULT_TIMEOUT_S = 3600.0
 
@@ -164,32 +161,4 @@ def _compare(config: Mapping[str, Any], plan: Any, steps: int, warmup: int, seed
 
 
 def _run_beside_heartbeats(ctx: CommandContext, timeout_s: float, fn) -> Any:
-    """Runs `fn` on a helper thread; the calling (main) thread heartbeats until it ends.
-
-    The helper's exception is re-raised here unchanged. After `timeout_s` this raises
-    TimeoutError and stops heartbeating, so the controller's fault handling takes over.
-    """
-    box: queue.Queue = queue.Queue(maxsize=1)
-
-    def target() -> None:
-        try:
-            box.put(("ok", fn()))
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread as is
-            box.put(("error", e))
-
-    worker = threading.Thread(target=target, name="ampipe-run-block", daemon=True)
-    worker.start()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            status, value = box.get(timeout=POLL_S)
-            break
-        except queue.Empty:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"run_block: the comparison did not finish in {timeout_s:g} s "
-                                   f"(rank {ctx.rank})") from None
-            ctx.heartbeat()
-    worker.join()
-    if status == "error":
-        raise value
-    return value
+    return run_beside_heartbeats(ctx, timeout_s, fn, what="run_block: the comparison")

@@ -45,7 +45,12 @@ class CommandContext(Protocol):
         """Sends the batched events now (a reply does this anyway)."""
 
     def heartbeat(self) -> None:
-        """Proves liveness during a long command (emit() does this too)."""
+        """Proves liveness during a long command (emit() does this too), and reads a `cancel`
+        the controller sent meanwhile. Main thread only."""
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether the controller asked the running command to stop at its next safe point."""
 
     def subgroup(self, size: int) -> Any:
         """The process group of contiguous ranks [k*size, (k+1)*size) holding this rank (cached).

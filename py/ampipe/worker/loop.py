@@ -82,6 +82,12 @@ class _Context:
                 f"ctx.heartbeat() called from thread {threading.current_thread().name!r} of rank {self.rank}: "
                 "only the thread running the command can send heartbeats (the socket is not thread-safe)")
         self.worker.maybe_heartbeat()
+        self.worker.poll_control()
+
+    @property
+    def cancel_requested(self) -> bool:
+        """The controller sent `cancel` during this command (seen by `heartbeat()`); any thread may read it."""
+        return self.worker.cancelled.is_set()
 
     def subgroup(self, size: int) -> Any:
         import torch.distributed as dist
@@ -134,6 +140,9 @@ class Worker:
         self.hb_timeout = 30.0
         self.next_hb = 0.0
         self.busy: int | None = None
+        # Messages read while a command runs (ctx.heartbeat polls for `cancel`): handled after it.
+        self.cancelled = threading.Event()
+        self.deferred: collections.deque[dict[str, Any]] = collections.deque()
         self.max_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.context = _Context(self, settings.rank, settings.world_size, settings.local_rank)
 
@@ -225,6 +234,24 @@ class Worker:
             raise ProtocolError(f"expected 1 frame, got {len(frames)}")
         return decode(frames[0], self.max_bytes)
 
+    def poll_control(self) -> None:
+        """During a command (main thread): reads what the controller sent without waiting.
+        `cancel` (or `shutdown`) sets `cancelled`; everything else waits for `serve`."""
+        while True:
+            try:
+                msg = self._recv(0)
+            except ProtocolError as e:
+                self._protocol_error(str(e))
+                continue
+            if msg is None:
+                return
+            if msg["type"] == "heartbeat":
+                continue  # the controller is alive; nothing to keep
+            if msg["type"] in ("cancel", "shutdown"):
+                self.cancelled.set()
+            if msg["type"] != "cancel":
+                self.deferred.append(msg)
+
     def _protocol_error(self, message: str) -> None:
         print(f"ampipe rank {self.s.rank}: rejected a message from the controller: {message}", file=sys.stderr)
         self._send_nowait(encode({"type": "protocol_error", "message": message}))
@@ -301,7 +328,7 @@ class Worker:
             self.flush_events()
             self.maybe_heartbeat()
             try:
-                msg = self._recv(max(0.0, self.next_hb - time.monotonic()))
+                msg = self.deferred.popleft() if self.deferred else self._recv(max(0.0, self.next_hb - time.monotonic()))
             except ProtocolError as e:
                 self._protocol_error(str(e))  # answered, skipped; the rank stays up
                 last_heard = time.monotonic()
@@ -319,6 +346,8 @@ class Worker:
                 last_heard = time.monotonic()  # we were not listening while it ran
             elif kind == "shutdown":
                 return EXIT_OK
+            elif kind == "cancel":
+                pass  # nothing is running: nothing to stop
             elif kind == "welcome":
                 self._protocol_error("unexpected second 'welcome'")
             # heartbeat, protocol_error: nothing more to do
@@ -333,6 +362,7 @@ class Worker:
                 "traceback": ""}}
         else:
             self.busy = cid
+            self.cancelled.clear()
             try:
                 result = handler(msg.get("args") or {}, self.context)
                 reply = {"type": "reply", "id": cid, "ok": True, "result": result}

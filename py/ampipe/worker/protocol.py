@@ -20,6 +20,7 @@ _CONTROLLER_MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
     "command": {"id": (int,), "name": (str,), "args": (dict, type(None))},
     "heartbeat": {"seq": (int,)},
     "shutdown": {},
+    "cancel": {},  # stop the running command at its next safe point (CommandContext.cancel_requested)
     "protocol_error": {"message": (str,)},
 }
 

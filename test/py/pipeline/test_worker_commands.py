@@ -116,7 +116,7 @@ def test_emulated_comm_from_the_config_is_labelled():
 
 
 def test_heartbeats_while_the_comparison_runs(monkeypatch):
-    monkeypatch.setattr(worker_commands, "POLL_S", 0.001)
+    monkeypatch.setattr("ampipe.worker.background.POLL_S", 0.001)
     plan = fixture_plan("grouped-p2")
     ctx = FakeContext()
     run_block({"config": experiment_config(plan, steps=2), "plan": plan}, ctx)
@@ -200,7 +200,7 @@ def test_timeout_fails_the_command_and_stops_heartbeating(monkeypatch):
         return {}
 
     monkeypatch.setattr("ampipe.pipeline.compare.run_block_comparison", stuck)
-    monkeypatch.setattr(worker_commands, "POLL_S", 0.01)
+    monkeypatch.setattr("ampipe.worker.background.POLL_S", 0.01)
     plan = fixture_plan("grouped-p2")
     ctx = FakeContext()
     t0 = time.monotonic()
