@@ -457,6 +457,14 @@ export class Controller {
     for (const [rank] of this.ranks) this.enqueue(rank, { type: "shutdown" }, false);
   }
 
+  /**
+   * Asks every rank to stop its running command at the command's next safe point (the training
+   * loop checks after each step). The command still replies; nothing is rejected here.
+   */
+  cancelCommands(): void {
+    for (const [rank] of this.ranks) this.enqueue(rank, { type: "cancel" }, false);
+  }
+
   /** Resolves when every queued message has been handed to ZeroMQ (or maxMs passed). */
   async flush(maxMs = 500): Promise<void> {
     const end = Date.now() + maxMs;

@@ -42,8 +42,10 @@ export interface Reject { type: "reject"; reason: string }
 export interface CommandMsg { type: "command"; id: number; name: string; args: Record<string, unknown> | null }
 export interface ControllerHeartbeat { type: "heartbeat"; seq: number }
 export interface Shutdown { type: "shutdown" }
+/** Asks the running command to stop at its next safe point (a training step): `ctx.cancel_requested`. */
+export interface Cancel { type: "cancel" }
 
-export type ControllerMessage = Welcome | Reject | CommandMsg | ControllerHeartbeat | Shutdown | PeerProtocolError;
+export type ControllerMessage = Welcome | Reject | CommandMsg | ControllerHeartbeat | Shutdown | Cancel | PeerProtocolError;
 
 type Check = (v: unknown) => boolean;
 const isInt: Check = (v) => typeof v === "number" && Number.isSafeInteger(v);

@@ -64,6 +64,8 @@ export class RankRun {
     return this.controller.request(rank, name, args);
   }
   onEvent(fn: (e: RankEvent) => void): () => void { return this.controller.onEvent(fn); }
+  /** Asks the ranks' running commands to stop at their next safe point (see Controller.cancelCommands). */
+  cancel(): void { this.controller.cancelCommands(); }
   onFailure(fn: (f: RankFailure) => void): void {
     if (this.failure) fn(this.failure);
     else this.failureListeners.push(fn);

@@ -1,6 +1,6 @@
-// The experiment config: one zod schema for the four sections (model, parallelism, pipeline,
-// run). Keys are snake_case, Megatron-LM's flag names where one exists, so the resolved
-// object travels to Python unchanged (docs/contracts.md section 1).
+// The experiment config: one zod schema for its sections (model, parallelism, pipeline, run,
+// and data and train for `ampipe train`). Keys are snake_case, Megatron-LM's flag names where
+// one exists, so the resolved object travels to Python unchanged (docs/contracts.md section 1).
 //
 // Parsing fills defaults, checks every field and the invariants that tie fields together,
 // and resolves the derived model fields (num_query_groups, kv_channels), so consumers get
@@ -87,11 +87,46 @@ export const RunSchema = z.strictObject({
   output_dir: z.string().min(1).default("runs/default"),
 });
 
+/** `data`: a Megatron-LM indexed dataset (PREFIX.bin + PREFIX.idx) for `ampipe train`. */
+export const DataSchema = z.strictObject({
+  /** The dataset prefix; null = the Brown Corpus, built with `tokenizer` on first use. */
+  path: z.string().min(1).nullable().default(null),
+  tokenizer: z.enum(["byte", "gpt2"]).default("byte"),
+  /** Megatron's --split: train,valid weights over documents. */
+  split: z.string().regex(/^\s*\d+(\.\d+)?\s*,\s*\d+(\.\d+)?\s*$/, 'expected "train,valid" weights such as "98,2"')
+    .refine((v) => v.split(",").every((w) => Number(w) > 0), "both weights must be > 0").default("98,2"),
+  /** The document split of a dataset that carries none (Megatron-LM's own files). */
+  seed: nonNegInt().default(1234),
+});
+
+/** `train`: the optimiser, schedule and loop of `ampipe train` (Megatron-LM's flag names). */
+export const TrainSchema = z.strictObject({
+  steps: posInt().default(200),
+  lr: z.number().gt(0).default(1e-3),
+  min_lr: z.number().min(0).default(1e-4),
+  warmup_steps: nonNegInt().default(10),
+  weight_decay: nonNegFloat().default(0.1),
+  adam_beta1: z.number().min(0).lt(1).default(0.9),
+  adam_beta2: z.number().min(0).lt(1).default(0.95),
+  adam_eps: z.number().gt(0).default(1e-8),
+  /** Clip the global gradient norm to this; 0 = no clipping. */
+  clip_grad: nonNegFloat().default(1.0),
+  /** Samples per optimiser step over all ranks: micro_batch_size x world_size x accumulation. */
+  global_batch_size: posInt().default(8),
+  eval_interval: posInt().default(50),
+  eval_iters: posInt().default(4),
+  checkpoint_interval: posInt().default(50),
+  /** fp16 only: the dynamic loss scale's initial value. */
+  initial_loss_scale: z.number().gt(0).default(65536),
+});
+
 const ExperimentObject = z.strictObject({
   model: ModelSchema.default(() => ModelSchema.parse({})),
   parallelism: ParallelismSchema.default(() => ParallelismSchema.parse({})),
   pipeline: PipelineSchema.default(() => PipelineSchema.parse({})),
   run: RunSchema.default(() => RunSchema.parse({})),
+  data: DataSchema.default(() => DataSchema.parse({})),
+  train: TrainSchema.default(() => TrainSchema.parse({})),
 });
 
 type Parsed = z.output<typeof ExperimentObject>;
@@ -132,6 +167,15 @@ function checkInvariants(c: Parsed, ctx: z.RefinementCtx): void {
   if (p.backend === "nccl" && p.device === "cpu") {
     issue("parallelism.backend", "nccl needs parallelism.device cuda (or auto); use gloo on cpu");
   }
+
+  const t = c.train;
+  const perStep = m.micro_batch_size * p.world_size;
+  if (t.global_batch_size % perStep !== 0) {
+    issue("train.global_batch_size",
+      `must be a multiple of model.micro_batch_size (${m.micro_batch_size}) x parallelism.world_size (${p.world_size}) = ${perStep}; got ${t.global_batch_size}`);
+  }
+  if (t.min_lr > t.lr) issue("train.min_lr", `must be <= train.lr (${t.lr}); got ${t.min_lr}`);
+  if (t.warmup_steps > t.steps) issue("train.warmup_steps", `must be <= train.steps (${t.steps}); got ${t.warmup_steps}`);
 
   const pl = c.pipeline;
   if (pl.degree !== "auto" && pl.degree > m.seq_length) {
@@ -176,4 +220,6 @@ export type ModelConfig = ExperimentConfig["model"];
 export type ParallelismConfig = ExperimentConfig["parallelism"];
 export type PipelineConfig = ExperimentConfig["pipeline"];
 export type RunConfig = ExperimentConfig["run"];
+export type DataConfig = ExperimentConfig["data"];
+export type TrainConfig = ExperimentConfig["train"];
 export type EmulatedCommConfig = z.output<typeof EmulatedCommSchema>;

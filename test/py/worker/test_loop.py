@@ -209,3 +209,36 @@ def test_imported_commands_events_from_threads_numpy_values_and_logging(controll
     err = p.stderr.read()
     assert "dropped a 'metric' event (bad): cannot send a builtins.object" in err
     assert "WARNING ampipe.test: careful: 7" in err
+
+
+def test_cancel_stops_a_long_command_and_later_messages_wait_for_it(controller):
+    p = controller.spawn(PYTHONPATH=f"{REPO / 'py'}:{Path(__file__).parent}")
+    ident, _ = controller.recv()
+    controller.welcome(ident, imports=["worker_test_commands"])
+    controller.recv()
+    # A cancel with nothing running is a no-op.
+    controller.send(ident, {"type": "cancel"})
+    controller.send(ident, {"type": "command", "id": 1, "name": "test_until_cancelled", "args": {}})
+    while True:  # wait until the command runs
+        _, m = controller.recv()
+        if m["type"] == "events" and any(e.get("stage") == "start" for e in m["items"]):
+            break
+    # Read while the command runs: a command queued behind it, then the cancel that ends it.
+    controller.send(ident, {"type": "command", "id": 2, "name": "echo", "args": {"x": 1}})
+    time.sleep(0.3)
+    controller.send(ident, {"type": "cancel"})
+    replies = []
+    while len(replies) < 2:
+        _, m = controller.recv(skip=("heartbeat", "events"))
+        replies.append(m)
+    assert [r["id"] for r in replies] == [1, 2]
+    assert replies[0]["ok"] and replies[0]["result"]["steps"] > 0
+    assert replies[1]["ok"]
+    # The next long command starts un-cancelled (and is cancelled again).
+    controller.send(ident, {"type": "command", "id": 3, "name": "test_until_cancelled", "args": {}})
+    time.sleep(0.3)
+    controller.send(ident, {"type": "cancel"})
+    _, m = controller.recv(skip=("heartbeat", "events"))
+    assert m["id"] == 3 and m["ok"] and m["result"]["steps"] > 0
+    controller.send(ident, {"type": "shutdown"})
+    assert p.wait(timeout=20) == 0

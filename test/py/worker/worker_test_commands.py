@@ -42,3 +42,21 @@ def emit_then_mark_done(args, ctx):
     ctx.flush_events()
     open(args["done_file"], "w").close()
     return {"count": int(args["count"]), "dropped": ctx.dropped_events - dropped0}
+
+
+@command("test_until_cancelled")
+def until_cancelled(args, ctx):
+    """Works in the background (as long commands do) until the controller sends `cancel`."""
+    import time
+
+    from ampipe.worker.background import run_beside_heartbeats
+
+    def work():
+        steps = 0
+        ctx.emit("progress", stage="start")
+        while not ctx.cancel_requested:
+            steps += 1
+            time.sleep(0.01)
+        return {"steps": steps}
+
+    return run_beside_heartbeats(ctx, 30.0, work)
