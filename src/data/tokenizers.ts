@@ -1,6 +1,11 @@
 // The tokenizers `ampipe data prepare` offers. Both ship their vocabulary (nothing is
 // downloaded at run time); every document ends with the tokenizer's end-of-document id.
-import * as r50k from "gpt-tokenizer/encoding/r50k_base";
+import { createRequire } from "node:module";
+
+type R50k = typeof import("gpt-tokenizer/encoding/r50k_base");
+let r50kModule: R50k | undefined;
+/** Loaded on first use (its 50k-entry vocabulary, ~40 ms here), so other commands do not pay for it. */
+const r50k = (): R50k => (r50kModule ??= createRequire(import.meta.url)("gpt-tokenizer/encoding/r50k_base") as R50k);
 
 export interface Tokenizer {
   name: TokenizerName;
@@ -33,8 +38,8 @@ const gpt2Tokenizer: Tokenizer = {
   name: "gpt2",
   vocabSize: 50257,
   eodId: 50256,
-  encode: (text) => r50k.encode(text, { disallowedSpecial: new Set() }),
-  decode: (ids) => r50k.decode(ids),
+  encode: (text) => r50k().encode(text, { disallowedSpecial: new Set() }),
+  decode: (ids) => r50k().decode(ids),
 };
 
 export function getTokenizer(name: string): Tokenizer {

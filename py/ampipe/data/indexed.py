@@ -198,6 +198,11 @@ class IndexedDataset:
         """The [start, stop) token offsets of document d in the .bin."""
         return int(self._token_starts[self.doc_idx[d]]), int(self._token_starts[self.doc_idx[d + 1]])
 
+    def doc_token_ranges(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The start and stop token offsets (int64 arrays) of the documents ``docs``."""
+        docs = np.asarray(docs, dtype=np.int64)
+        return self._token_starts[self.doc_idx[docs]], self._token_starts[self.doc_idx[docs + 1]]
+
     def __getitem__(self, d: int) -> np.ndarray:
         n = len(self)
         if not isinstance(d, (int, np.integer)):

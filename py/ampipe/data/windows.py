@@ -47,9 +47,9 @@ class TokenWindows:
         self.seed = int(seed)
         docs = self.dataset.split_documents(split, seed=split_seed, valid_fraction=valid_fraction)
         self.documents = docs[np.random.RandomState([self.seed, _DOC_STREAM]).permutation(len(docs))]
-        ranges = np.array([self.dataset.doc_token_range(int(d)) for d in self.documents], dtype=np.int64).reshape(-1, 2)
-        self._doc_start = ranges[:, 0]
-        self._cum = np.concatenate(([0], np.cumsum(ranges[:, 1] - ranges[:, 0])))
+        starts, stops = self.dataset.doc_token_ranges(self.documents)
+        self._doc_start = starts
+        self._cum = np.concatenate(([0], np.cumsum(stops - starts)))
         self.num_tokens = int(self._cum[-1])
         self.num_samples = max(0, (self.num_tokens - 1) // self.seq_length)
         if self.num_samples < 1:
@@ -92,6 +92,23 @@ class TokenWindows:
     def samples(self, indices: Sequence[int]) -> np.ndarray:
         """The samples at ``indices`` stacked: int64 [len(indices), seq_length + 1]."""
         return np.stack([self.sample(i) for i in indices]) if len(indices) else np.zeros((0, self.seq_length + 1), np.int64)
+
+    def batch(self, step: int, global_batch_size: int, *, rank: int = 0, world: int = 1) -> np.ndarray:
+        """Data-parallel rank ``rank``'s share of global batch ``step``: int64 [global_batch_size // world, seq_length + 1].
+
+        Global batch t is samples ``t * global_batch_size .. (t + 1) * global_batch_size - 1``;
+        rank r takes the r-th contiguous slice of it, so the ranks together always read the same
+        global batch, whatever ``world`` is.
+        """
+        if global_batch_size < 1 or world < 1 or global_batch_size % world:
+            raise ValueError(f"global_batch_size ({global_batch_size}) must be a positive multiple of the data-parallel size ({world})")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank: must be in [0, {world}), got {rank}")
+        if step < 0:
+            raise ValueError(f"step: must be >= 0, got {step}")
+        per = global_batch_size // world
+        first = step * global_batch_size + rank * per
+        return self.samples(range(first, first + per))
 
     def __len__(self) -> int:
         return self.num_samples
