@@ -2,6 +2,7 @@
 // sidecar PREFIX.json from text files, .jsonl files or (by default) the Brown Corpus.
 import { Command, Option } from "commander";
 import { DEFAULT_SEED, DEFAULT_VALID_FRACTION, INPUT_FORMATS, prepareDataset, type InputFormat } from "../data/prepare.ts";
+import { DatasetError, inspectDataset } from "../data/inspect.ts";
 import { TOKENIZER_NAMES } from "../data/tokenizers.ts";
 
 const collect = (v: string, acc: string[]) => [...acc, v];
@@ -62,6 +63,37 @@ export function register(program: Command): void {
       } catch (e) {
         process.stderr.write(`ampipe data prepare: ${(e as Error).message}\n`);
         process.exitCode = 2;
+      }
+    });
+  data
+    .command("inspect")
+    .description("check a PREFIX.bin + PREFIX.idx pair (ours or Megatron-LM's) with the Python reader and print a summary")
+    .argument("<prefix>", "dataset prefix (without .bin / .idx)")
+    .option("--split-seed <n>", "split seed, for a dataset without a sidecar")
+    .option("--valid-fraction <f>", "valid fraction, for a dataset without a sidecar")
+    .option("--verify", "also check the .bin's checksum against the sidecar (reads the whole file)")
+    .option("--json", "print the summary as JSON")
+    .action((prefix: string, o: { splitSeed?: string; validFraction?: string; verify?: boolean; json?: boolean }) => {
+      try {
+        const s = inspectDataset(prefix, {
+          splitSeed: o.splitSeed === undefined ? undefined : Number(o.splitSeed),
+          validFraction: o.validFraction === undefined ? undefined : Number(o.validFraction),
+          verify: o.verify,
+        });
+        if (o.json) {
+          process.stdout.write(JSON.stringify(s, null, 2) + "\n");
+          return;
+        }
+        process.stdout.write(
+          [
+            `${s.prefix}: ${s.num_documents} documents (${s.num_sequences} sequences), ${s.num_tokens} ${s.dtype} tokens, max id ${s.max_token_id}`,
+            `  tokenizer ${s.tokenizer ?? "unknown (no sidecar)"}, vocab ${s.vocab_size ?? "unknown"}, eod ${s.eod_id ?? "unknown"}`,
+            ...(["train", "valid"] as const).map((k) => `  ${k.padEnd(5)} ${s.split[k].documents} documents, ${s.split[k].tokens} tokens`),
+          ].join("\n") + "\n",
+        );
+      } catch (e) {
+        process.stderr.write(`ampipe data inspect: ${(e as Error).message}\n`);
+        process.exitCode = e instanceof DatasetError ? 2 : 1;
       }
     });
 }

@@ -216,3 +216,15 @@ def test_unreadable_or_foreign_sidecar(good):
     _sidecar(good, version=2)
     with pytest.raises(DatasetError, match=r"m\.json: unsupported sidecar version 2"):
         IndexedDataset(good)
+
+
+def test_inspect_command(good, capsys):
+    from ampipe.data.__main__ import main
+    assert main(["inspect", str(good), "--valid-fraction", "0.3", "--split-seed", "3"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["num_documents"] == 3 and s["num_sequences"] == 6 and s["num_tokens"] == 10 and s["max_token_id"] == 200
+    assert s["sidecar"] is False and s["eod_id"] is None
+    assert s["split"]["valid"]["documents"] == 1 and s["split"]["train"]["documents"] == 2
+    good.with_suffix(".bin").write_bytes(b"\x00" * 8)
+    assert main(["inspect", str(good)]) == 2
+    assert "m.bin: truncated .bin" in capsys.readouterr().err
