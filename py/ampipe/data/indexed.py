@@ -173,10 +173,17 @@ class IndexedDataset:
                 raise DatasetError(f"{path}: checksum differs from the one in {p.name}: mismatched pair")
         if n_docs != len(self):
             raise DatasetError(f"{p}: records {n_docs} documents, {self.idx_path.name} has {len(self)}")
+        train, valid = s["split"]["train"], s["split"]["valid"]
+        ids = np.concatenate((train, valid))
+        if ids.size and (ids.min() < 0 or ids.max() >= n_docs):
+            raise DatasetError(f"{p}: split lists name documents outside 0 .. {n_docs - 1}")
+        if np.unique(ids).size != ids.size:
+            raise DatasetError(f"{p}: split lists name a document twice (train and valid must be disjoint)")
         return s
 
     def verify(self) -> None:
-        """The full check: also the .bin's checksum against the sidecar (reads the whole file)."""
+        """The full check: also the .bin's checksum against the sidecar (reads the whole file).
+        Without a sidecar there is no checksum; the structure was checked on opening."""
         if self.sidecar is not None and _sha256(self.bin_path) != self.sidecar["files"]["bin"]["sha256"]:
             raise DatasetError(f"{self.bin_path}: checksum differs from the one in {self.sidecar_path.name}: corrupt or mismatched pair")
 

@@ -228,3 +228,12 @@ def test_inspect_command(good, capsys):
     good.with_suffix(".bin").write_bytes(b"\x00" * 8)
     assert main(["inspect", str(good)]) == 2
     assert "m.bin: truncated .bin" in capsys.readouterr().err
+
+
+def test_sidecar_split_lists_must_fit_the_documents(good):
+    _sidecar(good, split={"seed": 3, "valid_fraction": 0.3, "train": [0, 2], "valid": [3]})
+    with pytest.raises(DatasetError, match=r"m\.json: split lists name documents outside 0 \.\. 2"):
+        IndexedDataset(good)
+    _sidecar(good, split={"seed": 3, "valid_fraction": 0.3, "train": [0, 1], "valid": [1]})
+    with pytest.raises(DatasetError, match=r"m\.json: split lists name a document twice"):
+        IndexedDataset(good)
