@@ -16,6 +16,7 @@ const commandModules: Array<{ register(program: Command): void }> = [
   await import("./commands/plan.ts"),
   await import("./commands/run.ts"),
   await import("./commands/data.ts"),
+  await import("./commands/train.ts"),
 ];
 for (const m of commandModules) m.register(program);
 

@@ -94,7 +94,7 @@ export const DataSchema = z.strictObject({
   tokenizer: z.enum(["byte", "gpt2"]).default("byte"),
   /** Megatron's --split: train,valid weights over documents. */
   split: z.string().regex(/^\s*\d+(\.\d+)?\s*,\s*\d+(\.\d+)?\s*$/, 'expected "train,valid" weights such as "98,2"')
-    .refine((v) => v.split(",").every((w) => Number(w) > 0), "both weights must be > 0").default("98,2"),
+    .refine((v) => v.split(",").every((w) => Number(w) > 0), "both weights must be > 0").default("95,5"),
   /** The document split of a dataset that carries none (Megatron-LM's own files). */
   seed: nonNegInt().default(1234),
 });

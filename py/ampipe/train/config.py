@@ -120,7 +120,7 @@ class DataConfig:
 
     path: str | None = None  # None = the default Brown dataset (built by `ampipe train` on first use)
     tokenizer: str = "byte"  # for the default dataset: byte | gpt2
-    split: str = "98,2"  # train,valid weights over documents (Megatron's --split)
+    split: str = "95,5"  # train,valid weights over documents (Megatron's --split; ampipe data prepare's default)
     seed: int = 1234  # the document split of a dataset that carries none
     _prefix: str = field(default="data", repr=False, compare=False)
 

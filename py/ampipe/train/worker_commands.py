@@ -47,7 +47,7 @@ def build_trainer(config: Mapping[str, Any], plan: Mapping[str, Any] | None, run
                                    valid_fraction=data_cfg.valid_fraction, split_seed=data_cfg.seed)
                for split in ("train", "valid")}
     top = windows["train"].dataset.max_token_id()
-    if top >= model_cfg.vocab_size:
+    if top >= model_cfg.vocab_size:  # `ampipe train` checked this already; a Python caller may not have
         raise ConfigError("model.vocab_size", f"must exceed the dataset's largest token id ({top}, in "
                                               f"{data_cfg.path}.bin); got {model_cfg.vocab_size}")
     emu = _section(config, "pipeline").get("emulated_comm")

@@ -1,0 +1,180 @@
+// `ampipe train` end to end on a tiny config and a tiny dataset: two ranks (EP 2, gloo), the
+// pipelined block, metrics.jsonl / tb / checkpoints; resume after kill -9 of every process
+// equals an uninterrupted run bitwise; Ctrl-C stops with a checkpoint; bad input exits 2.
+import { spawn } from "node:child_process";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { prepareDataset } from "../../../src/data/prepare.ts";
+import { processesWithEnv } from "../processes.ts";
+
+const root = join(import.meta.dirname, "..", "..", "..");
+const dir = mkdtempSync(join(tmpdir(), "ampipe-train-test-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+// A small corpus of its own (the Brown build is tested in test/ts/data): 40 documents, one per .jsonl line.
+const words = "the jury said in a statement that the city executive committee had over all charge of the election".split(" ");
+const docs = Array.from({ length: 40 }, (_, i) => Array.from({ length: 60 + i }, (_, j) => words[(i * 7 + j * 3) % words.length]).join(" "));
+const textPath = join(dir, "corpus.jsonl");
+writeFileSync(textPath, docs.map((text) => JSON.stringify({ text })).join("\n") + "\n");
+const dataPrefix = join(dir, "tiny");
+prepareDataset({ inputs: [textPath], tokenizer: "byte", out: dataPrefix });
+
+function config(extra = ""): string {
+  return `
+model:
+  num_layers: 2
+  hidden_size: 32
+  num_attention_heads: 4
+  seq_length: 48
+  micro_batch_size: 2
+  vocab_size: 260
+  ffn_hidden_size: 64
+  num_experts: 4
+  moe_router_topk: 2
+  moe_ffn_hidden_size: 32
+parallelism: { world_size: 2, expert_model_parallel_size: 2, device: cpu, backend: gloo }
+pipeline: { degree: 2, variant: interleaved, emulated_comm: null }
+run: { seed: 3 }
+data: { path: ${JSON.stringify(dataPrefix)} }
+train:
+  steps: 12
+  lr: 3.0e-3
+  min_lr: 3.0e-4
+  warmup_steps: 2
+  global_batch_size: 8
+  eval_interval: 4
+  eval_iters: 1
+  checkpoint_interval: 4
+${extra}`;
+}
+const configPath = join(dir, "train.yaml");
+writeFileSync(configPath, config());
+
+interface Ran { code: number | null; stdout: string; stderr: string; pid: number }
+
+function ampipe(args: string[], onStart?: (pid: number, stdout: () => string) => void): Promise<Ran> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [join(root, "bin", "ampipe.js"), ...args], { cwd: root, stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    onStart?.(child.pid!, () => stdout);
+    child.on("error", reject);
+    child.on("close", (code) => resolve({ code, stdout, stderr, pid: child.pid! }));
+  });
+}
+
+const ranksOf = (pid: number): number[] => processesWithEnv(`AMPIPE_PARENT_PID=${pid}`);
+type Line = { kind: string; step: number; loss: number; [k: string]: unknown };
+const metrics = (out: string): Line[] =>
+  readFileSync(join(out, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as Line);
+const trainLosses = (out: string) => metrics(out).filter((l) => l.kind === "train").map((l) => [l.step, l.loss]);
+const evalLosses = (out: string) => metrics(out).filter((l) => l.kind === "eval").map((l) => [l.step, l.loss]);
+/** Resolves once metrics.jsonl has a train line for `step` or later. */
+const reached = (out: string, step: number) => existsSync(join(out, "metrics.jsonl")) &&
+  metrics(out).some((l) => l.kind === "train" && l.step >= step);
+
+describe("ampipe train", { timeout: 240_000 }, () => {
+  // The uninterrupted run the others are compared with (run once, by whichever test asks first).
+  const full = join(dir, "full");
+  let fullRun: Promise<Ran> | undefined;
+  const uninterrupted = () => (fullRun ??= ampipe(["train", configPath, "--out", full]));
+
+  it("trains the pipelined block on two ranks and writes metrics, TensorBoard events and checkpoints", async () => {
+    const ran = await uninterrupted();
+    expect(ran.stderr).toBe("");
+    expect(ran.code).toBe(0);
+    expect(ran.stdout).toMatch(/block: pipelined, interleaved P=2, boundaries \[0, 24, 48\]/);
+    expect(ran.stdout).toMatch(/step 12\/12: loss \d/);
+    const lines = metrics(full);
+    const train = lines.filter((l) => l.kind === "train");
+    expect(train.map((l) => l.step)).toEqual([...Array(12).keys()].map((i) => i + 1));
+    expect(lines.filter((l) => l.kind === "eval").map((l) => l.step)).toEqual([4, 8, 12]);
+    for (const k of ["loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "step_ms"]) expect(train[0]).toHaveProperty(k);
+    expect(train[11].loss).toBeLessThan(train[0].loss - 0.5);
+    expect(readdirSync(join(full, "tb")).some((f) => f.startsWith("events.out.tfevents"))).toBe(true);
+    expect(readdirSync(join(full, "checkpoints")).sort()).toEqual(["step-00000004", "step-00000008", "step-00000012"]);
+    expect(readdirSync(join(full, "checkpoints", "step-00000012")).sort()).toEqual(["manifest.json", "rank-00000.pt", "rank-00001.pt"]);
+    const summary = JSON.parse(readFileSync(join(full, "train.json"), "utf8"));
+    expect(summary).toMatchObject({ format: "ampipe.train", step: 12, stopped: false, block: { pipelined: true, degree: 2 } });
+    expect(JSON.parse(readFileSync(join(full, "config.json"), "utf8")).data.path).toBe(dataPrefix);
+    expect(JSON.parse(readFileSync(join(full, "plan.json"), "utf8")).boundaries).toEqual([0, 24, 48]);
+  });
+
+  it("resumes after kill -9 of the controller and every rank, with the uninterrupted run's losses bitwise", async () => {
+    const out = join(dir, "killed");
+    let killed: number[] = [];
+    const first = await ampipe(["train", configPath, "--out", out], (pid) => {
+      const timer = setInterval(() => {
+        if (!reached(out, 6)) return;
+        clearInterval(timer);
+        killed = [pid, ...ranksOf(pid)];
+        for (const p of killed) process.kill(p, "SIGKILL");
+      }, 20);
+    });
+    expect(first.code).toBe(null); // killed
+    expect(killed.length).toBe(3);
+    const again = await ampipe(["train", configPath, "--out", out]);
+    expect(again.stderr).toBe("");
+    expect(again.code).toBe(0);
+    await uninterrupted();
+    const from = Number(/resumed from the checkpoint of step (\d+)/.exec(again.stdout)?.[1]);
+    expect([4, 8]).toContain(from);
+    expect(trainLosses(out)).toEqual(trainLosses(full)); // every step once, bitwise
+    expect(evalLosses(out)).toEqual(evalLosses(full));
+    expect(ranksOf(first.pid)).toEqual([]);
+  });
+
+  it("skips a checkpoint that lost its manifest, naming it, and resumes from the one before", async () => {
+    const out = join(dir, "nomanifest");
+    await ampipe(["train", configPath, "--out", out, "--steps", "8", "--set", "train.warmup_steps=2"]);
+    rmSync(join(out, "checkpoints", "step-00000008", "manifest.json"));
+    const again = await ampipe(["train", configPath, "--out", out, "--steps", "8"]);
+    expect(again.code).toBe(0);
+    expect(again.stdout).toMatch(/step-00000008: no manifest\.json .*skipped/);
+    expect(again.stdout).toMatch(/resumed from the checkpoint of step 4/);
+  });
+
+  it("stops after the current step with a checkpoint on Ctrl-C and exits 130", async () => {
+    const out = join(dir, "interrupted");
+    const ran = await ampipe(["train", configPath, "--out", out, "--steps", "400", "--set", "train.checkpoint_interval=1000"], (pid) => {
+      const timer = setInterval(() => {
+        if (!reached(out, 3)) return;
+        clearInterval(timer);
+        process.kill(pid, "SIGINT");
+      }, 20);
+    });
+    expect(ran.stderr).toMatch(/SIGINT: stopping after the current step, with a checkpoint/);
+    expect(ran.code).toBe(130);
+    const step = Number(/stopped at step (\d+) with a checkpoint/.exec(ran.stdout)?.[1]);
+    expect(step).toBeGreaterThanOrEqual(3);
+    expect(existsSync(join(out, "checkpoints", `step-${String(step).padStart(8, "0")}`, "manifest.json"))).toBe(true);
+    expect(Math.max(...metrics(out).map((l) => l.step))).toBe(step);
+    expect(ranksOf(ran.pid)).toEqual([]);
+  });
+
+  it("refuses bad input before any rank starts training, naming the problem (exit 2)", async () => {
+    const write = (name: string, text: string) => { const p = join(dir, name); writeFileSync(p, text); return p; };
+    const unknown = await ampipe(["train", write("unknown.yaml", config("  lr_decay: cosine")), "--out", join(dir, "bad1")]);
+    expect(unknown.code).toBe(2);
+    expect(unknown.stderr).toMatch(/train\.lr_decay|lr_decay/);
+    const missing = await ampipe(["train", configPath, "--out", join(dir, "bad2"), "--set", `data.path=${join(dir, "nothing")}`]);
+    expect(missing.code).toBe(2);
+    expect(missing.stderr).toMatch(/nothing\.(bin|idx)/);
+    const vocab = await ampipe(["train", configPath, "--out", join(dir, "bad3"), "--set", "model.vocab_size=200"]);
+    expect(vocab.code).toBe(2);
+    expect(vocab.stderr).toMatch(/model\.vocab_size: 200 is too small .*256/);
+    const batch = await ampipe(["train", configPath, "--out", join(dir, "bad4"), "--set", "train.global_batch_size=6"]);
+    expect(batch.code).toBe(2);
+    expect(batch.stderr).toMatch(/train\.global_batch_size: must be a multiple of/);
+    // A run directory that holds another config's run.
+    await uninterrupted();
+    const other = await ampipe(["train", configPath, "--out", full, "--set", "train.lr=1e-3"]);
+    expect(other.code).toBe(2);
+    expect(other.stderr).toMatch(/holds a run with another config \(differs in train\.lr\).*--fresh/);
+    for (const r of [unknown, missing, vocab, batch, other]) expect(r.stdout).not.toMatch(/ranks ready/);
+  });
+});
