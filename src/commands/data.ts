@@ -88,6 +88,7 @@ export function register(program: Command): void {
           [
             `${s.prefix}: ${s.num_documents} documents (${s.num_sequences} sequences), ${s.num_tokens} ${s.dtype} tokens, max id ${s.max_token_id}`,
             `  tokenizer ${s.tokenizer ?? "unknown (no sidecar)"}, vocab ${s.vocab_size ?? "unknown"}, eod ${s.eod_id ?? "unknown"}`,
+            `  split from ${s.split_origin.from === "sidecar" ? "the sidecar" : "the split rule"} (seed ${s.split_origin.seed}, valid fraction ${s.split_origin.valid_fraction})`,
             ...(["train", "valid"] as const).map((k) => `  ${k.padEnd(5)} ${s.split[k].documents} documents, ${s.split[k].tokens} tokens`),
           ].join("\n") + "\n",
         );

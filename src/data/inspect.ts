@@ -16,6 +16,8 @@ export interface DatasetSummary {
   vocab_size: number | null;
   eod_id: number | null;
   split: Record<"train" | "valid", { documents: number; tokens: number }>;
+  /** The sidecar's lists, or the split rule with these settings (a dataset without a sidecar). */
+  split_origin: { from: "sidecar" | "rule"; seed: number; valid_fraction: number };
 }
 
 export class DatasetError extends Error {}

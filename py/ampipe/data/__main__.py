@@ -28,6 +28,7 @@ def summary(ds: IndexedDataset, split_seed: int | None = None, valid_fraction: f
         "vocab_size": ds.vocab_size,
         "eod_id": ds.eod_id,
         "split": {name: {"documents": int(len(d)), "tokens": int(sizes[d].sum())} for name, d in splits.items()},
+        "split_origin": ds.split_origin(seed=split_seed, valid_fraction=valid_fraction),
     }
 
 

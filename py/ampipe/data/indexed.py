@@ -241,25 +241,29 @@ class IndexedDataset:
                         valid_fraction: float | None = None) -> np.ndarray:
         """The document ids of ``split`` ("train", "valid" or "all"), ascending.
 
-        With a sidecar its lists are used (a seed or fraction given that differs from the one it
-        was made with is an error); without one the documents are split by the rule of
-        :mod:`ampipe.data.split`, from ``seed`` and ``valid_fraction`` (defaults as ``ampipe data
-        prepare``'s).
+        With a sidecar its lists are the split (they were made when the dataset was prepared;
+        ``seed`` and ``valid_fraction`` are then not used -- :meth:`split_origin` says which
+        applied). Without one the documents are split by the rule of :mod:`ampipe.data.split`,
+        from ``seed`` and ``valid_fraction`` (defaults as ``ampipe data prepare``'s).
         """
         if split == "all":
             return np.arange(len(self), dtype=np.int64)
         if split not in ("train", "valid"):
             raise ValueError(f"split: must be 'train', 'valid' or 'all', got {split!r}")
         if self.sidecar is not None:
-            sp = self.sidecar["split"]
-            for name, given, made in (("seed", seed, sp["seed"]), ("valid_fraction", valid_fraction, sp["valid_fraction"])):
-                if given is not None and given != made:
-                    raise DatasetError(f"{self.sidecar_path}: the split was made with {name} {made}, asked for {given}; "
-                                       f"run ampipe data prepare again to split differently")
-            return sp[split]
+            return self.sidecar["split"][split]
         train, valid = split_documents(len(self), DEFAULT_SEED if seed is None else seed,
                                        DEFAULT_VALID_FRACTION if valid_fraction is None else valid_fraction)
         return train if split == "train" else valid
+
+    def split_origin(self, *, seed: int | None = None, valid_fraction: float | None = None) -> dict:
+        """Where :meth:`split_documents` takes the split from, for logs and summaries:
+        ``{"from": "sidecar" | "rule", "seed": ..., "valid_fraction": ...}``."""
+        if self.sidecar is not None:
+            sp = self.sidecar["split"]
+            return {"from": "sidecar", "seed": sp["seed"], "valid_fraction": sp["valid_fraction"]}
+        return {"from": "rule", "seed": DEFAULT_SEED if seed is None else seed,
+                "valid_fraction": DEFAULT_VALID_FRACTION if valid_fraction is None else valid_fraction}
 
     @property
     def eod_id(self) -> int | None:

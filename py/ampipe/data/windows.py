@@ -31,7 +31,8 @@ class TokenWindows:
     """``sample(i) -> int64 [seq_length + 1]`` for any i >= 0; ``samples(indices) -> [n, seq_length + 1]``.
 
     ``split``: "train", "valid" or "all" (see :meth:`IndexedDataset.split_documents`;
-    ``split_seed`` and ``valid_fraction`` matter only for a dataset without a sidecar).
+    ``split_seed`` and ``valid_fraction`` matter only for a dataset without a sidecar, and
+    ``split_origin`` records which split applied).
     """
 
     def __init__(self, data: IndexedDataset | str | os.PathLike[str], seq_length: int, *,
@@ -46,6 +47,7 @@ class TokenWindows:
         self.split = split
         self.seed = int(seed)
         docs = self.dataset.split_documents(split, seed=split_seed, valid_fraction=valid_fraction)
+        self.split_origin = self.dataset.split_origin(seed=split_seed, valid_fraction=valid_fraction)
         self.documents = docs[np.random.RandomState([self.seed, _DOC_STREAM]).permutation(len(docs))]
         starts, stops = self.dataset.doc_token_ranges(self.documents)
         self._doc_start = starts

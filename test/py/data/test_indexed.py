@@ -180,9 +180,11 @@ def test_sidecar_lists_are_the_split(good):
     ds = IndexedDataset(good)
     assert ds.eod_id == 256 and ds.vocab_size == 257
     assert ds.split_documents("train").tolist() == [0, 2] and ds.split_documents("valid").tolist() == [1]
-    assert ds.split_documents("valid", seed=3).tolist() == [1]
-    with pytest.raises(DatasetError, match=r"m\.json: the split was made with seed 3, asked for 4"):
-        ds.split_documents("train", seed=4)
+    # the sidecar's lists are the split; a seed and fraction apply only to a dataset without one
+    assert ds.split_documents("valid", seed=4, valid_fraction=0.9).tolist() == [1]
+    assert ds.split_origin(seed=4, valid_fraction=0.9) == {"from": "sidecar", "seed": 3, "valid_fraction": 0.3}
+    good.with_suffix(".json").unlink()
+    assert IndexedDataset(good).split_origin(seed=4, valid_fraction=0.9) == {"from": "rule", "seed": 4, "valid_fraction": 0.9}
 
 
 def test_sidecar_of_another_pair_is_refused(tmp_path, good):
@@ -224,6 +226,7 @@ def test_inspect_command(good, capsys):
     s = json.loads(capsys.readouterr().out)
     assert s["num_documents"] == 3 and s["num_sequences"] == 6 and s["num_tokens"] == 10 and s["max_token_id"] == 200
     assert s["sidecar"] is False and s["eod_id"] is None
+    assert s["split_origin"] == {"from": "rule", "seed": 3, "valid_fraction": 0.3}
     assert s["split"]["valid"]["documents"] == 1 and s["split"]["train"]["documents"] == 2
     good.with_suffix(".bin").write_bytes(b"\x00" * 8)
     assert main(["inspect", str(good)]) == 2

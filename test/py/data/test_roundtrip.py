@@ -61,3 +61,14 @@ def test_gpt2_ids(tmp_path):
     s = _prepare("--input", str(tmp_path / "h.txt"), "--tokenizer", "gpt2", "--valid-fraction", "0", "--out", str(tmp_path / "g"))
     assert s["vocab_size"] == 50257 and s["eod_id"] == 50256
     assert IndexedDataset(tmp_path / "g")[0].tolist() == [15496, 995, 50256]
+
+
+def test_split_rule_agrees_with_typescript_on_edge_cases():
+    cases = [(1, 5, 0.5), (2, 0, 0.9), (1000, 4294967295, 0.05), (37, 1234, 0.333), (64, 2**31, 0.0)]
+    script = ("import { splitDocuments } from './src/data/split.ts';"
+              f"console.log(JSON.stringify({json.dumps(cases)}.map(([n, s, f]) => splitDocuments(n, s, f))));")
+    r = subprocess.run([str(ROOT / "node_modules" / ".bin" / "tsx"), "--eval", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    for (n, seed, frac), ts in zip(cases, json.loads(r.stdout)):
+        train, valid = split_documents(n, seed, frac)
+        assert ts == {"train": train.tolist(), "valid": valid.tolist()}, (n, seed, frac)

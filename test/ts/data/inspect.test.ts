@@ -24,6 +24,7 @@ describe("inspectDataset", () => {
     const s = inspectDataset(r.prefix);
     expect(s).toMatchObject({ dtype: "uint16", num_documents: 10, num_sequences: 10, num_tokens: r.sidecar.num_tokens, max_token_id: 256, sidecar: true, tokenizer: "byte", eod_id: 256 });
     expect(s.split.valid.documents).toBe(2);
+    expect(s.split_origin).toEqual({ from: "sidecar", seed: 1234, valid_fraction: 0.2 });
     expect(s.split.train.tokens + s.split.valid.tokens).toBe(r.sidecar.num_tokens);
     expect(() => checkVocabulary(s, 257)).not.toThrow();
     expect(() => checkVocabulary(s, 256)).toThrow(/model\.vocab_size: 256 is too small for .*ds, whose token ids reach 256 \(needs at least 257\)/);

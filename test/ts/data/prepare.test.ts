@@ -58,6 +58,15 @@ describe("prepareDataset", () => {
     expect(Buffer.from(second).toString("utf8")).toBe(texts[1]);
   });
 
+  it("--format brown strips the tags of a tagged input file", () => {
+    const p = write("cx01", "\n\n\tThe/at jury/nn said/vbd ./.\n");
+    prepareDataset({ inputs: [p], format: "brown", out: join(dir, "b"), validFraction: 0 });
+    const bin = readFileSync(join(dir, "b.bin"));
+    const ids = [...new Uint16Array(bin.buffer, bin.byteOffset, bin.length / 2)];
+    expect(Buffer.from(ids.slice(0, -1)).toString("utf8")).toBe("The jury said .");
+    expect(ids.at(-1)).toBe(256);
+  });
+
   it("gpt2: ids of GPT-2's BPE, EOD 50256", () => {
     const r = prepareDataset({ inputs: [write("h.txt", "Hello world")], tokenizer: "gpt2", out: join(dir, "g"), validFraction: 0 });
     const bin = readFileSync(join(dir, "g.bin"));
