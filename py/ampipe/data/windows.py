@@ -30,6 +30,9 @@ _EPOCH_STREAM = 1
 class TokenWindows:
     """``sample(i) -> int64 [seq_length + 1]`` for any i >= 0; ``samples(indices) -> [n, seq_length + 1]``.
 
+    Which samples form a step's global batch, and which of them a rank reads, is the training
+    loop's layout (`ampipe.train.loop.sample_indices`, docs/train.md).
+
     ``split``: "train", "valid" or "all" (see :meth:`IndexedDataset.split_documents`;
     ``split_seed`` and ``valid_fraction`` matter only for a dataset without a sidecar, and
     ``split_origin`` records which split applied).
@@ -94,23 +97,6 @@ class TokenWindows:
     def samples(self, indices: Sequence[int]) -> np.ndarray:
         """The samples at ``indices`` stacked: int64 [len(indices), seq_length + 1]."""
         return np.stack([self.sample(i) for i in indices]) if len(indices) else np.zeros((0, self.seq_length + 1), np.int64)
-
-    def batch(self, step: int, global_batch_size: int, *, rank: int = 0, world: int = 1) -> np.ndarray:
-        """Data-parallel rank ``rank``'s share of global batch ``step``: int64 [global_batch_size // world, seq_length + 1].
-
-        Global batch t is samples ``t * global_batch_size .. (t + 1) * global_batch_size - 1``;
-        rank r takes the r-th contiguous slice of it, so the ranks together always read the same
-        global batch, whatever ``world`` is.
-        """
-        if global_batch_size < 1 or world < 1 or global_batch_size % world:
-            raise ValueError(f"global_batch_size ({global_batch_size}) must be a positive multiple of the data-parallel size ({world})")
-        if not 0 <= rank < world:
-            raise ValueError(f"rank: must be in [0, {world}), got {rank}")
-        if step < 0:
-            raise ValueError(f"step: must be >= 0, got {step}")
-        per = global_batch_size // world
-        first = step * global_batch_size + rank * per
-        return self.samples(range(first, first + per))
 
     def __len__(self) -> int:
         return self.num_samples

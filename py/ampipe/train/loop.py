@@ -154,7 +154,7 @@ class Trainer:
     def _batch(self, data: Samples, step: int, micro: int) -> torch.Tensor:
         idx = sample_indices(step, micro, rank=self.rank, dp_size=self.world,
                              micro_batch=self.cfg.micro_batch_size, global_batch=self.tcfg.global_batch_size)
-        rows = np.stack([np.asarray(data.sample(i), dtype=np.int64) for i in idx])
+        rows = np.stack([np.asarray(data.sample(i), dtype=np.int64) for i in idx])  # any Samples, not only TokenWindows
         if rows.shape[1] != self.cfg.seq_length + 1:
             raise ValueError(f"a data sample has {rows.shape[1]} tokens; model.seq_length + 1 = {self.cfg.seq_length + 1}")
         return torch.from_numpy(rows).to(self.device)

@@ -62,16 +62,3 @@ def test_a_split_shorter_than_one_window_is_named(tmp_path):
         TokenWindows(tmp_path / "m", 4, split="valid")
     with pytest.raises(ValueError, match="seq_length: must be a positive integer"):
         TokenWindows(tmp_path / "m", 0, split="all")
-
-
-def test_batch_is_the_same_global_batch_for_any_data_parallel_size(tmp_path):
-    write_megatron(tmp_path / "m", [[list(range(i * 50, i * 50 + 50))] for i in range(8)], "int32")
-    tw = TokenWindows(tmp_path / "m", 4, split="all")
-    whole = tw.batch(3, 8)
-    assert whole.shape == (8, 5)
-    assert np.array_equal(whole, tw.samples(range(24, 32)))
-    for world in (2, 4, 8):
-        parts = [tw.batch(3, 8, rank=r, world=world) for r in range(world)]
-        assert np.array_equal(np.concatenate(parts), whole)
-    with pytest.raises(ValueError, match=r"global_batch_size \(6\) must be a positive multiple of the data-parallel size \(4\)"):
-        tw.batch(0, 6, world=4)
