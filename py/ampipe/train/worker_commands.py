@@ -81,6 +81,13 @@ def train(args: dict, ctx: CommandContext) -> dict[str, Any]:
         check_dims(load_plan(dict(plan)), expected_dims(config))
     trainer = build_trainer(config, plan, run_dir, groups=groups, device=ctx.device or "cpu", emit=ctx.emit,
                             should_stop=lambda: ctx.cancel_requested, say=lambda s: None)
-    resume = args.get("resume", True)
-    return run_beside_heartbeats(ctx, float(args.get("timeout_s") or DEFAULT_TIMEOUT_S),
-                                 lambda: trainer.run(resume=bool(resume)), what="train")
+    resume = bool(args.get("resume", True))
+
+    def work() -> dict[str, Any]:
+        if trainer.device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(trainer.device)  # the current device is per thread
+        return trainer.run(resume=resume)
+
+    return run_beside_heartbeats(ctx, float(args.get("timeout_s") or DEFAULT_TIMEOUT_S), work, what="train")
