@@ -270,56 +270,77 @@ class Trainer:
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
         return self.tb
 
-    def run(self, *, resume: bool = True) -> dict[str, Any]:
-        """Trains to `train.steps` (resuming first when asked); returns the run's summary."""
+    def begin(self, *, resume: bool = True) -> None:
+        """Before the first `advance`: resume (when asked), announce the run, open TensorBoard."""
         if resume:
             self.resume()
-        total = self.tcfg.steps
-        self.emit("progress", stage="start", step=self.step, steps=total, resumed_from=self.resumed_from,
+        self._history: list[StepMetrics] = []
+        self._evals: list[dict[str, float]] = []
+        self._last_saved = self.step if self.resumed_from is not None else None
+        self.emit("progress", stage="start", step=self.step, steps=self.tcfg.steps, resumed_from=self.resumed_from,
                   pipelined=self.pipelined, micro_batches=self.micro,
                   tokens_per_step=self.tcfg.global_batch_size * self.cfg.seq_length)
-        tb = self._tb_writer()
-        history: list[StepMetrics] = []
-        evals: list[dict[str, float]] = []
-        stopped = False
-        last_saved = self.step if self.resumed_from is not None else None
-        while self.step < total:
-            m = self.train_step()
-            history.append(m)
-            if self.rank == 0:
-                self.emit("metric", name="train_step", steps=total, **m.as_event())
-            if tb is not None:
-                for k in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "step_ms"):
-                    tb.add_scalar(f"train/{k}", getattr(m, k), m.step)
-            if self.step % self.tcfg.eval_interval == 0 or self.step == total:
-                ev = self.evaluate()
-                if ev is not None:
-                    evals.append(ev)
-                    if self.rank == 0:
-                        self.emit("metric", name="eval", steps=total, **ev)
-                    if tb is not None:
-                        tb.add_scalar("eval/loss", ev["loss"], ev["step"])
-                        tb.add_scalar("eval/ppl", ev["ppl"], ev["step"])
-            stop = self._any(self.should_stop()) and self.step < total
-            if self.step % self.tcfg.checkpoint_interval == 0 or self.step == total or stop:
-                self.save()
-                last_saved = self.step
-            if tb is not None:
-                tb.flush()
-            if stop:
-                stopped = True
-                break
+        self._tb = self._tb_writer()
+
+    def advance(self) -> StepMetrics:
+        """One training step with its reporting (event, TensorBoard) and the evaluation when due."""
+        total, tb = self.tcfg.steps, self._tb
+        m = self.train_step()
+        self._history.append(m)
+        if self.rank == 0:
+            self.emit("metric", name="train_step", steps=total, **m.as_event())
         if tb is not None:
-            tb.close()
-            self.tb = None
+            for k in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "step_ms"):
+                tb.add_scalar(f"train/{k}", getattr(m, k), m.step)
+        if self.step % self.tcfg.eval_interval == 0 or self.step == total:
+            ev = self.evaluate()
+            if ev is not None:
+                self._evals.append(ev)
+                if self.rank == 0:
+                    self.emit("metric", name="eval", steps=total, **ev)
+                if tb is not None:
+                    tb.add_scalar("eval/loss", ev["loss"], ev["step"])
+                    tb.add_scalar("eval/ppl", ev["ppl"], ev["step"])
+        return m
+
+    def stop_requested(self) -> bool:
+        """Whether any rank was asked to stop (collective: every rank calls it after each step)."""
+        return self._any(self.should_stop()) and self.step < self.tcfg.steps
+
+    def checkpoint_if_due(self, *, stop: bool = False) -> None:
+        """After a step: a checkpoint every `checkpoint_interval` steps, at the end, and on stop."""
+        if self.step % self.tcfg.checkpoint_interval == 0 or self.step == self.tcfg.steps or stop:
+            self.save()
+            self._last_saved = self.step
+        if self._tb is not None:
+            self._tb.flush()
+
+    def end(self, *, stopped: bool) -> dict[str, Any]:
+        """Closes TensorBoard; the run's summary."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = self.tb = None
+        history, total = self._history, self.tcfg.steps
         times = [h.step_ms for h in history[1:]] or [h.step_ms for h in history]
+        median_ms = statistics.median(times) if times else None
         return {
             "rank": self.rank, "step": self.step, "steps": total, "stopped": stopped,
-            "resumed_from": self.resumed_from, "last_checkpoint": last_saved, "pipelined": self.pipelined,
+            "resumed_from": self.resumed_from, "last_checkpoint": self._last_saved, "pipelined": self.pipelined,
             "steps_run": len(history),
             "final": history[-1].as_event() if history else None,
-            "last_eval": evals[-1] if evals else None,
-            "median_step_ms": statistics.median(times) if times else None,
-            "median_tokens_per_s": (self.tcfg.global_batch_size * self.cfg.seq_length / (statistics.median(times) / 1e3))
-            if times else None,
+            "last_eval": self._evals[-1] if self._evals else None,
+            "median_step_ms": median_ms,
+            "median_tokens_per_s": self.tcfg.global_batch_size * self.cfg.seq_length / (median_ms / 1e3) if median_ms else None,
         }
+
+    def run(self, *, resume: bool = True) -> dict[str, Any]:
+        """Trains to `train.steps` (resuming first when asked); returns the run's summary."""
+        self.begin(resume=resume)
+        stopped = False
+        while self.step < self.tcfg.steps:
+            self.advance()
+            stopped = self.stop_requested()
+            self.checkpoint_if_due(stop=stopped)
+            if stopped:
+                break
+        return self.end(stopped=stopped)
