@@ -70,7 +70,8 @@ const degree = z.union([posInt(), z.literal("auto")], {
 export const PipelineSchema = z.strictObject({
   /** Pipe degree P (number of sequence chunks), or auto (the planner chooses). */
   degree: degree.default("auto"),
-  variant: z.enum(["sequential", "grouped", "interleaved", "auto"]).default("auto"),
+  /** moe-overlap: the peer baseline (attention whole, the MoE layer pipelined), for comparison runs. */
+  variant: z.enum(["sequential", "grouped", "interleaved", "moe-overlap", "auto"]).default("auto"),
   /** Explicit chunk boundaries [0, ..., seq_length], or null. */
   boundaries: z.array(nonNegInt()).nullable().default(null),
   /** QKV projection per chunk (else one QKV op for the whole sequence). */
