@@ -88,11 +88,49 @@ export const RunSchema = z.strictObject({
   output_dir: z.string().min(1).default("runs/default"),
 });
 
+/** The fields of `bench` a quick slice may override (`ampipe bench --quick`). */
+const benchFields = {
+  /** Sequence lengths swept; null = [model.seq_length]. */
+  seq_lengths: z.array(posInt()).min(1).nullable().default(null),
+  /** AMPipe variants swept at each of `degrees` (uniform boundaries). */
+  variants: z.array(z.enum(["grouped", "interleaved"])).default(["grouped", "interleaved"]),
+  degrees: z.array(z.int().min(2)).default([2, 4]),
+  /** Also run the planner's own choice (variant, degree, boundaries) at each sequence length. */
+  planner: z.boolean().default(true),
+  /** The peer baseline (Tutel-style overlap inside the MoE layer) at these degrees; [] = none. */
+  moe_overlap_degrees: z.array(z.int().min(2)).default([2, 4]),
+  /**
+   * Emulated comm/compute ratios: per sequence length the emulated bandwidth is set so that the
+   * sequential block's four all-to-alls take r x its measured compute time (latency and world size
+   * from pipeline.emulated_comm). null = pipeline.emulated_comm as given, or real comm when that is null.
+   */
+  comm_compute_ratios: z.array(z.number().gt(0)).min(1).nullable().default(null),
+  /** Measured repetitions per case (ABBA order against the sequential block) and warm-up steps. */
+  steps: posInt().default(6),
+  warmup: nonNegInt().default(1),
+  /** The pipe degree of the calibration run at each sequence length (grouped, uniform). */
+  calibration_degree: z.int().min(2).default(2),
+};
+
+export const BenchQuickSchema = z.strictObject(
+  Object.fromEntries(Object.entries(benchFields).map(([k, v]) => [k, v.unwrap().optional()])) as {
+    [K in keyof typeof benchFields]: z.ZodOptional<ReturnType<(typeof benchFields)[K]["unwrap"]>>;
+  },
+);
+
+/** `bench`: the grid `ampipe bench` sweeps (docs/bench.md). */
+export const BenchSchema = z.strictObject({
+  ...benchFields,
+  /** The quick slice (`ampipe bench --quick`, what `npm start` runs): fields that replace the ones above. */
+  quick: BenchQuickSchema.nullable().default(null),
+});
+
 const ExperimentObject = z.strictObject({
   model: ModelSchema.default(() => ModelSchema.parse({})),
   parallelism: ParallelismSchema.default(() => ParallelismSchema.parse({})),
   pipeline: PipelineSchema.default(() => PipelineSchema.parse({})),
   run: RunSchema.default(() => RunSchema.parse({})),
+  bench: BenchSchema.default(() => BenchSchema.parse({})),
 });
 
 type Parsed = z.output<typeof ExperimentObject>;
@@ -132,6 +170,21 @@ function checkInvariants(c: Parsed, ctx: z.RefinementCtx): void {
   }
   if (p.backend === "nccl" && p.device === "cpu") {
     issue("parallelism.backend", "nccl needs parallelism.device cuda (or auto); use gloo on cpu");
+  }
+
+  const b = c.bench;
+  for (const [field, value] of [["", b], ["quick.", b.quick ?? {}]] as const) {
+    const seqs = value.seq_lengths ?? b.seq_lengths ?? [m.seq_length];
+    for (const key of ["degrees", "moe_overlap_degrees", "calibration_degree"] as const) {
+      const v = value[key];
+      if (v === undefined) continue;
+      const worst = Math.max(...(Array.isArray(v) ? v : [v]));
+      if (worst > Math.min(...seqs))
+        issue(`bench.${field}${key}`, `${worst} exceeds the shortest sequence length (${Math.min(...seqs)})`);
+    }
+    if (value.comm_compute_ratios && c.pipeline.emulated_comm === null)
+      issue(`bench.${field}comm_compute_ratios`,
+        "needs pipeline.emulated_comm (its latency_us and world_size; the bandwidth is set per sequence length)");
   }
 
   const pl = c.pipeline;
@@ -177,4 +230,5 @@ export type ModelConfig = ExperimentConfig["model"];
 export type ParallelismConfig = ExperimentConfig["parallelism"];
 export type PipelineConfig = ExperimentConfig["pipeline"];
 export type RunConfig = ExperimentConfig["run"];
+export type BenchConfig = ExperimentConfig["bench"];
 export type EmulatedCommConfig = z.output<typeof EmulatedCommSchema>;
