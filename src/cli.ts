@@ -15,6 +15,7 @@ const commandModules: Array<{ register(program: Command): void }> = [
   await import("./commands/bench.ts"),
   await import("./commands/plan.ts"),
   await import("./commands/run.ts"),
+  await import("./commands/report.ts"),
 ];
 for (const m of commandModules) m.register(program);
 
