@@ -88,8 +88,16 @@ export const RunSchema = z.strictObject({
   output_dir: z.string().min(1).default("runs/default"),
 });
 
+/** One model of a bench grid: a name and the model fields that differ from the config's `model`. */
+export const BenchModelSchema = z.strictObject({
+  name: z.string().regex(/^[A-Za-z0-9_.-]+$/, "letters, digits, '_', '.' and '-' only (it names files)"),
+  ...Object.fromEntries(Object.entries(ModelSchema.shape).map(([k, v]) => [k, (v as z.ZodDefault<z.ZodType>).unwrap().optional()])),
+}) as unknown as z.ZodType<{ name: string } & Partial<z.output<typeof ModelSchema>>>;
+
 /** The fields of `bench` a quick slice may override (`ampipe bench --quick`). */
 const benchFields = {
+  /** Models swept (each: a name and the model fields that differ from `model`); null = the config's model. */
+  models: z.array(BenchModelSchema).min(1).nullable().default(null),
   /** Sequence lengths swept; null = [model.seq_length]. */
   seq_lengths: z.array(posInt()).min(1).nullable().default(null),
   /** AMPipe variants swept at each of `degrees` (uniform boundaries). */

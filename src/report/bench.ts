@@ -30,8 +30,9 @@ interface Manifest {
 }
 
 /** How a case appears in legends: its variant and degree, or "planner". */
-export function seriesOf(r: Pick<CaseResult, "source" | "variant" | "degree">): string {
-  return r.source === "planner" ? "planner's choice" : `${r.variant} P=${r.degree}`;
+export function seriesOf(r: Pick<CaseResult, "source" | "variant" | "degree"> & { model?: string | null }): string {
+  const s = r.source === "planner" ? "planner's choice" : `${r.variant} P=${r.degree}`;
+  return r.model ? `${r.model}: ${s}` : s;
 }
 
 const ratioText = (r: number | null) => (r === null ? "as configured" : String(r));

@@ -25,7 +25,7 @@ import { costModelFor, dimsFromConfig } from "../commands/plan.ts";
 import { startRun, type RunCliOptions } from "../commands/ping.ts";
 import { RANK_MODULE, summarizeRanks, type RankResult } from "../commands/run.ts";
 import { createProgress, type Progress } from "../progress.ts";
-import { benchSettings, expandGrid, groupsOf, type CaseSpec, type Group } from "./grid.ts";
+import { benchSettings, expandGrid, groupsOf, withModel, type CaseSpec, type Group } from "./grid.ts";
 import {
   CSV_FILE, RESULTS_FILE, appendResult, quartiles, readResults, referenceMoeOverlap, writeCsv, type CaseResult,
 } from "./results.ts";
@@ -51,6 +51,8 @@ interface CalibrationRunDoc {
 }
 
 interface GroupState {
+  /** The bench.models name, or null for the config's model. */
+  model: string | null;
   seq_length: number;
   comm_compute_ratio: number | null;
   /** The sequential block without emulated delay (slowest rank, median): what the ratio is of. */
@@ -88,7 +90,7 @@ export function emulatedLabel(e: EmulatedCommConfig): string {
  * (tokens x top-k x hidden) minus its own 1/world share, plus the latency per op.
  */
 export function bandwidthForRatio(cfg: ExperimentConfig, seqLength: number, ratio: number, computeMs: number, emu: EmulatedCommConfig): number {
-  const m = cfg.model;
+  const m = cfg.model; // the group's model
   const tokens = seqLength * m.micro_batch_size;
   const cap = m.moe_expert_capacity_factor;
   const rows = cap === null ? tokens * m.moe_router_topk : m.num_experts * Math.ceil((cap * tokens * m.moe_router_topk) / m.num_experts);
@@ -99,9 +101,8 @@ export function bandwidthForRatio(cfg: ExperimentConfig, seqLength: number, rati
   return wire / budgetS / 1e9;
 }
 
-function groupConfig(cfg: ExperimentConfig, seqLength: number, emu: EmulatedCommConfig | null): ExperimentConfig {
-  const c = structuredClone(cfg);
-  c.model.seq_length = seqLength;
+function groupConfig(cfg: ExperimentConfig, group: Group, emu: EmulatedCommConfig | null): ExperimentConfig {
+  const c = withModel(cfg, group.model, group.seqLength);
   c.pipeline.emulated_comm = emu;
   return c;
 }
@@ -210,48 +211,53 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
 
   // ---- calibration, per group ----
   const models = new Map<string, { model: CostModel; report: CalibrationReport }>();
-  const computeMs = new Map<number, number>();
-  for (const g of Object.values(manifest.groups)) if (g.compute_ms !== null) computeMs.set(g.seq_length, g.compute_ms);
+  // The compute time per (model, sequence length), shared by the groups of several ratios.
+  const computeMs = new Map<string, number>();
+  const computeKey = (g: Group) => sequentialSource(g);
+  for (const g of groupsOf(settings)) {
+    const st = manifest.groups[g.id];
+    if (st?.compute_ms != null) computeMs.set(computeKey(g), st.compute_ms);
+  }
   const calibrateGroup = async (group: Group): Promise<void> => {
     let state = manifest.groups[group.id];
     if (!state || state.error !== null || state.calibration_runs.length === 0) {
       const S = group.seqLength;
       const runsBefore = calibrationRuns.length;
       const compute = async (): Promise<number> => {
-        const known = computeMs.get(S);
+        const known = computeMs.get(computeKey(group));
         if (known !== undefined) return known;
         // The sequential block without emulated delay: its time is the compute the ratio refers to,
         // its one-chunk op times (all but the all-to-alls) calibrate the whole-sequence ops.
-        const c0 = groupConfig(cfg, S, null);
+        const c0 = groupConfig(cfg, group, null);
         const plan = makePlan("sequential", dimsFromConfig(c0), { chunkQkv: cfg.pipeline.chunk_qkv });
         const res = await runBlock(c0, plan, settings.steps, settings.warmup);
-        const ms = summarizeRanks(res, cfg.model.dtype).timing.baseline_ms;
-        for (const r of res) calibrationRuns.push(calibrationRun(plan, r, `${sequentialSource(S)}, rank ${r.rank}`));
-        computeMs.set(S, ms);
+        const ms = summarizeRanks(res, c0.model.dtype).timing.baseline_ms;
+        for (const r of res) calibrationRuns.push(calibrationRun(plan, r, `${sequentialSource(group)}, rank ${r.rank}`));
+        computeMs.set(computeKey(group), ms);
         return ms;
       };
       const base = cfg.pipeline.emulated_comm;
       let emu: EmulatedCommConfig | null = base;
       const cms = await compute();
-      if (group.ratio !== null) emu = { ...base!, bandwidth_gbps: bandwidthForRatio(cfg, S, group.ratio, cms, base!) };
-      const gc = groupConfig(cfg, S, emu);
+      if (group.ratio !== null) emu = { ...base!, bandwidth_gbps: bandwidthForRatio(groupConfig(cfg, group, null), S, group.ratio, cms, base!) };
+      const gc = groupConfig(cfg, group, emu);
       const plan = makePlan("grouped", dimsFromConfig(gc), { degree: settings.calibration_degree, chunkQkv: cfg.pipeline.chunk_qkv });
       const res = await runBlock(gc, plan, settings.steps, settings.warmup);
       for (const r of res) calibrationRuns.push(calibrationRun(plan, r, `bench ${group.id}: grouped P=${settings.calibration_degree}${emu ? ` (${emulatedLabel(emu)})` : ""}, rank ${r.rank}`));
-      const idx = calibrationRuns.map((_, i) => i).filter((i) => i >= runsBefore || calibrationRuns[i].source.startsWith(sequentialSource(S)));
+      const idx = calibrationRuns.map((_, i) => i).filter((i) => i >= runsBefore || calibrationRuns[i].source.startsWith(sequentialSource(group)));
       state = {
-        seq_length: S, comm_compute_ratio: group.ratio, compute_ms: cms,
+        model: group.model?.name ?? null, seq_length: S, comm_compute_ratio: group.ratio, compute_ms: cms,
         emulated_comm: emu, emulated: emu ? emulatedLabel(emu) : null, calibration_runs: idx, error: null,
       };
       manifest.groups[group.id] = state;
       saveCalibration();
       saveManifest();
     }
-    const gc = groupConfig(cfg, group.seqLength, state.emulated_comm);
+    const gc = groupConfig(cfg, group, state.emulated_comm);
     // The sequential run had no emulated delay: in an emulated group its all-to-alls and its
     // makespan say nothing about the group's interconnect, only its compute ops are used.
     const runs = state.calibration_runs.map((i) => calibrationRuns[i]).map((r) =>
-      state!.emulated_comm !== null && r.source.startsWith(sequentialSource(group.seqLength)) ? computeOnly(r) : r);
+      state!.emulated_comm !== null && r.source.startsWith(sequentialSource(group)) ? computeOnly(r) : r);
     const data = parseCalibration({ runs }, outDir, `${CALIBRATION_FILE} (${group.id})`);
     const r = calibrate(costModelFor(gc).model, data, `${CALIBRATION_FILE} (${group.id})`);
     models.set(group.id, r);
@@ -280,7 +286,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
         if (stopping || e instanceof RunClosedError) break;
         const st = manifest.groups[group.id];
         result = errorResult(spec, st, e, (performance.now() - tc) / 1000);
-        if (!st) manifest.groups[group.id] = { seq_length: group.seqLength, comm_compute_ratio: group.ratio, compute_ms: null, emulated_comm: null, emulated: null, calibration_runs: [], error: errorText(e) };
+        if (!st) manifest.groups[group.id] = { model: group.model?.name ?? null, seq_length: group.seqLength, comm_compute_ratio: group.ratio, compute_ms: null, emulated_comm: null, emulated: null, calibration_runs: [], error: errorText(e) };
         failed++;
         await dropRun();
       }
@@ -327,7 +333,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
 
   async function runCase(spec: CaseSpec, state: GroupState, model: CostModel): Promise<CaseResult> {
     const tc = performance.now();
-    const gc = groupConfig(cfg, spec.group.seqLength, state.emulated_comm);
+    const gc = groupConfig(cfg, spec.group, state.emulated_comm);
     const dims = dimsFromConfig(gc);
     const plan = spec.source === "planner"
       ? planBlock(dims, model, { chunkQkv: cfg.pipeline.chunk_qkv }).plan
@@ -335,7 +341,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
     const predicted = predict(model, plan).totalMs;
     const predictedBase = predict(model, makePlan("sequential", dims, { chunkQkv: cfg.pipeline.chunk_qkv })).totalMs;
     const res = await runBlock(gc, plan, settings.steps, settings.warmup);
-    const s = summarizeRanks(res, cfg.model.dtype);
+    const s = summarizeRanks(res, gc.model.dtype);
     const t = s.timing;
     const sp = quartiles(t.steps.map((x) => x.baseline_ms / x.pipelined_ms));
     const pm = quartiles(t.steps.map((x) => x.pipelined_ms));
@@ -346,7 +352,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
     writeFileAtomic(join(outDir, trace), JSON.stringify(chromeTrace(plan, replay, `${spec.id}: measured op times of rank ${r0.rank}, replayed`)) + "\n");
     const ref = bestMoeOverlap(spec.group.id);
     return {
-      case: spec.id, group: spec.group.id, seq_length: spec.group.seqLength, comm_compute_ratio: spec.group.ratio,
+      case: spec.id, group: spec.group.id, model: spec.group.model?.name ?? null, seq_length: spec.group.seqLength, comm_compute_ratio: spec.group.ratio,
       source: spec.source, variant: plan.variant, degree: plan.boundaries.length - 1, boundaries: plan.boundaries,
       status: "ok", error: null,
       interconnect: s.emulated ? "emulated" : "real", emulated: s.emulated, bandwidth_gbps: state.emulated_comm?.bandwidth_gbps ?? null,
@@ -372,7 +378,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
   }
 }
 
-const sequentialSource = (S: number) => `bench s${S}: sequential, no emulated delay`;
+const sequentialSource = (g: Group) => `bench ${g.model ? `${g.model.name}-` : ""}s${g.seqLength}: sequential, no emulated delay`;
 
 /** A rank's run_block result as a calibration run (the pipelined block's op times and step time). */
 function calibrationRun(plan: Plan, r: RankResult, source: string): CalibrationRunDoc {
@@ -393,7 +399,7 @@ function errorResult(spec: CaseSpec, state: GroupState | undefined, e: unknown, 
   if (e instanceof RankFailure) msg = `rank failure: ${msg}`;
   else if (e instanceof CommandError) msg = `rank error: ${msg}`;
   return {
-    case: spec.id, group: spec.group.id, seq_length: spec.group.seqLength, comm_compute_ratio: spec.group.ratio,
+    case: spec.id, group: spec.group.id, model: spec.group.model?.name ?? null, seq_length: spec.group.seqLength, comm_compute_ratio: spec.group.ratio,
     source: spec.source, variant: spec.variant, degree: spec.degree, boundaries: null, status: "error", error: msg,
     interconnect: state?.emulated ? "emulated" : "real", emulated: state?.emulated ?? null, bandwidth_gbps: state?.emulated_comm?.bandwidth_gbps ?? null,
     measured_ms: null, measured_q1_ms: null, measured_q3_ms: null, baseline_ms: null, baseline_q1_ms: null, baseline_q3_ms: null,
