@@ -28,6 +28,7 @@ export function register(program: Command): void {
       return n;
     })
     .option("--quick", "the config's quick slice (bench.quick)")
+    .option("--fresh", "discard what an earlier sweep left in the output directory and start over (default: resume)")
     .option("--set <field=value>", "override a config field, e.g. --set bench.steps=4 (repeatable)", (v: string, acc: string[]) => [...acc, v], []);
   addControllerOptions(bench).action(async (config: string | undefined, opts: BenchOptions) => {
     if (config === undefined) {

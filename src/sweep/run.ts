@@ -9,7 +9,7 @@
 // that fails records its error and the sweep goes on (the ranks are restarted first, since a
 // failed rank, or one left inside a collective, cannot be trusted with the next case).
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { CommandError, RankFailure, RunClosedError, type RankRun } from "../bridge/index.ts";
 import { loadConfig, type EmulatedCommConfig, type ExperimentConfig } from "../config/index.ts";
@@ -39,6 +39,8 @@ export interface BenchOptions
   out?: string;
   cases?: number;
   quick?: boolean;
+  /** Remove an earlier sweep's files from the output directory first (no resume). */
+  fresh?: boolean;
   set: string[];
 }
 
@@ -136,6 +138,8 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
     if (o.cases !== undefined) cases = cases.slice(0, o.cases);
     if (cases.length === 0) throw new Error("the bench grid is empty (bench.variants, degrees, moe_overlap_degrees and planner select no case)");
     outDir = o.out ?? join(cfg.run.output_dir, "bench");
+    if (o.fresh)
+      for (const f of [MANIFEST_FILE, CALIBRATION_FILE, RESULTS_FILE, CSV_FILE, "traces"]) rmSync(join(outDir, f), { recursive: true, force: true });
     mkdirSync(join(outDir, "traces"), { recursive: true });
     const fp = fingerprint(cfg, settings);
     const manifestPath = join(outDir, MANIFEST_FILE);

@@ -114,3 +114,20 @@ describe("results.jsonl", () => {
     expect(csv[1]).toContain('"rank 0: ""bad"", really');
   });
 });
+
+describe("the committed bench configs", () => {
+  const root = join(import.meta.dirname, "..", "..", "..");
+  it("resolve, with the grids their comments describe", async () => {
+    const { loadConfig } = await import("../../../src/config/index.ts");
+    const paper = loadConfig(join(root, "configs", "bench-paper.yaml"));
+    expect(paper.parallelism.device).toBe("cuda");
+    expect(paper.pipeline.emulated_comm).toBeNull();
+    expect(expandGrid(benchSettings(paper, false))).toHaveLength(250);
+    const cpu = loadConfig(join(root, "configs", "bench-cpu.yaml"));
+    expect(expandGrid(benchSettings(cpu, false))).toHaveLength(42);
+    const def = loadConfig(join(root, "configs", "default.yaml"));
+    expect(expandGrid(benchSettings(def, true)).map((c) => c.id)).toEqual([
+      "s1024-r0.75-moe-overlap-p2", "s1024-r0.75-grouped-p2", "s1024-r0.75-interleaved-p2", "s1024-r0.75-planner",
+    ]);
+  });
+});
