@@ -14,15 +14,37 @@ export interface Progress {
 
 const fmtEta = (s: number) => (!Number.isFinite(s) ? "?" : s >= 60 ? `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, "0")}s` : `${Math.round(s)}s`);
 
-export function createProgress(total: number, opts: { title: string; tty?: boolean; write?: (s: string) => void; initial?: number }): Progress {
+export interface ProgressOptions {
+  title: string;
+  tty?: boolean;
+  write?: (s: string) => void;
+  /** Items already done (a resumed sweep): counted, not timed. */
+  initial?: number;
+  /**
+   * Relative cost of each item still to run, in run order (e.g. predicted times): the ETA is the
+   * time per unit of cost so far times the cost left, so long items late in a run are foreseen.
+   * Default: every item costs the same.
+   */
+  weights?: number[];
+}
+
+export function createProgress(total: number, opts: ProgressOptions): Progress {
   const write = opts.write ?? ((s: string) => process.stdout.write(s));
   const tty = opts.tty ?? (process.stdout.isTTY === true && opts.write === undefined);
   let doneCount = opts.initial ?? 0;
   const t0 = performance.now();
   let ranHere = 0;
+  const weights = opts.weights ?? Array.from({ length: total - doneCount }, () => 1);
+  const totalWeight = weights.reduce((a, b) => a + b, 0);
+  let doneWeight = 0;
   const eta = () => {
-    if (ranHere === 0) return Infinity;
-    return (((performance.now() - t0) / 1000) / ranHere) * (total - doneCount);
+    if (ranHere === 0 || doneWeight <= 0) return Infinity;
+    return (((performance.now() - t0) / 1000) / doneWeight) * Math.max(0, totalWeight - doneWeight);
+  };
+  const advance = () => {
+    doneWeight += weights[ranHere] ?? 0;
+    doneCount++;
+    ranHere++;
   };
   if (!tty) {
     let current = "";
@@ -31,8 +53,7 @@ export function createProgress(total: number, opts: { title: string; tty?: boole
         current = label;
       },
       done(note) {
-        doneCount++;
-        ranHere++;
+        advance();
         write(`[${doneCount}/${total}] ${current}: ${note} (eta ${fmtEta(eta())})\n`);
       },
       log(line) {
@@ -42,18 +63,28 @@ export function createProgress(total: number, opts: { title: string; tty?: boole
     };
   }
   const bar = new cliProgress.SingleBar(
-    { format: `${opts.title} [{bar}] {value}/{total} | ETA {eta_formatted} | {label}`, hideCursor: true, clearOnComplete: false, etaBuffer: 4 },
+    { format: `${opts.title} [{bar}] {value}/{total} | ETA {eta_weighted} | {label}`, hideCursor: true, clearOnComplete: false },
     cliProgress.Presets.shades_classic,
   );
-  bar.start(total, doneCount, { label: "" });
+  bar.start(total, doneCount, { label: "", eta_weighted: "?" });
+  // Redraw every second so the ETA counts down during a long item.
+  const started = performance.now();
+  let lastEtaS = Infinity;
+  let lastAt = started;
+  const timer = setInterval(() => bar.update({ eta_weighted: fmtEta(Math.max(0, lastEtaS - (performance.now() - lastAt) / 1000)) }), 1000);
+  timer.unref();
+  let current = "";
   return {
     start(label) {
+      current = label;
       bar.update({ label });
     },
     done(note) {
-      doneCount++;
-      ranHere++;
-      bar.update(doneCount, { label: note });
+      advance();
+      lastEtaS = eta();
+      lastAt = performance.now();
+      process.stdout.write(`\r\x1b[2K[${doneCount}/${total}] ${current}: ${note}\n`); // each result stays on screen
+      bar.update(doneCount, { label: "", eta_weighted: fmtEta(lastEtaS) });
     },
     log(line) {
       // cli-progress redraws on the next update: clear the bar's line, print, redraw.
@@ -61,6 +92,7 @@ export function createProgress(total: number, opts: { title: string; tty?: boole
       bar.render();
     },
     stop() {
+      clearInterval(timer);
       bar.stop();
     },
   };

@@ -268,7 +268,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
   };
 
   // ---- the cases ----
-  const progress: Progress = createProgress(cases.length, { title: "bench", initial: cases.length - pending.length });
+  const progress: Progress = createProgress(cases.length, { title: "bench", initial: cases.length - pending.length, weights: pending.map(caseWeight) });
   let failed = 0;
   try {
     for (const spec of pending) {
@@ -318,6 +318,14 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
   return failed > 0 ? 1 : 0;
 
   // ---- helpers that close over the sweep's state ----
+
+  /** A case's expected cost for the ETA: the uncalibrated model's sequential step at its dims, times (1 + comm/compute). */
+  function caseWeight(spec: CaseSpec): number {
+    const gc = groupConfig(cfg, spec.group, spec.group.ratio === null ? cfg.pipeline.emulated_comm : null);
+    const dims = dimsFromConfig(gc);
+    const ms = predict(costModelFor(gc).model, makePlan("sequential", dims, { chunkQkv: cfg.pipeline.chunk_qkv })).totalMs;
+    return ms * (1 + (spec.group.ratio ?? 0));
+  }
 
   function orderedResults(): CaseResult[] {
     const all = readResults(join(outDir, RESULTS_FILE));
