@@ -249,7 +249,7 @@ export function buildBenchReport(dir: string): BenchReport {
   const headline = [
     planners.length
       ? `speed-up of the planner's choice: mean ${times(mean(planners.map((r) => r.speedup!)))} over the sequential block` +
-        `${moeBestAvg.length ? `, ${times(mean(moeBestAvg.map((r) => r.speedup_vs_moe_overlap!)))} over the best moe-overlap` : ""} (${planners.length} groups); ` +
+        `${moeBestAvg.length ? `, ${times(mean(moeBestAvg.map((r) => r.speedup_vs_moe_overlap!)))} over the best moe-overlap` : ""} (${planners.length} group${planners.length === 1 ? "" : "s"}); ` +
         `best case ${best ? `${best.case} ${times(best.speedup!)}` : "–"}`
       : `best case: ${best ? `${best.case} ${times(best.speedup!)} over the sequential block` : "none finished"}`,
     errsAbs.length

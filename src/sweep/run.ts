@@ -169,7 +169,8 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
 
   const pending = cases.filter((c) => !done.has(c.id));
   const label = (emu: string | null) => (emu ? `${emu} — EMULATED` : "real interconnect");
-  out.line(`bench: ${cases.length} cases over ${groupsOf(settings).filter((g) => cases.some((c) => c.group.id === g.id)).length} groups ` +
+  const nGroups = groupsOf(settings).filter((g) => cases.some((c) => c.group.id === g.id)).length;
+  out.line(`bench: ${cases.length} cases over ${nGroups} group${nGroups === 1 ? "" : "s"} ` +
     `(seq_length ${settings.seq_lengths.join(", ")}${settings.comm_compute_ratios ? `; comm/compute ${settings.comm_compute_ratios.join(", ")}` : ""}); ` +
     `${done.size ? `${cases.length - pending.length} already done in ${outDir}, ` : ""}${pending.length} to run; ${settings.steps} steps each (ABBA against the sequential block)`);
   if (pending.length === 0) {

@@ -59,7 +59,7 @@ describe("ampipe bench", () => {
   it("calibrates, runs every case against the sequential block and writes results, calibration and traces", async () => {
     const ran = await ampipe(["bench", small, "--out", out]);
     expect(ran.code, ran.stderr).toBe(0);
-    expect(ran.stdout).toMatch(/^bench: 3 cases over 1 groups \(seq_length 48; comm\/compute 0\.5\); 3 to run; 2 steps each/m);
+    expect(ran.stdout).toMatch(/^bench: 3 cases over 1 group \(seq_length 48; comm\/compute 0\.5\); 3 to run; 2 steps each/m);
     expect(ran.stdout).toMatch(/s48-r0\.5: compute [\d.]+ ms, emulated 8-way all-to-all .* — EMULATED/);
     expect(ran.stdout).toMatch(/^\[1\/3\] s48-r0\.5-moe-overlap-p2: [\d.]+ ms, [\d.]+x vs sequential/m);
     expect(ran.stdout).toMatch(/^\[3\/3\] s48-r0\.5-planner: /m);
