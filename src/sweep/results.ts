@@ -18,6 +18,8 @@ export interface CaseResult {
   seq_length: number;
   /** The emulated comm/compute ratio the group's bandwidth was set for; null when not set by ratio. */
   comm_compute_ratio: number | null;
+  /** What the case's op times show: all-to-all time / compute time, summed over the ops of both passes (slowest rank). */
+  comm_compute_measured: number | null;
   source: CaseSource;
   variant: string | null;
   degree: number | null;
@@ -129,7 +131,7 @@ export function referenceMoeOverlap(results: CaseResult[]): CaseResult[] {
 }
 
 export const CSV_COLUMNS = [
-  "case", "group", "model", "seq_length", "comm_compute_ratio", "source", "variant", "degree", "boundaries", "status",
+  "case", "group", "model", "seq_length", "comm_compute_ratio", "comm_compute_measured", "source", "variant", "degree", "boundaries", "status",
   "interconnect", "emulated", "bandwidth_gbps", "measured_ms", "measured_q1_ms", "measured_q3_ms",
   "baseline_ms", "baseline_q1_ms", "baseline_q3_ms", "predicted_ms", "predicted_baseline_ms", "prediction_error",
   "speedup", "speedup_q1", "speedup_q3", "speedup_vs_moe_overlap", "moe_overlap_reference", "overlap_efficiency",

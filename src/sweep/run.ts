@@ -364,8 +364,11 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
     const replay = simulatePlan(plan, (op, pass) => r0.op_times_ms[pass][op.id] ?? 0);
     writeFileAtomic(join(outDir, trace), JSON.stringify(chromeTrace(plan, replay, `${spec.id}: measured op times of rank ${r0.rank}, replayed`)) + "\n");
     const ref = bestMoeOverlap(spec.group.id);
+    const b = t.bound;
+    const compute = (b.forward_compute_ms ?? 0) + (b.backward_compute_ms ?? 0);
     return {
       case: spec.id, group: spec.group.id, model: spec.group.model?.name ?? null, seq_length: spec.group.seqLength, comm_compute_ratio: spec.group.ratio,
+      comm_compute_measured: compute > 0 ? ((b.forward_comm_ms ?? 0) + (b.backward_comm_ms ?? 0)) / compute : null,
       source: spec.source, variant: plan.variant, degree: plan.boundaries.length - 1, boundaries: plan.boundaries,
       status: "ok", error: null,
       interconnect: s.emulated ? "emulated" : "real", emulated: s.emulated, bandwidth_gbps: state.emulated_comm?.bandwidth_gbps ?? null,
@@ -413,7 +416,7 @@ function errorResult(spec: CaseSpec, state: GroupState | undefined, e: unknown, 
   else if (e instanceof CommandError) msg = `rank error: ${msg}`;
   return {
     case: spec.id, group: spec.group.id, model: spec.group.model?.name ?? null, seq_length: spec.group.seqLength, comm_compute_ratio: spec.group.ratio,
-    source: spec.source, variant: spec.variant, degree: spec.degree, boundaries: null, status: "error", error: msg,
+    comm_compute_measured: null, source: spec.source, variant: spec.variant, degree: spec.degree, boundaries: null, status: "error", error: msg,
     interconnect: state?.emulated ? "emulated" : "real", emulated: state?.emulated ?? null, bandwidth_gbps: state?.emulated_comm?.bandwidth_gbps ?? null,
     measured_ms: null, measured_q1_ms: null, measured_q3_ms: null, baseline_ms: null, baseline_q1_ms: null, baseline_q3_ms: null,
     predicted_ms: null, predicted_baseline_ms: null, prediction_error: null, speedup: null, speedup_q1: null, speedup_q3: null,

@@ -19,7 +19,7 @@ const root = mkdtempSync(join(tmpdir(), "ampipe-report-test-"));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
 const base = (over: Partial<CaseResult>): CaseResult => ({
-  case: "", group: "s64-r0.5", model: null, seq_length: 64, comm_compute_ratio: 0.5, source: "grid", variant: "grouped", degree: 2, boundaries: [0, 32, 64],
+  case: "", group: "s64-r0.5", model: null, seq_length: 64, comm_compute_ratio: 0.5, comm_compute_measured: 0.5, source: "grid", variant: "grouped", degree: 2, boundaries: [0, 32, 64],
   status: "ok", error: null, interconnect: "emulated", emulated: "emulated 8-way all-to-all (100 us + bytes / 0.1 GB/s)", bandwidth_gbps: 0.1,
   measured_ms: 10, measured_q1_ms: 9.5, measured_q3_ms: 10.5, baseline_ms: 13, baseline_q1_ms: 12.5, baseline_q3_ms: 13.5,
   predicted_ms: 10.5, predicted_baseline_ms: 13, prediction_error: 0.05, speedup: 1.3, speedup_q1: 1.25, speedup_q3: 1.35,

@@ -67,7 +67,7 @@ describe("bench grid", () => {
 });
 
 const result = (over: Partial<CaseResult>): CaseResult => ({
-  case: "s1-grouped-p2", group: "s1", model: null, seq_length: 1, comm_compute_ratio: null, source: "grid", variant: "grouped", degree: 2, boundaries: [0, 1],
+  case: "s1-grouped-p2", group: "s1", model: null, seq_length: 1, comm_compute_ratio: null, comm_compute_measured: null, source: "grid", variant: "grouped", degree: 2, boundaries: [0, 1],
   status: "ok", error: null, interconnect: "real", emulated: null, bandwidth_gbps: null, measured_ms: 1, measured_q1_ms: 1, measured_q3_ms: 1,
   baseline_ms: 2, baseline_q1_ms: 2, baseline_q3_ms: 2, predicted_ms: 1, predicted_baseline_ms: 2, prediction_error: 0, speedup: 2, speedup_q1: 2, speedup_q3: 2,
   speedup_vs_moe_overlap: null, moe_overlap_reference: null, overlap_efficiency: null, ideal_bound_ms: null, replayed_ms: null, equivalence_ok: true,
