@@ -34,12 +34,14 @@ export function fixtureSpecs(): FixtureSpec[] {
     for (const P of [1, 2, 3, 4, 8]) cases.push([variant, P, false]);
     for (const P of [2, 3, 4, 8]) cases.push([variant, P, true]);
   }
+  // The peer baseline (whole-sequence qkv and attention, MoE pipelined over P pieces).
+  for (const P of [2, 3, 4]) cases.push(["moe-overlap", P, false]);
   return cases.map(([variant, degree, nonuniform], i) => ({
     file: `${variant}-p${degree}${nonuniform ? "-nonuniform" : ""}.json`,
     variant,
     degree,
     nonuniform,
-    chunkQkv: i % 3 !== 1, // every third plan uses one whole-sequence qkv
+    chunkQkv: variant !== "moe-overlap" && i % 3 !== 1, // every third plan uses one whole-sequence qkv
     dims: {
       seq_length: 48,
       micro_batch_size: 2,
@@ -108,6 +110,13 @@ export function invalidSpecs(): InvalidSpec[] {
     Object.assign(find(p.backward, "b.attn.2"), { stream: "compute2", deps: ["b.proj.2"] });
     Object.assign(find(p.backward, "b.qkv.2"), { stream: "compute2", deps: [] });
     find(p.backward, "b.qkv.1").deps = ["b.qkv.2"];
+  });
+  const whole = fixturePlan(fixtureSpecs().find((s) => s.file === "moe-overlap-p3.json")!);
+  out.push({
+    file: "whole-attention-chunked-qkv.json",
+    rule: "a whole-sequence attention (chunk_attention false) with per-chunk qkv",
+    mentions: ["chunk_attention", "chunk_qkv"],
+    plan: { ...whole, chunk_qkv: true },
   });
   return out;
 }

@@ -70,7 +70,8 @@ const degree = z.union([posInt(), z.literal("auto")], {
 export const PipelineSchema = z.strictObject({
   /** Pipe degree P (number of sequence chunks), or auto (the planner chooses). */
   degree: degree.default("auto"),
-  variant: z.enum(["sequential", "grouped", "interleaved", "auto"]).default("auto"),
+  /** moe-overlap: the peer baseline (attention whole, the MoE layer pipelined), for comparison runs. */
+  variant: z.enum(["sequential", "grouped", "interleaved", "moe-overlap", "auto"]).default("auto"),
   /** Explicit chunk boundaries [0, ..., seq_length], or null. */
   boundaries: z.array(nonNegInt()).nullable().default(null),
   /** QKV projection per chunk (else one QKV op for the whole sequence). */
@@ -120,6 +121,51 @@ export const TrainSchema = z.strictObject({
   initial_loss_scale: z.number().gt(0).default(65536),
 });
 
+/** One model of a bench grid: a name and the model fields that differ from the config's `model`. */
+export const BenchModelSchema = z.strictObject({
+  name: z.string().regex(/^[A-Za-z0-9_.-]+$/, "letters, digits, '_', '.' and '-' only (it names files)"),
+  ...Object.fromEntries(Object.entries(ModelSchema.shape).map(([k, v]) => [k, (v as z.ZodDefault<z.ZodType>).unwrap().optional()])),
+}) as unknown as z.ZodType<{ name: string } & Partial<z.output<typeof ModelSchema>>>;
+
+/** The fields of `bench` a quick slice may override (`ampipe bench --quick`). */
+const benchFields = {
+  /** Models swept (each: a name and the model fields that differ from `model`); null = the config's model. */
+  models: z.array(BenchModelSchema).min(1).nullable().default(null),
+  /** Sequence lengths swept; null = [model.seq_length]. */
+  seq_lengths: z.array(posInt()).min(1).nullable().default(null),
+  /** AMPipe variants swept at each of `degrees` (uniform boundaries). */
+  variants: z.array(z.enum(["grouped", "interleaved"])).default(["grouped", "interleaved"]),
+  degrees: z.array(z.int().min(2)).default([2, 4]),
+  /** Also run the planner's own choice (variant, degree, boundaries) at each sequence length. */
+  planner: z.boolean().default(true),
+  /** The peer baseline (Tutel-style overlap inside the MoE layer) at these degrees; [] = none. */
+  moe_overlap_degrees: z.array(z.int().min(2)).default([2, 4]),
+  /**
+   * Emulated comm/compute ratios: per sequence length the emulated bandwidth is set so that the
+   * sequential block's four all-to-alls take r x its measured compute time (latency and world size
+   * from pipeline.emulated_comm). null = pipeline.emulated_comm as given, or real comm when that is null.
+   */
+  comm_compute_ratios: z.array(z.number().gt(0)).min(1).nullable().default(null),
+  /** Measured repetitions per case (ABBA order against the sequential block) and warm-up steps. */
+  steps: posInt().default(6),
+  warmup: nonNegInt().default(1),
+  /** The pipe degree of the calibration run at each sequence length (grouped, uniform). */
+  calibration_degree: z.int().min(2).default(2),
+};
+
+export const BenchQuickSchema = z.strictObject(
+  Object.fromEntries(Object.entries(benchFields).map(([k, v]) => [k, v.unwrap().optional()])) as {
+    [K in keyof typeof benchFields]: z.ZodOptional<ReturnType<(typeof benchFields)[K]["unwrap"]>>;
+  },
+);
+
+/** `bench`: the grid `ampipe bench` sweeps (docs/bench.md). */
+export const BenchSchema = z.strictObject({
+  ...benchFields,
+  /** The quick slice (`ampipe bench --quick`, what `npm start` runs): fields that replace the ones above. */
+  quick: BenchQuickSchema.nullable().default(null),
+});
+
 const ExperimentObject = z.strictObject({
   model: ModelSchema.default(() => ModelSchema.parse({})),
   parallelism: ParallelismSchema.default(() => ParallelismSchema.parse({})),
@@ -127,6 +173,7 @@ const ExperimentObject = z.strictObject({
   run: RunSchema.default(() => RunSchema.parse({})),
   data: DataSchema.default(() => DataSchema.parse({})),
   train: TrainSchema.default(() => TrainSchema.parse({})),
+  bench: BenchSchema.default(() => BenchSchema.parse({})),
 });
 
 type Parsed = z.output<typeof ExperimentObject>;
@@ -176,6 +223,20 @@ function checkInvariants(c: Parsed, ctx: z.RefinementCtx): void {
   }
   if (t.min_lr > t.lr) issue("train.min_lr", `must be <= train.lr (${t.lr}); got ${t.min_lr}`);
   if (t.warmup_steps > t.steps) issue("train.warmup_steps", `must be <= train.steps (${t.steps}); got ${t.warmup_steps}`);
+  const b = c.bench;
+  for (const [field, value] of [["", b], ["quick.", b.quick ?? {}]] as const) {
+    const seqs = value.seq_lengths ?? b.seq_lengths ?? [m.seq_length];
+    for (const key of ["degrees", "moe_overlap_degrees", "calibration_degree"] as const) {
+      const v = value[key];
+      if (v === undefined) continue;
+      const worst = Math.max(...(Array.isArray(v) ? v : [v]));
+      if (worst > Math.min(...seqs))
+        issue(`bench.${field}${key}`, `${worst} exceeds the shortest sequence length (${Math.min(...seqs)})`);
+    }
+    if (value.comm_compute_ratios && c.pipeline.emulated_comm === null)
+      issue(`bench.${field}comm_compute_ratios`,
+        "needs pipeline.emulated_comm (its latency_us and world_size; the bandwidth is set per sequence length)");
+  }
 
   const pl = c.pipeline;
   if (pl.degree !== "auto" && pl.degree > m.seq_length) {
@@ -222,4 +283,5 @@ export type PipelineConfig = ExperimentConfig["pipeline"];
 export type RunConfig = ExperimentConfig["run"];
 export type DataConfig = ExperimentConfig["data"];
 export type TrainConfig = ExperimentConfig["train"];
+export type BenchConfig = ExperimentConfig["bench"];
 export type EmulatedCommConfig = z.output<typeof EmulatedCommSchema>;

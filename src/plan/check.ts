@@ -2,7 +2,7 @@
 // A plan is accepted only if every op's data dependencies ("needs") happen before it, where
 // happens-before is the transitive closure of `deps` edges and same-stream list order.
 import {
-  BACKWARD_KINDS, COMM_KINDS, FORWARD_KINDS, WHOLE_SEQUENCE_KINDS, checkBoundaries, numChunks, opId,
+  BACKWARD_KINDS, COMM_KINDS, FORWARD_KINDS, checkBoundaries, isWholeSequence, numChunks, opId,
   parsePlanShape, type Op, type OpKind, type Plan,
 } from "./ir.ts";
 
@@ -35,16 +35,17 @@ export interface Need {
 
 /**
  * The data dependencies of an op (docs/contracts.md §2 tables). `qkv`/`qkv_bwd` resolve to the
- * whole-sequence op when `chunk_qkv` is false. `attn_bwd`'s mutual-ordering rule is checked separately.
+ * whole-sequence op when `chunk_qkv` is false, `attn`/`attn_bwd` when `chunk_attention` is false.
+ * `attn_bwd`'s mutual-ordering rule is checked separately.
  */
-export function needsOf(kind: OpKind, chunk: number | null, P: number, chunkQkv: boolean): Need[] {
+export function needsOf(kind: OpKind, chunk: number | null, P: number, chunkQkv: boolean, chunkAttention = true): Need[] {
   const c = chunk ?? 0;
   const range = (from: number, to: number) => Array.from({ length: Math.max(0, to - from) }, (_, i) => from + i);
   const qkvOf = (chunks: number[]): Need[] => (chunkQkv ? chunks.map((j) => ({ kind: "qkv" as OpKind, chunk: j })) : [{ kind: "qkv", chunk: null }]);
   switch (kind) {
     case "qkv": case "aux_loss_bwd": case "unpermute_bwd": return [];
-    case "attn": return qkvOf(range(0, c + 1));
-    case "proj": return [{ kind: "attn", chunk: c }];
+    case "attn": return qkvOf(range(0, chunk === null ? P : c + 1));
+    case "proj": return [{ kind: "attn", chunk: chunkAttention ? c : null }];
     case "route": return [{ kind: "proj", chunk: c }];
     case "dispatch": return [{ kind: "route", chunk: c }];
     case "experts": return [{ kind: "dispatch", chunk: c }];
@@ -56,17 +57,19 @@ export function needsOf(kind: OpKind, chunk: number | null, P: number, chunkQkv:
     case "dispatch_bwd": return [{ kind: "experts_bwd", chunk: c }];
     case "route_bwd": return [{ kind: "dispatch_bwd", chunk: c }, { kind: "unpermute_bwd", chunk: c }, { kind: "aux_loss_bwd", chunk: null }];
     case "proj_bwd": return [{ kind: "route_bwd", chunk: c }, { kind: "unpermute_bwd", chunk: c }];
-    case "attn_bwd": return [{ kind: "proj_bwd", chunk: c }];
-    case "qkv_bwd": return range(chunk === null ? 0 : c, P).map((j) => ({ kind: "attn_bwd", chunk: j }));
+    case "attn_bwd": return chunk === null ? range(0, P).map((j) => ({ kind: "proj_bwd" as OpKind, chunk: j })) : [{ kind: "proj_bwd", chunk: c }];
+    case "qkv_bwd":
+      if (!chunkAttention) return [{ kind: "attn_bwd", chunk: null }];
+      return range(chunk === null ? 0 : c, P).map((j) => ({ kind: "attn_bwd", chunk: j }));
   }
 }
 
 /** The (kind, chunk) pairs a complete list must hold, each exactly once. */
-export function expectedOps(list: ListName, P: number, chunkQkv: boolean): Need[] {
+export function expectedOps(list: ListName, P: number, chunkQkv: boolean, chunkAttention = true): Need[] {
   const kinds = list === "forward" ? FORWARD_KINDS : BACKWARD_KINDS;
   const out: Need[] = [];
   for (const kind of kinds) {
-    const whole = WHOLE_SEQUENCE_KINDS.has(kind) || (!chunkQkv && (kind === "qkv" || kind === "qkv_bwd"));
+    const whole = isWholeSequence(kind, chunkQkv, chunkAttention);
     if (whole) out.push({ kind, chunk: null });
     else for (let c = 0; c < P; c++) out.push({ kind, chunk: c });
   }
@@ -104,6 +107,8 @@ export function planIssues(plan: Plan): PlanIssue[] {
     planIssue((e as Error).message);
   }
   const P = numChunks(plan);
+  const chunkAttention = plan.chunk_attention ?? true;
+  if (!chunkAttention && plan.chunk_qkv) planIssue("chunk_attention: false needs chunk_qkv false (a whole-sequence attention reads one whole-sequence q)");
   const streamKind = new Map<string, "compute" | "comm">();
   plan.streams.forEach((s, i) => {
     if (streamKind.has(s.name)) planIssue(`streams[${i}]: duplicate stream name "${s.name}"`);
@@ -127,9 +132,10 @@ export function planIssues(plan: Plan): PlanIssue[] {
         const want = COMM_KINDS.has(op.kind) ? "comm" : "compute";
         if (sk !== want) add(i, `kind "${op.kind}" must run on a ${want} stream, but "${op.stream}" is a ${sk} stream`);
       }
-      const whole = WHOLE_SEQUENCE_KINDS.has(op.kind) || (!plan.chunk_qkv && (op.kind === "qkv" || op.kind === "qkv_bwd"));
-      if (whole && op.chunk !== null) add(i, `chunk must be null for a whole-sequence "${op.kind}" op${op.kind.startsWith("qkv") ? " (chunk_qkv is false)" : ""}`);
-      if (!whole && op.chunk === null) add(i, `chunk must be a chunk index for "${op.kind}"${op.kind.startsWith("qkv") ? " (chunk_qkv is true)" : ""}`);
+      const whole = isWholeSequence(op.kind, plan.chunk_qkv, chunkAttention);
+      const flag = op.kind.startsWith("qkv") ? ` (chunk_qkv is ${plan.chunk_qkv})` : op.kind.startsWith("attn") ? ` (chunk_attention is ${chunkAttention})` : "";
+      if (whole && op.chunk !== null) add(i, `chunk must be null for a whole-sequence "${op.kind}" op${flag}`);
+      if (!whole && op.chunk === null) add(i, `chunk must be a chunk index for "${op.kind}"${flag}`);
       if (op.chunk !== null && op.chunk >= P) add(i, `chunk ${op.chunk} is out of range (the plan has ${P} chunks)`);
       const deps: number[] = [];
       const seenDeps = new Set<string>();
@@ -148,7 +154,7 @@ export function planIssues(plan: Plan): PlanIssue[] {
       if (byKey.has(k)) add(i, `duplicate op: "${op.kind}" for ${op.chunk === null ? "the whole sequence" : `chunk ${op.chunk}`} already appears as ${ops[byKey.get(k)!].id}`);
       else byKey.set(k, i);
     });
-    for (const e of expectedOps(list, P, plan.chunk_qkv)) {
+    for (const e of expectedOps(list, P, plan.chunk_qkv, chunkAttention)) {
       if (!byKey.has(key(e.kind, e.chunk)))
         issues.push({ list, index: null, id: opId(e.kind, e.chunk), message: `missing op: "${e.kind}" for ${e.chunk === null ? "the whole sequence" : `chunk ${e.chunk}`}` });
     }
@@ -158,7 +164,7 @@ export function planIssues(plan: Plan): PlanIssue[] {
     ops.forEach((op, i) => {
       if (!allowed.has(op.kind) || (op.chunk !== null && op.chunk >= P)) return;
       if (op.kind === "attn_bwd") attnBwd.push(i);
-      for (const n of needsOf(op.kind, op.chunk, P, plan.chunk_qkv)) {
+      for (const n of needsOf(op.kind, op.chunk, P, plan.chunk_qkv, chunkAttention)) {
         const j = byKey.get(key(n.kind, n.chunk));
         if (j === undefined) continue; // reported as a missing op
         if (((anc[i] >> BigInt(j)) & 1n) === 0n)

@@ -1,5 +1,6 @@
-// Plan generators: sequential (the baseline), grouped (the paper's main variant) and interleaved
-// (software-pipelined). Each builds the forward and the backward list over one compute and one
+// Plan generators: sequential (the baseline), grouped (the paper's main variant), interleaved
+// (software-pipelined) and moe-overlap (the peer baseline: Tutel's all-to-all/expert overlap inside
+// the MoE layer, attention whole). Each builds the forward and the backward list over one compute and one
 // comm stream. A generator only decides each stream's op order; deps are derived from the data
 // dependencies (check.ts needsOf) and only cross-stream edges not already implied are written.
 import { readFileSync } from "node:fs";
@@ -26,7 +27,7 @@ export interface PlanOptions {
   boundaries?: readonly number[];
   /** Pipe degree P (number of chunks); default 1. Must agree with `boundaries` when both are given. */
   degree?: number;
-  /** QKV projection per chunk (default true) or one whole-sequence op. */
+  /** QKV projection per chunk (default true) or one whole-sequence op. Ignored by moe-overlap (always one). */
   chunkQkv?: boolean;
   /** Extra fields for `meta` (the generator name is always set). */
   meta?: Record<string, unknown>;
@@ -73,6 +74,8 @@ const one = (kind: OpKind, chunk: number | null): Slot[] => [{ kind, chunk }];
 interface StreamOrders {
   compute: Slot[];
   comm: Slot[];
+  /** Orderings a schedule adds beyond the data needs: op id -> ids it must also wait for. */
+  waits?: Map<string, string[]>;
 }
 
 /**
@@ -138,19 +141,59 @@ function interleavedOrders(P: number, chunkQkv: boolean): { forward: StreamOrder
 }
 
 /**
+ * moe-overlap (Tutel's `a2a_ffn_overlap_degree` r = P, FlashAttention + Tutel in the paper): one
+ * QKV and one attention over the whole sequence, then the out-projection and the router of every
+ * piece; only then does the MoE layer pipeline dispatch / experts / combine over the P pieces
+ * (chunk c's all-to-all overlapping its neighbours' experts). The first dispatch waits for the
+ * last route: the MoE layer starts once the attention side of the whole sequence is done. The
+ * backward pipelines the MoE side the same way (pieces last-to-first) and starts the router and
+ * attention backward only after the last dispatch_bwd, then runs them over the whole sequence.
+ */
+function moeOverlapOrders(P: number): { forward: StreamOrders; backward: StreamOrders } {
+  const fc: Slot[] = [...one("qkv", null), ...one("attn", null)];
+  for (let c = 0; c < P; c++) fc.push(...one("proj", c));
+  for (let c = 0; c < P; c++) fc.push(...one("route", c));
+  fc.push(...one("aux_loss", null));
+  const fm: Slot[] = [];
+  for (let s = 0; s <= P; s++) {
+    if (s < P) fc.push(...one("experts", s));
+    if (s >= 1) fc.push(...one("unpermute", s - 1));
+    if (s < P) fm.push(...one("dispatch", s));
+    if (s >= 1) fm.push(...one("combine", s - 1));
+  }
+  const r = (s: number) => P - 1 - s;
+  const bc: Slot[] = one("aux_loss_bwd", null);
+  const bm: Slot[] = [];
+  for (let s = 0; s < P; s++) bc.push(...one("unpermute_bwd", r(s)));
+  for (let s = 0; s <= P; s++) {
+    if (s < P) bc.push(...one("experts_bwd", r(s)));
+    if (s < P) bm.push(...one("combine_bwd", r(s)));
+    if (s >= 1) bm.push(...one("dispatch_bwd", r(s - 1)));
+  }
+  for (let s = 0; s < P; s++) bc.push(...one("route_bwd", r(s)));
+  for (let s = 0; s < P; s++) bc.push(...one("proj_bwd", r(s)));
+  bc.push(...one("attn_bwd", null), ...one("qkv_bwd", null));
+  return {
+    forward: { compute: fc, comm: fm, waits: new Map([[opId("dispatch", 0), [opId("route", P - 1)]]]) },
+    backward: { compute: bc, comm: bm, waits: new Map([[opId("route_bwd", P - 1), [opId("dispatch_bwd", 0)]]]) },
+  };
+}
+
+/**
  * Merges per-stream orders into one list in issue order: a comm op is listed as soon as
  * everything it needs is listed (so an executor that walks the list starts communication as
  * early as possible), compute ops follow their stream order. Deps are the needs not already
  * implied by same-stream order or by earlier deps (a minimal set of cross-stream edges).
  */
-function buildList(orders: StreamOrders, P: number, chunkQkv: boolean): Op[] {
+function buildList(orders: StreamOrders, P: number, chunkQkv: boolean, chunkAttention = true): Op[] {
   const ops: Op[] = [];
   const anc: bigint[] = [];
   const index = new Map<string, number>();
   const last = new Map<string, number>();
   const attnBwd: number[] = [];
   const needIds = (s: Slot): string[] => {
-    const ids = needsOf(s.kind, s.chunk, P, chunkQkv).map((n) => opId(n.kind, n.chunk));
+    const ids = needsOf(s.kind, s.chunk, P, chunkQkv, chunkAttention).map((n) => opId(n.kind, n.chunk));
+    ids.push(...(orders.waits?.get(opId(s.kind, s.chunk)) ?? []));
     // attn_bwd ops accumulate dK/dV in place: each one must follow every earlier one.
     if (s.kind === "attn_bwd") ids.push(...attnBwd.map((i) => ops[i].id));
     return ids;
@@ -204,8 +247,11 @@ export function makePlan(variant: Variant, dimsIn: BlockDims, opts: PlanOptions 
   const P = boundaries.length - 1;
   if (variant === "sequential" && P !== 1)
     throw new Error(`boundaries: a sequential plan has one chunk, got ${P} (use grouped or interleaved)`);
-  const chunkQkv = opts.chunkQkv ?? true;
-  const orders = variant === "interleaved" ? interleavedOrders(P, chunkQkv) : groupedOrders(P, chunkQkv);
+  const moe = variant === "moe-overlap";
+  // moe-overlap computes QKV and attention over the whole sequence, whatever chunkQkv says.
+  const chunkQkv = moe ? false : (opts.chunkQkv ?? true);
+  const chunkAttention = !moe;
+  const orders = moe ? moeOverlapOrders(P) : variant === "interleaved" ? interleavedOrders(P, chunkQkv) : groupedOrders(P, chunkQkv);
   return {
     format: PLAN_FORMAT,
     version: PLAN_VERSION,
@@ -213,9 +259,10 @@ export function makePlan(variant: Variant, dimsIn: BlockDims, opts: PlanOptions 
     dims,
     boundaries,
     chunk_qkv: chunkQkv,
+    ...(chunkAttention ? {} : { chunk_attention: false }),
     streams: DEFAULT_STREAMS.map((s) => ({ ...s })),
-    forward: buildList(orders.forward, P, chunkQkv),
-    backward: buildList(orders.backward, P, chunkQkv),
+    forward: buildList(orders.forward, P, chunkQkv, chunkAttention),
+    backward: buildList(orders.backward, P, chunkQkv, chunkAttention),
     meta: { generator: GENERATOR, ...(opts.meta ?? {}) },
   };
 }
@@ -224,3 +271,4 @@ export const sequentialPlan = (dims: BlockDims, opts: Omit<PlanOptions, "degree"
   makePlan("sequential", dims, opts);
 export const groupedPlan = (dims: BlockDims, opts: PlanOptions = {}) => makePlan("grouped", dims, opts);
 export const interleavedPlan = (dims: BlockDims, opts: PlanOptions = {}) => makePlan("interleaved", dims, opts);
+export const moeOverlapPlan = (dims: BlockDims, opts: Omit<PlanOptions, "chunkQkv"> = {}) => makePlan("moe-overlap", dims, opts);

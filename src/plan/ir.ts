@@ -23,14 +23,29 @@ export const OP_KINDS: readonly OpKind[] = [...FORWARD_KINDS, ...BACKWARD_KINDS]
 export const COMM_KINDS: ReadonlySet<OpKind> = new Set<OpKind>([
   "dispatch", "combine", "dispatch_bwd", "combine_bwd",
 ]);
-/** Kinds that always cover the whole sequence (`chunk: null`). `qkv`/`qkv_bwd` do too when `chunk_qkv` is false. */
+/**
+ * Kinds that always cover the whole sequence (`chunk: null`). `qkv`/`qkv_bwd` do too when
+ * `chunk_qkv` is false, and `attn`/`attn_bwd` when `chunk_attention` is false (see `isWholeSequence`).
+ */
 export const WHOLE_SEQUENCE_KINDS: ReadonlySet<OpKind> = new Set<OpKind>(["aux_loss", "aux_loss_bwd"]);
+
+/** Whether an op of `kind` covers the whole sequence in a plan with these flags. */
+export function isWholeSequence(kind: OpKind, chunkQkv: boolean, chunkAttention = true): boolean {
+  if (WHOLE_SEQUENCE_KINDS.has(kind)) return true;
+  if (kind === "qkv" || kind === "qkv_bwd") return !chunkQkv;
+  if (kind === "attn" || kind === "attn_bwd") return !chunkAttention;
+  return false;
+}
 
 export const DTYPES = ["fp32", "bf16", "fp16"] as const;
 export type Dtype = (typeof DTYPES)[number];
 export const DTYPE_BYTES: Record<Dtype, number> = { fp32: 4, bf16: 2, fp16: 2 };
 
-export const VARIANTS = ["sequential", "grouped", "interleaved"] as const;
+/**
+ * `moe-overlap` is the peer baseline (Tutel's `a2a_ffn_overlap_degree`): attention over the whole
+ * sequence first, then dispatch / experts / combine pipelined over the chunks. The others are AMPipe's.
+ */
+export const VARIANTS = ["sequential", "grouped", "interleaved", "moe-overlap"] as const;
 export type Variant = (typeof VARIANTS)[number];
 
 const posInt = z.number().int().positive();
@@ -85,10 +100,11 @@ export const PlanSchema = z
   .object({
     format: z.literal(PLAN_FORMAT),
     version: z.literal(PLAN_VERSION),
-    variant: z.string().min(1).describe("Generator that made the plan: sequential | grouped | interleaved (informative)."),
+    variant: z.string().min(1).describe("Generator that made the plan: sequential | grouped | interleaved | moe-overlap (informative)."),
     dims: BlockDimsSchema,
     boundaries: z.array(z.number().int().nonnegative()).min(2).describe("P+1 chunk boundaries, 0 = b0 < ... < bP = seq_length."),
     chunk_qkv: z.boolean().describe("QKV projection per chunk (else one whole-sequence qkv op)."),
+    chunk_attention: z.boolean().optional().describe("Attention per chunk (default true); false: one whole-sequence attn op (needs chunk_qkv false), as in the moe-overlap variant."),
     streams: z.array(StreamSchema).min(1),
     forward: z.array(OpSchema),
     backward: z.array(OpSchema),

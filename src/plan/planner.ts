@@ -4,11 +4,11 @@
 // so the result is never slower than sequential under the model.
 import { opTimeMs, predict, type CostModel } from "./costs.ts";
 import { makePlan } from "./generators.ts";
-import { parseDims, type BlockDims, type Plan, type Variant } from "./ir.ts";
+import { VARIANTS, parseDims, type BlockDims, type Plan, type Variant } from "./ir.ts";
 import type { SimResult } from "./simulate.ts";
 
 export interface PlannerOptions {
-  /** Variants to consider; default grouped and interleaved (plus sequential for P = 1). */
+  /** Variants to consider; default grouped and interleaved (plus sequential for P = 1). moe-overlap only when asked. */
   variants?: Variant[];
   /** Degrees to consider; default 1..maxDegree. */
   degrees?: number[];
@@ -156,7 +156,7 @@ export function planBlock(dimsIn: BlockDims, model: CostModel, opts: PlannerOpti
   if (!Number.isInteger(g) || g < 1) throw new Error(`granularity must be a positive integer, got ${g}`);
   const variants = opts.variants ?? ["grouped", "interleaved"];
   for (const v of variants)
-    if (!["sequential", "grouped", "interleaved"].includes(v)) throw new Error(`variant must be sequential, grouped or interleaved, got "${v}"`);
+    if (!VARIANTS.includes(v)) throw new Error(`variant must be one of ${VARIANTS.join(", ")}, got "${v}"`);
   const ev = new Evaluator(model, dims, chunkQkv);
   const sequential = ev.eval("sequential", [0, S]);
   const perCombo: Candidate[] = [];

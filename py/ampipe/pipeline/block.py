@@ -291,9 +291,12 @@ class _Step:
         self.q[c] = t.q
         self._keep(("qkv", c), [xin], [t.q, t.k, t.v], params)
 
-    def _f_attn(self, c: int) -> None:
-        lo, hi = self.plan.chunk_rows(c)
-        q = self.q[c] if self.plan.chunk_qkv else _alias_rows(self.q[None].detach(), lo, hi)
+    def _f_attn(self, c: int | None) -> None:
+        lo, hi = self._rows(c)  # c None: the whole sequence (chunk_attention false)
+        if c is None:
+            q = self.q[None]
+        else:
+            q = self.q[c] if self.plan.chunk_qkv else _alias_rows(self.q[None].detach(), lo, hi)
         qin = _leaf(q, self.track)
         kin = _prefix(self.kbuf, hi).requires_grad_(self.track)
         vin = _prefix(self.vbuf, hi).requires_grad_(self.track)
@@ -303,7 +306,10 @@ class _Step:
 
     def _f_proj(self, c: int) -> None:
         lo, hi = self.plan.chunk_rows(c)
-        cin = _leaf(self.values.pop(("ctx", c)), self.track)
+        # After a whole-sequence attention every chunk reads its rows of the one context.
+        ctx = (self.values.pop(("ctx", c)) if self.plan.chunk_attention
+               else self.values[("ctx", None)][lo:hi])
+        cin = _leaf(ctx, self.track)
         rin = _leaf(self.x[lo:hi], self.x_grad)
         params = self.block._kind_params["proj"]
         h, normed = self._run([cin, rin], lambda a, r: pieces.proj(self.layer, a, r))
@@ -535,9 +541,10 @@ class _Step:
         if self.x_grad:
             self.slots[("res", c)] = g_res
 
-    def _b_attn(self, c: int) -> None:
-        lo, hi = self.plan.chunk_rows(c)
-        g_q, g_k, g_v = self._run_island_backward(("attn", c), [self._slot(("ctx", c))])
+    def _b_attn(self, c: int | None) -> None:
+        lo, hi = self._rows(c)
+        g_ctx = self._slot(("ctx", c)) if c is not None else self._whole_ctx_grad()
+        g_q, g_k, g_v = self._run_island_backward(("attn", c), [g_ctx])
         # dK/dV of the prefix, added in place: never a sequence-long tensor per chunk.
         if self.dk is None:
             S = self.x.shape[0]
@@ -558,6 +565,17 @@ class _Step:
                 self.dq[lo:hi].copy_(g_q)
             else:
                 self.slots[("q", c)] = g_q
+
+    def _whole_ctx_grad(self) -> torch.Tensor | None:
+        """The context gradient of a whole-sequence attention: every chunk's proj_bwd rows."""
+        parts = [self._slot(("ctx", j)) for j in range(self.plan.num_chunks)]
+        like = next((g for g in parts if g is not None), None)
+        if like is None:
+            return None
+        self._mark_used(*parts)
+        return torch.cat([g if g is not None else like.new_zeros((b - a, *like.shape[1:]))
+                          for g, (a, b) in zip(parts, map(self.plan.chunk_rows,
+                                                          range(self.plan.num_chunks)))])
 
     def _b_qkv(self, c: int | None) -> None:
         lo, hi = self._rows(c)

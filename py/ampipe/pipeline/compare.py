@@ -275,7 +275,8 @@ def run_block_comparison(
     tolerance: float = 1e-5,
     input_seed: int | None = None,
 ) -> dict[str, Any]:
-    """Run the baseline and the pipelined block side by side; returns a plain dict.
+    """Run the baseline and the pipelined block side by side (steps in ABBA order); returns a
+    plain dict.
 
     `model_cfg` supplies what the plan's dims do not (norm, rope, router options ...); the
     plan's dims win. With `ep` (an initialised expert-parallel group), each rank builds its
@@ -319,9 +320,15 @@ def run_block_comparison(
         run(block)
     base_ms, pipe_ms, samples, delays = [], [], [], []
     diffs: dict[str, float] = {}
-    for _ in range(max(1, steps)):
-        ref, tb = run(baseline)
-        got, tp = run(block)
+    for i in range(max(1, steps)):
+        # ABBA: the baseline first on even steps, second on odd ones, so that a drift within a
+        # step does not always favour the block that runs first.
+        if i % 2 == 0:
+            ref, tb = run(baseline)
+            got, tp = run(block)
+        else:
+            got, tp = run(block)
+            ref, tb = run(baseline)
         base_ms.append(tb)
         pipe_ms.append(tp)
         samples.append(block.last_times)

@@ -69,6 +69,8 @@ class Plan:
     forward: tuple[PlanOp, ...]
     backward: tuple[PlanOp, ...]
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # False: one whole-sequence attn/attn_bwd op (the moe-overlap variant; needs chunk_qkv false).
+    chunk_attention: bool = True
 
     @property
     def num_chunks(self) -> int:
@@ -92,6 +94,7 @@ class Plan:
             "format": PLAN_FORMAT, "version": self.version, "variant": self.variant,
             "dims": dict(self.dims), "boundaries": list(self.boundaries),
             "chunk_qkv": self.chunk_qkv,
+            **({} if self.chunk_attention else {"chunk_attention": False}),
             "streams": [{"name": s.name, "kind": s.kind} for s in self.streams],
             "forward": [op(o) for o in self.forward], "backward": [op(o) for o in self.backward],
             "meta": dict(self.meta),
@@ -180,12 +183,15 @@ def parse_plan(doc: Mapping[str, Any]) -> Plan:
             raise PlanError(f"plan: streams[{i}] must be an object")
         streams.append(StreamSpec(_require(s, "name", str, f"plan streams[{i}]"),
                                   _require(s, "kind", str, f"plan streams[{i}]")))
+    chunk_attention = doc.get("chunk_attention", True)
+    if not isinstance(chunk_attention, bool):
+        raise PlanError(f"plan: 'chunk_attention' must be true or false, got {chunk_attention!r}")
     forward = tuple(_parse_op(o, "forward") for o in _require(doc, "forward", list, "plan"))
     backward = tuple(_parse_op(o, "backward") for o in _require(doc, "backward", list, "plan"))
     return Plan(version=version, variant=str(doc.get("variant", "unknown")), dims=dict(dims),
                 boundaries=tuple(boundaries), chunk_qkv=bool(doc.get("chunk_qkv", True)),
                 streams=tuple(streams), forward=forward, backward=backward,
-                meta=dict(doc.get("meta") or {}))
+                meta=dict(doc.get("meta") or {}), chunk_attention=chunk_attention)
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,6 +206,9 @@ def validate_plan(plan: Plan) -> None:
     seq = plan.dims.get("seq_length")
     if seq is not None and b[-1] != seq:
         raise PlanError(f"plan: last boundary {b[-1]} != dims.seq_length {seq}")
+    if not plan.chunk_attention and plan.chunk_qkv:
+        raise PlanError("plan: 'chunk_attention' false needs 'chunk_qkv' false (a whole-sequence "
+                        "attention reads one whole-sequence q)")
     names = [s.name for s in plan.streams]
     if len(set(names)) != len(names):
         raise PlanError(f"plan: duplicate stream names in {names}")
@@ -210,6 +219,13 @@ def validate_plan(plan: Plan) -> None:
     stream_kind = {s.name: s.kind for s in plan.streams}
     _validate_pass(plan, plan.forward, "forward", FORWARD_KINDS, stream_kind)
     _validate_pass(plan, plan.backward, "backward", BACKWARD_KINDS, stream_kind)
+
+
+def _is_whole(plan: Plan, kind: str) -> bool:
+    """Whether ops of `kind` cover the whole sequence (chunk null) in this plan."""
+    return (kind in ("aux_loss", "aux_loss_bwd")
+            or (kind in ("qkv", "qkv_bwd") and not plan.chunk_qkv)
+            or (kind in ("attn", "attn_bwd") and not plan.chunk_attention))
 
 
 def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence[str],
@@ -230,8 +246,7 @@ def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence
         if stream_kind[op.stream] != want:
             raise PlanError(f"{where}: kind {op.kind!r} must run on a {want} stream, "
                             f"'{op.stream}' is {stream_kind[op.stream]}")
-        whole = op.kind in ("aux_loss", "aux_loss_bwd") or (
-            op.kind in ("qkv", "qkv_bwd") and not plan.chunk_qkv)
+        whole = _is_whole(plan, op.kind)
         if whole and op.chunk is not None:
             raise PlanError(f"{where}: kind {op.kind!r} covers the whole sequence here; "
                             f"'chunk' must be null")
@@ -247,8 +262,7 @@ def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence
                 raise PlanError(f"{where}: dep '{d}' is not an earlier op of the {name} pass")
     # Completeness: every kind for every chunk, exactly once (duplicates rejected above).
     for kind in kinds:
-        whole = kind in ("aux_loss", "aux_loss_bwd") or (
-            kind in ("qkv", "qkv_bwd") and not plan.chunk_qkv)
+        whole = _is_whole(plan, kind)
         for c in ([None] if whole else range(P)):
             if (kind, c) not in by_kind:
                 what = "the whole sequence" if c is None else f"chunk {c}"
@@ -266,7 +280,7 @@ def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence
     for op in ops:
         for kind, chunk in _needs(plan, op, name == "forward"):
             need(op, kind, chunk)
-        if op.kind == "attn_bwd":
+        if op.kind == "attn_bwd" and plan.chunk_attention:
             # attn_bwd ops accumulate dK/dV in place into shared prefixes: any two of them
             # must be ordered one way or the other.
             for j in range(P):
@@ -289,7 +303,10 @@ def _needs(plan: Plan, op: PlanOp, forward: bool) -> list[tuple[str, int | None]
     c, P = op.chunk, plan.num_chunks
     if forward:
         if op.kind == "attn":
-            return [("qkv", j) for j in (range(c + 1) if plan.chunk_qkv else [None])]
+            return [("qkv", j) for j in (range(P if c is None else c + 1) if plan.chunk_qkv
+                                         else [None])]
+        if op.kind == "proj" and not plan.chunk_attention:
+            return [("attn", None)]
         if op.kind in _FORWARD_PREV:
             return [(_FORWARD_PREV[op.kind], c)]
         if op.kind == "unpermute":
@@ -297,6 +314,8 @@ def _needs(plan: Plan, op: PlanOp, forward: bool) -> list[tuple[str, int | None]
         if op.kind == "aux_loss":
             return [("route", j) for j in range(P)]
         return []
+    if op.kind == "attn_bwd" and c is None:
+        return [("proj_bwd", j) for j in range(P)]
     if op.kind in _BACKWARD_PREV:
         return [(_BACKWARD_PREV[op.kind], c)]
     if op.kind == "route_bwd":
@@ -304,6 +323,8 @@ def _needs(plan: Plan, op: PlanOp, forward: bool) -> list[tuple[str, int | None]
     if op.kind == "proj_bwd":
         return [("route_bwd", c), ("unpermute_bwd", c)]
     if op.kind == "qkv_bwd":
+        if not plan.chunk_attention:
+            return [("attn_bwd", None)]
         return [("attn_bwd", j) for j in (range(c, P) if plan.chunk_qkv else range(P))]
     return []
 

@@ -13,7 +13,8 @@ from rank_procs import gloo_rank
 from ampipe.parallel import init_parallel_groups
 from ampipe.pipeline import AMPipeBlock, EmulatedComm
 
-PLANS = ["interleaved-p2", "interleaved-p2-nonuniform", "grouped-p3", "grouped-p3-nonuniform"]
+PLANS = ["interleaved-p2", "interleaved-p2-nonuniform", "grouped-p3", "grouped-p3-nonuniform",
+         "moe-overlap-p2"]
 
 
 def main() -> None:

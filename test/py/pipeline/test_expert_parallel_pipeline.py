@@ -13,5 +13,6 @@ WORKER = Path(__file__).with_name("ep_pipeline_worker.py")
 @pytest.mark.slow
 def test_ep2_pipelined_block_equals_baseline(tmp_path):
     for r, out in enumerate(run_ranks(WORKER, 2, tmp_path, timeout=180)):
-        for name in ("interleaved-p2", "interleaved-p2-nonuniform", "grouped-p3", "grouped-p3-nonuniform"):
+        for name in ("interleaved-p2", "interleaved-p2-nonuniform", "grouped-p3", "grouped-p3-nonuniform",
+                     "moe-overlap-p2"):
             assert f"{name} ok" in out, f"rank {r}: {out}"

@@ -20,10 +20,11 @@ const planArb = fc
   })
   .map((x): Plan => {
     const dims = smallDims({ seq_length: x.seq, num_query_groups: x.gqa ? 2 : 4, expert_model_parallel_size: x.ep });
-    if (x.variant === "sequential") return makePlan("sequential", dims, { chunkQkv: x.chunkQkv });
-    if (x.uniform) return makePlan(x.variant, dims, { degree: Math.min(x.degree, x.seq), chunkQkv: x.chunkQkv });
+    const chunkQkv = x.variant === "moe-overlap" ? undefined : x.chunkQkv; // moe-overlap: always whole-sequence qkv
+    if (x.variant === "sequential") return makePlan("sequential", dims, { chunkQkv });
+    if (x.uniform) return makePlan(x.variant, dims, { degree: Math.min(x.degree, x.seq), chunkQkv });
     const inner = [...new Set(x.cuts.map((c) => Math.floor(c * x.seq)).filter((c) => c > 0 && c < x.seq))].sort((a, b) => a - b);
-    return makePlan(x.variant, dims, { boundaries: [0, ...inner, x.seq], chunkQkv: x.chunkQkv });
+    return makePlan(x.variant, dims, { boundaries: [0, ...inner, x.seq], chunkQkv });
   });
 
 const indexOf = (ops: Plan["forward"]) => new Map(ops.map((o, i) => [o.id, i] as const));
@@ -38,13 +39,13 @@ describe("generated plans (property-based)", () => {
           const ops = p[list];
           const keys = ops.map((o) => `${o.kind}@${o.chunk}`);
           expect(new Set(keys).size).toBe(keys.length);
-          expect(new Set(keys)).toEqual(new Set(expectedOps(list, P, p.chunk_qkv).map((e) => `${e.kind}@${e.chunk}`)));
+          expect(new Set(keys)).toEqual(new Set(expectedOps(list, P, p.chunk_qkv, p.chunk_attention ?? true).map((e) => `${e.kind}@${e.chunk}`)));
           const idx = indexOf(ops);
           ops.forEach((o, i) => o.deps.forEach((d) => expect(idx.get(d)!).toBeLessThan(i)));
           // independent re-check of coverage, by reachability over deps + stream order
           const anc = happensBefore(ops, ops.map((o) => o.deps.map((d) => idx.get(d)!)));
           ops.forEach((o, i) => {
-            for (const n of needsOf(o.kind, o.chunk, P, p.chunk_qkv)) {
+            for (const n of needsOf(o.kind, o.chunk, P, p.chunk_qkv, p.chunk_attention ?? true)) {
               const j = ops.findIndex((x) => x.kind === n.kind && x.chunk === n.chunk);
               expect((anc[i] >> BigInt(j)) & 1n, `${o.id} needs ${ops[j].id}`).toBe(1n);
             }
