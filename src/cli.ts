@@ -17,6 +17,7 @@ const commandModules: Array<{ register(program: Command): void }> = [
   await import("./commands/run.ts"),
   await import("./commands/data.ts"),
   await import("./commands/train.ts"),
+  await import("./commands/compare.ts"),
   await import("./commands/report.ts"),
 ];
 for (const m of commandModules) m.register(program);

@@ -11,6 +11,7 @@ import { type Plan } from "../plan/ir.ts";
 import { writeFileAtomic } from "../plan/io.ts";
 import { resolveDataset } from "../train/dataset.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
+import { stopOnSignals } from "../train/signals.ts";
 import { MetricsLog, prepareRunDir } from "../train/rundir.ts";
 import { prepareRunPlan } from "./run.ts";
 import { addControllerOptions, positiveInt, reportFailure, startRun, type RunCliOptions } from "./ping.ts";
@@ -108,13 +109,9 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
         total: ev.steps as number, start: ev.step as number, tty: o.plain ? false : undefined, every: 10,
         format: "loss {loss} | eval {eval} | {tps} tok/s | lr {lr}",
       });
-    } else if (ev.kind === "metric" && ev.name === "train_step") {
-      const { rank: _r, kind: _k, name: _n, steps: _s, ...rest } = ev;
-      metrics.append({ kind: "train", ...rest });
+    } else if (metrics.record(ev) === "train") {
       progress?.update(ev.step as number, { loss: fmt(ev.loss), eval: lastEval || "-", tps: fmt(ev.tokens_per_s, 0), lr: (ev.lr as number).toExponential(2) });
     } else if (ev.kind === "metric" && ev.name === "eval") {
-      const { rank: _r, kind: _k, name: _n, steps: _s, ...rest } = ev;
-      metrics.append({ kind: "eval", ...rest });
       lastEval = fmt(ev.loss);
       progress?.log(`eval at step ${ev.step}: loss ${fmt(ev.loss)}, perplexity ${fmt(ev.ppl, 2)}`);
     } else if (ev.kind === "checkpoint" && ev.rank === 0) {
@@ -125,19 +122,7 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
   };
 
   let run: RankRun | undefined;
-  let stopRequested = false;
-  const onSignal = (sig: NodeJS.Signals) => {
-    if (!run || stopRequested) {
-      process.stderr.write(`ampipe train: ${sig} again: stopping the ranks now (no checkpoint)\n`);
-      void (run?.close() ?? Promise.resolve()).finally(() => process.exit(130));
-      return;
-    }
-    stopRequested = true;
-    process.stderr.write(`ampipe train: ${sig}: stopping after the current step, with a checkpoint (again to abort)\n`);
-    run.cancel();
-  };
-  process.on("SIGINT", onSignal);
-  process.on("SIGTERM", onSignal);
+  const signals = stopOnSignals(() => run, "ampipe train");
   try {
     const par = cfg.parallelism;
     run = await startRun(
@@ -179,10 +164,9 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
       return 2;
     }
     reportFailure(e, "ampipe train");
-    return stopRequested ? 130 : 1;
+    return signals.requested ? 130 : 1;
   } finally {
-    process.off("SIGINT", onSignal);
-    process.off("SIGTERM", onSignal);
+    signals.off();
     await run?.close();
   }
 }

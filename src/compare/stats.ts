@@ -2,7 +2,7 @@
 // confidence intervals over seeds, the paired difference between arms, and a TOST
 // equivalence test (two one-sided paired t-tests) at a relative margin. The t distribution is
 // jStat's (a well-kept library), tested against scipy's values in test/ts/compare/stats.test.ts.
-import { jStat } from "jstat";
+import jStat from "jstat";
 
 export interface Interval {
   n: number;

@@ -79,6 +79,18 @@ export class MetricsLog {
     return lines.length - keep.length;
   }
 
+  /**
+   * Appends a rank's `train_step` or `eval` metric event as a line (without the event's routing
+   * fields); returns which it was, or null for any other event.
+   */
+  record(ev: Record<string, unknown>): "train" | "eval" | null {
+    if (ev.kind !== "metric" || (ev.name !== "train_step" && ev.name !== "eval")) return null;
+    const { rank: _r, kind: _k, name, steps: _s, arm: _a, seed: _sd, ...rest } = ev;
+    const kind = name === "train_step" ? "train" : "eval";
+    this.append({ kind, ...rest });
+    return kind;
+  }
+
   append(record: Record<string, unknown>): void {
     appendFileSync(this.path, JSON.stringify(record) + "\n");
   }

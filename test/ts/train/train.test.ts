@@ -1,71 +1,19 @@
 // `ampipe train` end to end on a tiny config and a tiny dataset: two ranks (EP 2, gloo), the
 // pipelined block, metrics.jsonl / tb / checkpoints; resume after kill -9 of every process
 // equals an uninterrupted run bitwise; Ctrl-C stops with a checkpoint; bad input exits 2.
-import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { prepareDataset } from "../../../src/data/prepare.ts";
 import { processesWithEnv } from "../processes.ts";
+import { ampipe, tinyConfig, tinyDataset, type Ran } from "./helpers.ts";
 
-const root = join(import.meta.dirname, "..", "..", "..");
 const dir = mkdtempSync(join(tmpdir(), "ampipe-train-test-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-// A small corpus of its own (the Brown build is tested in test/ts/data): 40 documents, one per .jsonl line.
-const words = "the jury said in a statement that the city executive committee had over all charge of the election".split(" ");
-const docs = Array.from({ length: 40 }, (_, i) => Array.from({ length: 60 + i }, (_, j) => words[(i * 7 + j * 3) % words.length]).join(" "));
-const textPath = join(dir, "corpus.jsonl");
-writeFileSync(textPath, docs.map((text) => JSON.stringify({ text })).join("\n") + "\n");
-const dataPrefix = join(dir, "tiny");
-prepareDataset({ inputs: [textPath], tokenizer: "byte", out: dataPrefix });
-
-function config(extra = ""): string {
-  return `
-model:
-  num_layers: 2
-  hidden_size: 32
-  num_attention_heads: 4
-  seq_length: 48
-  micro_batch_size: 2
-  vocab_size: 260
-  ffn_hidden_size: 64
-  num_experts: 4
-  moe_router_topk: 2
-  moe_ffn_hidden_size: 32
-parallelism: { world_size: 2, expert_model_parallel_size: 2, device: cpu, backend: gloo }
-pipeline: { degree: 2, variant: interleaved, emulated_comm: null }
-run: { seed: 3 }
-data: { path: ${JSON.stringify(dataPrefix)} }
-train:
-  steps: 12
-  lr: 3.0e-3
-  min_lr: 3.0e-4
-  warmup_steps: 2
-  global_batch_size: 8
-  eval_interval: 4
-  eval_iters: 1
-  checkpoint_interval: 4
-${extra}`;
-}
+const dataPrefix = tinyDataset(dir);
+const config = (extra = "") => tinyConfig(dataPrefix, extra);
 const configPath = join(dir, "train.yaml");
 writeFileSync(configPath, config());
-
-interface Ran { code: number | null; stdout: string; stderr: string; pid: number }
-
-function ampipe(args: string[], onStart?: (pid: number, stdout: () => string) => void): Promise<Ran> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [join(root, "bin", "ampipe.js"), ...args], { cwd: root, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
-    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
-    onStart?.(child.pid!, () => stdout);
-    child.on("error", reject);
-    child.on("close", (code) => resolve({ code, stdout, stderr, pid: child.pid! }));
-  });
-}
 
 const ranksOf = (pid: number): number[] => processesWithEnv(`AMPIPE_PARENT_PID=${pid}`);
 type Line = { kind: string; step: number; loss: number; [k: string]: unknown };
