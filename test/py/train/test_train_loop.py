@@ -149,3 +149,26 @@ def test_manifest_lists_every_shard_with_its_checksum(tmp_path):
     assert m["step"] == 4 and m["world_size"] == 1 and set(m["shards"]) == {"0"}
     assert len(m["shards"]["0"]["sha256"]) == 64
     assert not [p for p in checkpoint_dir(tmp_path, 4).iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_trains_under_autocast(tmp_path, dtype):
+    """bf16/fp16 really run under autocast of that dtype (seen inside the model's forward), the loss
+    falls, and fp16 carries a loss scale; the losses differ from fp32 by more than fp32 noise."""
+    half, eh = trainer(tmp_path / dtype, steps=8, model=model_dict(dtype=dtype))
+    full, ef = trainer(tmp_path / "fp32", steps=8)
+    seen = []
+    half.model.decoder.layers[0].self_attention.linear_qkv.register_forward_hook(
+        lambda m, a, out: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype)))
+    half.run(), full.run()
+    lh, lf = losses(eh), losses(ef)
+    assert lh[-1] < lh[0] - 0.3
+    assert max(abs(a - b) for a, b in zip(lh, lf)) > 1e-4
+    steps = [f for k, f in eh if k == "metric" and f["name"] == "train_step"]
+    if dtype == "fp16":
+        assert half.loss_scale is not None and all(s["loss_scale"] > 0 for s in steps)
+        assert sum(s["skipped"] for s in steps) < len(steps)
+    else:
+        assert half.loss_scale is None and all(s["loss_scale"] is None for s in steps)
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert seen and all(on and d == want and x == want for on, d, x in seen), seen[:2]
