@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 MIN_PYTHON = (3, 10)
-MIN_VERSIONS = {"torch": "2.4", "zmq": "26", "msgpack": "1.0", "numpy": "1.26"}
+MIN_VERSIONS = {"torch": "2.5", "zmq": "26", "msgpack": "1.0", "numpy": "1.26"}
 PIP_NAMES = {"zmq": "pyzmq"}
 
 

@@ -58,7 +58,7 @@ describe("ampipe doctor", () => {
     const torch = byName(r.report.checks, "torch");
     expect(torch).toMatchObject({ ok: false, required: true });
     expect(torch.value).toMatch(/missing \(ImportError: No module named 'torch'\)/);
-    expect(torch.fix).toMatch(/-m pip install 'torch>=2\.4'/);
+    expect(torch.fix).toMatch(/-m pip install 'torch>=2\.5'/);
     expect(byName(r.report.checks, "pyzmq").fix).toMatch(/pip install 'pyzmq>=26'/);
   });
 
@@ -69,7 +69,7 @@ describe("ampipe doctor", () => {
     });
     const r = doctor({ AMPIPE_PYTHON: "", PYTHONPATH: fakes });
     expect(r.status).toBe(1);
-    expect(byName(r.report.checks, "torch").value).toBe("1.13.1, older than 2.4");
+    expect(byName(r.report.checks, "torch").value).toBe("1.13.1, older than 2.5");
     expect(byName(r.report.checks, "pyzmq").value).toBe("22.3.0 (libzmq 4.3.4), older than 26");
   });
 });
