@@ -88,10 +88,11 @@ def _sleep_precise(seconds: float) -> None:
 
 _CYCLES_CACHE: dict[int, float] = {}
 
-# Calibration: `_sleep(n)` spins n SM clock cycles, so its rate is the SM clock, which idles
-# far below its boost clock (the H200s read 345 MHz idle, 1980 MHz under load). The rate is
-# taken after a few tens of ms of matmuls (clocks at boost, as during a step) as the median
-# of several samples, the first dropped (it may still catch the ramp).
+# Calibration: `_sleep(n)` spins n SM clock cycles, so its rate is the SM clock, which an
+# idle GPU keeps well below its boost clock (no clock reading was taken for this project;
+# nothing here has run on a GPU yet). The rate is taken after a few tens of ms of matmuls
+# (clocks ramped up, as during a step) as the median of several samples, the first dropped
+# (it may still catch the ramp).
 CALIBRATION_CYCLES = 5_000_000
 CALIBRATION_SAMPLES = 6
 

@@ -30,3 +30,14 @@ def test_torch_floor_is_the_same_everywhere_and_covers_what_the_code_uses():
     for feature, since in NEEDS.items():
         if feature in source:
             assert floor >= since, f"attention.py uses {feature} (torch >= {since}); floor is {floor}"
+
+
+def test_no_device_reading_is_quoted_that_was_not_taken_here():
+    # Nothing in this project has run on a GPU yet: a clock or a time read off one would be
+    # a figure nobody measured (vendors' spec-sheet peaks are labelled as such elsewhere).
+    root = PY.parent
+    files = [*(root / "py" / "ampipe").rglob("*.py"), *(root / "docs").glob("*.md"), root / "README.md"]
+    quoted = [f"{f.relative_to(root)}:{i + 1}" for f in files
+              for i, line in enumerate(f.read_text().splitlines())
+              if re.search(r"\d\s*MHz", line)]
+    assert not quoted, f"clock readings quoted: {quoted}"
