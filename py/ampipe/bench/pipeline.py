@@ -36,6 +36,7 @@ what the executor holds), deduplicated by storage, since CPU has no allocator pe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -47,6 +48,7 @@ from typing import Any
 import torch
 
 from ..model.config import ModelConfig
+from ..model.gpt import autocast_context
 from ..pipeline.block import AMPipeBlock, block_dims
 from ..pipeline.compare import (EmulatedBaseline, block_step, emulated_delay_report, ideal_bound_ms,
                                 simulate_ms)
@@ -104,15 +106,15 @@ def _in_turn(blocks: dict[str, Any], i: int) -> list[tuple[str, Any]]:
     return items if i % 2 == 0 else items[::-1]
 
 
-def _timed_step(block, x, dy, params, device) -> float:
+def _timed_step(block, x, dy, params, device, precision: ModelConfig) -> float:
     sync(device)
     t0 = time.perf_counter()
-    block_step(block, x, dy, params)
+    block_step(block, x, dy, params, precision)
     sync(device)
     return (time.perf_counter() - t0) * 1e3
 
 
-def activation_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
+def activation_bytes(block: torch.nn.Module, x: torch.Tensor, precision: ModelConfig | None = None) -> int:
     """Bytes a forward keeps alive for backward: saved tensors and executor-held tensors,
     deduplicated by storage (CPU stand-in for a peak-memory counter)."""
     storages: dict[int, int] = {}
@@ -129,7 +131,8 @@ def activation_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
         add(t)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            autocast_context(precision, x.device) if precision is not None else contextlib.nullcontext():
         y, losses = block(x)
     step = getattr(y.grad_fn, "step", None)  # AMPipeBlock: what the islands hold
     if step is not None:
@@ -143,11 +146,11 @@ def activation_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def _peak_cuda(block, x, dy, params, device) -> int:
+def _peak_cuda(block, x, dy, params, device, precision: ModelConfig) -> int:
     sync(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    block_step(block, x, dy, params)
+    block_step(block, x, dy, params, precision)
     sync(device)
     return torch.cuda.max_memory_allocated(device) - before
 
@@ -185,7 +188,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
         now = {k: b for k, b in plain.items()
                if i < iters or k == "baseline" or plans[k].num_chunks == 1}
         for k, b in _in_turn(now, i):
-            t = _timed_step(b, x, dy, params, device)
+            t = _timed_step(b, x, dy, params, device, cfg)
             if i >= 0:
                 samples[k].append(t)
     compute_ms = statistics.median(samples["baseline"])
@@ -202,10 +205,10 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
 
     # 2. Memory.
     if device.type == "cuda":
-        mem = {k: _peak_cuda(b, x, dy, params, device) for k, b in plain.items()}
+        mem = {k: _peak_cuda(b, x, dy, params, device, cfg) for k, b in plain.items()}
         mem_kind = "peak allocated during a step"
     else:
-        mem = {k: activation_bytes(b, x) for k, b in plain.items()}
+        mem = {k: activation_bytes(b, x, cfg) for k, b in plain.items()}
         mem_kind = "bytes kept for backward (saved + executor-held)"
     mem_ratio = {k: mem[k] / mem["baseline"] for k in plain if k != "baseline"}
     for k, v in mem_ratio.items():
@@ -215,7 +218,8 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
     T = cfg.seq_length * cfg.micro_batch_size
     cap = cfg.expert_capacity(T)
     rows = T * cfg.moe_router_topk if cap is None else cfg.num_experts * cap
-    a2a_bytes = rows * cfg.hidden_size * x.element_size()
+    token_dtype = cfg.torch_dtype if cfg.dtype != "fp32" else x.dtype  # tokens travel in the autocast dtype
+    a2a_bytes = rows * cfg.hidden_size * torch.empty((), dtype=token_dtype).element_size()
     results = []
     for r in ratios:
         budget_s = r * compute_ms / 1e3 - 4 * latency_us * 1e-6
@@ -232,7 +236,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
         delays: dict[str, list[dict[str, dict[str, float]]]] = {k: [] for k in plans}
         for i in range(-warmup, iters):
             for k, b in _in_turn(blocks, i):
-                t = _timed_step(b, x, dy, params, device)
+                t = _timed_step(b, x, dy, params, device, cfg)
                 if i >= 0:
                     samples[k].append(t)
                     if k in plans:
@@ -272,6 +276,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                 f"{kind} {d['measured_ms']:.2f}/{d['modelled_ms']:.2f} ms = {d['ratio']:.2f}"
                 for kind, d in delay_check.items()))
     return {"label": "emulated communication", "device": str(device), "config": cfg.to_dict(),
+            "precision": cfg.dtype,  # both arms ran under this autocast dtype (fp32: none)
             "compute_ms": compute_ms, "no_comm_ms": no_comm, "p1_overhead": overhead,
             "p1_overhead_paired": overhead_stats, "overhead_iters": overhead_iters,
             "memory_bytes": mem, "memory_ratio": mem_ratio, "memory_kind": mem_kind,

@@ -46,7 +46,7 @@ from .rope import apply_rope, rope_cos_sin
 __all__ = [
     "QKV", "Routing", "RoutingStats", "Permuted", "Dispatched", "MoELosses",
     "qkv", "attention", "proj", "route", "permute", "dispatch", "experts_ffn", "experts",
-    "combine", "unpermute", "dense_mlp", "moe_losses", "sum_stats", "block_forward",
+    "combine", "unpermute", "dense_mlp", "moe_losses", "sum_stats", "block_forward", "wire_dtype",
 ]
 
 
@@ -230,6 +230,14 @@ class Dispatched:
     layout: DispatchLayout
 
 
+def wire_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype tokens travel in: the autocast dtype when autocast is on (the expert matmul
+    would cast them to it anyway, so casting before the all-to-all changes no value and
+    halves the bytes moved), else the tensor's own."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
+
+
 def dispatch(layer: TransformerLayer, permuted: Permuted, host_counts: Sequence[int] | None = None) -> Dispatched:
     """Exchange split sizes (dropless EP only) and all-to-all the rows to the experts' ranks.
 
@@ -238,7 +246,8 @@ def dispatch(layer: TransformerLayer, permuted: Permuted, host_counts: Sequence[
     moe = layer.mlp
     layout = ep_comm.dispatch_layout(permuted.tokens_per_expert, moe.ep, moe.num_experts, permuted.capacity,
                                      host_counts=host_counts)
-    return Dispatched(ep_comm.dispatch(permuted.buffer, layout, moe.ep), layout)
+    buffer = permuted.buffer.to(wire_dtype(permuted.buffer))
+    return Dispatched(ep_comm.dispatch(buffer, layout, moe.ep), layout)
 
 
 def experts_ffn(layer: TransformerLayer, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -128,6 +128,14 @@ def _island_grad(outputs: list[torch.Tensor], grads: list[torch.Tensor],
                                 allow_unreachable=True, accumulate_grad=False)
 
 
+def _hand_to_caller(tensors: Iterable[torch.Tensor | None]) -> None:
+    """Results made on plan streams and returned to the caller: on CUDA, record_stream for
+    the caller's current stream, so their memory is not reused while it still reads them."""
+    for t in tensors:
+        if t is not None and t.device.type == "cuda":
+            t.record_stream(torch.cuda.current_stream(t.device))
+
+
 def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
     return t.detach().requires_grad_(requires_grad and t.is_floating_point())
 
@@ -202,6 +210,7 @@ class _Step:
         # backward state
         self.slots: dict[tuple[str, int | None], torch.Tensor] = {}
         self.param_grads: list[torch.Tensor | None] = [None] * len(self.params)
+        self.grad_acc_dtype = [torch.promote_types(p.dtype, torch.float32) for p in self.params]
         self._param_writer: dict[int, tuple[str, torch.cuda.Event]] = {}
         self.cuda = x.device.type == "cuda"
         self.executor = block._executor
@@ -441,6 +450,9 @@ class _Step:
         """autograd.grad of one island; returns its inputs' grads and accumulates its
         parameters' grads. Frees the island."""
         island = self.islands.pop(key)
+        # The incoming gradients were made by other ops, maybe on other streams: they are the
+        # tensors that cross onto this op's stream (a dtype conversion below is made here).
+        self._mark_used(*grads)
         if island.identity:  # the engine would hand each gradient straight back
             return [None if g is None or i is None or not i.requires_grad
                     else g if g.dtype == i.dtype else g.to(i.dtype)
@@ -457,7 +469,6 @@ class _Step:
         params = [p for p in island.params if p.requires_grad]
         if not outs or not (wrt_inputs or params):
             return [None] * len(island.inputs)
-        self._mark_used(*gouts)
         got = _island_grad(outs, gouts, wrt_inputs + params)
         # The engine allocates these on the island's forward stream; `check_cuda_streams`
         # makes that the current one, record_stream keeps it right if it ever differs.
@@ -471,6 +482,10 @@ class _Step:
     def _accumulate_param(self, p: nn.Parameter, g: torch.Tensor) -> None:
         i = self.param_index[id(p)]
         cur = self.param_grads[i]
+        if cur is None and self.plan.num_chunks > 1 and g.dtype != self.grad_acc_dtype[i]:
+            # Chunks add up: a bf16/fp16 parameter's gradient is summed in fp32 (each
+            # low-precision add would round), as Megatron sums into an fp32 main_grad.
+            g = g.to(self.grad_acc_dtype[i])
         if self.order_param_grads:
             # Ops on different compute streams may add into one parameter's gradient: order them.
             here = self.executor.current_stream_name
@@ -486,6 +501,28 @@ class _Step:
             ev = torch.cuda.Event()
             ev.record()
             self._param_writer[i] = (self.executor.current_stream_name, ev)
+
+    def finish_param_grads(self) -> list[torch.Tensor | None]:
+        """The Function's parameter gradients (on the caller's stream, after the pass).
+
+        A parameter with a ``main_grad`` (Megatron's fp32 gradient buffer) gets its sum added
+        there; when it also has ``grad_added_to_main_grad``, Megatron's DDP hooks expect a
+        placeholder gradient and the flag set (as its fused weight-gradient linears do),
+        else nothing is returned for it. Otherwise the sum is returned in the parameter's dtype."""
+        out: list[torch.Tensor | None] = []
+        for p, g in zip(self.params, self.param_grads):
+            if g is None:
+                out.append(None)
+            elif getattr(p, "main_grad", None) is not None:
+                p.main_grad.add_(g)
+                if hasattr(p, "grad_added_to_main_grad"):
+                    p.grad_added_to_main_grad = True
+                    out.append(torch.zeros_like(p))
+                else:
+                    out.append(None)
+            else:
+                out.append(g if g.dtype == p.dtype else g.to(p.dtype))
+        return out
 
     def _slot(self, key: tuple[str, int | None]) -> torch.Tensor | None:
         return self.slots.pop(key, None)
@@ -616,10 +653,7 @@ class _PipelinedBlockFn(torch.autograd.Function):
         # would be a cycle through autograd that only the garbage collector could break.
         y, step.y = step.y, None
         aux, z = losses.aux_loss.detach(), losses.z_loss.detach()
-        if step.cuda:  # made on a plan stream, used by the caller's
-            caller = torch.cuda.current_stream(x.device)
-            for t in (y, aux, z):
-                t.record_stream(caller)
+        _hand_to_caller((y, aux, z))  # made on plan streams, used by the caller's
         return y, aux, z
 
     @staticmethod
@@ -637,12 +671,8 @@ class _PipelinedBlockFn(torch.autograd.Function):
                                   inline=block._inline_comm)
         block.last_times = {**(block.last_times or {}), "backward": times}
         block.last_delays_ms = step.delays_ms
-        if step.cuda:  # results were made on plan streams; the caller's stream uses them now
-            caller = torch.cuda.current_stream(step.x.device)
-            for t in (step.dx, *step.param_grads):
-                if t is not None:
-                    t.record_stream(caller)
-        return (None, step.dx, *step.param_grads)
+        _hand_to_caller((step.dx, *step.param_grads))  # made on plan streams
+        return (None, step.dx, *step.finish_param_grads())
 
 
 class AMPipeBlock(TransformerLayer):
@@ -779,6 +809,7 @@ class AMPipeBlock(TransformerLayer):
             self.last_delays_ms = step.delays_ms
             step.values.clear()
             y, aux, z = step.y, step.losses.aux_loss, step.losses.z_loss
+            _hand_to_caller((y, aux, z))  # as the grad path does
         return y, MoELosses(aux_loss=aux, z_loss=z)
 
 

@@ -9,6 +9,7 @@ the ideal bound and per-op times (keyed by op id, the calibration input of the p
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -16,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..model.block_pieces import MoELosses
+from ..model.block_pieces import MoELosses, wire_dtype
 from ..model.config import ModelConfig
-from ..model.gpt import init_parameters
+from ..model.gpt import autocast_context, init_parameters
 from ..model.layers import TransformerLayer
 from ..parallel.groups import ExpertParallel
 from .block import AMPipeBlock
@@ -86,11 +87,12 @@ class EmulatedBaseline(torch.nn.Module):
 def _with_delays(layer: TransformerLayer, x: torch.Tensor, y: torch.Tensor, inj: DelayInjector) -> torch.Tensor:
     """`y`, after the modelled delays of the layer's two all-to-alls (and before their backward)."""
     cfg = layer.cfg
+    size = torch.empty((), dtype=wire_dtype(x)).element_size()  # as the tokens travel
     rows = x.shape[0] * x.shape[1] * cfg.moe_router_topk
-    nbytes = rows * cfg.hidden_size * x.element_size()  # dropless buffer (capacity: E*C rows)
+    nbytes = rows * cfg.hidden_size * size  # dropless buffer (capacity: E*C rows)
     cap = cfg.expert_capacity(x.shape[0] * x.shape[1])
     if cap is not None:
-        nbytes = cfg.num_experts * cap * cfg.hidden_size * x.element_size()
+        nbytes = cfg.num_experts * cap * cfg.hidden_size * size
     return _DelayFn.apply(y, inj, [nbytes, nbytes], [nbytes, nbytes])
 
 
@@ -111,15 +113,20 @@ def add_emulated_delays(model: torch.nn.Module, emulated_comm: EmulatedComm) -> 
 
 
 def block_step(block: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor,
-               params: Sequence[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    """One forward+backward of `(y·dy).sum() + aux + z`; returns y, the losses and the grads."""
+               params: Sequence[torch.nn.Parameter],
+               precision: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """One forward+backward of `(y·dy).sum() + aux + z`; returns y, the losses and the grads.
+
+    `precision`: the forward runs under that config's autocast (`autocast_context`, as the
+    model runs it: bf16/fp16 matmuls, fp32 parameters); the backward, as usual, outside it."""
     x.grad = None
     for p in params:
         p.grad = None
-    y, losses = block(x)
-    obj = (y.float() * dy).sum()
-    if losses is not None:
-        obj = obj + losses.aux_loss + losses.z_loss
+    with autocast_context(precision, x.device) if precision is not None else contextlib.nullcontext():
+        y, losses = block(x)
+        obj = (y.float() * dy).sum()
+        if losses is not None:
+            obj = obj + losses.aux_loss + losses.z_loss
     obj.backward()
     out = {"y": y.detach(), "dx": x.grad}
     if losses is not None:
@@ -306,7 +313,7 @@ def run_block_comparison(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        out = block_step(which, x, dy, params)
+        out = block_step(which, x, dy, params, precision=cfg)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         ms = (time.perf_counter() - t0) * 1e3
@@ -348,6 +355,8 @@ def run_block_comparison(
         "device": str(device),
         "rank": ep.rank, "ep_size": ep.size,
         "emulated": emulated_comm.label if emulated_comm is not None else None,
+        # What both arms computed in: autocast to this dtype (fp32: none), fp32 parameters.
+        "precision": cfg.dtype,
         "equivalence": {"largest_relative_differences": diffs, "worst": list(worst),
                         "tolerance": tolerance, "ok": worst[1] <= tolerance},
         "baseline_ms": tb, "pipelined_ms": tp,

@@ -25,6 +25,7 @@ thread outlives a failed pass; the next pass starts a new one), and the error su
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -152,6 +153,25 @@ class _CommWorker:
     def stop(self) -> None:
         self.retire()
         self.thread.join()
+
+
+AutocastState = tuple[tuple[str, bool, torch.dtype], ...]
+
+
+def autocast_state() -> AutocastState:
+    """The calling thread's autocast settings, per device type (CPU and CUDA)."""
+    kinds = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return tuple((k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds)
+
+
+@contextmanager
+def enter_autocast(state: AutocastState) -> Iterator[None]:
+    """Enter `state` (from `autocast_state`) on this thread; disabled device types stay off."""
+    with contextlib.ExitStack() as stack:
+        for kind, enabled, dtype in state:
+            if enabled:
+                stack.enter_context(torch.autocast(device_type=kind, dtype=dtype))
+        yield
 
 
 def is_total_order(ops: Sequence[PlanOp]) -> bool:
@@ -317,11 +337,14 @@ class StreamExecutor:
 
         worker, kept, finished = None, False, threading.Event()
         if comm_ops:
+            # Grad mode and autocast are thread-local: the comm thread runs its ops in the
+            # caller's (an all-to-all under bf16 autocast must see bf16 autocast too).
             grad_enabled = torch.is_grad_enabled()
+            autocast = autocast_state()
 
             def comm_pass() -> None:
                 try:
-                    with torch.set_grad_enabled(grad_enabled):
+                    with torch.set_grad_enabled(grad_enabled), enter_autocast(autocast):
                         walk(comm_ops)
                 finally:
                     finished.set()

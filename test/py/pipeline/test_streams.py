@@ -164,3 +164,22 @@ def test_passes_from_two_threads_on_one_executor_both_progress():
     for t in threads:
         t.join(30)
     assert results == {0: "ok", 1: "ok"}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_comm_thread_runs_in_the_callers_grad_mode_and_autocast(enabled):
+    ops = _chain(2)
+    ex = StreamExecutor(STREAMS, "cpu")
+    seen: dict[str, tuple[bool, bool, torch.dtype]] = {}
+
+    def run(op: PlanOp) -> None:
+        a = torch.ones(2, 2)
+        seen[op.id] = (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), (a @ a).dtype)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        ex.run(ops, run, "forward")
+    want = (False, enabled, torch.bfloat16 if enabled else torch.float32)
+    assert all(seen[op.id] == want for op in ops), seen
+    # and the parked thread keeps none of it for the next pass
+    ex.run(ops, run, "forward")
+    assert all(seen[op.id] == (True, False, torch.float32) for op in ops), seen
