@@ -93,7 +93,17 @@ export function invalidSpecs(): InvalidSpec[] {
     mutate(p);
     out.push({ file, rule, mentions, plan: p });
   };
-  add("unknown-version.json", "unknown version", ["version"], (p) => { (p as Record<string, unknown>).version = 2; });
+  add("unknown-version.json", "unknown version", ["version"], (p) => { (p as Record<string, unknown>).version = 99; });
+  add("old-version.json", "version 1 (before the counts op): refused, naming what changed", ["version", "counts"], (p) => { (p as Record<string, unknown>).version = 1; });
+  add("dispatch-before-counts.json", "dispatch of chunk 1 listed before the count exchange that gives its split sizes", ["f.dispatch.1", "f.counts.1"], (p) => {
+    const [op] = p.forward.splice(p.forward.findIndex((o) => o.id === "f.counts.1"), 1);
+    p.forward.splice(p.forward.findIndex((o) => o.id === "f.dispatch.1") + 1, 0, op);
+  });
+  add("sequence-scope-route-unordered.json", "capacity_scope sequence, route of chunk 1 moved to another stream: route of chunk 2 does not wait for its running counts", ["f.route.2", "f.route.1"], (p) => {
+    p.capacity_scope = "sequence";
+    p.streams.push({ name: "compute2", kind: "compute" });
+    Object.assign(find(p.forward, "f.route.1"), { stream: "compute2", deps: ["f.proj.1"] });
+  });
   add("unknown-format.json", "unknown format", ["format"], (p) => { (p as Record<string, unknown>).format = "other.plan"; });
   add("unknown-kind.json", "unknown op kind", ["f.attn.1", "kind"], (p) => { (find(p.forward, "f.attn.1") as Record<string, unknown>).kind = "flash_attn"; });
   add("unknown-stream.json", "unknown stream", ["f.dispatch.1", "nccl"], (p) => { find(p.forward, "f.dispatch.1").stream = "nccl"; });
@@ -151,8 +161,8 @@ export function fixtureFiles(): Map<string, string> {
       "so a change to the generators shows up here and in the Python executor's tests together.",
       "",
       "All plans use seq_length 48, micro_batch_size 2, hidden_size 32, 4 heads, kv_channels 8,",
-      "4 experts, moe_ffn_hidden_size 64, fp32 (dropless routing is the executor's setting: the plan",
-      "format has no capacity field). The other dims vary as listed:",
+      "4 experts, moe_ffn_hidden_size 64, fp32, capacity_scope chunk (the capacity factor and drop",
+      "policy are the model's: the tests set them). The other dims vary as listed:",
       "",
       "| file | variant | P | boundaries | chunk_qkv | query groups | top-k | EP |",
       "|---|---|---|---|---|---|---|---|",

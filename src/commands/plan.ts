@@ -144,6 +144,7 @@ export function runPlan(configPath: string, o: PlanCommandOptions): PlanCommandR
     boundaries,
     granularity: num("--granularity", o.granularity, (x) => Number.isInteger(x) && x >= 1, "must be a positive integer"),
     chunkQkv: pl.chunk_qkv,
+    capacityScope: pl.capacity_scope,
   });
   const plan = validatePlan(choice.plan);
 

@@ -41,6 +41,8 @@ export const ModelSchema = z.strictObject({
   moe_router_topk_renormalize: z.boolean().default(false),
   /** Tokens per expert = factor * T * k / E; null = dropless. */
   moe_expert_capacity_factor: z.number().gt(0).nullable().default(null),
+  /** Which slots a full expert drops (Megatron's flag): probs keeps the highest gates, position the earliest tokens. */
+  moe_token_drop_policy: z.enum(["probs", "position"]).default("probs"),
   moe_aux_loss_coeff: nonNegFloat().default(0.01),
   moe_z_loss_coeff: nonNegFloat().default(0.001),
   moe_ffn_hidden_size: posInt().default(256),
@@ -76,6 +78,12 @@ export const PipelineSchema = z.strictObject({
   boundaries: z.array(nonNegInt()).nullable().default(null),
   /** QKV projection per chunk (else one QKV op for the whole sequence). */
   chunk_qkv: z.boolean().default(true),
+  /**
+   * With a capacity factor, where it is sized in the pipelined block: chunk (per chunk, the
+   * paper's: a different function from the baseline) or sequence (the whole sequence's,
+   * chunk by chunk: exact, needs model.moe_token_drop_policy position).
+   */
+  capacity_scope: z.enum(["chunk", "sequence"]).default("chunk"),
   /** A modelled interconnect (one device standing in for many), or null for real comm. */
   emulated_comm: EmulatedCommSchema.nullable().default(null),
 });
@@ -239,6 +247,11 @@ function checkInvariants(c: Parsed, ctx: z.RefinementCtx): void {
   }
 
   const pl = c.pipeline;
+  if (pl.capacity_scope === "sequence" && m.moe_token_drop_policy !== "position") {
+    issue("pipeline.capacity_scope",
+      "sequence needs model.moe_token_drop_policy: position (with probs, which tokens a chunk drops depends on later chunks); " +
+      `got model.moe_token_drop_policy: ${m.moe_token_drop_policy}`);
+  }
   if (pl.degree !== "auto" && pl.degree > m.seq_length) {
     issue("pipeline.degree", `must be <= model.seq_length (${m.seq_length}); got ${pl.degree}`);
   }

@@ -3,7 +3,7 @@
 // happens-before is the transitive closure of `deps` edges and same-stream list order.
 import {
   BACKWARD_KINDS, COMM_KINDS, FORWARD_KINDS, checkBoundaries, isWholeSequence, numChunks, opId,
-  parsePlanShape, type Op, type OpKind, type Plan,
+  parsePlanShape, type CapacityScope, type Op, type OpKind, type Plan,
 } from "./ir.ts";
 
 export type ListName = "forward" | "backward";
@@ -38,7 +38,8 @@ export interface Need {
  * whole-sequence op when `chunk_qkv` is false, `attn`/`attn_bwd` when `chunk_attention` is false.
  * `attn_bwd`'s mutual-ordering rule is checked separately.
  */
-export function needsOf(kind: OpKind, chunk: number | null, P: number, chunkQkv: boolean, chunkAttention = true): Need[] {
+export function needsOf(kind: OpKind, chunk: number | null, P: number, chunkQkv: boolean, chunkAttention = true,
+  capacityScope: CapacityScope = "chunk"): Need[] {
   const c = chunk ?? 0;
   const range = (from: number, to: number) => Array.from({ length: Math.max(0, to - from) }, (_, i) => from + i);
   const qkvOf = (chunks: number[]): Need[] => (chunkQkv ? chunks.map((j) => ({ kind: "qkv" as OpKind, chunk: j })) : [{ kind: "qkv", chunk: null }]);
@@ -46,8 +47,10 @@ export function needsOf(kind: OpKind, chunk: number | null, P: number, chunkQkv:
     case "qkv": case "aux_loss_bwd": case "unpermute_bwd": return [];
     case "attn": return qkvOf(range(0, chunk === null ? P : c + 1));
     case "proj": return [{ kind: "attn", chunk: chunkAttention ? c : null }];
-    case "route": return [{ kind: "proj", chunk: c }];
-    case "dispatch": return [{ kind: "route", chunk: c }];
+    // sequence scope: chunk c's drops follow from the slots earlier chunks routed
+    case "route": return [{ kind: "proj", chunk: c }, ...(capacityScope === "sequence" && c > 0 ? [{ kind: "route" as OpKind, chunk: c - 1 }] : [])];
+    case "counts": return [{ kind: "route", chunk: c }];
+    case "dispatch": return [{ kind: "counts", chunk: c }, { kind: "route", chunk: c }];
     case "experts": return [{ kind: "dispatch", chunk: c }];
     case "combine": return [{ kind: "experts", chunk: c }];
     case "unpermute": return [{ kind: "combine", chunk: c }, { kind: "route", chunk: c }, { kind: "proj", chunk: c }];
@@ -164,7 +167,7 @@ export function planIssues(plan: Plan): PlanIssue[] {
     ops.forEach((op, i) => {
       if (!allowed.has(op.kind) || (op.chunk !== null && op.chunk >= P)) return;
       if (op.kind === "attn_bwd") attnBwd.push(i);
-      for (const n of needsOf(op.kind, op.chunk, P, plan.chunk_qkv, chunkAttention)) {
+      for (const n of needsOf(op.kind, op.chunk, P, plan.chunk_qkv, chunkAttention, plan.capacity_scope)) {
         const j = byKey.get(key(n.kind, n.chunk));
         if (j === undefined) continue; // reported as a missing op
         if (((anc[i] >> BigInt(j)) & 1n) === 0n)

@@ -10,7 +10,7 @@ export type WorkUnit = "flops" | "bytes" | "wire_bytes";
 /** Which work figure each kind's time is linear in. */
 export const WORK_UNIT: Record<OpKind, WorkUnit> = {
   qkv: "flops", attn: "flops", proj: "flops", route: "flops", experts: "flops",
-  dispatch: "wire_bytes", combine: "wire_bytes", unpermute: "bytes", aux_loss: "bytes",
+  counts: "wire_bytes", dispatch: "wire_bytes", combine: "wire_bytes", unpermute: "bytes", aux_loss: "bytes",
   qkv_bwd: "flops", attn_bwd: "flops", proj_bwd: "flops", route_bwd: "flops", experts_bwd: "flops",
   dispatch_bwd: "wire_bytes", combine_bwd: "wire_bytes", unpermute_bwd: "bytes", aux_loss_bwd: "bytes",
 };
@@ -59,12 +59,13 @@ export function opWork(dims: BlockDims, boundaries: readonly number[], kind: OpK
     case "proj": w = 2 * T * nh * d * H + 12 * T * H; break;
     case "route": w = 2 * T * H * E + 2 * T * K * H; break;
     case "experts": w = 2 * T * K * H * F * mats; break;
+    case "counts": w = (E * 8 * (world - 1)) / world; break; // int64 per expert: latency-bound
     case "dispatch": case "combine": w = (T * K * H * eb * (world - 1)) / world; break;
     case "unpermute": w = eb * (T * K * H + 2 * T * H); break;
     case "aux_loss": w = eb * S * B * E * 4; break;
     default: throw new Error(`unknown op kind ${kind}`);
   }
-  return base === "dispatch" || base === "combine" ? w : w * mul;
+  return base === "dispatch" || base === "combine" || base === "counts" ? w : w * mul;
 }
 
 /** Per-kind linear coefficients: time_ms = a * work + b. */

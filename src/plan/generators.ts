@@ -6,8 +6,8 @@
 import { readFileSync } from "node:fs";
 import { needsOf } from "./check.ts";
 import {
-  PLAN_FORMAT, PLAN_VERSION, VARIANTS, checkBoundaries, opId, parseDims, uniformBoundaries,
-  type BlockDims, type Op, type OpKind, type Plan, type Stream, type Variant,
+  CAPACITY_SCOPES, PLAN_FORMAT, PLAN_VERSION, VARIANTS, checkBoundaries, opId, parseDims, uniformBoundaries,
+  type BlockDims, type CapacityScope, type Op, type OpKind, type Plan, type Stream, type Variant,
 } from "./ir.ts";
 
 export const COMPUTE = "compute";
@@ -29,6 +29,8 @@ export interface PlanOptions {
   degree?: number;
   /** QKV projection per chunk (default true) or one whole-sequence op. Ignored by moe-overlap (always one). */
   chunkQkv?: boolean;
+  /** Where a capacity is sized (default chunk); sequence orders each route after the previous one. */
+  capacityScope?: CapacityScope;
   /** Extra fields for `meta` (the generator name is always set). */
   meta?: Record<string, unknown>;
 }
@@ -91,7 +93,7 @@ function groupedOrders(P: number, chunkQkv: boolean): { forward: StreamOrders; b
   for (let s = 0; s <= P; s++) {
     if (s < P) fc.push(...one("experts", s));
     if (s >= 1) fc.push(...one("unpermute", s - 1));
-    if (s < P) fm.push(...one("dispatch", s));
+    if (s < P) fm.push(...one("counts", s), ...one("dispatch", s));
     if (s >= 1) fm.push(...one("combine", s - 1));
   }
   const r = (s: number) => P - 1 - s; // backward runs chunks last-to-first
@@ -123,7 +125,7 @@ function interleavedOrders(P: number, chunkQkv: boolean): { forward: StreamOrder
     if (s === P - 1) fc.push(...one("aux_loss", null));
     if (s >= 1 && s <= P) fc.push(...one("experts", s - 1));
     if (s >= 2) fc.push(...one("unpermute", s - 2));
-    if (s < P) fm.push(...one("dispatch", s));
+    if (s < P) fm.push(...one("counts", s), ...one("dispatch", s));
     if (s >= 1 && s <= P) fm.push(...one("combine", s - 1));
   }
   const r = (s: number) => P - 1 - s;
@@ -158,7 +160,7 @@ function moeOverlapOrders(P: number): { forward: StreamOrders; backward: StreamO
   for (let s = 0; s <= P; s++) {
     if (s < P) fc.push(...one("experts", s));
     if (s >= 1) fc.push(...one("unpermute", s - 1));
-    if (s < P) fm.push(...one("dispatch", s));
+    if (s < P) fm.push(...one("counts", s), ...one("dispatch", s));
     if (s >= 1) fm.push(...one("combine", s - 1));
   }
   const r = (s: number) => P - 1 - s;
@@ -182,23 +184,33 @@ function moeOverlapOrders(P: number): { forward: StreamOrders; backward: StreamO
 /**
  * Merges per-stream orders into one list in issue order: a comm op is listed as soon as
  * everything it needs is listed (so an executor that walks the list starts communication as
- * early as possible), compute ops follow their stream order. Deps are the needs not already
- * implied by same-stream order or by earlier deps (a minimal set of cross-stream edges).
+ * early as possible), compute ops follow their stream order. One exception: a `dispatch`,
+ * where the host waits for its chunk's counts (the split sizes), is listed only after the
+ * compute op that follows its `counts` op, so on CUDA that op's kernels are queued while
+ * the host waits. Deps are the needs not already implied by same-stream order or by earlier
+ * deps (a minimal set of cross-stream edges).
  */
-function buildList(orders: StreamOrders, P: number, chunkQkv: boolean, chunkAttention = true): Op[] {
+function buildList(orders: StreamOrders, P: number, chunkQkv: boolean, chunkAttention: boolean,
+  capacityScope: CapacityScope): Op[] {
   const ops: Op[] = [];
+  let ci = 0;
+  let mi = 0;
   const anc: bigint[] = [];
   const index = new Map<string, number>();
   const last = new Map<string, number>();
   const attnBwd: number[] = [];
   const needIds = (s: Slot): string[] => {
-    const ids = needsOf(s.kind, s.chunk, P, chunkQkv, chunkAttention).map((n) => opId(n.kind, n.chunk));
+    const ids = needsOf(s.kind, s.chunk, P, chunkQkv, chunkAttention, capacityScope).map((n) => opId(n.kind, n.chunk));
     ids.push(...(orders.waits?.get(opId(s.kind, s.chunk)) ?? []));
     // attn_bwd ops accumulate dK/dV in place: each one must follow every earlier one.
     if (s.kind === "attn_bwd") ids.push(...attnBwd.map((i) => ops[i].id));
     return ids;
   };
-  const ready = (s: Slot) => needIds(s).every((id) => index.has(id));
+  let computeSinceCounts = true; // a compute op was listed after the latest counts op
+  const listed = (s: Slot) => needIds(s).every((id) => index.has(id));
+  const ready = (s: Slot) =>
+    listed(s) && (s.kind !== "dispatch" || computeSinceCounts ||
+      !(ci < orders.compute.length && listed(orders.compute[ci])));
   const emit = (s: Slot, stream: string) => {
     const id = opId(s.kind, s.chunk);
     const prev = last.get(stream);
@@ -218,9 +230,9 @@ function buildList(orders: StreamOrders, P: number, chunkQkv: boolean, chunkAtte
     index.set(id, i);
     last.set(stream, i);
     if (s.kind === "attn_bwd") attnBwd.push(i);
+    if (s.kind === "counts") computeSinceCounts = false;
+    else if (stream === COMPUTE) computeSinceCounts = true;
   };
-  let ci = 0;
-  let mi = 0;
   while (ci < orders.compute.length || mi < orders.comm.length) {
     let progressed = false;
     while (mi < orders.comm.length && ready(orders.comm[mi])) {
@@ -251,6 +263,9 @@ export function makePlan(variant: Variant, dimsIn: BlockDims, opts: PlanOptions 
   // moe-overlap computes QKV and attention over the whole sequence, whatever chunkQkv says.
   const chunkQkv = moe ? false : (opts.chunkQkv ?? true);
   const chunkAttention = !moe;
+  const capacityScope = opts.capacityScope ?? "chunk";
+  if (!CAPACITY_SCOPES.includes(capacityScope))
+    throw new Error(`capacity_scope must be one of ${CAPACITY_SCOPES.join(", ")}, got ${JSON.stringify(capacityScope)}`);
   const orders = moe ? moeOverlapOrders(P) : variant === "interleaved" ? interleavedOrders(P, chunkQkv) : groupedOrders(P, chunkQkv);
   return {
     format: PLAN_FORMAT,
@@ -260,9 +275,10 @@ export function makePlan(variant: Variant, dimsIn: BlockDims, opts: PlanOptions 
     boundaries,
     chunk_qkv: chunkQkv,
     ...(chunkAttention ? {} : { chunk_attention: false }),
+    capacity_scope: capacityScope,
     streams: DEFAULT_STREAMS.map((s) => ({ ...s })),
-    forward: buildList(orders.forward, P, chunkQkv, chunkAttention),
-    backward: buildList(orders.backward, P, chunkQkv, chunkAttention),
+    forward: buildList(orders.forward, P, chunkQkv, chunkAttention, capacityScope),
+    backward: buildList(orders.backward, P, chunkQkv, chunkAttention, capacityScope),
     meta: { generator: GENERATOR, ...(opts.meta ?? {}) },
   };
 }

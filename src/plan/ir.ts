@@ -1,14 +1,18 @@
-// The plan IR (format "ampipe.plan", version 1): the contract between the TypeScript scheduler
+// The plan IR (format "ampipe.plan", version 2): the contract between the TypeScript scheduler
 // and the Python executor (docs/contracts.md §2, docs/plan.md). The zod schemas here are the
 // single source of truth: the TypeScript types are inferred from them and docs/plan.schema.json
 // is exported from them (scripts/export-plan-schema.ts).
 import { z } from "zod";
 
 export const PLAN_FORMAT = "ampipe.plan";
-export const PLAN_VERSION = 1;
+export const PLAN_VERSION = 2;
+/** Why an older version is refused (its op lists lack a kind): regenerate it with `ampipe plan`. */
+export const OLD_VERSIONS: Record<number, string> = {
+  1: "version 2 added the per-chunk 'counts' op (the count exchange before each dispatch) and 'capacity_scope'",
+};
 
 export const FORWARD_KINDS = [
-  "qkv", "attn", "proj", "route", "dispatch", "experts", "combine", "unpermute", "aux_loss",
+  "qkv", "attn", "proj", "route", "counts", "dispatch", "experts", "combine", "unpermute", "aux_loss",
 ] as const;
 export const BACKWARD_KINDS = [
   "aux_loss_bwd", "unpermute_bwd", "combine_bwd", "experts_bwd", "dispatch_bwd",
@@ -19,9 +23,9 @@ export type BackwardKind = (typeof BACKWARD_KINDS)[number];
 export type OpKind = ForwardKind | BackwardKind;
 export const OP_KINDS: readonly OpKind[] = [...FORWARD_KINDS, ...BACKWARD_KINDS];
 
-/** Kinds that move tokens between ranks; they must run on a `comm` stream. */
+/** Kinds that move tokens (or the counts before them) between ranks; they must run on a `comm` stream. */
 export const COMM_KINDS: ReadonlySet<OpKind> = new Set<OpKind>([
-  "dispatch", "combine", "dispatch_bwd", "combine_bwd",
+  "counts", "dispatch", "combine", "dispatch_bwd", "combine_bwd",
 ]);
 /**
  * Kinds that always cover the whole sequence (`chunk: null`). `qkv`/`qkv_bwd` do too when
@@ -46,6 +50,10 @@ export const DTYPE_BYTES: Record<Dtype, number> = { fp32: 4, bf16: 2, fp16: 2 };
  * sequence first, then dispatch / experts / combine pipelined over the chunks. The others are AMPipe's.
  */
 export const VARIANTS = ["sequential", "grouped", "interleaved", "moe-overlap"] as const;
+
+/** Where a capacity is sized: per chunk (the paper's), or over the whole sequence (exact with the position drop policy). */
+export const CAPACITY_SCOPES = ["chunk", "sequence"] as const;
+export type CapacityScope = (typeof CAPACITY_SCOPES)[number];
 export type Variant = (typeof VARIANTS)[number];
 
 const posInt = z.number().int().positive();
@@ -105,6 +113,7 @@ export const PlanSchema = z
     boundaries: z.array(z.number().int().nonnegative()).min(2).describe("P+1 chunk boundaries, 0 = b0 < ... < bP = seq_length."),
     chunk_qkv: z.boolean().describe("QKV projection per chunk (else one whole-sequence qkv op)."),
     chunk_attention: z.boolean().optional().describe("Attention per chunk (default true); false: one whole-sequence attn op (needs chunk_qkv false), as in the moe-overlap variant."),
+    capacity_scope: z.enum(CAPACITY_SCOPES).describe("With a capacity factor: capacity per chunk (chunk), or the whole sequence's applied chunk by chunk (sequence: route[c] then needs route[c-1])."),
     streams: z.array(StreamSchema).min(1),
     forward: z.array(OpSchema),
     backward: z.array(OpSchema),
@@ -168,8 +177,11 @@ export function parsePlanShape(value: unknown): Plan {
   if (value && typeof value === "object") {
     const v = value as Record<string, unknown>;
     if (v.format !== PLAN_FORMAT) throw new Error(`format: expected "${PLAN_FORMAT}", got ${JSON.stringify(v.format)}`);
-    if (v.version !== PLAN_VERSION)
-      throw new Error(`version: unsupported plan version ${JSON.stringify(v.version)} (this reader supports ${PLAN_VERSION})`);
+    if (v.version !== PLAN_VERSION) {
+      const old = typeof v.version === "number" ? OLD_VERSIONS[v.version] : undefined;
+      throw new Error(`version: unsupported plan version ${JSON.stringify(v.version)} (this reader supports ${PLAN_VERSION})` +
+        (old ? `; ${old}: regenerate it with \`ampipe plan\`` : ""));
+    }
   }
   const r = PlanSchema.safeParse(value);
   if (!r.success) {
@@ -190,7 +202,7 @@ export function planJsonSchema(): Record<string, unknown> {
   const schema = z.toJSONSchema(PlanSchema, { target: "draft-2020-12" }) as Record<string, unknown>;
   return {
     $schema: schema.$schema,
-    title: "ampipe plan (format ampipe.plan, version 1)",
+    title: `ampipe plan (format ampipe.plan, version ${PLAN_VERSION})`,
     description: "An intra-block pipeline schedule for one MoE transformer block: see docs/plan.md.",
     ...Object.fromEntries(Object.entries(schema).filter(([k]) => k !== "$schema")),
   };

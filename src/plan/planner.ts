@@ -4,7 +4,7 @@
 // so the result is never slower than sequential under the model.
 import { opTimeMs, predict, type CostModel } from "./costs.ts";
 import { makePlan } from "./generators.ts";
-import { VARIANTS, parseDims, type BlockDims, type Plan, type Variant } from "./ir.ts";
+import { VARIANTS, parseDims, type BlockDims, type CapacityScope, type Plan, type Variant } from "./ir.ts";
 import type { SimResult } from "./simulate.ts";
 
 export interface PlannerOptions {
@@ -20,6 +20,8 @@ export interface PlannerOptions {
   boundaries?: number[];
   /** QKV per chunk (default true). */
   chunkQkv?: boolean;
+  /** Where a capacity is sized (default chunk). */
+  capacityScope?: CapacityScope;
   /** Search non-uniform boundaries (default true). */
   searchBoundaries?: boolean;
 }
@@ -102,13 +104,13 @@ export function balancedBoundaries(model: CostModel, dims: BlockDims, P: number,
 class Evaluator {
   count = 0;
   private cache = new Map<string, Candidate>();
-  constructor(private model: CostModel, private dims: BlockDims, private chunkQkv: boolean) {}
+  constructor(private model: CostModel, private dims: BlockDims, private chunkQkv: boolean, private capacityScope: CapacityScope) {}
   eval(variant: Variant, boundaries: number[]): Candidate {
     const key = `${variant}:${boundaries.join(",")}`;
     const hit = this.cache.get(key);
     if (hit) return hit;
     this.count++;
-    const plan = makePlan(variant, this.dims, { boundaries, chunkQkv: this.chunkQkv });
+    const plan = makePlan(variant, this.dims, { boundaries, chunkQkv: this.chunkQkv, capacityScope: this.capacityScope });
     const sim = predict(this.model, plan);
     const c = { variant, boundaries, forwardMs: sim.forward.makespanMs, backwardMs: sim.backward.makespanMs, totalMs: sim.totalMs };
     this.cache.set(key, c);
@@ -157,7 +159,8 @@ export function planBlock(dimsIn: BlockDims, model: CostModel, opts: PlannerOpti
   const variants = opts.variants ?? ["grouped", "interleaved"];
   for (const v of variants)
     if (!VARIANTS.includes(v)) throw new Error(`variant must be one of ${VARIANTS.join(", ")}, got "${v}"`);
-  const ev = new Evaluator(model, dims, chunkQkv);
+  const capacityScope = opts.capacityScope ?? "chunk";
+  const ev = new Evaluator(model, dims, chunkQkv, capacityScope);
   const sequential = ev.eval("sequential", [0, S]);
   const perCombo: Candidate[] = [];
   if (opts.boundaries) {
@@ -200,7 +203,7 @@ export function planBlock(dimsIn: BlockDims, model: CostModel, opts: PlannerOpti
   }
   perCombo.sort((a, b) => a.totalMs - b.totalMs);
   const best = perCombo[0];
-  const plan = makePlan(best.variant, dims, { boundaries: best.boundaries, chunkQkv });
+  const plan = makePlan(best.variant, dims, { boundaries: best.boundaries, chunkQkv, capacityScope });
   const sim = predict(model, plan);
   plan.meta = {
     ...plan.meta,

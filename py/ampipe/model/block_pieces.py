@@ -16,7 +16,8 @@ attention       ``attention(layer, q_c, k[:end], v[:end])``        attn
 out-proj        ``proj(layer, ctx_c, x_c) -> (h_c, normed_c)``     proj
 router          ``route(layer, normed_c) -> Routing``              route
 permute         ``permute(layer, normed_c, routing) -> Permuted``  route
-EP dispatch     ``dispatch(layer, permuted) -> Dispatched``        dispatch
+count exchange  ``ep_comm.exchange_counts(kept, ep)``              counts
+EP dispatch     ``dispatch(layer, permuted, layout) -> Dispatched``  dispatch
 experts         ``experts(layer, dispatched)``                     experts
 EP combine      ``combine(layer, expert_out, dispatched)``         combine
 unpermute       ``unpermute(layer, combined, permuted, routing, h_c) -> y_c``  unpermute
@@ -29,7 +30,6 @@ computations agree only without it (different random masks).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,7 @@ __all__ = [
     "QKV", "Routing", "RoutingStats", "Permuted", "Dispatched", "MoELosses",
     "qkv", "attention", "proj", "route", "permute", "dispatch", "experts_ffn", "experts",
     "combine", "unpermute", "dense_mlp", "moe_losses", "sum_stats", "block_forward", "wire_dtype",
+    "capacity_row_map", "running_capacity_row_map",
 ]
 
 
@@ -203,7 +204,9 @@ def moe_losses(cfg: ModelConfig, stats: RoutingStats) -> MoELosses:
 @dataclass
 class Permuted:
     """A chunk's token slots in global expert order: ``buffer`` [rows, H], ``row_map`` [T, K]
-    (-1 = dropped), kept ``tokens_per_expert`` [E] int64, and the ``capacity`` (None = dropless)."""
+    (-1 = dropped), kept ``tokens_per_expert`` [E] int64, and the ``capacity``: C rows per
+    expert (a static layout), or None for a variable layout (dropless, or a capacity over the
+    whole sequence applied per chunk), whose buffer holds the kept rows first (T*K rows)."""
 
     buffer: torch.Tensor
     row_map: torch.Tensor
@@ -211,15 +214,68 @@ class Permuted:
     capacity: int | None
 
 
-def permute(layer: TransformerLayer, normed: torch.Tensor, routing: Routing) -> Permuted:
-    """Local permute into expert order; capacity ``ceil(cf * T * K / E)`` per chunk, (k, t) priority."""
+def capacity_row_map(routing: Routing, num_experts: int, capacity: int,
+                     policy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which slots a full expert keeps, Megatron's ``moe_token_drop_policy`` over these tokens:
+    ``probs``: per expert the ``capacity`` slots with the highest gates (ties: earlier first);
+    ``position``: per expert the earliest tokens. Returns ``make_row_map``'s static layout."""
+    T, K = routing.indices.shape
+    flat = routing.indices.reshape(-1, 1)  # slot t*K + k: token order (an expert once per token)
+    if policy == "position":
+        row_map, kept = ops.make_row_map(flat, num_experts, capacity)
+    elif policy == "probs":
+        order = torch.sort(routing.gates.detach().reshape(-1), descending=True, stable=True).indices
+        ranked, kept = ops.make_row_map(flat[order], num_experts, capacity)
+        row_map = torch.empty_like(ranked)
+        row_map[order] = ranked
+    else:
+        raise ValueError(f"model.moe_token_drop_policy: must be one of probs, position; got {policy!r}")
+    return row_map.view(T, K), kept
+
+
+def running_capacity_row_map(indices: torch.Tensor, num_experts: int, capacity: int,
+                             routed_before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``position`` policy with a capacity over the whole sequence, for one chunk of it:
+    ``routed_before`` [E] int64 counts the slots earlier chunks routed to each expert, so a
+    slot of rank r (in token order) within expert e is kept iff ``routed_before[e] + r <
+    capacity``: what the whole sequence at once keeps. Computed on the device (no host
+    read); a variable layout: kept rows expert-contiguous from row 0, dropped slots -1."""
+    T, K = indices.shape
+    flat = indices.reshape(-1)
+    dense, routed = ops.make_row_map(flat[:, None], num_experts, None)  # token order per expert
+    rank = dense.view(-1) - (torch.cumsum(routed, 0) - routed)[flat]
+    room = (capacity - routed_before).clamp(min=0)
+    kept = torch.minimum(routed, room)
+    start = torch.cumsum(kept, 0) - kept
+    rows = torch.where(rank < room[flat], start[flat] + rank, torch.full_like(rank, -1))
+    return rows.view(T, K), kept
+
+
+def permute(layer: TransformerLayer, normed: torch.Tensor, routing: Routing, *,
+            sequence_tokens: int | None = None, routed_before: torch.Tensor | None = None) -> Permuted:
+    """Local permute into expert order.
+
+    Dropless: every slot, a variable layout. With a capacity factor: capacity
+    ``ceil(cf * T * K / E)`` of these ``T`` tokens and the config's drop policy (the baseline,
+    whole sequence; or the pipelined block's ``chunk`` scope); or, given ``routed_before``
+    (``capacity_scope: sequence``, ``position`` policy), the capacity of ``sequence_tokens``
+    tokens applied to this chunk after the earlier ones (`running_capacity_row_map`)."""
     cfg = layer.cfg
     x = normed.reshape(-1, normed.shape[-1])
-    T = x.shape[0]
-    capacity = cfg.expert_capacity(T)
-    row_map, tokens_per_expert = ops.make_row_map(routing.indices, cfg.num_experts, capacity)
-    num_rows = T * cfg.moe_router_topk if capacity is None else cfg.num_experts * capacity
-    return Permuted(ops.permute(x, row_map, num_rows), row_map, tokens_per_expert, capacity)
+    T, K, E = x.shape[0], cfg.moe_router_topk, cfg.num_experts
+    if cfg.dropless:
+        row_map, kept = ops.make_row_map(routing.indices, E, None)
+        return Permuted(ops.permute(x, row_map, T * K), row_map, kept, None)
+    if routed_before is None:
+        capacity = cfg.expert_capacity(T)
+        row_map, kept = capacity_row_map(routing, E, capacity, cfg.moe_token_drop_policy)
+        return Permuted(ops.permute(x, row_map, E * capacity), row_map, kept, capacity)
+    if cfg.moe_token_drop_policy != "position":
+        raise ValueError("permute: a capacity over the whole sequence, chunk by chunk, needs "
+                         f"model.moe_token_drop_policy: position; got {cfg.moe_token_drop_policy}")
+    capacity = cfg.expert_capacity(sequence_tokens)
+    row_map, kept = running_capacity_row_map(routing.indices, E, capacity, routed_before)
+    return Permuted(ops.permute(x, row_map, T * K), row_map, kept, None)
 
 
 @dataclass
@@ -238,15 +294,20 @@ def wire_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
 
 
-def dispatch(layer: TransformerLayer, permuted: Permuted, host_counts: Sequence[int] | None = None) -> Dispatched:
-    """Exchange split sizes (dropless EP only) and all-to-all the rows to the experts' ranks.
+def dispatch(layer: TransformerLayer, permuted: Permuted, layout: DispatchLayout | None = None) -> Dispatched:
+    """All-to-all the kept rows to the experts' ranks.
 
-    ``host_counts``: ``permuted.tokens_per_expert`` already read to the host by the caller
-    (dropless), so that this does not read it here (see `dispatch_layout`)."""
+    ``layout``: the split sizes, when the caller has them (the pipelined block exchanges the
+    counts in an op of its own); else they are made here (`dispatch_layout`: static with a
+    capacity, else a count exchange and a host read)."""
     moe = layer.mlp
-    layout = ep_comm.dispatch_layout(permuted.tokens_per_expert, moe.ep, moe.num_experts, permuted.capacity,
-                                     host_counts=host_counts)
-    buffer = permuted.buffer.to(wire_dtype(permuted.buffer))
+    if layout is None:
+        layout = ep_comm.dispatch_layout(permuted.tokens_per_expert, moe.ep, moe.num_experts,
+                                         permuted.capacity)
+    buffer = permuted.buffer
+    if buffer.shape[0] != layout.num_send_rows:  # a variable layout's unused tail
+        buffer = buffer[:layout.num_send_rows]
+    buffer = buffer.to(wire_dtype(buffer))
     return Dispatched(ep_comm.dispatch(buffer, layout, moe.ep), layout)
 
 

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["ConfigError", "ModelConfig", "TORCH_DTYPES"]
+__all__ = ["ConfigError", "ModelConfig", "TORCH_DTYPES", "DROP_POLICIES", "CAPACITY_SCOPES",
+           "check_capacity_scope"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -28,6 +29,7 @@ _NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 _POSITIONS = ("learned_absolute", "rope")
 _SCORE_ORDERS = ("softmax_then_topk", "topk_then_softmax")
 _ACTIVATIONS = ("gelu", "swiglu")
+DROP_POLICIES = ("probs", "position")
 
 
 class ConfigError(ValueError):
@@ -36,6 +38,23 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+# `pipeline.capacity_scope`: where a capacity is sized in the pipelined block (docs/model.md).
+CAPACITY_SCOPES = ("chunk", "sequence")
+
+
+def check_capacity_scope(scope: str, drop_policy: str) -> None:
+    """`pipeline.capacity_scope` against `model.moe_token_drop_policy` (the wording of
+    src/config/schema.ts): `sequence` is exact only with `position`, whose drops in chunk c
+    follow from the earlier chunks alone; with `probs` they depend on later chunks too."""
+    if scope not in CAPACITY_SCOPES:
+        raise ConfigError("pipeline.capacity_scope", f"must be one of {', '.join(CAPACITY_SCOPES)}; got {scope!r}")
+    if scope == "sequence" and drop_policy != "position":
+        raise ConfigError(
+            "pipeline.capacity_scope",
+            "sequence needs model.moe_token_drop_policy: position (with probs, which tokens a chunk "
+            f"drops depends on later chunks); got model.moe_token_drop_policy: {drop_policy}")
 
 
 @dataclass
@@ -66,6 +85,9 @@ class ModelConfig:
     moe_router_score_order: str = "softmax_then_topk"  # | topk_then_softmax
     moe_router_topk_renormalize: bool = False
     moe_expert_capacity_factor: float | None = None  # None = dropless
+    # Which slots a full expert drops (Megatron's flag): probs keeps the highest gates,
+    # position the earliest tokens. Only with a capacity factor.
+    moe_token_drop_policy: str = "probs"  # probs | position
     moe_aux_loss_coeff: float = 0.01
     moe_z_loss_coeff: float = 0.001
     moe_ffn_hidden_size: int = 256
@@ -188,6 +210,7 @@ class ModelConfig:
             ("position_embedding_type", _POSITIONS),
             ("moe_router_score_order", _SCORE_ORDERS),
             ("moe_expert_activation", _ACTIVATIONS),
+            ("moe_token_drop_policy", DROP_POLICIES),
             ("dtype", tuple(TORCH_DTYPES)),
         ):
             if getattr(self, name) not in allowed:

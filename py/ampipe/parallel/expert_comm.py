@@ -5,9 +5,11 @@ slots out in global expert order, so the rows for EP rank r (experts
 ``[r*E_local, (r+1)*E_local)``) are one contiguous run. Then:
 
 - `dispatch_layout`: the split sizes. With a capacity every expert has exactly C rows and
-  the layout is static (no communication). Dropless, the ranks first exchange their
-  per-expert counts (a small all-to-all) and copy them to the host, because
-  `all_to_all_single` takes host split sizes. That one host read is inherent to dropless EP.
+  the layout is static (no communication). Otherwise (dropless, or a capacity over the
+  whole sequence applied chunk by chunk) the ranks first exchange their per-expert counts
+  (`exchange_counts`, a small all-to-all) and read them on the host (`layout_from_counts`),
+  because `all_to_all_single` takes host split sizes. That one host read per dispatch is
+  inherent to a variable layout.
 - `dispatch`: all-to-all of the rows, then a local reorder from source-rank-major
   ``[src][local expert]`` to expert-major ``[local expert][src]``, so each local expert's
   rows are contiguous for the expert FFN.
@@ -28,7 +30,8 @@ import torch.distributed as dist
 
 from .groups import ExpertParallel
 
-__all__ = ["DispatchLayout", "all_to_all", "dispatch_layout", "dispatch", "combine"]
+__all__ = ["DispatchLayout", "all_to_all", "dispatch_layout", "static_layout", "exchange_counts",
+           "layout_from_counts", "dispatch", "combine"]
 
 
 @dataclass(frozen=True)
@@ -76,51 +79,63 @@ def all_to_all(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[i
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
-def dispatch_layout(
-    tokens_per_expert: torch.Tensor, ep: ExpertParallel, num_experts: int, capacity: int | None,
-    host_counts: Sequence[int] | None = None,
-) -> DispatchLayout:
-    """Split sizes for dispatching a permuted buffer; dropless, they are read on the host.
+def static_layout(ep_size: int, num_experts: int, capacity: int) -> DispatchLayout:
+    """A capacity layout: the buffer has E*C rows and every expert is given all C of them
+    (unused rows are zero), so the shapes are static and nothing is exchanged or read."""
+    R, El = ep_size, num_experts // ep_size
+    per_rank = El * capacity
+    return DispatchLayout(
+        num_local_experts=El, ep_size=R, capacity=capacity,
+        send_splits=[per_rank] * R, recv_splits=[per_rank] * R,
+        recv_counts=[[capacity] * El for _ in range(R)],
+        expert_counts=[R * capacity] * El,
+    )
 
-    `tokens_per_expert` [E] is `make_row_map`'s second output (kept rows per global expert).
-    With a capacity, the buffer has E*C rows and every expert is given all C of them
-    (unused rows are zero), so the shapes are static. `host_counts`, dropless only: the same
-    counts already on the host (a caller that started their copy early, on the stream that
-    made them); with one EP rank nothing is then read here, with EP > 1 they give the send
-    splits and only the exchanged receive counts are read back.
-    """
-    R = ep.size
-    El = num_experts // R
-    if capacity is not None:
-        per_rank = El * capacity
-        return DispatchLayout(
-            num_local_experts=El, ep_size=R, capacity=capacity,
-            send_splits=[per_rank] * R, recv_splits=[per_rank] * R,
-            recv_counts=[[capacity] * El for _ in range(R)],
-            expert_counts=[R * capacity] * El,
-        )
-    if tokens_per_expert.shape != (num_experts,):
-        raise ValueError(
-            f"dispatch_layout: tokens_per_expert must have shape [{num_experts}]; got {list(tokens_per_expert.shape)}"
-        )
-    if host_counts is not None and len(host_counts) != num_experts:
-        raise ValueError(f"dispatch_layout: host_counts must have {num_experts} entries; got {len(host_counts)}")
+
+def exchange_counts(tokens_per_expert: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
+    """The count exchange of a variable layout, on the device, nothing read: ``[2, E]`` int64,
+    row 0 the rows this rank sends per global expert, row 1 the rows it receives
+    (``[src * E_local + j]``: from rank ``src`` for its local expert ``j``). With EP > 1 a
+    small all-to-all; with one rank both rows are the counts."""
+    send = tokens_per_expert.to(torch.int64).contiguous()
     if not ep.active:
-        counts = list(host_counts) if host_counts is not None else tokens_per_expert.tolist()
-        return DispatchLayout(El, 1, None, [sum(counts)], [sum(counts)], [counts], counts)
-    send_counts = tokens_per_expert.to(torch.int64).contiguous()
-    recv_counts_t = torch.empty_like(send_counts)
-    # recv_counts_t[src*El + j]: rows rank `src` sends to my local expert j.
-    dist.all_to_all_single(recv_counts_t, send_counts, group=ep.group)
-    if host_counts is not None:
-        send, recv = list(host_counts), recv_counts_t.cpu().tolist()
-    else:
-        send, recv = torch.stack([send_counts, recv_counts_t]).cpu().tolist()
+        return torch.stack([send, send])
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=ep.group)
+    return torch.stack([send, recv])
+
+
+def layout_from_counts(send: Sequence[int], recv: Sequence[int], ep_size: int,
+                       num_experts: int) -> DispatchLayout:
+    """The variable layout from the exchanged counts, on the host (`exchange_counts`)."""
+    if len(send) != num_experts or len(recv) != num_experts:
+        raise ValueError(f"dispatch layout: counts must have {num_experts} entries; "
+                         f"got {len(send)} and {len(recv)}")
+    R, El = ep_size, num_experts // ep_size
+    send, recv = list(send), list(recv)
+    if R == 1:
+        return DispatchLayout(El, 1, None, [sum(send)], [sum(send)], [send], send)
     send_splits = [sum(send[r * El:(r + 1) * El]) for r in range(R)]
     recv_counts = [recv[s * El:(s + 1) * El] for s in range(R)]
     recv_splits = [sum(c) for c in recv_counts]
     expert_counts = [sum(recv_counts[s][j] for s in range(R)) for j in range(El)]
     return DispatchLayout(El, R, None, send_splits, recv_splits, recv_counts, expert_counts)
+
+
+def dispatch_layout(tokens_per_expert: torch.Tensor, ep: ExpertParallel, num_experts: int,
+                    capacity: int | None) -> DispatchLayout:
+    """Split sizes for dispatching a permuted buffer: static with a `capacity`; otherwise the
+    counts are exchanged and read on the host here (`all_to_all_single` takes host split
+    sizes). `tokens_per_expert` [E] is the rows kept per global expert. The pipelined block
+    splits this into its own ops (`exchange_counts` early, `layout_from_counts` at dispatch)."""
+    if capacity is not None:
+        return static_layout(ep.size, num_experts, capacity)
+    if tokens_per_expert.shape != (num_experts,):
+        raise ValueError(
+            f"dispatch_layout: tokens_per_expert must have shape [{num_experts}]; got {list(tokens_per_expert.shape)}"
+        )
+    send, recv = exchange_counts(tokens_per_expert, ep).tolist()
+    return layout_from_counts(send, recv, ep.size, num_experts)
 
 
 def _source_major_to_expert_major(x: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:

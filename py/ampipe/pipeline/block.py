@@ -32,7 +32,9 @@ from torch import nn
 
 from ..model import block_pieces as pieces
 from ..model.block_pieces import MoELosses, Permuted, Routing, RoutingStats
+from ..model.config import check_capacity_scope
 from ..model.layers import TransformerLayer
+from ..parallel import expert_comm as ep_comm
 from .emulation import DelayInjector, EmulatedComm
 from .plan import (Plan, PlanError, PlanOp, check_cuda_streams, check_dims, compute_stream_count,
                    load_plan)
@@ -141,12 +143,14 @@ def _leaf(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
 
 
 class _HostCounts:
-    """Dropless routing's per-expert counts, on their way to the host (the split sizes).
+    """A variable layout's exchanged counts (`ep_comm.exchange_counts`, ``[2, E]``: sent,
+    received), on their way to the host, where `all_to_all_single` needs them as split sizes.
 
-    On CUDA the copy starts where the counts are made (the route op's compute stream) into
-    pinned memory, and `get()` waits only for that copy's event: the dispatch op, on the
-    comm stream, then does not block the host behind every comm kernel already queued
-    there (earlier chunks' all-to-alls and emulated delays), which would starve compute.
+    Made by the chunk's `counts` op, read by its `dispatch` op: the one place the host
+    waits. On CUDA the copy goes into pinned memory on the counts op's (comm) stream right
+    after the exchange, and `get()` waits only for that copy's event, not for everything
+    queued before it; the plan lists the counts op right after its route and the dispatch
+    after the next compute op, so the host waits with that op's kernels already queued.
     On CPU the values are read when asked."""
 
     def __init__(self, counts: torch.Tensor) -> None:
@@ -159,9 +163,9 @@ class _HostCounts:
             self._event.record()
             counts = host
         self._counts = counts
-        self._values: list[int] | None = None
+        self._values: list[list[int]] | None = None
 
-    def get(self) -> list[int]:
+    def get(self) -> list[list[int]]:
         if self._values is None:
             if self._event is not None:
                 self._event.synchronize()
@@ -214,6 +218,11 @@ class _Step:
         self._param_writer: dict[int, tuple[str, torch.cuda.Event]] = {}
         self.cuda = x.device.type == "cuda"
         self.executor = block._executor
+        # capacity_scope sequence: per expert, the slots earlier chunks routed (route ops
+        # run in chunk order; each adds its own).
+        self.sequence_capacity = self.plan.capacity_scope == "sequence" and not cfg.dropless
+        self.routed_before = (torch.zeros(cfg.num_experts, dtype=torch.int64, device=x.device)
+                              if self.sequence_capacity else None)
         # Parameter gradients need cross-stream ordering only with several compute streams.
         self.order_param_grads = self.cuda and block._compute_streams > 1
         # The delay the emulation put on each comm op, per pass (`AMPipeBlock.last_delays_ms`).
@@ -330,26 +339,46 @@ class _Step:
         nin = _leaf(self.values.pop(("normed", c)), self.track)
         params = self.block._kind_params["route"]
 
+        # capacity_scope sequence: the whole sequence's capacity, chunk by chunk (`position`
+        # policy): chunk c keeps what is left after the slots chunks 0..c-1 routed.
+        before = self.routed_before
+        seq = dict(sequence_tokens=self.x.shape[0] * self.x.shape[1], routed_before=before) \
+            if before is not None else {}
+        self._mark_used(before)
+
         def fn(n: torch.Tensor) -> tuple[Routing, Permuted]:
             routing = pieces.route(self.layer, n)
-            return routing, pieces.permute(self.layer, n, routing)
+            return routing, pieces.permute(self.layer, n, routing, **seq)
 
         routing, permuted = self._run([nin], fn)
+        if before is not None:
+            self.routed_before = before + torch.bincount(
+                routing.indices.reshape(-1), minlength=self.layer.cfg.num_experts)
         self.values[("routing", c)] = routing
         self.values[("permuted", c)] = permuted
-        if permuted.capacity is None:  # dropless: start the split sizes' trip to the host
-            self.values[("counts", c)] = _HostCounts(permuted.tokens_per_expert)
         self._keep(("route", c), [nin], [permuted.buffer, routing.gates,
                                          routing.stats.probs_sum, routing.stats.z_sum], params)
+
+    def _f_counts(self, c: int) -> None:
+        permuted: Permuted = self.values[("permuted", c)]
+        if permuted.capacity is None:  # a variable layout: exchange the counts, start their trip
+            self._mark_used(permuted.tokens_per_expert)
+            self.values[("counts", c)] = _HostCounts(
+                ep_comm.exchange_counts(permuted.tokens_per_expert, self.layer.mlp.ep))
 
     def _f_dispatch(self, c: int) -> None:
         permuted: Permuted = self.values[("permuted", c)]
         bin_ = _leaf(permuted.buffer, self.track)
         counts = self.values.pop(("counts", c), None)
-        host_counts = counts.get() if counts is not None else None
+        cfg = self.layer.cfg
+        if counts is not None:  # the host waits here, for this chunk's counts only
+            send, recv = counts.get()
+            layout = ep_comm.layout_from_counts(send, recv, self.layer.mlp.ep.size, cfg.num_experts)
+        else:
+            layout = ep_comm.static_layout(self.layer.mlp.ep.size, cfg.num_experts, permuted.capacity)
         d = self._run([bin_], lambda b: pieces.dispatch(
-            self.layer, dataclasses.replace(permuted, buffer=b), host_counts=host_counts))
-        self._delay("forward", "dispatch", c, bin_)
+            self.layer, dataclasses.replace(permuted, buffer=b), layout))
+        self._delay("forward", "dispatch", c, d.tokens)  # the rows that travel, in their dtype
         self.values[("dispatched", c)] = d
         self._keep(("dispatch", c), [bin_], [d.tokens], [])
 
@@ -724,6 +753,7 @@ class AMPipeBlock(TransformerLayer):
         if not isinstance(plan, Plan):
             plan = load_plan(plan)
         check_dims(plan, block_dims(self))
+        check_capacity_scope(plan.capacity_scope, self.cfg.moe_token_drop_policy)
         self.plan = plan
         if isinstance(emulated_comm, Mapping):
             emulated_comm = EmulatedComm.from_dict(emulated_comm)

@@ -1,4 +1,4 @@
-"""Loading and validating ampipe plans (docs/contracts.md section 2, format version 1).
+"""Loading and validating ampipe plans (docs/contracts.md section 2, format version 2).
 
 A plan is data written by the TypeScript planner. Nothing runs until `validate_plan` has
 checked that every op's data dependencies happen-before it (through `deps` edges and the
@@ -16,17 +16,21 @@ from pathlib import Path
 from typing import Any
 
 PLAN_FORMAT = "ampipe.plan"
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (2,)
+# What changed, for a plan of an older version (rejected: its op lists lack an op kind).
+_OLD_VERSIONS = {1: "version 2 added the per-chunk 'counts' op (the count exchange before each "
+                    "dispatch) and 'capacity_scope'"}
+CAPACITY_SCOPES = ("chunk", "sequence")
 
-FORWARD_CHUNK_KINDS = ("attn", "proj", "route", "dispatch", "experts", "combine", "unpermute")
+FORWARD_CHUNK_KINDS = ("attn", "proj", "route", "counts", "dispatch", "experts", "combine", "unpermute")
 BACKWARD_CHUNK_KINDS = ("unpermute_bwd", "combine_bwd", "experts_bwd", "dispatch_bwd",
                         "route_bwd", "proj_bwd", "attn_bwd")
 FORWARD_KINDS = ("qkv", *FORWARD_CHUNK_KINDS, "aux_loss")
 BACKWARD_KINDS = ("aux_loss_bwd", *BACKWARD_CHUNK_KINDS, "qkv_bwd")
-# The all-to-alls: they run on communication streams (a comm thread on CPU), every other
-# kind on a compute stream. Keeping collectives on comm streams also keeps their order
-# identical on every rank.
-COMM_KINDS = frozenset({"dispatch", "combine", "dispatch_bwd", "combine_bwd"})
+# The all-to-alls (and the count exchange before each dispatch): they run on communication
+# streams (a comm thread on CPU), every other kind on a compute stream. Keeping collectives
+# on comm streams also keeps their order identical on every rank.
+COMM_KINDS = frozenset({"counts", "dispatch", "combine", "dispatch_bwd", "combine_bwd"})
 STREAM_KINDS = ("compute", "comm")
 
 # dims keys a plan must carry (contracts.md section 2).
@@ -71,6 +75,9 @@ class Plan:
     meta: Mapping[str, Any] = field(default_factory=dict)
     # False: one whole-sequence attn/attn_bwd op (the moe-overlap variant; needs chunk_qkv false).
     chunk_attention: bool = True
+    # Where a capacity is sized: per chunk (the paper's), or over the whole sequence (exact
+    # with the position drop policy; route[c] then needs route[c-1]'s running counts).
+    capacity_scope: str = "chunk"
 
     @property
     def num_chunks(self) -> int:
@@ -93,7 +100,7 @@ class Plan:
         return {
             "format": PLAN_FORMAT, "version": self.version, "variant": self.variant,
             "dims": dict(self.dims), "boundaries": list(self.boundaries),
-            "chunk_qkv": self.chunk_qkv,
+            "chunk_qkv": self.chunk_qkv, "capacity_scope": self.capacity_scope,
             **({} if self.chunk_attention else {"chunk_attention": False}),
             "streams": [{"name": s.name, "kind": s.kind} for s in self.streams],
             "forward": [op(o) for o in self.forward], "backward": [op(o) for o in self.backward],
@@ -170,8 +177,9 @@ def parse_plan(doc: Mapping[str, Any]) -> Plan:
         raise PlanError(f"plan: unknown format {fmt!r} (expected {PLAN_FORMAT!r})")
     version = doc.get("version")
     if version not in SUPPORTED_VERSIONS:
+        why = f"; {_OLD_VERSIONS[version]}: regenerate it with `ampipe plan`" if version in _OLD_VERSIONS else ""
         raise PlanError(f"plan: unsupported version {version!r} "
-                        f"(this ampipe reads versions {list(SUPPORTED_VERSIONS)})")
+                        f"(this ampipe reads versions {list(SUPPORTED_VERSIONS)}){why}")
     dims = _require(doc, "dims", Mapping, "plan")
     boundaries = _require(doc, "boundaries", list, "plan")
     if not all(isinstance(b, int) and not isinstance(b, bool) for b in boundaries):
@@ -186,12 +194,16 @@ def parse_plan(doc: Mapping[str, Any]) -> Plan:
     chunk_attention = doc.get("chunk_attention", True)
     if not isinstance(chunk_attention, bool):
         raise PlanError(f"plan: 'chunk_attention' must be true or false, got {chunk_attention!r}")
+    scope = _require(doc, "capacity_scope", str, "plan")
+    if scope not in CAPACITY_SCOPES:
+        raise PlanError(f"plan: 'capacity_scope' must be one of {list(CAPACITY_SCOPES)}, got {scope!r}")
     forward = tuple(_parse_op(o, "forward") for o in _require(doc, "forward", list, "plan"))
     backward = tuple(_parse_op(o, "backward") for o in _require(doc, "backward", list, "plan"))
     return Plan(version=version, variant=str(doc.get("variant", "unknown")), dims=dict(dims),
                 boundaries=tuple(boundaries), chunk_qkv=bool(doc.get("chunk_qkv", True)),
                 streams=tuple(streams), forward=forward, backward=backward,
-                meta=dict(doc.get("meta") or {}), chunk_attention=chunk_attention)
+                meta=dict(doc.get("meta") or {}), chunk_attention=chunk_attention,
+                capacity_scope=scope)
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,8 +304,7 @@ def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence
                         f"'{other}'; both accumulate dK/dV in place into shared prefixes")
 
 
-_FORWARD_PREV = {"proj": "attn", "route": "proj", "dispatch": "route", "experts": "dispatch",
-                 "combine": "experts"}
+_FORWARD_PREV = {"proj": "attn", "counts": "route", "experts": "dispatch", "combine": "experts"}
 _BACKWARD_PREV = {"combine_bwd": "unpermute_bwd", "experts_bwd": "combine_bwd",
                   "dispatch_bwd": "experts_bwd", "attn_bwd": "proj_bwd"}
 
@@ -309,6 +320,10 @@ def _needs(plan: Plan, op: PlanOp, forward: bool) -> list[tuple[str, int | None]
             return [("attn", None)]
         if op.kind in _FORWARD_PREV:
             return [(_FORWARD_PREV[op.kind], c)]
+        if op.kind == "route":  # sequence scope: chunk c's drops follow the earlier chunks' counts
+            return [("proj", c)] + ([("route", c - 1)] if plan.capacity_scope == "sequence" and c > 0 else [])
+        if op.kind == "dispatch":  # the permuted rows, and the split sizes
+            return [("counts", c), ("route", c)]
         if op.kind == "unpermute":
             return [("combine", c), ("route", c), ("proj", c)]
         if op.kind == "aux_loss":

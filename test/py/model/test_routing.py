@@ -118,32 +118,37 @@ def expert_ffn(layer, e, x):
     return (torch.nn.functional.silu(gate) * up) @ ex.w2()[e]
 
 
-def test_capacity_drops_lowest_priority_slots_in_k_then_token_order():
-    layer = moe_layer(cf=0.5)  # capacity = ceil(0.5 * T=4 * K=2 / E=2) = 2
+@pytest.mark.parametrize("policy, want", [
+    # expert 0 gets t0 t1 t3 (first choice) and t2 (second); expert 1 gets t2 (first) and t0 t1 t3
+    # position (earliest tokens): e0 keeps t0, t1; e1 keeps t0, t1
+    ("position", [[True, True], [True, True], [False, False], [False, False]]),
+    # probs (highest gates): e0 gates t0 .6 t1 .9 t2 .3 t3 .8 -> t1, t3; e1: t0 .4 t1 .1 t2 .7 t3 .2 -> t2, t0
+    ("probs", [[False, True], [True, False], [True, False], [True, False]]),
+])
+def test_capacity_drops_by_megatrons_policies(policy, want):
+    layer = moe_layer(cf=0.5, moe_token_drop_policy=policy)  # capacity = ceil(0.5 * T=4 * K=2 / E=2) = 2
     g = torch.Generator().manual_seed(5)
     normed = torch.randn(4, 1, 8, generator=g, dtype=torch.float64)
     residual = torch.randn(4, 1, 8, generator=g, dtype=torch.float64)
-    # first choices: e0, e0, e1, e0; second choices: e1, e1, e0, e1
     indices = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
-    gates = torch.rand(4, 2, generator=g, dtype=torch.float64)
+    gates = torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.7, 0.3], [0.8, 0.2]], dtype=torch.float64)
     stats = bp.route(layer, normed).stats
     routing = bp.Routing(indices, gates, None, stats)
     permuted = bp.permute(layer, normed, routing)
     assert permuted.capacity == 2
-    # expert 0 priority: (k0,t0) (k0,t1) (k0,t3) (k1,t2) → keeps t0, t1
-    # expert 1 priority: (k0,t2) (k1,t0) (k1,t1) (k1,t3) → keeps t2 (first), t0 (second)
     kept = (permuted.row_map >= 0).tolist()
-    assert kept == [[True, True], [True, False], [True, False], [False, False]]
+    assert kept == want
+    assert permuted.tokens_per_expert.tolist() == [2, 2]
     d = bp.dispatch(layer, permuted)
     y = bp.unpermute(layer, bp.combine(layer, bp.experts(layer, d), d), permuted, routing, residual)
     # by hand: each token gets the gate-weighted FFN of its kept experts only
     x = normed.reshape(4, 8)
     for t in range(4):
-        want = residual[t, 0].clone()
+        want_y = residual[t, 0].clone()
         for k in range(2):
             if kept[t][k]:
-                want += gates[t, k] * expert_ffn(layer, indices[t, k].item(), x[t:t + 1])[0]
-        torch.testing.assert_close(y[t, 0], want)
+                want_y += gates[t, k] * expert_ffn(layer, indices[t, k].item(), x[t:t + 1])[0]
+        torch.testing.assert_close(y[t, 0], want_y)
 
 
 @pytest.mark.parametrize("K, E", [(1, 4), (2, 4), (3, 3)])

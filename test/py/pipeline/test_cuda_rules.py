@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from ampipe.parallel.expert_comm import dispatch_layout
+from ampipe.parallel.expert_comm import dispatch_layout, exchange_counts, layout_from_counts
 from ampipe.parallel.groups import ExpertParallel
 from ampipe.pipeline import AMPipeBlock, EmulatedComm
 from ampipe.pipeline.block import _HostCounts
@@ -87,7 +87,7 @@ def test_sleep_rate_is_the_median_without_the_first_sample():
 def test_delay_report_sums_per_comm_kind():
     plan = load("interleaved-p2")
     measured = {op.id: 2.0 for op in plan.forward}
-    modelled = {op.id: 1.0 for op in plan.forward if op.is_comm}
+    modelled = {op.id: 1.0 for op in plan.forward if op.is_comm and op.kind != "counts"}  # no token moves
     rep = delay_report(plan.forward, measured, modelled)
     assert rep == {"dispatch": {"ops": 2, "measured_ms": 4.0, "modelled_ms": 2.0, "ratio": 2.0},
                    "combine": {"ops": 2, "measured_ms": 4.0, "modelled_ms": 2.0, "ratio": 2.0}}
@@ -103,9 +103,9 @@ def test_block_records_the_modelled_delay_of_every_comm_op():
     d = plan.dims
     for name, ops in (("forward", plan.forward), ("backward", plan.backward)):
         got = block.last_delays_ms[name]
-        assert set(got) == {op.id for op in ops if op.is_comm}
+        assert set(got) == {op.id for op in ops if op.is_comm and op.kind != "counts"}
         for op in ops:
-            if op.is_comm:  # dropless: T_c * K rows of H fp32 values
+            if op.is_comm and op.kind != "counts":  # dropless: T_c * K rows of H fp32 values
                 lo, hi = plan.chunk_rows(op.chunk)
                 nbytes = (hi - lo) * d["micro_batch_size"] * d["moe_router_topk"] * d["hidden_size"] * 4
                 assert got[op.id] == pytest.approx(emu.delay_s(nbytes) * 1e3)
@@ -126,11 +126,12 @@ def test_comparison_reports_measured_vs_modelled_delay_per_kind():
     assert run_block_comparison({}, plan, steps=1, warmup=0)["emulated_delay"] is None
 
 
-def test_dropless_split_sizes_from_host_counts_match_the_device_read():
+def test_dropless_split_sizes_from_the_counts_op_match_the_direct_read():
     counts = torch.tensor([3, 0, 5, 1])
     ep = ExpertParallel.single()
     ref = dispatch_layout(counts, ep, 4, None)
-    assert dispatch_layout(counts, ep, 4, None, host_counts=[3, 0, 5, 1]) == ref
-    assert _HostCounts(counts).get() == [3, 0, 5, 1]
-    with pytest.raises(ValueError, match="host_counts must have 4 entries"):
-        dispatch_layout(counts, ep, 4, None, host_counts=[3, 0, 5])
+    send, recv = _HostCounts(exchange_counts(counts, ep)).get()
+    assert (send, recv) == ([3, 0, 5, 1], [3, 0, 5, 1])
+    assert layout_from_counts(send, recv, 1, 4) == ref
+    with pytest.raises(ValueError, match="counts must have 4 entries"):
+        layout_from_counts([3, 0, 5], recv, 1, 4)

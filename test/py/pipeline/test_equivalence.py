@@ -54,7 +54,7 @@ def test_emulated_comm_changes_nothing_but_time():
     fwd = block.last_times["forward"].op_times_ms
     # every comm op carries at least its modelled delay (latency alone is 0.2 ms)
     for op in plan.forward:
-        if op.is_comm:
+        if op.is_comm and op.kind != "counts":  # the count exchange moves no tokens
             assert fwd[op.id] >= 0.2
 
 
