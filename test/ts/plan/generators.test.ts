@@ -11,14 +11,17 @@ describe("generators", () => {
   it("sequential: one chunk, the block in order, comm waits for its producer", () => {
     const p = sequentialPlan(smallDims());
     expect(p.boundaries).toEqual([0, 48]);
+    // the count exchange right after its route; the dispatch (where the host waits for the
+    // counts) after the next compute op, so that op is queued while the host waits
     expect(ids(p, "forward")).toEqual([
-      "f.qkv.0", "f.attn.0", "f.proj.0", "f.route.0", "f.dispatch.0", "f.aux_loss", "f.experts.0", "f.combine.0", "f.unpermute.0",
+      "f.qkv.0", "f.attn.0", "f.proj.0", "f.route.0", "f.counts.0", "f.aux_loss", "f.dispatch.0", "f.experts.0", "f.combine.0", "f.unpermute.0",
     ]);
     expect(ids(p, "backward")).toEqual([
       "b.aux_loss", "b.unpermute.0", "b.combine.0", "b.experts.0", "b.dispatch.0", "b.route.0", "b.proj.0", "b.attn.0", "b.qkv.0",
     ]);
     const dep = (id: string) => p.forward.concat(p.backward).find((o) => o.id === id)!.deps;
-    expect(dep("f.dispatch.0")).toEqual(["f.route.0"]);
+    expect(dep("f.counts.0")).toEqual(["f.route.0"]);
+    expect(dep("f.dispatch.0")).toEqual([]); // route.0 happens before counts.0, on the same comm stream
     expect(dep("f.experts.0")).toEqual(["f.dispatch.0"]);
     expect(dep("b.route.0")).toEqual(["b.dispatch.0"]);
     expect(dep("f.attn.0")).toEqual([]); // same-stream needs are implied by list order
@@ -32,7 +35,9 @@ describe("generators", () => {
     const p = makePlan("grouped", smallDims(), { degree: 3 });
     const compute = ids(p, "forward", "compute");
     expect(compute.indexOf("f.route.2")).toBeLessThan(compute.indexOf("f.experts.0"));
-    expect(ids(p, "forward", "comm")).toEqual(["f.dispatch.0", "f.dispatch.1", "f.combine.0", "f.dispatch.2", "f.combine.1", "f.combine.2"]);
+    expect(ids(p, "forward", "comm")).toEqual([
+      "f.counts.0", "f.dispatch.0", "f.counts.1", "f.dispatch.1", "f.combine.0", "f.counts.2", "f.dispatch.2", "f.combine.1", "f.combine.2",
+    ]);
     // backward: MoE side chunk by chunk from the last chunk, then the attention side
     const bcompute = ids(p, "backward", "compute");
     expect(bcompute.indexOf("b.experts.0")).toBeLessThan(bcompute.indexOf("b.attn.2"));

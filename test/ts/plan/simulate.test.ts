@@ -6,9 +6,10 @@ import { simulatePass, simulatePlan } from "../../../src/plan/simulate.ts";
 import { chromeTrace, textTimeline } from "../../../src/plan/trace.ts";
 import { smallDims } from "./helpers.ts";
 
-// Per-kind costs (ms); every chunk alike. The attention side of a chunk (qkv+attn+proj+route) is 4.
+// Per-kind costs (ms); every chunk alike. The attention side of a chunk (qkv+attn+proj+route) is 4;
+// the count exchange costs nothing here (its latency is a separate figure in the cost model).
 const unit: Record<string, number> = {
-  qkv: 1, attn: 1, proj: 1, route: 1, dispatch: 2, experts: 3, combine: 2, unpermute: 1, aux_loss: 0,
+  qkv: 1, attn: 1, proj: 1, route: 1, counts: 0, dispatch: 2, experts: 3, combine: 2, unpermute: 1, aux_loss: 0,
   aux_loss_bwd: 0, unpermute_bwd: 1, combine_bwd: 2, experts_bwd: 3, dispatch_bwd: 2, route_bwd: 1, proj_bwd: 1, attn_bwd: 1, qkv_bwd: 1,
 };
 const byKind = (op: Op) => unit[op.kind];
@@ -26,7 +27,7 @@ describe("simulator: hand-computed makespans", () => {
       { name: "compute", kind: "compute", busyMs: 8, idleMs: 4 },
       { name: "comm", kind: "comm", busyMs: 4, idleMs: 8 },
     ]);
-    expect(r.criticalPath).toEqual(["f.qkv.0", "f.attn.0", "f.proj.0", "f.route.0", "f.dispatch.0", "f.experts.0", "f.combine.0", "f.unpermute.0"]);
+    expect(r.criticalPath).toEqual(["f.qkv.0", "f.attn.0", "f.proj.0", "f.route.0", "f.counts.0", "f.dispatch.0", "f.experts.0", "f.combine.0", "f.unpermute.0"]);
   });
 
   it("overlap slowdown: aux_loss (1 ms) and dispatch (2 ms) share time at half speed", () => {
