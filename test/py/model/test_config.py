@@ -71,3 +71,20 @@ def test_capacity_is_ceil_of_factor_times_slots_per_expert():
     assert cfg.expert_capacity(10) == 7  # ceil(1.25 * 10 * 2 / 4) = ceil(6.25)
     assert ModelConfig().expert_capacity(10) is None
     assert cfg.torch_dtype is torch.float32
+
+
+def test_drop_policy_and_capacity_scope_are_checked_with_the_schemas_wording():
+    from ampipe.model.config import ConfigError, check_capacity_scope
+
+    assert ModelConfig().moe_token_drop_policy == "probs"  # Megatron's default
+    with pytest.raises(ConfigError, match=r"^model\.moe_token_drop_policy: must be one of probs, position; got 'random'"):
+        ModelConfig(moe_token_drop_policy="random")
+    check_capacity_scope("sequence", "position")
+    check_capacity_scope("chunk", "probs")
+    with pytest.raises(ConfigError) as e:
+        check_capacity_scope("sequence", "probs")
+    assert str(e.value) == (
+        "pipeline.capacity_scope: sequence needs model.moe_token_drop_policy: position (with probs, which "
+        "tokens a chunk drops depends on later chunks); got model.moe_token_drop_policy: probs")
+    with pytest.raises(ConfigError, match=r"^pipeline\.capacity_scope: must be one of chunk, sequence"):
+        check_capacity_scope("layer", "position")

@@ -7,7 +7,7 @@ gradient. The all-to-alls run on the communication thread over gloo. Prints "<pl
 
 from __future__ import annotations
 
-from pipeline_helpers import assert_equal_within, inputs, load, make_layer, step
+from pipeline_helpers import assert_equal_within, inputs, load, load_scoped, make_layer, step
 from rank_procs import gloo_rank
 
 from ampipe.parallel import init_parallel_groups
@@ -15,6 +15,7 @@ from ampipe.pipeline import AMPipeBlock, EmulatedComm
 
 PLANS = ["interleaved-p2", "interleaved-p2-nonuniform", "grouped-p3", "grouped-p3-nonuniform",
          "moe-overlap-p2"]
+SEQUENCE_PLANS = ["interleaved-p2", "grouped-p3-nonuniform", "grouped-p4", "interleaved-p8-nonuniform"]
 
 
 def main() -> None:
@@ -31,6 +32,18 @@ def main() -> None:
             assert_equal_within(ref, got, 1e-5, f"rank {a.rank} {name}")
             assert_equal_within(ref, step(block, layer, x, dy), 1e-5, f"rank {a.rank} {name} again")
             print(f"{name} ok", flush=True)
+        # capacity_scope sequence with drops (position policy): exact at EP=2 as well, the
+        # kept counts exchanged by each chunk's counts op
+        for i, name in enumerate(SEQUENCE_PLANS):
+            plan = load_scoped(name, "sequence", expert_model_parallel_size=2)
+            layer = make_layer(plan, ep=groups.ep, moe_expert_capacity_factor=0.5,
+                               moe_token_drop_policy="position")
+            emu = EmulatedComm(latency_us=50, bandwidth_gbps=50.0, world_size=2) if i % 2 else None
+            block = AMPipeBlock.from_layer(layer, plan, emulated_comm=emu)
+            x, dy = inputs(plan, seed=200 + a.rank)
+            assert_equal_within(step(layer, layer, x, dy), step(block, layer, x, dy), 1e-5,
+                                f"rank {a.rank} {name} sequence capacity")
+            print(f"{name} sequence-capacity ok", flush=True)
 
 
 if __name__ == "__main__":

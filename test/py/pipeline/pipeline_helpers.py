@@ -68,6 +68,12 @@ def load(name: str, **dims: Any) -> Plan:
     return load_plan(plan_doc(name, **dims))
 
 
+def load_scoped(name: str, capacity_scope: str, **dims: Any) -> Plan:
+    """A fixture plan with another `capacity_scope` (its route ops run in chunk order on one
+    stream, as `sequence` needs)."""
+    return load_plan({**plan_doc(name, **dims), "capacity_scope": capacity_scope})
+
+
 def two_compute_streams(plan: Plan) -> Plan:
     """The same schedule with odd chunks' compute ops (forward and their backward alike) on
     a second compute stream `compute2`. Every op gets its data needs as explicit deps (the

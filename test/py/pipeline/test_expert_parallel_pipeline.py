@@ -1,4 +1,5 @@
-"""EP=2 over gloo (two spawned ranks, one spawn for every check): pipelined == baseline."""
+"""EP=2 over gloo (two spawned ranks, one spawn for every check): pipelined == baseline,
+dropless and with capacity_scope sequence dropping tokens."""
 
 from __future__ import annotations
 
@@ -16,3 +17,5 @@ def test_ep2_pipelined_block_equals_baseline(tmp_path):
         for name in ("interleaved-p2", "interleaved-p2-nonuniform", "grouped-p3", "grouped-p3-nonuniform",
                      "moe-overlap-p2"):
             assert f"{name} ok" in out, f"rank {r}: {out}"
+        for name in ("interleaved-p2", "grouped-p3-nonuniform", "grouped-p4", "interleaved-p8-nonuniform"):
+            assert f"{name} sequence-capacity ok" in out, f"rank {r}: {out}"

@@ -58,6 +58,9 @@ describe("experiment config", () => {
     [{ model: { dtype: "fp8" } }, 'model.dtype: Invalid option: expected one of "fp32"|"bf16"|"fp16"'],
     [{ run: { steps: 0 } }, "run.steps: Too small: expected number to be >=1"],
     [{ model: { seq_length: 12.5 } }, "model.seq_length: Invalid input: expected int, received number"],
+    [{ pipeline: { capacity_scope: "sequence" } },
+      "pipeline.capacity_scope: sequence needs model.moe_token_drop_policy: position (with probs, which tokens a chunk drops depends on later chunks); got model.moe_token_drop_policy: probs"],
+    [{ model: { moe_token_drop_policy: "random" } }, 'model.moe_token_drop_policy: Invalid option: expected one of "probs"|"position"'],
   ])("names the field and the rule: %j", (obj, expected) => {
     expect(issues(obj)).toContain(expected);
   });
@@ -66,6 +69,10 @@ describe("experiment config", () => {
     expect(issues({ model: { hidden_size: 130, kv_channels: 32 } })).toEqual([]);
     expect(issues({ model: { kv_channels: 7, position_embedding_type: "learned_absolute" } })).toEqual([]);
     expect(resolveConfig({ pipeline: { degree: 3, boundaries: [0, 96, 176, 256] } }).pipeline.boundaries).toEqual([0, 96, 176, 256]);
+    // Megatron's default drop policy, the paper's capacity scope; sequence with position is exact
+    const d = resolveConfig({});
+    expect([d.model.moe_token_drop_policy, d.pipeline.capacity_scope]).toEqual(["probs", "chunk"]);
+    expect(issues({ model: { moe_token_drop_policy: "position" }, pipeline: { capacity_scope: "sequence" } })).toEqual([]);
   });
 
   it("reads JSON and YAML files, applies --set overrides, and reports file errors", () => {
