@@ -7,6 +7,8 @@ gradient. The all-to-alls run on the communication thread over gloo. Prints "<pl
 
 from __future__ import annotations
 
+import pytest
+from host_reads import count_host_reads
 from pipeline_helpers import assert_equal_within, inputs, load, load_scoped, make_layer, step
 from rank_procs import gloo_rank
 
@@ -31,6 +33,11 @@ def main() -> None:
             got = step(block, layer, x, dy)
             assert_equal_within(ref, got, 1e-5, f"rank {a.rank} {name}")
             assert_equal_within(ref, step(block, layer, x, dy), 1e-5, f"rank {a.rank} {name} again")
+            # the exchanged counts reach the host once per chunk, in dispatch (host_reads.py)
+            with count_host_reads(pytest.MonkeyPatch()) as reads:
+                step(block, layer, x, dy)
+            want = {("forward", "dispatch", "tolist"): plan.num_chunks}
+            assert {k: v for k, v in reads.items() if k[0] is not None} == want, (name, dict(reads))
             print(f"{name} ok", flush=True)
         # capacity_scope sequence with drops (position policy): exact at EP=2 as well, the
         # kept counts exchanged by each chunk's counts op

@@ -135,3 +135,29 @@ def test_dropless_split_sizes_from_the_counts_op_match_the_direct_read():
     assert layout_from_counts(send, recv, 1, 4) == ref
     with pytest.raises(ValueError, match="counts must have 4 entries"):
         layout_from_counts([3, 0, 5], recv, 1, 4)
+
+
+@pytest.mark.parametrize("scope,cf,policy,reads_per_chunk", [
+    ("chunk", None, "probs", 1),           # dropless: the split sizes
+    ("chunk", 0.5, "probs", 0),            # a capacity per chunk: static shapes, nothing read
+    ("sequence", 0.5, "position", 1),      # the whole sequence's capacity: kept counts vary
+])
+@pytest.mark.parametrize("name", ["interleaved-p4", "grouped-p3-nonuniform"])
+def test_the_host_reads_device_values_only_in_dispatch_once_per_chunk(monkeypatch, name, scope, cf,
+                                                                      policy, reads_per_chunk):
+    # Counted through wrappers of .tolist/.cpu/.item and Event/Stream/device synchronize
+    # (host_reads.py), which set_sync_debug_mode does not see; the same rule on CUDA in
+    # test_pipeline_cuda.py.
+    from host_reads import count_host_reads
+    from pipeline_helpers import load_scoped
+
+    plan = load_scoped(name, scope, expert_model_parallel_size=1)
+    layer = make_layer(plan, moe_expert_capacity_factor=cf, moe_token_drop_policy=policy)
+    block = AMPipeBlock.from_layer(layer, plan, emulated_comm=EmulatedComm(1, 100, 8))
+    x, dy = inputs(plan)
+    step(block, layer, x, dy)  # warm-up
+    with count_host_reads(monkeypatch) as reads:
+        y, losses = block(x)
+        ((y * dy).sum() + losses.aux_loss + losses.z_loss).backward()
+    want = {("forward", "dispatch", "tolist"): plan.num_chunks * reads_per_chunk} if reads_per_chunk else {}
+    assert dict(reads) == want

@@ -16,6 +16,7 @@ from ampipe.pipeline.compare import run_block_comparison
 from ampipe.pipeline.emulation import DelayInjector
 from ampipe.pipeline.plan import PlanError
 
+from host_reads import count_host_reads
 from pipeline_helpers import inputs, load, make_layer, two_compute_streams
 
 pytestmark = [pytest.mark.cuda,
@@ -58,15 +59,18 @@ def test_cuda_pipelined_block_equals_baseline(name, dtype, rel):
 
 
 @pytest.mark.parametrize("name", ["interleaved-p4", "grouped-p8-nonuniform"])
-def test_cuda_block_performs_no_host_synchronisation(name):
-    # A capacity keeps every shape static; dropless routing must read the per-expert counts
-    # on the host (inherent to dropless: the split sizes), which is a synchronisation.
+def test_cuda_block_performs_no_host_synchronisation(name, monkeypatch):
+    # A capacity per chunk keeps every shape static: no host read at all, neither one that
+    # set_sync_debug_mode flags nor an Event.synchronize()/.cpu()/.tolist() it does not
+    # (counted by host_reads.py).
     plan = load(name, expert_model_parallel_size=1)
     layer = make_layer(plan, moe_expert_capacity_factor=4.0).cuda()
     block = AMPipeBlock.from_layer(layer, plan, emulated_comm=EmulatedComm(20, 50, 8))
     x, dy = inputs(plan)
     x, dy = x.detach().cuda().requires_grad_(True), dy.cuda()
-    _no_sync_step(block, x, dy)
+    with count_host_reads(monkeypatch) as reads:
+        _no_sync_step(block, x, dy)
+    assert {k: v for k, v in reads.items() if k[0] is not None} == {}
     assert torch.isfinite(x.grad).all()
 
 
@@ -84,10 +88,11 @@ def _no_sync_step(block, x, dy):
 
 
 @pytest.mark.parametrize("name", ["interleaved-p4", "grouped-p3-nonuniform"])
-def test_cuda_dropless_reads_counts_without_synchronising(name):
-    # Dropless split sizes reach the host through a pinned copy started on the route op's
-    # stream and an event wait, never a synchronising read (.tolist() of a CUDA tensor),
-    # which would also block the host behind every comm kernel already queued.
+def test_cuda_dropless_reads_counts_without_synchronising(name, monkeypatch):
+    # Dropless split sizes reach the host through a pinned copy started by the chunk's counts
+    # op and one event wait in its dispatch (then .tolist() of the pinned host copy), never a
+    # synchronising read of a CUDA tensor, which would block the host behind every kernel
+    # already queued.
     plan = load(name, expert_model_parallel_size=1)
     layer = make_layer(plan).cuda()
     assert layer.cfg.expert_capacity(64) is None  # dropless
@@ -95,7 +100,11 @@ def test_cuda_dropless_reads_counts_without_synchronising(name):
     x, dy = inputs(plan)
     x, dy = x.detach().cuda().requires_grad_(True), dy.cuda()
     ref = _step(layer, layer, x, dy, torch.float32)
-    _no_sync_step(block, x, dy)
+    with count_host_reads(monkeypatch) as reads:
+        _no_sync_step(block, x, dy)
+    P = plan.num_chunks
+    assert {k: v for k, v in reads.items() if k[0] is not None} == {
+        ("forward", "dispatch", "synchronize"): 2 * P, ("forward", "dispatch", "tolist"): 2 * P}  # two steps
     got = _step(block, layer, x, dy, torch.float32)
     for k in ref:
         scale = ref[k].abs().max().item() or 1.0
