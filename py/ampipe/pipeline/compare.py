@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -281,6 +281,7 @@ def run_block_comparison(
     emulated_comm: EmulatedComm | Mapping[str, Any] | None = None,
     tolerance: float = 1e-5,
     input_seed: int | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
 ) -> dict[str, Any]:
     """Run the baseline and the pipelined block side by side (steps in ABBA order); returns a
     plain dict.
@@ -288,6 +289,7 @@ def run_block_comparison(
     `model_cfg` supplies what the plan's dims do not (norm, rope, router options ...); the
     plan's dims win. With `ep` (an initialised expert-parallel group), each rank builds its
     shard of the same global weights and checks its own input against the baseline.
+    `on_step(i, baseline_ms, pipelined_ms)` is called as each measured step ends.
     """
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
@@ -336,6 +338,8 @@ def run_block_comparison(
         else:
             got, tp = run(block)
             ref, tb = run(baseline)
+        if on_step is not None:
+            on_step(i, tb, tp)
         base_ms.append(tb)
         pipe_ms.append(tp)
         samples.append(block.last_times)

@@ -4,9 +4,10 @@ The controller imports this module on every rank (``launchRanks({imports: [...]}
 command builds one MoE layer from the resolved experiment config, checks the plan against
 it, and calls `run_block_comparison` with the rank's expert-parallel group.
 
-The comparison runs on a helper thread while the rank's main thread keeps heartbeating and
-forwards events: the bridge's socket belongs to the main thread, and a comparison of a large
-block can outlast the controller's heartbeat deadline.
+The comparison runs on a helper thread while the rank's main thread keeps heartbeating
+(`ampipe.worker.background`): a comparison of a large block can outlast the controller's
+heartbeat deadline. Each measured step's metric event is emitted as the step ends, from the
+helper thread, so the controller's progress is live.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def run_block(args: dict, ctx: CommandContext) -> dict[str, Any]:
     ``tolerance`` (default: `default_tolerance` of the dtype and device), ``timeout_s``.
 
     Emits ``progress`` events (stage ``start`` and ``done``) and one ``metric`` event per
-    measured step (``name="block_step"``, ``baseline_ms``, ``pipelined_ms``); returns
+    measured step as it ends (``name="block_step"``, ``baseline_ms``, ``pipelined_ms``); returns
     `run_block_comparison`'s dict plus ``rank``, ``world_size``, ``backend`` and ``dims``.
     """
     unknown = set(args) - _ARG_FIELDS
@@ -136,10 +137,14 @@ def run_block(args: dict, ctx: CommandContext) -> dict[str, Any]:
     ctx.emit("progress", stage="start", steps=steps, warmup=warmup,
              variant=plan.variant, degree=plan.num_chunks)
     t0 = time.perf_counter()
-    result = _run_beside_heartbeats(ctx, timeout_s, lambda: _compare(
-        config, plan, steps, warmup, seed, device, ep, emulated, float(tolerance)))
-    for i, (tb, tp) in enumerate(zip(result["baseline_samples_ms"], result["pipelined_samples_ms"])):
+
+    def on_step(i: int, tb: float, tp: float) -> None:  # on the helper thread, as each step ends
         ctx.emit("metric", name="block_step", step=i, steps=steps, baseline_ms=tb, pipelined_ms=tp)
+
+    def body() -> dict[str, Any]:
+        return _compare(config, plan, steps, warmup, seed, device, ep, emulated, float(tolerance), on_step)
+
+    result = _run_beside_heartbeats(ctx, timeout_s, body)
     ctx.emit("progress", stage="done", seconds=time.perf_counter() - t0,
              ok=bool(result["equivalence"]["ok"]))
     result.update({"rank": ctx.rank, "ep_rank": ep.rank, "world_size": ctx.world_size,
@@ -148,7 +153,7 @@ def run_block(args: dict, ctx: CommandContext) -> dict[str, Any]:
 
 
 def _compare(config: Mapping[str, Any], plan: Any, steps: int, warmup: int, seed: int,
-             device: Any, ep: Any, emulated: Any, tolerance: float) -> dict[str, Any]:
+             device: Any, ep: Any, emulated: Any, tolerance: float, on_step=None) -> dict[str, Any]:
     import torch
 
     from ampipe.pipeline.compare import run_block_comparison
@@ -157,7 +162,7 @@ def _compare(config: Mapping[str, Any], plan: Any, steps: int, warmup: int, seed
         torch.cuda.set_device(torch.device(device))  # the current device is per thread
     return run_block_comparison(dict(_section(config, "model")), plan, steps, warmup=warmup,
                                 seed=seed, device=device, ep=ep, emulated_comm=emulated,
-                                tolerance=tolerance)
+                                tolerance=tolerance, on_step=on_step)
 
 
 def _run_beside_heartbeats(ctx: CommandContext, timeout_s: float, fn) -> Any:

@@ -99,8 +99,9 @@ def test_run_block_equivalence_steps_and_events():
     assert [e["pipelined_ms"] for e in steps] == r["pipelined_samples_ms"]
     stages = [e["stage"] for e in ctx.events if e["kind"] == "progress"]
     assert stages == ["start", "done"]
-    # Events and heartbeats come from the calling (the rank's main) thread only.
-    assert ctx.threads == {threading.get_ident()}
+    # Heartbeats from the calling (the rank's main) thread; the step metrics from the helper
+    # thread as each step ends (CommandContext.emit may be called from any thread).
+    assert threading.get_ident() in ctx.threads
 
 
 def test_emulated_comm_from_the_config_is_labelled():
@@ -113,6 +114,22 @@ def test_emulated_comm_from_the_config_is_labelled():
     # Arguments win over the config: null means real communication.
     r = run_block({"config": cfg, "plan": plan, "emulated_comm": None}, FakeContext())
     assert r["emulated"] is None
+
+
+def test_step_metrics_are_sent_as_each_step_ends_not_after_the_run():
+    plan = fixture_plan("grouped-p2")
+    ctx = FakeContext()
+    live: list[bool] = []  # was the comparison still running when each metric went out?
+    emit = ctx.emit
+
+    def recording_emit(kind, **fields):
+        if kind == "metric":
+            live.append(any(t.name == "ampipe-command" and t.is_alive() for t in threading.enumerate()))
+        return emit(kind, **fields)
+
+    ctx.emit = recording_emit
+    run_block({"config": experiment_config(plan, steps=4), "plan": plan}, ctx)
+    assert len(live) == 4 and live[0] and live[1], live  # steps 1..3 (2..3) still to run
 
 
 def test_heartbeats_while_the_comparison_runs(monkeypatch):
