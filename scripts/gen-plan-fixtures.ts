@@ -9,6 +9,8 @@ import { planToJson } from "../src/plan/io.ts";
 import type { BlockDims, Plan, Variant } from "../src/plan/ir.ts";
 
 export const FIXTURE_DIR = "test/fixtures/plans";
+/** The same plans, shipped with the Python package as the benchmark's named schedules. */
+export const SCHEDULE_DIR = "py/ampipe/bench/schedules";
 
 /** Non-uniform boundaries for seq_length 48: later chunks shorter (their attention sees a longer prefix). */
 export const NONUNIFORM: Record<number, number[]> = {
@@ -135,7 +137,10 @@ export function invalidSpecs(): InvalidSpec[] {
 export function fixtureFiles(): Map<string, string> {
   const files = new Map<string, string>();
   const specs = fixtureSpecs();
-  for (const s of specs) files.set(`${FIXTURE_DIR}/${s.file}`, planToJson(fixturePlan(s)));
+  for (const s of specs) {
+    files.set(`${FIXTURE_DIR}/${s.file}`, planToJson(fixturePlan(s)));
+    files.set(`${SCHEDULE_DIR}/${s.file}`, planToJson(fixturePlan(s)));
+  }
   const invalid = invalidSpecs();
   for (const s of invalid) files.set(`${FIXTURE_DIR}/invalid/${s.file}`, JSON.stringify(s.plan, null, 1) + "\n");
   files.set(
@@ -184,5 +189,5 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
     mkdirSync(dirname(join(root, rel)), { recursive: true });
     writeFileSync(join(root, rel), text);
   }
-  console.log(`wrote ${files.size} files under ${FIXTURE_DIR}/`);
+  console.log(`wrote ${files.size} files under ${FIXTURE_DIR}/ and ${SCHEDULE_DIR}/`);
 }

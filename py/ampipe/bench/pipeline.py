@@ -63,7 +63,9 @@ DEFAULT_MODEL = dict(num_layers=1, seq_length=512, micro_batch_size=2, hidden_si
                      num_attention_heads=8, num_experts=4, moe_router_topk=2,
                      moe_ffn_hidden_size=512)
 DEFAULT_PLANS = ("sequential-p1", "interleaved-p2", "grouped-p2", "interleaved-p4")
-FIXTURES = Path(__file__).resolve().parents[3] / "test" / "fixtures" / "plans"
+# The named schedules ship with the package (generated with the test fixtures by
+# scripts/gen-plan-fixtures.ts), so an installed ampipe finds them.
+SCHEDULES = Path(__file__).resolve().parent / "schedules"
 
 
 def paired(values: list[float]) -> dict[str, float]:
@@ -160,6 +162,10 @@ def _plans_for(cfg: ModelConfig, layer, names: list[str], plan_dir: Path) -> dic
     plans = {}
     for name in names:
         path = Path(name) if name.endswith(".json") else plan_dir / f"{name}.json"
+        if not name.endswith(".json") and not path.is_file():
+            known = sorted(p.stem for p in plan_dir.glob("*.json"))
+            raise SystemExit(f"--plan {name}: no schedule of that name in {plan_dir} "
+                             f"(known: {', '.join(known)}; or give a plan file)")
         plan = load_plan(path)
         if name.endswith(".json"):
             plans[path.stem] = plan  # a plan made for these dims (`ampipe plan --out`)
@@ -172,7 +178,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                    latency_us: float = 20.0, world_size: int = 8, warmup: int = 1,
                    iters: int = 10, overhead_iters: int = 30, seed: int = 0,
                    device: str | torch.device = "cpu",
-                   plan_dir: Path = FIXTURES, log=print) -> dict[str, Any]:
+                   plan_dir: Path = SCHEDULES, log=print) -> dict[str, Any]:
     device = torch.device(device)
     layer = make_baseline_block(cfg, device=device, seed=seed)
     params = list(layer.parameters())
@@ -304,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", action="append", default=[], metavar="NAME|FILE",
                     help="a plan file for these dims, or a committed schedule name "
                          f"(retargeted to the dims); default {', '.join(DEFAULT_PLANS)}")
-    ap.add_argument("--plan-dir", default=str(FIXTURES), help="where schedule names are looked up")
+    ap.add_argument("--plan-dir", default=str(SCHEDULES), help="where schedule names are looked up")
     ap.add_argument("--ratios", default="0.25,0.5,0.75,1.0",
                     help="emulated comm/compute ratios of the baseline block")
     ap.add_argument("--latency-us", type=float, default=20.0, help="emulated latency per all-to-all")

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from ampipe.bench.pipeline import FIXTURES, _in_turn, main, paired, paired_figures
+from ampipe.bench.pipeline import DEFAULT_PLANS, SCHEDULES, _in_turn, main, paired, paired_figures
 from ampipe.pipeline.compare import ideal_bound_ms
 from ampipe.pipeline.plan import load_plan
 
@@ -37,7 +37,7 @@ def test_bench_pipeline_cli_writes_every_figure(tmp_path, capsys):
 
 
 def test_paired_figures_form_ratios_per_repetition():
-    plan = load_plan(FIXTURES / "interleaved-p2.json")
+    plan = load_plan(SCHEDULES / "interleaved-p2.json")
     times = [{"forward": {op.id: 1.0 for op in plan.forward},
               "backward": {op.id: 2.0 for op in plan.backward}}] * 3
     bound = ideal_bound_ms(plan, times[0])["bound_ms"]
@@ -73,3 +73,19 @@ def test_paired_quartiles():
     assert paired([7.0]) == {"median": 7.0, "q1": 7.0, "q3": 7.0, "n": 1}
     with pytest.raises(ValueError, match="no repetitions"):
         paired([])
+
+
+def test_named_schedules_ship_with_the_package(tmp_path, capsys):
+    # an installed ampipe has no test/fixtures: the schedules are package data
+    from pathlib import Path
+
+    import ampipe
+
+    pkg = Path(ampipe.__file__).resolve().parent
+    assert SCHEDULES.is_relative_to(pkg) and "fixtures" not in SCHEDULES.parts
+    for name in DEFAULT_PLANS:
+        load_plan(SCHEDULES / f"{name}.json")
+    pyproject = (pkg.parent / "pyproject.toml").read_text()
+    assert '"ampipe.bench" = ["schedules/*.json"]' in pyproject
+    with pytest.raises(SystemExit, match="--plan grouped-p5: no schedule of that name .*known: .*grouped-p2"):
+        main(["--plan", "grouped-p5", "--iters", "1"])
