@@ -47,6 +47,8 @@ export function checkPlanDims(plan: Plan, cfg: ExperimentConfig, source: string)
     if (plan.dims[k] !== want[k])
       bad.push(`  dims.${k}: the plan has ${JSON.stringify(plan.dims[k])}, the config has ${JSON.stringify(want[k])} (${field})`);
   }
+  if (plan.capacity_scope !== cfg.pipeline.capacity_scope)
+    bad.push(`  capacity_scope: the plan has ${JSON.stringify(plan.capacity_scope)}, the config has ${JSON.stringify(cfg.pipeline.capacity_scope)} (pipeline.capacity_scope)`);
   if (bad.length) throw new Error(`${source}: the plan does not fit the config's block\n${bad.join("\n")}`);
 }
 

@@ -32,6 +32,9 @@ export interface RankResult {
   backend: string | null;
   device: string;
   emulated: string | null;
+  /** The autocast dtype both arms ran in (fp32: none), and the routing (dropless or which capacity; exact or not). */
+  precision?: string;
+  capacity?: string;
   plan: { variant: string; degree: number; boundaries: number[] };
   dims: BlockDims;
   steps: number;
@@ -235,6 +238,9 @@ export function reportText(s: RunSummary, planned: PlannedBlock, results: RankRe
     if (sorted.length > 3) L.push(`  (${sorted.length - 3} more parameter gradients, all <= ${fmtDiff(sorted[3][1])})`);
   }
   if (!e.ok) L.push(`  worst: ${e.worst.name} on rank ${e.worst.rank}: ${fmtDiff(e.worst.value)} > ${e.tolerance.toExponential(0)}`);
+  const r0 = results[0];
+  if (r0?.precision) L.push(`  computed in: ${r0.precision === "fp32" ? "fp32" : `${r0.precision} autocast (fp32 parameters)`}, both arms`);
+  if (r0?.capacity) L.push(`  routing: ${r0.capacity}`);
   L.push("");
   const t = s.timing;
   const label = s.emulated ? `comm: ${s.emulated} — EMULATED figures` : "comm: real (no emulation)";

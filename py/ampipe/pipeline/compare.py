@@ -27,7 +27,7 @@ from .emulation import DelayInjector, EmulatedComm, delay_report
 from .plan import Plan, data_needs, load_plan
 from .streams import OpTimes
 
-__all__ = ["model_config_from_plan", "EmulatedBaseline", "add_emulated_delays", "block_step", "largest_differences",
+__all__ = ["capacity_label", "model_config_from_plan", "EmulatedBaseline", "add_emulated_delays", "block_step", "largest_differences",
            "ideal_bound_ms", "simulate_ms", "emulated_delay_report", "run_block_comparison"]
 
 _DIM_TO_FIELD = {"num_query_groups": "num_query_groups", "kv_channels": "kv_channels",
@@ -47,6 +47,17 @@ def model_config_from_plan(plan: Plan, base: ModelConfig | Mapping[str, Any] | N
             d[fieldname] = plan.dims[key]
     d.update(overrides)
     return ModelConfig.from_dict(d)
+
+
+def capacity_label(cfg: ModelConfig, plan: Plan) -> str:
+    """Which routing a figure used, and whether the pipelined block is exactly the baseline."""
+    if cfg.dropless:
+        return "dropless (exact)"
+    what = f"capacity factor {cfg.moe_expert_capacity_factor:g}, drop policy {cfg.moe_token_drop_policy}"
+    if plan.capacity_scope == "sequence":
+        return f"{what}, capacity of the whole sequence (exact)"
+    return (f"{what}, capacity per chunk (another function than the baseline's whole-sequence "
+            f"capacity: equal only where no chunk reaches its capacity)")
 
 
 class _DelayFn(torch.autograd.Function):
@@ -361,6 +372,7 @@ def run_block_comparison(
         "emulated": emulated_comm.label if emulated_comm is not None else None,
         # What both arms computed in: autocast to this dtype (fp32: none), fp32 parameters.
         "precision": cfg.dtype,
+        "capacity": capacity_label(cfg, plan),
         "equivalence": {"largest_relative_differences": diffs, "worst": list(worst),
                         "tolerance": tolerance, "ok": worst[1] <= tolerance},
         "baseline_ms": tb, "pipelined_ms": tp,

@@ -121,11 +121,17 @@ def run_block(args: dict, ctx: CommandContext) -> dict[str, Any]:
     emulated = args["emulated_comm"] if "emulated_comm" in args else _section(config, "pipeline").get("emulated_comm")
     timeout_s = float(args.get("timeout_s") or DEFAULT_TIMEOUT_S)
 
-    from ampipe.pipeline.plan import check_dims, load_plan
+    from ampipe.model.config import ModelConfig, check_capacity_scope
+    from ampipe.pipeline.plan import PlanError, check_dims, load_plan
 
     dims = expected_dims(config)
     plan = load_plan(dict(args["plan"]))
     check_dims(plan, dims)  # a PlanError naming the field, before any rank builds anything
+    scope = _section(config, "pipeline").get("capacity_scope", "chunk")
+    if plan.capacity_scope != scope:
+        raise PlanError(f"plan: capacity_scope = {plan.capacity_scope!r} but the config's "
+                        f"pipeline.capacity_scope is {scope!r}")
+    check_capacity_scope(scope, ModelConfig.from_dict(_section(config, "model")).moe_token_drop_policy)
     device = ctx.device if ctx.device is not None else "cpu"
     tolerance = args.get("tolerance")
     if tolerance is None:

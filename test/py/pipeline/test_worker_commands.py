@@ -132,6 +132,24 @@ def test_step_metrics_are_sent_as_each_step_ends_not_after_the_run():
     assert len(live) == 4 and live[0] and live[1], live  # steps 1..3 (2..3) still to run
 
 
+def test_capacity_scope_of_plan_and_config_must_agree_and_fit_the_drop_policy():
+    plan = fixture_plan("grouped-p2")
+    cfg = experiment_config(plan, steps=1, moe_expert_capacity_factor=0.5)
+    cfg["pipeline"]["capacity_scope"] = "sequence"
+    with pytest.raises(PlanError, match=r"capacity_scope = 'chunk' but the config's pipeline\.capacity_scope is 'sequence'"):
+        run_block({"config": cfg, "plan": plan}, FakeContext())
+    plan["capacity_scope"] = "sequence"
+    with pytest.raises(ValueError, match=r"^pipeline\.capacity_scope: sequence needs model\.moe_token_drop_policy: position"):
+        run_block({"config": cfg, "plan": plan}, FakeContext())
+    cfg["model"]["moe_token_drop_policy"] = "position"
+    r = run_block({"config": cfg, "plan": plan}, FakeContext())
+    assert r["equivalence"]["ok"] and r["equivalence"]["worst"][1] <= 1e-5  # exact, drops included
+    assert r["capacity"] == ("capacity factor 0.5, drop policy position, capacity of the whole sequence (exact)")
+    plan["capacity_scope"] = cfg["pipeline"]["capacity_scope"] = "chunk"
+    r = run_block({"config": cfg, "plan": plan}, FakeContext())
+    assert "capacity per chunk (another function" in r["capacity"] and not r["equivalence"]["ok"]
+
+
 def test_heartbeats_while_the_comparison_runs(monkeypatch):
     monkeypatch.setattr("ampipe.worker.background.POLL_S", 0.001)
     plan = fixture_plan("grouped-p2")
