@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -50,8 +51,8 @@ import torch
 from ..model.config import ModelConfig
 from ..model.gpt import autocast_context
 from ..pipeline.block import AMPipeBlock, block_dims
-from ..pipeline.compare import (EmulatedBaseline, block_step, emulated_delay_report, ideal_bound_ms,
-                                simulate_ms)
+from ..pipeline.compare import (EmulatedBaseline, block_step, capacity_label, emulated_delay_report,
+                                ideal_bound_ms, simulate_ms)
 from ..pipeline.emulation import EmulatedComm
 from ..pipeline.plan import Plan, load_plan, retarget_plan
 from .block import block_inputs, load_model_config, make_baseline_block
@@ -157,7 +158,8 @@ def _peak_cuda(block, x, dy, params, device, precision: ModelConfig) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def _plans_for(cfg: ModelConfig, layer, names: list[str], plan_dir: Path) -> dict[str, Plan]:
+def _plans_for(cfg: ModelConfig, layer, names: list[str], plan_dir: Path,
+               capacity_scope: str = "chunk") -> dict[str, Plan]:
     dims = block_dims(layer, cfg.seq_length, cfg.micro_batch_size)
     plans = {}
     for name in names:
@@ -170,20 +172,21 @@ def _plans_for(cfg: ModelConfig, layer, names: list[str], plan_dir: Path) -> dic
         if name.endswith(".json"):
             plans[path.stem] = plan  # a plan made for these dims (`ampipe plan --out`)
         else:  # a committed schedule, retargeted to these dims with uniform boundaries
-            plans[name] = retarget_plan(plan, dims)
+            plans[name] = retarget_plan(dataclasses.replace(plan, capacity_scope=capacity_scope), dims)
     return plans
 
 
 def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float], *,
                    latency_us: float = 20.0, world_size: int = 8, warmup: int = 1,
                    iters: int = 10, overhead_iters: int = 30, seed: int = 0,
-                   device: str | torch.device = "cpu",
+                   device: str | torch.device = "cpu", capacity_scope: str = "chunk",
                    plan_dir: Path = SCHEDULES, log=print) -> dict[str, Any]:
     device = torch.device(device)
     layer = make_baseline_block(cfg, device=device, seed=seed)
     params = list(layer.parameters())
     x, dy = block_inputs(cfg, device, seed)
-    plans = _plans_for(cfg, layer, plan_names, plan_dir)
+    plans = _plans_for(cfg, layer, plan_names, plan_dir, capacity_scope)
+    capacity = {k: capacity_label(cfg, p) for k, p in plans.items()}
 
     # 1. Baseline compute and the P=1 overhead, without communication.
     # Every block runs `iters` repetitions; the baseline and the one-chunk plans carry on
@@ -201,7 +204,8 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
     no_comm = {k: statistics.median(v) for k, v in samples.items()}
     log(f"baseline compute (no communication): {compute_ms:.2f} ms fwd+bwd "
         f"[{device}, {cfg.dtype}, s={cfg.seq_length} b={cfg.micro_batch_size} "
-        f"H={cfg.hidden_size} E={cfg.num_experts} top-{cfg.moe_router_topk}]")
+        f"H={cfg.hidden_size} E={cfg.num_experts} top-{cfg.moe_router_topk}]; routing: "
+        + "; ".join(sorted(set(capacity.values()))))
     overhead_stats = {k: paired([t / tb - 1 for t, tb in zip(v, samples["baseline"][:len(v)])])
                       for k, v in samples.items() if k != "baseline" and plans[k].num_chunks == 1}
     overhead = {k: v["median"] for k, v in overhead_stats.items()}
@@ -283,6 +287,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                 for kind, d in delay_check.items()))
     return {"label": "emulated communication", "device": str(device), "config": cfg.to_dict(),
             "precision": cfg.dtype,  # both arms ran under this autocast dtype (fp32: none)
+            "capacity": capacity,  # per plan: dropless, or which capacity (exact or not)
             "compute_ms": compute_ms, "no_comm_ms": no_comm, "p1_overhead": overhead,
             "p1_overhead_paired": overhead_stats, "overhead_iters": overhead_iters,
             "memory_bytes": mem, "memory_ratio": mem_ratio, "memory_kind": mem_kind,
@@ -321,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead-iters", type=_count(1), default=30,
                     help="repetitions of the baseline and one-chunk plans without communication "
                          "(the P=1 overhead)")
+    ap.add_argument("--capacity-scope", choices=["chunk", "sequence"], default="chunk",
+                    help="with a capacity factor, where the named schedules size it (sequence: exact, "
+                         "needs moe_token_drop_policy=position)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", metavar="FILE", help="write every figure as JSON")
@@ -336,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                          latency_us=args.latency_us, world_size=args.world_size,
                          warmup=args.warmup, iters=args.iters,
                          overhead_iters=args.overhead_iters, seed=args.seed,
-                         device=args.device, plan_dir=Path(args.plan_dir))
+                         device=args.device, capacity_scope=args.capacity_scope,
+                         plan_dir=Path(args.plan_dir))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

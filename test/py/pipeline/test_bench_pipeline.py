@@ -89,3 +89,15 @@ def test_named_schedules_ship_with_the_package(tmp_path, capsys):
     assert '"ampipe.bench" = ["schedules/*.json"]' in pyproject
     with pytest.raises(SystemExit, match="--plan grouped-p5: no schedule of that name .*known: .*grouped-p2"):
         main(["--plan", "grouped-p5", "--iters", "1"])
+
+
+def test_bench_states_the_routing_and_runs_the_exact_capacity_scope(capsys, tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["--set", "seq_length=32", "--set", "hidden_size=32", "--set", "num_attention_heads=4",
+                 "--set", "moe_ffn_hidden_size=32", "--set", "moe_expert_capacity_factor=0.5",
+                 "--set", "moe_token_drop_policy=position", "--capacity-scope", "sequence",
+                 "--plan", "interleaved-p2", "--ratios", "0.5", "--iters", "1", "--overhead-iters", "1",
+                 "--warmup", "0", "--json", str(out)]) == 0
+    assert "routing: capacity factor 0.5, drop policy position, capacity of the whole sequence (exact)" \
+        in capsys.readouterr().out
+    assert json.loads(out.read_text())["capacity"]["interleaved-p2"].endswith("(exact)")
