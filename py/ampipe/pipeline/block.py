@@ -351,9 +351,9 @@ class _Step:
             return routing, pieces.permute(self.layer, n, routing, **seq)
 
         routing, permuted = self._run([nin], fn)
-        if before is not None:
-            self.routed_before = before + torch.bincount(
-                routing.indices.reshape(-1), minlength=self.layer.cfg.num_experts)
+        if before is not None:  # scatter_add, not bincount: on CUDA bincount reads its max on the host
+            flat = routing.indices.reshape(-1)
+            self.routed_before = before.scatter_add(0, flat, torch.ones_like(flat))
         self.values[("routing", c)] = routing
         self.values[("permuted", c)] = permuted
         self._keep(("route", c), [nin], [permuted.buffer, routing.gates,

@@ -17,7 +17,7 @@ from ampipe.pipeline.emulation import DelayInjector
 from ampipe.pipeline.plan import PlanError
 
 from host_reads import count_host_reads
-from pipeline_helpers import inputs, load, make_layer, two_compute_streams
+from pipeline_helpers import inputs, load, load_scoped, make_layer, two_compute_streams
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -87,15 +87,16 @@ def _no_sync_step(block, x, dy):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("scope,cf", [("chunk", None), ("sequence", 0.5)])
 @pytest.mark.parametrize("name", ["interleaved-p4", "grouped-p3-nonuniform"])
-def test_cuda_dropless_reads_counts_without_synchronising(name, monkeypatch):
-    # Dropless split sizes reach the host through a pinned copy started by the chunk's counts
-    # op and one event wait in its dispatch (then .tolist() of the pinned host copy), never a
-    # synchronising read of a CUDA tensor, which would block the host behind every kernel
-    # already queued.
-    plan = load(name, expert_model_parallel_size=1)
-    layer = make_layer(plan).cuda()
-    assert layer.cfg.expert_capacity(64) is None  # dropless
+def test_cuda_variable_layout_reads_counts_without_synchronising(name, scope, cf, monkeypatch):
+    # A variable layout (dropless, or the whole sequence's capacity applied chunk by chunk,
+    # whose running counts stay on the device): the split sizes reach the host through a
+    # pinned copy started by the chunk's counts op and one event wait in its dispatch (then
+    # .tolist() of the pinned host copy), never a synchronising read of a CUDA tensor, which
+    # would block the host behind every kernel already queued.
+    plan = load_scoped(name, scope, expert_model_parallel_size=1)
+    layer = make_layer(plan, moe_expert_capacity_factor=cf, moe_token_drop_policy="position").cuda()
     block = AMPipeBlock.from_layer(layer, plan, emulated_comm=EmulatedComm(20, 50, 8))
     x, dy = inputs(plan)
     x, dy = x.detach().cuda().requires_grad_(True), dy.cuda()

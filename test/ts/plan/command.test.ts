@@ -96,6 +96,13 @@ describe("ampipe plan", () => {
       "  dims.seq_length: the plan has 64, the config has 128 (model.seq_length)",
       "  dims.expert_model_parallel_size: the plan has 1, the config has 2 (parallelism.expert_model_parallel_size)",
     ]);
+    // the capacity scope is the config's too: a plan made for another one is refused
+    const seq = makePlan("grouped", dimsFromConfig(cfg), { degree: 2, capacityScope: "sequence" });
+    expect(() => checkPlanDims(seq, cfg, "p.json")).toThrow(
+      /capacity_scope: the plan has "sequence", the config has "chunk" \(pipeline\.capacity_scope\)/);
+    // and the planner writes the config's scope, with route[c] after route[c-1]
+    const r = runPlan(config("s.yaml", "  degree: 2\n  capacity_scope: sequence", "  moe_token_drop_policy: position"), { out: join(dir, "s.json"), trace: false });
+    expect(r.choice.plan.capacity_scope).toBe("sequence");
   });
 
   it("--calibration fits the model to an executed plan's op times", () => {
