@@ -9,8 +9,12 @@ with the incoming gradients, for the island's inputs and parameters. So no deriv
 written by hand, the plan decides order and streams, and:
 
 - parameter gradients are explicit: `autograd.grad` returns them, they are summed per
-  parameter (in place, in plan order) and returned by the Function's backward, so autograd
-  accumulates them into `.grad` like any other op (hooks, DDP buckets, grad accumulation);
+  parameter (in place, in plan order; in fp32 for bf16/fp16 parameters) and returned by the
+  Function's backward, so autograd accumulates them into `.grad` like any other op (hooks,
+  DDP buckets, grad accumulation), or added into a Megatron-style `main_grad`;
+- with a variable expert layout (dropless, or a whole-sequence capacity) each chunk's
+  `counts` op exchanges the counts and starts their copy to the host; its `dispatch` is the
+  one place the host waits (`_HostCounts`);
 - the auxiliary and z-losses are outputs of the Function, computed once from statistics
   summed over every chunk; their gradient enters through the Function's backward
   (`aux_loss_bwd`) like any other output gradient;
