@@ -146,7 +146,7 @@ function interleavedOrders(P: number, chunkQkv: boolean): { forward: StreamOrder
  * moe-overlap (Tutel's `a2a_ffn_overlap_degree` r = P, FlashAttention + Tutel in the paper): one
  * QKV and one attention over the whole sequence, then the out-projection and the router of every
  * piece; only then does the MoE layer pipeline dispatch / experts / combine over the P pieces
- * (chunk c's all-to-all overlapping its neighbours' experts). The first dispatch waits for the
+ * (chunk c's all-to-all overlapping its neighbours' experts). The first comm op (chunk 0's count exchange) waits for the
  * last route: the MoE layer starts once the attention side of the whole sequence is done. The
  * backward pipelines the MoE side the same way (pieces last-to-first) and starts the router and
  * attention backward only after the last dispatch_bwd, then runs them over the whole sequence.
@@ -176,7 +176,8 @@ function moeOverlapOrders(P: number): { forward: StreamOrders; backward: StreamO
   for (let s = 0; s < P; s++) bc.push(...one("proj_bwd", r(s)));
   bc.push(...one("attn_bwd", null), ...one("qkv_bwd", null));
   return {
-    forward: { compute: fc, comm: fm, waits: new Map([[opId("dispatch", 0), [opId("route", P - 1)]]]) },
+    // the MoE side starts once every chunk is routed (its first comm op is chunk 0's count exchange)
+    forward: { compute: fc, comm: fm, waits: new Map([[opId("counts", 0), [opId("route", P - 1)]]]) },
     backward: { compute: bc, comm: bm, waits: new Map([[opId("route_bwd", P - 1), [opId("dispatch_bwd", 0)]]]) },
   };
 }
