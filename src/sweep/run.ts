@@ -234,7 +234,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
         // The sequential block without emulated delay: its time is the compute the ratio refers to,
         // its one-chunk op times (all but the all-to-alls) calibrate the whole-sequence ops.
         const c0 = groupConfig(cfg, group, null);
-        const plan = makePlan("sequential", dimsFromConfig(c0), { chunkQkv: cfg.pipeline.chunk_qkv });
+        const plan = makePlan("sequential", dimsFromConfig(c0), { chunkQkv: cfg.pipeline.chunk_qkv, capacityScope: cfg.pipeline.capacity_scope });
         const res = await runBlock(c0, plan, settings.steps, settings.warmup);
         const ms = summarizeRanks(res, c0.model.dtype).timing.baseline_ms;
         for (const r of res) calibrationRuns.push(calibrationRun(plan, r, `${sequentialSource(group)}, rank ${r.rank}`));
@@ -246,7 +246,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
       const cms = await compute();
       if (group.ratio !== null) emu = { ...base!, bandwidth_gbps: bandwidthForRatio(groupConfig(cfg, group, null), S, group.ratio, cms, base!) };
       const gc = groupConfig(cfg, group, emu);
-      const plan = makePlan("grouped", dimsFromConfig(gc), { degree: settings.calibration_degree, chunkQkv: cfg.pipeline.chunk_qkv });
+      const plan = makePlan("grouped", dimsFromConfig(gc), { degree: settings.calibration_degree, chunkQkv: cfg.pipeline.chunk_qkv, capacityScope: cfg.pipeline.capacity_scope });
       const res = await runBlock(gc, plan, settings.steps, settings.warmup);
       for (const r of res) calibrationRuns.push(calibrationRun(plan, r, `bench ${group.id}: grouped P=${settings.calibration_degree}${emu ? ` (${emulatedLabel(emu)})` : ""}, rank ${r.rank}`));
       const idx = calibrationRuns.map((_, i) => i).filter((i) => i >= runsBefore || calibrationRuns[i].source.startsWith(sequentialSource(group)));
@@ -324,7 +324,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
   function caseWeight(spec: CaseSpec): number {
     const gc = groupConfig(cfg, spec.group, spec.group.ratio === null ? cfg.pipeline.emulated_comm : null);
     const dims = dimsFromConfig(gc);
-    const ms = predict(costModelFor(gc).model, makePlan("sequential", dims, { chunkQkv: cfg.pipeline.chunk_qkv })).totalMs;
+    const ms = predict(costModelFor(gc).model, makePlan("sequential", dims, { chunkQkv: cfg.pipeline.chunk_qkv, capacityScope: cfg.pipeline.capacity_scope })).totalMs;
     return ms * (1 + (spec.group.ratio ?? 0));
   }
 
@@ -349,10 +349,10 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
     const gc = groupConfig(cfg, spec.group, state.emulated_comm);
     const dims = dimsFromConfig(gc);
     const plan = spec.source === "planner"
-      ? planBlock(dims, model, { chunkQkv: cfg.pipeline.chunk_qkv }).plan
-      : makePlan(spec.variant!, dims, { degree: spec.degree!, chunkQkv: cfg.pipeline.chunk_qkv });
+      ? planBlock(dims, model, { chunkQkv: cfg.pipeline.chunk_qkv, capacityScope: cfg.pipeline.capacity_scope }).plan
+      : makePlan(spec.variant!, dims, { degree: spec.degree!, chunkQkv: cfg.pipeline.chunk_qkv, capacityScope: cfg.pipeline.capacity_scope });
     const predicted = predict(model, plan).totalMs;
-    const predictedBase = predict(model, makePlan("sequential", dims, { chunkQkv: cfg.pipeline.chunk_qkv })).totalMs;
+    const predictedBase = predict(model, makePlan("sequential", dims, { chunkQkv: cfg.pipeline.chunk_qkv, capacityScope: cfg.pipeline.capacity_scope })).totalMs;
     const res = await runBlock(gc, plan, settings.steps, settings.warmup);
     const s = summarizeRanks(res, gc.model.dtype);
     const t = s.timing;
