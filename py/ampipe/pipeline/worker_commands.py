@@ -19,7 +19,7 @@ from typing import Any
 from ampipe.worker.background import run_beside_heartbeats
 from ampipe.worker.commands import CommandContext, command
 
-__all__ = ["TOLERANCE_BY_DTYPE", "CUDA_TOLERANCE_BY_DTYPE", "default_tolerance", "expected_dims", "run_block"]
+__all__ = ["TOLERANCE_BY_DTYPE", "CUDA_TOLERANCE_BY_DTYPE", "default_tolerance", "expected_dims", "plan_for_config", "run_block"]
 
 # Largest relative difference (max|got - ref| / max|ref|, per tensor) accepted as equivalent.
 # fp32 on CPU: the issue's 1e-5. On CUDA, chunked attention and matmuls of other shapes pick
@@ -60,6 +60,22 @@ def expected_dims(config: Mapping[str, Any]) -> dict[str, Any]:
         "expert_model_parallel_size": int(par.get("expert_model_parallel_size", 1)),
         "dtype": model.dtype,
     }
+
+
+def plan_for_config(plan: Mapping[str, Any], config: Mapping[str, Any]) -> Any:
+    """The loaded `Plan`, checked against the experiment config: its dims (naming the field), its
+    capacity scope, and the scope against the drop policy. Every rank command that runs a plan uses it."""
+    from ampipe.model.config import ModelConfig, check_capacity_scope
+    from ampipe.pipeline.plan import PlanError, check_dims, load_plan
+
+    p = load_plan(dict(plan))
+    check_dims(p, expected_dims(config))
+    scope = _section(config, "pipeline").get("capacity_scope", "chunk")
+    if p.capacity_scope != scope:
+        raise PlanError(f"plan: capacity_scope = {p.capacity_scope!r} but the config's "
+                        f"pipeline.capacity_scope is {scope!r}")
+    check_capacity_scope(scope, ModelConfig.from_dict(_section(config, "model")).moe_token_drop_policy)
+    return p
 
 
 def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -121,17 +137,8 @@ def run_block(args: dict, ctx: CommandContext) -> dict[str, Any]:
     emulated = args["emulated_comm"] if "emulated_comm" in args else _section(config, "pipeline").get("emulated_comm")
     timeout_s = float(args.get("timeout_s") or DEFAULT_TIMEOUT_S)
 
-    from ampipe.model.config import ModelConfig, check_capacity_scope
-    from ampipe.pipeline.plan import PlanError, check_dims, load_plan
-
     dims = expected_dims(config)
-    plan = load_plan(dict(args["plan"]))
-    check_dims(plan, dims)  # a PlanError naming the field, before any rank builds anything
-    scope = _section(config, "pipeline").get("capacity_scope", "chunk")
-    if plan.capacity_scope != scope:
-        raise PlanError(f"plan: capacity_scope = {plan.capacity_scope!r} but the config's "
-                        f"pipeline.capacity_scope is {scope!r}")
-    check_capacity_scope(scope, ModelConfig.from_dict(_section(config, "model")).moe_token_drop_policy)
+    plan = plan_for_config(args["plan"], config)  # a PlanError naming the field, before any rank builds anything
     device = ctx.device if ctx.device is not None else "cpu"
     tolerance = args.get("tolerance")
     if tolerance is None:

@@ -107,10 +107,9 @@ def compare(args: dict, ctx: CommandContext) -> dict[str, Any]:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ValueError(f"compare: seeds must be a non-empty list of integers >= 0; got {seeds!r}")
     from ampipe.parallel.groups import ParallelGroups, init_parallel_groups
-    from ampipe.pipeline.plan import check_dims, load_plan
-    from ampipe.pipeline.worker_commands import expected_dims
+    from ampipe.pipeline.worker_commands import plan_for_config
 
-    check_dims(load_plan(dict(plan)), expected_dims(config))
+    plan_for_config(plan, config)
     ep = int((config.get("parallelism") or {}).get("expert_model_parallel_size", 1))
     if ctx.backend is None and ctx.world_size > 1:
         raise RuntimeError("compare: several ranks need torch.distributed (launch them with dist enabled)")

@@ -75,10 +75,9 @@ def train(args: dict, ctx: CommandContext) -> dict[str, Any]:
         raise RuntimeError("train: several ranks need torch.distributed (launch them with dist enabled)")
     groups = init_parallel_groups(ep) if ctx.backend is not None else ParallelGroups.single()
     if plan is not None:
-        from ampipe.pipeline.plan import check_dims, load_plan
-        from ampipe.pipeline.worker_commands import expected_dims
+        from ampipe.pipeline.worker_commands import plan_for_config
 
-        check_dims(load_plan(dict(plan)), expected_dims(config))
+        plan_for_config(plan, config)
     trainer = build_trainer(config, plan, run_dir, groups=groups, device=ctx.device or "cpu", emit=ctx.emit,
                             should_stop=lambda: ctx.cancel_requested, say=lambda s: None)
     resume = bool(args.get("resume", True))
