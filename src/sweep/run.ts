@@ -172,7 +172,8 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
   const nGroups = groupsOf(settings).filter((g) => cases.some((c) => c.group.id === g.id)).length;
   out.line(`bench: ${cases.length} cases over ${nGroups} group${nGroups === 1 ? "" : "s"} ` +
     `(seq_length ${settings.seq_lengths.join(", ")}${settings.comm_compute_ratios ? `; comm/compute ${settings.comm_compute_ratios.join(", ")}` : ""}); ` +
-    `${done.size ? `${cases.length - pending.length} already done in ${outDir}, ` : ""}${pending.length} to run; ${settings.steps} steps each (ABBA against the sequential block)`);
+    `${done.size ? `${cases.length - pending.length} already done in ${outDir}, ` : ""}${pending.length} to run; ${settings.steps} steps each (ABBA against the sequential block); ` +
+    `interconnect: ${cfg.pipeline.emulated_comm ? `EMULATED ${cfg.pipeline.emulated_comm.world_size}-way all-to-all${settings.comm_compute_ratios ? " (bandwidth set per group)" : ""}` : "real"}`);
   if (pending.length === 0) {
     finish();
     return 0;
@@ -271,6 +272,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
   // ---- the cases ----
   const progress: Progress = createProgress(cases.length, { title: "bench", initial: cases.length - pending.length, weights: pending.map(caseWeight) });
   let failed = 0;
+  let externalLost = false;
   try {
     for (const spec of pending) {
       if (stopping) break;
@@ -293,7 +295,18 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
         result = errorResult(spec, st, e, (performance.now() - tc) / 1000);
         if (!st) manifest.groups[group.id] = { model: group.model?.name ?? null, seq_length: group.seqLength, comm_compute_ratio: group.ratio, compute_ms: null, emulated_comm: null, emulated: null, calibration_runs: [], error: errorText(e) };
         failed++;
+        if (o.external && e instanceof RankFailure) {
+          // Ranks started by torchrun/Slurm cannot be restarted from here: keep the record, stop.
+          appendResult(join(outDir, RESULTS_FILE), result);
+          progress.log(`case ${spec.id} failed and the external ranks are gone; stopping (restart the ranks and rerun to resume):\n${indentLines(result.error!)}`);
+          externalLost = true;
+          break;
+        }
         await dropRun();
+      }
+      if (result.equivalence_ok === false) {
+        failed++;
+        progress.log(`case ${spec.id}: the pipelined block DIFFERS from the sequential block (largest relative difference ${result.largest_relative_difference}); its times are kept, flagged`);
       }
       appendResult(join(outDir, RESULTS_FILE), result);
       if (result.status === "ok") done.set(result.case, result);
@@ -316,6 +329,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
     return stopping === "SIGINT" ? 130 : 143;
   }
   finish();
+  if (externalLost) return 1;
   return failed > 0 ? 1 : 0;
 
   // ---- helpers that close over the sweep's state ----
