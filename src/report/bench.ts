@@ -141,6 +141,9 @@ export function buildBenchReport(dir: string): BenchReport {
   const multiRatio = ratios.length > 1;
 
   // ---- charts ----
+  // One colour per case series across every chart.
+  const seriesDomain = [...new Set(ok.map((r) => seriesOf(r)))];
+  const seriesColor = { field: "series", title: "case", scale: { domain: seriesDomain } };
   const speedChart = (against: "sequential" | "moe-overlap"): ChartSpec => {
     const rows = ok
       .filter((r) => (against === "sequential" ? r.speedup !== null : r.speedup_vs_moe_overlap !== null && r.source !== "moe-overlap"))
@@ -149,13 +152,14 @@ export function buildBenchReport(dir: string): BenchReport {
         speedup: against === "sequential" ? r.speedup : r.speedup_vs_moe_overlap,
         ...(against === "sequential" ? { q1: r.speedup_q1, q3: r.speedup_q3 } : {}),
       }));
-    const x = { field: "seq_length", type: "quantitative", title: "sequence length", scale: { type: "log", base: 2 } };
+    const seqs = [...new Set(rows.map((r) => r.seq_length))].sort((a, b) => a - b);
+    const x = { field: "seq_length", type: "quantitative", title: "sequence length", scale: { type: "log", base: 2 }, axis: { values: seqs, format: "d" } };
     const layer: Array<Record<string, unknown>> = [
       { mark: { type: "rule", strokeDash: [4, 4], color: "#888" }, encoding: { y: { datum: 1 } } },
-      { mark: { type: "line", point: true }, encoding: { x, y: { field: "speedup", type: "quantitative", title: "speed-up (x)", scale: { zero: false } }, color: { field: "series", title: "case" }, tooltip: [{ field: "case" }, { field: "speedup", format: ".3f" }] } },
+      { mark: { type: "line", point: true }, encoding: { x, y: { field: "speedup", type: "quantitative", title: "speed-up (x)", scale: { zero: false } }, color: seriesColor, tooltip: [{ field: "case" }, { field: "speedup", format: ".3f" }] } },
     ];
     if (against === "sequential")
-      layer.push({ mark: "rule", encoding: { x, y: { field: "q1", type: "quantitative" }, y2: { field: "q3" }, color: { field: "series" } } });
+      layer.push({ mark: "rule", encoding: { x, y: { field: "q1", type: "quantitative" }, y2: { field: "q3" }, color: seriesColor } });
     return {
       title: against === "sequential" ? "Speed-up over the sequential block, against sequence length" : "Speed-up over moe-overlap (its best degree), against sequence length",
       caption: (against === "sequential"
@@ -181,7 +185,7 @@ export function buildBenchReport(dir: string): BenchReport {
         { data: { values: predRows }, mark: { type: "point", filled: true, size: 60 }, encoding: {
           x: { field: "measured_ms", type: "quantitative", title: "measured (ms)", scale: { zero: false } },
           y: { field: "predicted_ms", type: "quantitative", title: "predicted (ms)", scale: { zero: false } },
-          color: { field: "series", title: "case" },
+          color: seriesColor,
           tooltip: [{ field: "case" }, { field: "measured_ms", format: ".2f" }, { field: "predicted_ms", format: ".2f" }, { field: "error_pct", title: "error %", format: "+.1f" }],
         } },
       ],
@@ -215,7 +219,7 @@ export function buildBenchReport(dir: string): BenchReport {
       width: Math.max(300, 22 * effRows.length), height: 220,
       data: { values: effRows },
       mark: "bar",
-      encoding: { x: { field: "case", type: "nominal", sort: null, title: null, axis: { labelAngle: -50 } }, y: { field: "overlap_efficiency", type: "quantitative", title: "overlap efficiency" }, color: { field: "series", title: "case" }, tooltip: [{ field: "case" }, { field: "overlap_efficiency", format: ".2f" }] },
+      encoding: { x: { field: "case", type: "nominal", sort: null, title: null, axis: { labelAngle: -50 } }, y: { field: "overlap_efficiency", type: "quantitative", title: "overlap efficiency" }, color: seriesColor, tooltip: [{ field: "case" }, { field: "overlap_efficiency", format: ".2f" }] },
     },
   };
 
