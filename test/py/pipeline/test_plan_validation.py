@@ -83,3 +83,19 @@ def test_dims_that_do_not_match_the_block_are_rejected():
 def test_round_trip_to_dict():
     plan = load("interleaved-p3")
     assert load_plan(plan.to_dict()) == plan
+
+
+def test_whole_sequence_attention_flag():
+    # moe-overlap plans carry chunk_attention false; it round-trips, and only a boolean is accepted
+    plan = load("moe-overlap-p3")
+    assert not plan.chunk_attention and not plan.chunk_qkv
+    assert [op.chunk for op in plan.forward if op.kind == "attn"] == [None]
+    assert load_plan(plan.to_dict()) == plan
+    doc = plan_doc("moe-overlap-p3")
+    doc["chunk_attention"] = "no"
+    with pytest.raises(PlanError, match="'chunk_attention' must be true or false"):
+        load_plan(doc)
+    # a plan with per-chunk attn ops may not say its attention is whole
+    doc = plan_doc("grouped-p4")  # whole-sequence qkv, per-chunk attention
+    with pytest.raises(PlanError, match=r"f\.attn\.0.*must be null"):
+        load_plan({**doc, "chunk_attention": False})
