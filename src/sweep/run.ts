@@ -24,7 +24,7 @@ import { chromeTrace } from "../plan/trace.ts";
 import { costModelFor, dimsFromConfig } from "../commands/plan.ts";
 import { startRun, type RunCliOptions } from "../commands/ping.ts";
 import { RANK_MODULE, summarizeRanks, type RankResult } from "../commands/run.ts";
-import { createProgress, type Progress } from "../progress.ts";
+import { makeProgress, type Progress } from "../train/progress.ts";
 import { benchSettings, expandGrid, groupsOf, withModel, type CaseSpec, type Group } from "./grid.ts";
 import {
   CSV_FILE, RESULTS_FILE, appendResult, quartiles, readResults, referenceMoeOverlap, writeCsv, type CaseResult,
@@ -270,14 +270,22 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
   };
 
   // ---- the cases ----
-  const progress: Progress = createProgress(cases.length, { title: "bench", initial: cases.length - pending.length, weights: pending.map(caseWeight) });
+  // The ETA weighs each case by its expected cost (a long sequence costs more than a short one).
+  const weights = new Map(pending.map((c) => [c.id, caseWeight(c)] as const));
+  const totalWeight = [...weights.values()].reduce((a, b) => a + b, 0);
+  let doneWeight = 0;
+  const tStart = performance.now();
+  const eta = () => (doneWeight > 0 ? (((performance.now() - tStart) / 1000) / doneWeight) * Math.max(0, totalWeight - doneWeight) : Infinity);
+  const tty = process.stdout.isTTY === true;
+  const progress: Progress = makeProgress({ total: cases.length, start: cases.length - pending.length, format: "{case}: {note}", every: 1, eta });
+  let doneCount = cases.length - pending.length;
   let failed = 0;
   let externalLost = false;
   try {
     for (const spec of pending) {
       if (stopping) break;
       const group = spec.group;
-      progress.start(spec.id);
+      if (tty) progress.update(doneCount, { case: spec.id, note: "running" });
       const tc = performance.now();
       let result: CaseResult;
       try {
@@ -311,9 +319,13 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
       appendResult(join(outDir, RESULTS_FILE), result);
       if (result.status === "ok") done.set(result.case, result);
       writeCsv(join(outDir, CSV_FILE), orderedResults());
-      progress.done(result.status === "ok"
+      const note = result.status === "ok"
         ? `${fmt(result.measured_ms!)} ms, ${result.speedup!.toFixed(3)}x vs sequential${result.speedup_vs_moe_overlap !== null ? `, ${result.speedup_vs_moe_overlap.toFixed(3)}x vs moe-overlap` : ""}, predicted ${fmt(result.predicted_ms!)} ms`
-        : `FAILED: ${result.error!.split("\n")[0]}`);
+        : `FAILED: ${result.error!.split("\n")[0]}`;
+      doneCount++;
+      doneWeight += weights.get(spec.id) ?? 0;
+      if (tty) progress.log(`[${doneCount}/${cases.length}] ${spec.id}: ${note}`); // each result stays on screen
+      progress.update(doneCount, { case: spec.id, note });
       if (result.status === "error") progress.log(`case ${spec.id} failed (recorded; the sweep goes on):\n${indentLines(result.error!)}`);
     }
   } finally {

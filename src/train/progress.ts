@@ -19,7 +19,14 @@ export interface ProgressOptions {
   every?: number;
   tty?: boolean;
   write?: (s: string) => void;
+  /**
+   * Seconds left, where the caller knows better than a constant rate per item (items of unequal
+   * cost, e.g. bench cases): shown instead of cli-progress's ETA, and on each plain line.
+   */
+  eta?: () => number;
 }
+
+const fmtEta = (s: number) => (!Number.isFinite(s) ? "?" : s >= 60 ? `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, "0")}s` : `${Math.round(s)}s`);
 
 export function makeProgress(o: ProgressOptions): Progress {
   const write = o.write ?? ((s: string) => process.stdout.write(s));
@@ -32,22 +39,23 @@ export function makeProgress(o: ProgressOptions): Progress {
         n++;
         if (n % every !== 0 && value !== o.total) return;
         const text = o.format.replace(/\{(\w+)\}/g, (_, k: string) => fields[k] ?? "");
-        write(`[${value}/${o.total}] ${text}\n`);
+        write(`[${value}/${o.total}] ${text}${o.eta ? ` (eta ${fmtEta(o.eta())})` : ""}\n`);
       },
       log: (line) => write(line + "\n"),
       stop() {},
     };
   }
   const bar = new cliProgress.SingleBar({
-    format: `{bar} {value}/{total} | ETA {eta_formatted} | ${o.format}`,
+    format: `{bar} {value}/{total} | ETA ${o.eta ? "{eta_given}" : "{eta_formatted}"} | ${o.format}`,
     hideCursor: true,
     clearOnComplete: false,
     etaBuffer: 20,
   }, cliProgress.Presets.shades_classic);
   const blank = Object.fromEntries([...o.format.matchAll(/\{(\w+)\}/g)].map((m) => [m[1], "…"]));
-  bar.start(o.total, o.start ?? 0, blank);
+  const given = () => (o.eta ? { eta_given: fmtEta(o.eta()) } : {});
+  bar.start(o.total, o.start ?? 0, { ...blank, ...given() });
   return {
-    update: (value, fields) => bar.update(value, fields),
+    update: (value, fields) => bar.update(value, { ...fields, ...given() }),
     log(line) {
       // cli-progress redraws on the next update; clear the line first so the text stays readable.
       process.stdout.write("\r\x1b[2K" + line + "\n");
