@@ -271,7 +271,14 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
 
   // ---- the cases ----
   // The ETA weighs each case by its expected cost (a long sequence costs more than a short one).
-  const weights = new Map(pending.map((c) => [c.id, caseWeight(c)] as const));
+  // A group not yet calibrated runs two more comparisons (sequential and the calibration plan)
+  // before its first case: about two cases' worth.
+  const calibrated = new Set(Object.entries(manifest.groups).filter(([, g]) => g.error === null && g.calibration_runs.length > 0).map(([id]) => id));
+  const weights = new Map(pending.map((c) => {
+    const first = !calibrated.has(c.group.id);
+    calibrated.add(c.group.id);
+    return [c.id, caseWeight(c) * (first ? 3 : 1)] as const;
+  }));
   const totalWeight = [...weights.values()].reduce((a, b) => a + b, 0);
   let doneWeight = 0;
   const tStart = performance.now();
