@@ -18,7 +18,10 @@ export interface CaseResult {
   seq_length: number;
   /** The emulated comm/compute ratio the group's bandwidth was set for; null when not set by ratio. */
   comm_compute_ratio: number | null;
-  /** What the case's op times show: all-to-all time / compute time, summed over the ops of both passes (slowest rank). */
+  /**
+   * The ratio that ran (emulated only): the sequential block's modelled all-to-all delay D over
+   * the rest of its measured median step, D / (baseline_ms - D).
+   */
   comm_compute_measured: number | null;
   source: CaseSource;
   variant: string | null;

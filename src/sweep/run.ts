@@ -91,13 +91,23 @@ export function emulatedLabel(e: EmulatedCommConfig): string {
  * combine and their backward) take `ratio` x `computeMs`: each moves a rank's dropless buffer
  * (tokens x top-k x hidden) minus its own 1/world share, plus the latency per op.
  */
-export function bandwidthForRatio(cfg: ExperimentConfig, seqLength: number, ratio: number, computeMs: number, emu: EmulatedCommConfig): number {
+/** Bytes the sequential block's four all-to-alls put on the wire per rank (dropless buffer, or E x capacity rows). */
+function baselineWireBytes(cfg: ExperimentConfig, seqLength: number, worldSize: number): number {
   const m = cfg.model; // the group's model
   const tokens = seqLength * m.micro_batch_size;
   const cap = m.moe_expert_capacity_factor;
   const rows = cap === null ? tokens * m.moe_router_topk : m.num_experts * Math.ceil((cap * tokens * m.moe_router_topk) / m.num_experts);
   const bytes = rows * m.hidden_size * DTYPE_BYTES[m.dtype];
-  const wire = (4 * bytes * (emu.world_size - 1)) / emu.world_size;
+  return (4 * bytes * (worldSize - 1)) / worldSize;
+}
+
+/** The emulated delay (ms) of the sequential block's four all-to-alls. */
+export function baselineDelayMs(cfg: ExperimentConfig, emu: EmulatedCommConfig): number {
+  return (4 * emu.latency_us) / 1e3 + (baselineWireBytes(cfg, cfg.model.seq_length, emu.world_size) / (emu.bandwidth_gbps * 1e9)) * 1e3;
+}
+
+export function bandwidthForRatio(cfg: ExperimentConfig, seqLength: number, ratio: number, computeMs: number, emu: EmulatedCommConfig): number {
+  const wire = baselineWireBytes(cfg, seqLength, emu.world_size);
   const budgetS = (ratio * computeMs) / 1e3 - (4 * emu.latency_us) / 1e6;
   if (budgetS <= 0) throw new Error(`bench.comm_compute_ratios: at ${ratio} the latency alone (4 x ${emu.latency_us} us) exceeds ${ratio} x compute (${computeMs.toFixed(2)} ms) at seq_length ${seqLength}`);
   return wire / budgetS / 1e9;
@@ -397,11 +407,11 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
     const replay = simulatePlan(plan, (op, pass) => r0.op_times_ms[pass][op.id] ?? 0);
     writeFileAtomic(join(outDir, trace), JSON.stringify(chromeTrace(plan, replay, `${spec.id}: measured op times of rank ${r0.rank}, replayed`)) + "\n");
     const ref = bestMoeOverlap(spec.group.id);
-    const b = t.bound;
-    const compute = (b.forward_compute_ms ?? 0) + (b.backward_compute_ms ?? 0);
+    // The sequential block's emulated delay in these repetitions: what the ratio actually was.
+    const delay = state.emulated_comm ? baselineDelayMs(gc, state.emulated_comm) : null;
     return {
       case: spec.id, group: spec.group.id, model: spec.group.model?.name ?? null, seq_length: spec.group.seqLength, comm_compute_ratio: spec.group.ratio,
-      comm_compute_measured: compute > 0 ? ((b.forward_comm_ms ?? 0) + (b.backward_comm_ms ?? 0)) / compute : null,
+      comm_compute_measured: delay !== null && bm.median > delay ? delay / (bm.median - delay) : null,
       source: spec.source, variant: plan.variant, degree: plan.boundaries.length - 1, boundaries: plan.boundaries,
       status: "ok", error: null,
       interconnect: s.emulated ? "emulated" : "real", emulated: s.emulated, bandwidth_gbps: state.emulated_comm?.bandwidth_gbps ?? null,

@@ -131,3 +131,13 @@ describe("the committed bench configs", () => {
     ]);
   });
 });
+
+describe("the sequential block's emulated delay", () => {
+  it("is what bandwidthForRatio budgeted: ratio x compute", async () => {
+    const { baselineDelayMs } = await import("../../../src/sweep/run.ts");
+    const cfg = config({});
+    const emu = { latency_us: 10, bandwidth_gbps: 1, world_size: 8 };
+    const bw = bandwidthForRatio(cfg, 256, 0.75, 40, emu);
+    expect(baselineDelayMs(cfg, { ...emu, bandwidth_gbps: bw })).toBeCloseTo(0.75 * 40, 9);
+  });
+});
