@@ -225,7 +225,7 @@ export function register(program: Command): void {
     .option("--trace <file>", "where to write the Chrome trace (default: the plan path with .trace.json)")
     .option("--no-trace", "do not write a trace")
     .option("--calibration <file>", "measured op times to fit the cost model to (docs/plan.md)")
-    .option("--variant <variant>", "sequential | grouped | interleaved | auto (default: pipeline.variant)")
+    .option("--variant <variant>", "sequential | grouped | interleaved | moe-overlap (the peer baseline) | auto (default: pipeline.variant)")
     .option("--degree <P>", "pipe degree or auto (default: pipeline.degree)")
     .addOption(new Option("--profile <name>", "device profile for the default costs (default: h100 on cuda, else cpu)").choices(Object.keys(PROFILES)))
     .option("--granularity <tokens>", "interior chunk boundaries are multiples of this (default: 64 on GPU profiles, 8 on cpu)")
