@@ -2,6 +2,7 @@ import { describe, expect, it } from "vitest";
 import { planIssues, validatePlan } from "../../../src/plan/check.ts";
 import { makePlan, sequentialPlan } from "../../../src/plan/generators.ts";
 import { opId, parseDims, type Plan } from "../../../src/plan/ir.ts";
+import { simulatePlan } from "../../../src/plan/simulate.ts";
 import { smallDims } from "./helpers.ts";
 
 const ids = (plan: Plan, list: "forward" | "backward", stream?: string) =>
@@ -25,6 +26,25 @@ describe("generators", () => {
     expect(dep("f.experts.0")).toEqual(["f.dispatch.0"]);
     expect(dep("b.route.0")).toEqual(["b.dispatch.0"]);
     expect(dep("f.attn.0")).toEqual([]); // same-stream needs are implied by list order
+  });
+
+  it("moe-overlap: attention whole, then the MoE layer pipelined over the pieces, in both passes", () => {
+    const p = makePlan("moe-overlap", smallDims(), { degree: 3, chunkQkv: true }); // chunkQkv is ignored
+    expect(planIssues(p)).toEqual([]);
+    expect(p.chunk_qkv).toBe(false);
+    expect(p.chunk_attention).toBe(false);
+    expect(ids(p, "forward", "compute").slice(0, 9)).toEqual([
+      "f.qkv", "f.attn", "f.proj.0", "f.proj.1", "f.proj.2", "f.route.0", "f.route.1", "f.route.2", "f.aux_loss",
+    ]);
+    expect(ids(p, "forward", "comm")).toEqual(["f.dispatch.0", "f.dispatch.1", "f.combine.0", "f.dispatch.2", "f.combine.1", "f.combine.2"]);
+    const dep = (id: string) => p.forward.concat(p.backward).find((o) => o.id === id)!.deps;
+    expect(dep("f.dispatch.0")).toEqual(["f.route.2"]); // no all-to-all before the whole attention side
+    expect(dep("b.route.2")).toEqual(["b.dispatch.0"]); // no router/attention backward before the last dispatch_bwd
+    expect(ids(p, "backward", "compute").slice(-8)).toEqual(["b.route.2", "b.route.1", "b.route.0", "b.proj.2", "b.proj.1", "b.proj.0", "b.attn", "b.qkv"]);
+    // simulated: every all-to-all of the forward starts after the last route ends
+    const sim = simulatePlan(p, () => 1);
+    const end = (id: string) => sim.forward.ops.find((o) => o.id === id)!.endMs;
+    for (const o of sim.forward.ops.filter((o) => o.stream === "comm")) expect(o.startMs).toBeGreaterThanOrEqual(end("f.route.2"));
   });
 
   it("sequential rejects more than one chunk, naming the field", () => {
