@@ -44,7 +44,7 @@ export function readBenchRun(dir: string): { manifest: Manifest; results: CaseRe
   const rPath = join(dir, RESULTS_FILE);
   const lacks = [mPath, rPath].filter((p) => !existsSync(p));
   if (lacks.length === 2 && existsSync(join(dir, "compare.json")))
-    throw new MissingRunError(`${dir}: an ampipe compare directory; ampipe compare writes its report.html and summary.md itself (rerun it on the same --out to refresh them)`);
+    throw new MissingRunError(`${dir}: an ampipe compare directory; ampipe compare writes its report.html and summary.md itself`);
   if (lacks.length === 2) throw new MissingRunError(`${dir}: not an ampipe bench directory: ${MANIFEST_FILE} and ${RESULTS_FILE} are missing (run ampipe bench <config> --out ${dir})`);
   if (!existsSync(mPath)) throw new MissingRunError(`${dir}: ${MANIFEST_FILE} is missing (the sweep's grid and config); ${RESULTS_FILE} alone cannot say which cases should be there`);
   const manifest = JSON.parse(readFileSync(mPath, "utf8")) as Manifest;
