@@ -36,9 +36,11 @@ describe("generators", () => {
     expect(ids(p, "forward", "compute").slice(0, 9)).toEqual([
       "f.qkv", "f.attn", "f.proj.0", "f.proj.1", "f.proj.2", "f.route.0", "f.route.1", "f.route.2", "f.aux_loss",
     ]);
-    expect(ids(p, "forward", "comm")).toEqual(["f.dispatch.0", "f.dispatch.1", "f.combine.0", "f.dispatch.2", "f.combine.1", "f.combine.2"]);
+    expect(ids(p, "forward", "comm")).toEqual([
+      "f.counts.0", "f.dispatch.0", "f.counts.1", "f.dispatch.1", "f.combine.0", "f.counts.2", "f.dispatch.2", "f.combine.1", "f.combine.2",
+    ]);
     const dep = (id: string) => p.forward.concat(p.backward).find((o) => o.id === id)!.deps;
-    expect(dep("f.dispatch.0")).toEqual(["f.route.2"]); // no all-to-all before the whole attention side
+    expect(dep("f.counts.0")).toEqual(["f.route.2"]); // no exchange before the whole attention side
     expect(dep("b.route.2")).toEqual(["b.dispatch.0"]); // no router/attention backward before the last dispatch_bwd
     expect(ids(p, "backward", "compute").slice(-8)).toEqual(["b.route.2", "b.route.1", "b.route.0", "b.proj.2", "b.proj.1", "b.proj.0", "b.attn", "b.qkv"]);
     // simulated: every all-to-all of the forward starts after the last route ends
