@@ -246,7 +246,8 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
         // its one-chunk op times (all but the all-to-alls) calibrate the whole-sequence ops.
         const c0 = groupConfig(cfg, group, null);
         const plan = makePlan("sequential", dimsFromConfig(c0), { chunkQkv: cfg.pipeline.chunk_qkv, capacityScope: cfg.pipeline.capacity_scope });
-        const res = await runBlock(c0, plan, settings.steps, settings.warmup);
+        // At least one warm-up step: a cold first step (lazy initialisation) would set the ratio.
+        const res = await runBlock(c0, plan, settings.steps, Math.max(1, settings.warmup));
         const ms = summarizeRanks(res, c0.model.dtype).timing.baseline_ms;
         for (const r of res) calibrationRuns.push(calibrationRun(plan, r, `${sequentialSource(group)}, rank ${r.rank}`));
         computeMs.set(computeKey(group), ms);

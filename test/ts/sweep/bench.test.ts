@@ -73,7 +73,7 @@ describe("ampipe bench", () => {
       for (const k of ["seq_length", "variant", "degree", "boundaries", "measured_ms", "predicted_ms", "baseline_ms", "speedup", "speedup_vs_moe_overlap", "overlap_efficiency", "emulated"])
         expect(r, k).toHaveProperty(k);
       expect(r.interconnect).toBe("emulated");
-      expect(r.emulated).toMatch(/^emulated 8-way all-to-all \(50 us \+ bytes \/ [\d.]+ GB\/s\)$/);
+      expect(r.emulated).toMatch(/^emulated 8-way all-to-all \(50 us \+ bytes \/ [\d.e+-]+ GB\/s\)$/); // %g: 0.0312, 9.99e-05
       expect(r.equivalence_ok).toBe(true);
       expect(r.samples).toHaveLength(2);
       expect(r.speedup).toBeCloseTo([...r.samples.map((s) => s.baseline_ms / s.pipelined_ms)].reduce((a, b) => a + b) / 2, 10); // median of 2
