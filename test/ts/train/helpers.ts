@@ -18,7 +18,7 @@ export function tinyDataset(dir: string): string {
   return prefix;
 }
 
-/** Two CPU ranks (EP 2), a 2-layer model with the interleaved P=2 block, 12 steps. */
+/** Two CPU ranks (EP 2), a 2-layer model with the interleaved P=2 block, 24 steps. */
 export function tinyConfig(dataPrefix: string, extra = ""): string {
   return `
 model:
@@ -37,7 +37,7 @@ pipeline: { degree: 2, variant: interleaved, emulated_comm: null }
 run: { seed: 3 }
 data: { path: ${JSON.stringify(dataPrefix)} }
 train:
-  steps: 12
+  steps: 24
   lr: 3.0e-3
   min_lr: 3.0e-4
   warmup_steps: 2

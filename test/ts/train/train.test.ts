@@ -36,18 +36,18 @@ describe("ampipe train", { timeout: 240_000 }, () => {
     expect(ran.stderr).toBe("");
     expect(ran.code).toBe(0);
     expect(ran.stdout).toMatch(/block: pipelined, interleaved P=2, boundaries \[0, 24, 48\]/);
-    expect(ran.stdout).toMatch(/step 12\/12: loss \d/);
+    expect(ran.stdout).toMatch(/step 24\/24: loss \d/);
     const lines = metrics(full);
     const train = lines.filter((l) => l.kind === "train");
-    expect(train.map((l) => l.step)).toEqual([...Array(12).keys()].map((i) => i + 1));
-    expect(lines.filter((l) => l.kind === "eval").map((l) => l.step)).toEqual([4, 8, 12]);
+    expect(train.map((l) => l.step)).toEqual([...Array(24).keys()].map((i) => i + 1));
+    expect(lines.filter((l) => l.kind === "eval").map((l) => l.step)).toEqual([4, 8, 12, 16, 20, 24]);
     for (const k of ["loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "step_ms"]) expect(train[0]).toHaveProperty(k);
-    expect(train[11].loss).toBeLessThan(train[0].loss - 0.5);
+    expect(train[23].loss).toBeLessThan(train[0].loss - 0.5);
     expect(readdirSync(join(full, "tb")).some((f) => f.startsWith("events.out.tfevents"))).toBe(true);
-    expect(readdirSync(join(full, "checkpoints")).sort()).toEqual(["step-00000004", "step-00000008", "step-00000012"]);
-    expect(readdirSync(join(full, "checkpoints", "step-00000012")).sort()).toEqual(["manifest.json", "rank-00000.pt", "rank-00001.pt"]);
+    expect(readdirSync(join(full, "checkpoints")).sort()).toEqual([4, 8, 12, 16, 20, 24].map((s) => `step-${String(s).padStart(8, "0")}`));
+    expect(readdirSync(join(full, "checkpoints", "step-00000024")).sort()).toEqual(["manifest.json", "rank-00000.pt", "rank-00001.pt"]);
     const summary = JSON.parse(readFileSync(join(full, "train.json"), "utf8"));
-    expect(summary).toMatchObject({ format: "ampipe.train", step: 12, stopped: false, block: { pipelined: true, degree: 2 } });
+    expect(summary).toMatchObject({ format: "ampipe.train", step: 24, stopped: false, block: { pipelined: true, degree: 2 } });
     expect(JSON.parse(readFileSync(join(full, "config.json"), "utf8")).data.path).toBe(dataPrefix);
     expect(JSON.parse(readFileSync(join(full, "plan.json"), "utf8")).boundaries).toEqual([0, 24, 48]);
   });
@@ -70,7 +70,7 @@ describe("ampipe train", { timeout: 240_000 }, () => {
     expect(again.code).toBe(0);
     await uninterrupted();
     const from = Number(/resumed from the checkpoint of step (\d+)/.exec(again.stdout)?.[1]);
-    expect([4, 8]).toContain(from);
+    expect([4, 8, 12, 16, 20]).toContain(from); // killed at step 6 or soon after, before the end
     expect(trainLosses(out)).toEqual(trainLosses(full)); // every step once, bitwise
     expect(evalLosses(out)).toEqual(evalLosses(full));
     expect(ranksOf(first.pid)).toEqual([]);
