@@ -16,7 +16,7 @@ import { makeProgress, type Progress } from "../train/progress.ts";
 import { MetricsLog, prepareRunDir } from "../train/rundir.ts";
 import { stopOnSignals } from "../train/signals.ts";
 import { prepareRunPlan } from "./run.ts";
-import { addControllerOptions, positiveInt, reportFailure, startRun, type RunCliOptions } from "./ping.ts";
+import { addControllerOptions, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
 
 export const COMPARE_MODULE = "ampipe.train.compare";
 export const COMPARE_FORMAT = "ampipe.compare";
@@ -24,7 +24,7 @@ export const COMPARE_FORMAT = "ampipe.compare";
 export const GOAL_MAX_DELTA = 1e-4;
 
 export interface CompareOptions
-  extends Pick<RunCliOptions, "bind" | "allowRemote" | "external" | "heartbeatInterval" | "heartbeatTimeout" | "joinTimeout"> {
+  extends ControllerCliOptions {
   seeds: number;
   steps?: number;
   margin: number;
@@ -164,10 +164,7 @@ export async function compareCommand(configPath: string, o: CompareOptions): Pro
   try {
     if (todo.length) {
       const par = cfg.parallelism;
-      run = await startRun(
-        { ranks: par.world_size, device: par.device, backend: par.backend, bind: o.bind, allowRemote: o.allowRemote, external: o.external,
-          heartbeatInterval: o.heartbeatInterval, heartbeatTimeout: o.heartbeatTimeout, joinTimeout: o.joinTimeout },
-        { imports: [COMPARE_MODULE], onEvent },
+      run = await startConfigRun(par, o, { imports: [COMPARE_MODULE], onEvent },
       );
       const args = { config: cfg, plan, seeds: todo, run_dir: resolve(root) };
       const results = (await Promise.all([...Array(run.worldSize).keys()].map((r) => run!.request(r, "compare", args)))) as Array<{ seeds: SeedResult[]; stopped: boolean }>;

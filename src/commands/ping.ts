@@ -4,7 +4,7 @@ import { Command, InvalidArgumentError, Option } from "commander";
 import {
   attachRanks, BridgeError, closeOnSignals, CommandError, launchRanks, RankFailure, RunClosedError, type RankRun, type RunOptions,
 } from "../bridge/index.ts";
-import { ConfigError, loadConfig } from "../config/index.ts";
+import { ConfigError, loadConfig, type ParallelismConfig } from "../config/index.ts";
 
 interface PingResult {
   rank: number; pid: number; host: string; backend: string; device: string;
@@ -68,6 +68,17 @@ export function addRunOptions(cmd: Command): Command {
 export interface RunCliOptions {
   ranks: number; device: "cpu" | "cuda" | "auto"; backend: "gloo" | "nccl" | "auto"; bind: string;
   allowRemote?: boolean; external?: boolean; heartbeatInterval: number; heartbeatTimeout: number; joinTimeout: number;
+}
+
+/** The controller options of a command whose ranks come from the config's parallelism section. */
+export type ControllerCliOptions = Pick<RunCliOptions, "bind" | "allowRemote" | "external" | "heartbeatInterval" | "heartbeatTimeout" | "joinTimeout">;
+
+/** `startRun` for the config's ranks (world size, device, backend) with the command's controller options. */
+export function startConfigRun(par: ParallelismConfig, o: ControllerCliOptions, extra: Partial<RunOptions> = {}): Promise<RankRun> {
+  return startRun({
+    ranks: par.world_size, device: par.device, backend: par.backend, bind: o.bind, allowRemote: o.allowRemote, external: o.external,
+    heartbeatInterval: o.heartbeatInterval, heartbeatTimeout: o.heartbeatTimeout, joinTimeout: o.joinTimeout,
+  }, extra);
 }
 
 /** Starts the ranks the options describe (spawned, or external) and prints what a user needs. */

@@ -16,7 +16,7 @@ import { readPlan, writeFileAtomic, writePlan } from "../plan/io.ts";
 import { simulatePlan } from "../plan/simulate.ts";
 import { chromeTrace } from "../plan/trace.ts";
 import { checkPlanDims, costModelFor, runPlan } from "./plan.ts";
-import { addControllerOptions, nonNegative, positiveInt, reportFailure, startRun, type RunCliOptions } from "./ping.ts";
+import { addControllerOptions, nonNegative, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
 
 /** The Python module that registers `run_block` on each rank. */
 export const RANK_MODULE = "ampipe.pipeline.worker_commands";
@@ -196,7 +196,7 @@ function replayTrace(plan: Plan, r: RankResult): ReturnType<typeof chromeTrace> 
 
 /** The options of `ampipe run`; the controller's are the ones every rank-launching command takes. */
 export interface RunCommandOptions
-  extends Pick<RunCliOptions, "bind" | "allowRemote" | "external" | "heartbeatInterval" | "heartbeatTimeout" | "joinTimeout"> {
+  extends ControllerCliOptions {
   plan?: string;
   steps?: number;
   warmup?: number;
@@ -310,12 +310,7 @@ export async function runCommand(configPath: string, o: RunCommandOptions, out: 
   };
   try {
     const tl = performance.now();
-    run = await startRun(
-      {
-        ranks: par.world_size, device: par.device, backend: par.backend, bind: o.bind, allowRemote: o.allowRemote, external: o.external,
-        heartbeatInterval: o.heartbeatInterval, heartbeatTimeout: o.heartbeatTimeout, joinTimeout: o.joinTimeout,
-      },
-      { imports: [RANK_MODULE], onEvent },
+    run = await startConfigRun(par, o, { imports: [RANK_MODULE], onEvent },
     );
     stopSignals = closeOnSignals(run);
     const r0 = run.ranks[0];

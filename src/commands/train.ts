@@ -14,13 +14,13 @@ import { makeProgress, type Progress } from "../train/progress.ts";
 import { stopOnSignals } from "../train/signals.ts";
 import { MetricsLog, prepareRunDir } from "../train/rundir.ts";
 import { prepareRunPlan } from "./run.ts";
-import { addControllerOptions, positiveInt, reportFailure, startRun, type RunCliOptions } from "./ping.ts";
+import { addControllerOptions, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
 
 export const TRAIN_MODULE = "ampipe.train.worker_commands";
 export const TRAIN_FORMAT = "ampipe.train";
 
 export interface TrainOptions
-  extends Pick<RunCliOptions, "bind" | "allowRemote" | "external" | "heartbeatInterval" | "heartbeatTimeout" | "joinTimeout"> {
+  extends ControllerCliOptions {
   plan?: string;
   steps?: number;
   out?: string;
@@ -125,12 +125,7 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
   const signals = stopOnSignals(() => run, "ampipe train");
   try {
     const par = cfg.parallelism;
-    run = await startRun(
-      {
-        ranks: par.world_size, device: par.device, backend: par.backend, bind: o.bind, allowRemote: o.allowRemote, external: o.external,
-        heartbeatInterval: o.heartbeatInterval, heartbeatTimeout: o.heartbeatTimeout, joinTimeout: o.joinTimeout,
-      },
-      { imports: [TRAIN_MODULE], onEvent },
+    run = await startConfigRun(par, o, { imports: [TRAIN_MODULE], onEvent },
     );
     const r0 = run.ranks[0];
     say(`${run.worldSize} ranks ready (torch ${r0.torch}, ${r0.backend ?? "no dist"} on ${r0.device}; expert-parallel size ${par.expert_model_parallel_size})`);

@@ -22,7 +22,7 @@ import { planBlock } from "../plan/planner.ts";
 import { simulatePlan } from "../plan/simulate.ts";
 import { chromeTrace } from "../plan/trace.ts";
 import { costModelFor, dimsFromConfig } from "../commands/plan.ts";
-import { startRun, type RunCliOptions } from "../commands/ping.ts";
+import { startConfigRun, type ControllerCliOptions } from "../commands/ping.ts";
 import { RANK_MODULE, summarizeRanks, type RankResult } from "../commands/run.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { benchSettings, expandGrid, groupsOf, withModel, type CaseSpec, type Group } from "./grid.ts";
@@ -35,7 +35,7 @@ export const MANIFEST_FILE = "bench.json";
 export const CALIBRATION_FILE = "calibration.json";
 
 export interface BenchOptions
-  extends Pick<RunCliOptions, "bind" | "allowRemote" | "external" | "heartbeatInterval" | "heartbeatTimeout" | "joinTimeout"> {
+  extends ControllerCliOptions {
   out?: string;
   cases?: number;
   quick?: boolean;
@@ -203,12 +203,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
   const ensureRun = async (): Promise<RankRun> => {
     if (run && !run.closing && !run.failure) return run;
     await run?.close();
-    run = await startRun(
-      {
-        ranks: par.world_size, device: par.device, backend: par.backend, bind: o.bind, allowRemote: o.allowRemote, external: o.external,
-        heartbeatInterval: o.heartbeatInterval, heartbeatTimeout: o.heartbeatTimeout, joinTimeout: o.joinTimeout,
-      },
-      { imports: [RANK_MODULE] },
+    run = await startConfigRun(par, o, { imports: [RANK_MODULE] },
     );
     manifest.device = run.ranks[0].device;
     manifest.torch = run.ranks[0].torch;
