@@ -21,9 +21,9 @@ Layouts the adapter answers in (both Megatron-Core's):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -80,6 +80,11 @@ class LayerAdapter(Protocol):
     def op_modules(self) -> Mapping[str, Sequence[nn.Module]]:
         """For the op kinds ``qkv``, ``proj``, ``route``, ``experts``: the modules whose
         parameters that op differentiates. Together they must hold every parameter of ``adapted``."""
+
+    def pipelined_forward(self, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The pipelined layer's ``forward``: takes the layer's own call arguments, calls
+        ``run(x [s, b, H], rope=None | (cos, sin)) -> (y, MoELosses)`` and returns what the
+        layer's own forward returns (attaching the aux losses the way the layer does)."""
 
     def norm1(self, x: torch.Tensor) -> torch.Tensor: ...
 

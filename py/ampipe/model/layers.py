@@ -178,6 +178,11 @@ class TransformerLayer(nn.Module):
     def adapted(self) -> "TransformerLayer":
         return self
 
+    def pipelined_forward(self, run, x: torch.Tensor):
+        """The pipelined layer's forward (`AMPipeBlock`): ``run(x) -> (y, MoELosses)``, the
+        same call and return value as `forward`."""
+        return run(x)
+
     @property
     def ep(self) -> ExpertParallel:
         return self.mlp.ep
