@@ -40,21 +40,14 @@ class SwapReport:
         return "\n".join(lines)
 
 
-def _layers(model: nn.Module):
-    """(name, module) of every transformer layer, outermost first; a layer's insides are not
+def _layers(model: nn.Module, prefix: str = ""):
+    """(name, module) of every transformer layer, in module order; a layer's insides are not
     searched further (a layer holds no other layers)."""
     if is_layer_like(model):
-        yield "", model
+        yield prefix, model
         return
-    stack = [("", model)]
-    while stack:
-        prefix, mod = stack.pop()
-        for child_name, child in reversed(list(mod.named_children())):
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            if is_layer_like(child):
-                yield name, child
-            else:
-                stack.append((name, child))
+    for child_name, child in model.named_children():
+        yield from _layers(child, f"{prefix}.{child_name}" if prefix else child_name)
 
 
 def swap_blocks(model: nn.Module, plan: Plan | str | Path | Mapping[str, Any],
