@@ -781,11 +781,13 @@ class _Engine:
         S, B = x.shape[0], x.shape[1]
         if S != self.plan.boundaries[-1] or S != self.plan.dims.get("seq_length", S):
             raise PlanError(f"AMPipeBlock: input has {S} rows but the plan's seq_length is "
-                            f"{self.plan.boundaries[-1]}")
+                            f"{self.plan.boundaries[-1]} (make a plan with ampipe plan ... "
+                            f"--set model.seq_length={S})")
         mbs = self.plan.dims.get("micro_batch_size")
         if mbs is not None and mbs != B:
             raise PlanError(f"AMPipeBlock: input micro-batch size {B} != plan "
-                            f"dims.micro_batch_size {mbs}")
+                            f"dims.micro_batch_size {mbs} (make a plan with ampipe plan ... "
+                            f"--set model.micro_batch_size={B})")
         self._device = x.device
         if self.emulated_comm is not None:
             self._injector(x.device)  # before the block's ops: calibration synchronises
