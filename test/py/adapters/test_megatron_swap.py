@@ -207,6 +207,7 @@ def test_a_causal_attention_mask_is_accepted_and_another_refused():
         model(ids, attention_mask=torch.zeros(1, 1, S, S, dtype=torch.bool), labels=labels)
 
 
+@pytest.mark.slow
 def test_megatron_adapter_imports_nothing_from_megatron():
     import subprocess
     import sys
