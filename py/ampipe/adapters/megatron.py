@@ -15,7 +15,8 @@ What it reads (megatron-core 0.20):
 - ``mlp.router.weight [E, H]``; ``mlp.experts`` as ``GroupedMLP`` (``weight1 [H, E·F1]``,
   ``weight2 [E·F, H]``, ampipe's layout, viewed) or ``SequentialMLP``
   (``local_experts.i.linear_fc1.weight [F1, H]``, ``linear_fc2.weight [H, F]``, stacked
-  and transposed: a differentiable view of the same parameters, no copy kept);
+  and transposed at each experts op: a temporary copy per chunk, differentiable, so the
+  gradients reach the experts' own parameters);
   ``mlp.token_dispatcher`` is not used (ampipe permutes and exchanges the tokens itself);
 - the call ``layer(hidden_states [s, b, H], attention_mask=None, rotary_pos_emb=freqs [s, 1, 1, d], ...)``
   returning ``(output, context)``; rope is applied non-interleaved (`rotate_half`) from the

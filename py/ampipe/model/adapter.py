@@ -15,7 +15,7 @@ Layouts the adapter answers in (both Megatron-Core's):
   query heads, then its key head, then its value head), bias included;
 - ``expert_weights()``: ``w1 [E_local, H, F1]`` (SwiGLU: gate half first), ``w2
   [E_local, F, H]``, optional ``bias1 [E_local, F1]``, ``bias2 [E_local, H]``; views or
-  stacks of the layer's own parameters (autograd reaches them, nothing is copied out);
+  differentiable stacks of the layer's own parameters (autograd reaches them);
 - ``router_weight()`` ``[E, H]``.
 """
 
