@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..model import block_pieces as pieces
-from ..model.adapter import LayerAdapter
+from ..model.adapter import LayerAdapter, NotSwappable
 from ..model.block_pieces import MoELosses, Permuted, Routing, RoutingStats
 from ..model.config import check_capacity_scope
 from ..parallel import expert_comm as ep_comm
@@ -728,7 +728,10 @@ class _Engine:
         self._kind_params: dict[str, list[nn.Parameter]] = {}
         self._delay_cache: dict[torch.device, DelayInjector] = {}
         self._device: torch.device | None = None
-        self._params()  # refuse a layer with parameters no op differentiates now, not at the first step
+        try:  # refuse a layer with parameters no op differentiates now, not at the first step
+            self._params()
+        except PlanError as e:
+            raise NotSwappable(str(e).removeprefix("AMPipeBlock: ")) from None
 
     def _params(self) -> list[nn.Parameter]:
         """The layer's parameters (the Function's inputs); each op kind's are rebuilt when
@@ -888,6 +891,16 @@ def apply_ampipe(layer: nn.Module, plan: Plan | str | Path | Mapping[str, Any], 
     `adapter` defaults to the one that recognises the layer (`ampipe.adapters.adapter_for`;
     `NotSwappable` names what it missed). A plan whose dims differ from the layer's is
     refused naming the field and the `ampipe plan` command that makes a fitting one."""
+    return _install(layer, prepare_ampipe(layer, plan, adapter=adapter, emulated_comm=emulated_comm,
+                                          record_times=record_times))
+
+
+def prepare_ampipe(layer: nn.Module, plan: Plan | str | Path | Mapping[str, Any], *,
+                   adapter: LayerAdapter | None = None,
+                   emulated_comm: EmulatedComm | Mapping[str, Any] | None = None,
+                   record_times: bool = True) -> _Engine:
+    """Every check of `apply_ampipe`, changing nothing: the engine it would install.
+    Raises `NotSwappable` (the layer) or `PlanError` (the plan does not fit it)."""
     from ..adapters import adapter_for, plan_fit_error
 
     if isinstance(layer, AMPipeBlock):
@@ -898,9 +911,13 @@ def apply_ampipe(layer: nn.Module, plan: Plan | str | Path | Mapping[str, Any], 
     if isinstance(emulated_comm, Mapping):
         emulated_comm = EmulatedComm.from_dict(emulated_comm)
     try:
-        engine = _Engine(adapter, plan, emulated_comm, record_times, type(layer))
+        check_dims(plan, block_dims(adapter))
     except PlanError as e:
         raise plan_fit_error(e, adapter) from None
+    return _Engine(adapter, plan, emulated_comm, record_times, type(layer))
+
+
+def _install(layer: nn.Module, engine: _Engine) -> AMPipeBlock:
     layer.__dict__["_ampipe"] = engine
     layer.__class__ = _pipelined_class(type(layer))
     return layer  # type: ignore[return-value]

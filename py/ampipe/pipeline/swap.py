@@ -17,10 +17,10 @@ from typing import Any
 
 from torch import nn
 
-from ..adapters import adapter_for, is_layer_like, plan_fit_error
+from ..adapters import is_layer_like
 from ..model.adapter import NotSwappable
-from .block import AMPipeBlock, apply_ampipe, block_dims, unapply_ampipe
-from .plan import Plan, PlanError, check_dims, load_plan
+from .block import AMPipeBlock, _install, prepare_ampipe, unapply_ampipe
+from .plan import Plan, PlanError, load_plan
 
 __all__ = ["SwapReport", "swap_blocks", "unswap_blocks", "pipeline_layers", "baseline_layers"]
 
@@ -61,22 +61,19 @@ def swap_blocks(model: nn.Module, plan: Plan | str | Path | Mapping[str, Any],
         plan = load_plan(plan)
     chosen, skipped = [], {}
     for name, layer in _layers(model):
+        label = name or "(model)"
         if isinstance(layer, AMPipeBlock):
-            skipped[name or "(model)"] = "already pipelined"
+            skipped[label] = "already pipelined"
             continue
         try:
-            adapter = adapter_for(layer)
+            chosen.append((label, layer, prepare_ampipe(layer, plan, **options)))
         except NotSwappable as e:
-            skipped[name or "(model)"] = e.reason
-            continue
-        try:
-            check_dims(plan, block_dims(adapter))
+            skipped[label] = e.reason
         except PlanError as e:
-            raise plan_fit_error(f"{name or 'model'}: {e}", adapter) from None
-        chosen.append((name, layer, adapter))
-    for name, layer, adapter in chosen:
-        apply_ampipe(layer, plan, adapter=adapter, **options)
-    return SwapReport([name or "(model)" for name, _, _ in chosen], skipped, plan)
+            raise PlanError(f"{label}: {e}") from None
+    for _, layer, engine in chosen:  # every check passed: now change the model
+        _install(layer, engine)
+    return SwapReport([label for label, _, _ in chosen], skipped, plan)
 
 
 def unswap_blocks(model: nn.Module) -> list[str]:

@@ -215,3 +215,12 @@ def test_megatron_adapter_imports_nothing_from_megatron():
     code = ("import sys, ampipe.adapters.megatron, ampipe.pipeline; "
             "assert not [m for m in sys.modules if m.startswith('megatron')], 'imported megatron'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_layer_with_parameters_no_op_covers_is_left_unswapped_naming_them():
+    model = make_model()
+    model.decoder.layers[1].self_attention.extra_scale = nn.Parameter(torch.ones(3))
+    report = swap_blocks(model, plan_for(model))
+    assert report.swapped == ["decoder.layers.0"]
+    assert "self_attention.extra_scale" in report.skipped["decoder.layers.1"]
+    assert type(model.decoder.layers[1]) is md.TransformerLayer
