@@ -224,3 +224,15 @@ def test_a_layer_with_parameters_no_op_covers_is_left_unswapped_naming_them():
     assert report.swapped == ["decoder.layers.0"]
     assert "self_attention.extra_scale" in report.skipped["decoder.layers.1"]
     assert type(model.decoder.layers[1]) is md.TransformerLayer
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("grouped", [False, True])
+def test_swapped_double_equals_unswapped_on_cuda(grouped):
+    model = make_model(grouped=grouped).cuda()
+    ids, labels = (t.cuda() for t in batch())
+    ref = run(model, ids, labels)
+    swap_blocks(model, plan_for(model, "grouped-p3-nonuniform"))
+    got = run(model, ids, labels)
+    assert_close({k: v.cpu() for k, v in ref.items()}, {k: v.cpu() for k, v in got.items()}, rel=1e-4)
