@@ -33,6 +33,7 @@ written by hand, the plan decides order and streams, and:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -827,12 +828,9 @@ class AMPipeBlock(nn.Module):
     @classmethod
     def from_layer(cls, layer: nn.Module, plan: Plan | str | Path | Mapping[str, Any], *,
                    emulated_comm: EmulatedComm | Mapping[str, Any] | None = None,
-                   record_times: bool = True, adapter: LayerAdapter | None = None) -> "AMPipeBlock":
+                   record_times: bool = True) -> "AMPipeBlock":
         """A pipelined twin of `layer`: a new module object over the same submodules (same
         Parameter objects, same state_dict names); `layer` itself is left as it is."""
-        if adapter is not None:
-            raise ValueError("AMPipeBlock.from_layer: an explicit adapter adapts `layer` itself; "
-                             "use apply_ampipe(layer, plan, adapter=...)")
         return apply_ampipe(_twin(layer), plan, emulated_comm=emulated_comm,
                             record_times=record_times)
 
@@ -874,11 +872,12 @@ def _pipelined_class(cls: type) -> type:
 
 
 def _twin(layer: nn.Module) -> nn.Module:
-    """A new module object with `layer`'s attributes and the same submodules, parameters and
-    buffers (its own registries and hook tables, so changing one leaves the other alone)."""
-    twin = object.__new__(type(layer))
-    twin.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v)
-                          for k, v in layer.__dict__.items()})
+    """A shallow copy of `layer`: the same submodules, parameters and buffers, but its own
+    registries and hook tables (so registering on one leaves the other alone)."""
+    twin = copy.copy(layer)
+    for k, v in twin.__dict__.items():
+        if isinstance(v, dict):
+            twin.__dict__[k] = type(v)(v)
     return twin
 
 
