@@ -236,3 +236,18 @@ def test_swapped_double_equals_unswapped_on_cuda(grouped):
     swap_blocks(model, plan_for(model, "grouped-p3-nonuniform"))
     got = run(model, ids, labels)
     assert_close({k: v.cpu() for k, v in ref.items()}, {k: v.cpu() for k, v in got.items()}, rel=1e-4)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_bf16_double_swaps_and_agrees_to_bf16_rounding(grouped):
+    # bf16 parameters (Megatron's --bf16): the plan's dtype is read from the config, the
+    # block runs in the parameters' dtype; the double's router computes logits in bf16 and
+    # ampipe's in fp32, so they agree to bf16 rounding, not to fp32's.
+    model = make_model(grouped=grouped, bf16=True).to(torch.bfloat16)
+    plan = plan_for(model)
+    assert plan.dims["dtype"] == "bf16"
+    ids, labels = batch()
+    ref = run(model, ids, labels)
+    swap_blocks(model, plan)
+    got = run(model, ids, labels)
+    assert_close({k: v.float() for k, v in ref.items()}, {k: v.float() for k, v in got.items()}, rel=3e-2)
