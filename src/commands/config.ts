@@ -35,6 +35,7 @@ export function register(program: Command): void {
     .command("from-megatron")
     .description("turn Megatron-LM pretrain_gpt.py flags (after --) into an ampipe config; warns about each flag it ignores")
     .argument("<flags...>", "Megatron-LM flags, after --, e.g. -- --num-layers 2 --hidden-size 128 ...")
+    .showHelpAfterError("(the Megatron-LM flags go after --: ampipe config from-megatron -- --num-layers 2 ...)")
     .option("--set <field=value>", "override a field after the flags are read (repeatable)", collect, [])
     .option("--out <file>", "write the config here (YAML, or JSON for .json) instead of printing it")
     .option("--json", "print JSON instead of YAML")
