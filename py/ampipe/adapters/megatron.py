@@ -303,10 +303,10 @@ class MegatronLayerAdapter:
                           attention_bias: Any = None, inference_context: Any = None,
                           packed_seq_params: Any = None, sequence_len_offset: Any = None,
                           *, inference_params: Any = None, **unknown: Any) -> tuple[torch.Tensor, Any]:
-        """`TransformerLayer.forward`'s call: ``(output, context)``."""
-        if unknown:
-            raise TypeError(f"AMPipeBlock (Megatron layer): unexpected argument(s) {sorted(unknown)}")
-        for name, v in (("context", context), ("context_mask", context_mask),
+        """`TransformerLayer.forward`'s call: ``(output, context)``. Arguments this version of
+        the signature does not name are accepted when None (Megatron passes every argument
+        by keyword, and versions add some)."""
+        for name, v in (*unknown.items(), ("context", context), ("context_mask", context_mask),
                         ("rotary_pos_cos", rotary_pos_cos), ("rotary_pos_sin", rotary_pos_sin),
                         ("attention_bias", attention_bias), ("inference_context", inference_context),
                         ("inference_params", inference_params), ("packed_seq_params", packed_seq_params),

@@ -251,3 +251,15 @@ def test_bf16_double_swaps_and_agrees_to_bf16_rounding(grouped):
     swap_blocks(model, plan)
     got = run(model, ids, labels)
     assert_close({k: v.float() for k, v in ref.items()}, {k: v.float() for k, v in got.items()}, rel=3e-2)
+
+
+def test_call_arguments_the_block_does_not_support_are_named():
+    model = make_model()
+    swap_blocks(model, plan_for(model))
+    layer = model.decoder.layers[0]
+    x = torch.randn(S, B, 32)
+    layer(hidden_states=x, some_future_argument=None)  # None: accepted
+    with pytest.raises(NotImplementedError, match="argument packed_seq_params"):
+        layer(x, packed_seq_params=object())
+    with pytest.raises(NotImplementedError, match="argument some_future_argument"):
+        layer(x, some_future_argument=1)
