@@ -70,6 +70,8 @@ class TransformerConfig:
     sequence_parallel: bool = False
     rotary_interleaved: bool = False
     qk_layernorm: bool = False
+    calculate_per_token_loss: bool = False
+    mtp_num_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -267,10 +269,12 @@ class TopKRouter(nn.Module):
         c = self.config
         x = input.reshape(-1, input.shape[-1])
         logits = F.linear(x, self.weight)
+        num_layers = c.num_layers + (c.mtp_num_layers or 0)
+        per_token = logits.shape[0] if c.calculate_per_token_loss else 1
         if c.moe_z_loss_coeff and self.training and torch.is_grad_enabled():
             z = c.moe_z_loss_coeff * torch.mean(torch.logsumexp(logits, dim=-1) ** 2)
-            logits = MoEAuxLossAutoScaler.apply(logits, z)
-            save_to_aux_losses_tracker("z_loss", z / c.moe_z_loss_coeff, self.layer_number, c.num_layers)
+            logits = MoEAuxLossAutoScaler.apply(logits, z * per_token)
+            save_to_aux_losses_tracker("z_loss", z / c.moe_z_loss_coeff, self.layer_number, num_layers)
         if c.moe_router_pre_softmax:
             top_probs, top_idx = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.topk, dim=1)
         else:
@@ -283,9 +287,9 @@ class TopKRouter(nn.Module):
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
             tokens_per_expert = routing_map.sum(dim=0).to(scores.dtype)
             aux = torch.sum(scores.sum(dim=0) * tokens_per_expert) * (E * c.moe_aux_loss_coeff / (T * T * self.topk))
-            probs = MoEAuxLossAutoScaler.apply(probs, aux)
+            probs = MoEAuxLossAutoScaler.apply(probs, aux * per_token)
             save_to_aux_losses_tracker("load_balancing_loss", aux / c.moe_aux_loss_coeff,
-                                       self.layer_number, c.num_layers)
+                                       self.layer_number, num_layers)
         return probs, routing_map
 
 
@@ -376,10 +380,16 @@ class GroupedMLP(nn.Module):
 
 
 class MoELayer(nn.Module):
+    """One expert-parallel rank holds every expert here (``ep_group`` None); the EP test
+    builds a rank's layer by slicing this one's experts (its reference is the EP=1 layer)."""
+
     def __init__(self, config: TransformerConfig, grouped: bool):
         super().__init__()
         self.config = config
         E = config.num_moe_experts
+        self.ep_group = None
+        self.num_local_experts = E
+        self.local_expert_indices = list(range(E))
         self.router = TopKRouter(config)
         self.experts = GroupedMLP(E, config) if grouped else SequentialMLP(E, config)
         self.token_dispatcher = MoEAlltoAllTokenDispatcher(E, config)

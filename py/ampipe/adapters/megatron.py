@@ -86,8 +86,6 @@ def model_config_from_megatron(cfg: Any) -> ModelConfig:
         ("tensor_model_parallel_size", lambda v: (v or 1) > 1, "tensor parallelism is not supported"),
         ("context_parallel_size", lambda v: (v or 1) > 1, "context parallelism is not supported"),
         ("sequence_parallel", bool, "sequence parallelism is not supported"),
-        ("expert_model_parallel_size", lambda v: (v or 1) > 1,
-         "expert parallelism over Megatron's groups is not supported yet (ampipe's own GPT has it)"),
         ("expert_tensor_parallel_size", lambda v: (v or 1) > 1, "expert tensor parallelism is not supported"),
         ("moe_router_score_function", lambda v: (v or "softmax") != "softmax",
          "only softmax scores are implemented"),
@@ -105,6 +103,8 @@ def model_config_from_megatron(cfg: Any) -> ModelConfig:
         ("qk_layernorm", bool, "QK layernorm is not implemented"),
         ("multi_latent_attention", bool, "multi-latent attention is not implemented"),
         ("fp8", lambda v: bool(v), "fp8 is not supported"),
+        ("moe_latent_size", lambda v: bool(v), "latent MoE projections are not implemented"),
+        ("moe_apply_probs_on_input", bool, "applying the gates to the expert input is not implemented"),
     ]
     for name, bad, why in refuse_if:
         v = _opt(cfg, name)
@@ -197,8 +197,13 @@ class MegatronLayerAdapter:
                   "self_attention.core_attention", "pre_mlp_layernorm", "mlp.router",
                   "mlp.experts", "mlp.token_dispatcher"):
             _path(layer, p)
-        self.cfg = model_config_from_megatron(_path(layer, "config"))
+        mcfg = _path(layer, "config")
+        self.cfg = model_config_from_megatron(mcfg)
         self.attention_backend = "auto"
+        self._ep = self._expert_parallel(layer, mcfg)
+        # Megatron's router scales the aux losses by the local token count under per-token loss.
+        self._per_token_loss = bool(_opt(mcfg, "calculate_per_token_loss", False))
+        self._tracked_layers = self.cfg.num_layers + int(_opt(mcfg, "mtp_num_layers") or 0)
         cfg = self.cfg
         H, heads, g, d = cfg.hidden_size, cfg.num_attention_heads, cfg.query_groups, cfg.head_dim
         attn = layer.self_attention
@@ -219,7 +224,7 @@ class MegatronLayerAdapter:
         experts = layer.mlp.experts
         F1 = cfg.moe_ffn_hidden_size * (2 if cfg.moe_expert_activation == "swiglu" else 1)
         F_ = cfg.moe_ffn_hidden_size
-        E = cfg.num_experts
+        E = cfg.num_experts // self._ep.size  # this rank's experts
         if hasattr(experts, "weight1") and hasattr(experts, "weight2"):
             self.experts_kind = "GroupedMLP"
             self._check_shape("mlp.experts.weight1", experts.weight1, (H, E * F1))
@@ -227,8 +232,9 @@ class MegatronLayerAdapter:
         elif hasattr(experts, "local_experts"):
             self.experts_kind = "SequentialMLP"
             if len(experts.local_experts) != E:
-                raise NotSwappable(f"mlp.experts.local_experts: {len(experts.local_experts)} experts, "
-                                   f"config.num_moe_experts={E}")
+                raise NotSwappable(f"mlp.experts.local_experts: {len(experts.local_experts)} experts; "
+                                   f"config.num_moe_experts={cfg.num_experts} over {self._ep.size} "
+                                   f"expert-parallel rank(s) means {E}")
             for i, e in enumerate(experts.local_experts):
                 self._check_shape(f"mlp.experts.local_experts.{i}.linear_fc1.weight",
                                   _path(e, "linear_fc1.weight"), (F1, H))
@@ -238,6 +244,31 @@ class MegatronLayerAdapter:
             raise NotSwappable("mlp.experts: neither a GroupedMLP (weight1, weight2) nor a "
                                "SequentialMLP (local_experts)")
         self._scaler, self._tracker = _moe_utils(layer.mlp.router)
+
+    @staticmethod
+    def _expert_parallel(layer: nn.Module, mcfg: Any) -> ExpertParallel:
+        """The experts' expert-parallel group: Megatron's MoE layer keeps it as ``mlp.ep_group``
+        and its experts as ``mlp.local_expert_indices`` (rank r holds ``[r·E/R, (r+1)·E/R)``,
+        ampipe's layout)."""
+        size = int(_opt(mcfg, "expert_model_parallel_size") or 1)
+        group = getattr(layer.mlp, "ep_group", None)
+        if size == 1:
+            return ExpertParallel.single()
+        if group is None:
+            raise NotSwappable(f"config.expert_model_parallel_size={size} but the layer has no "
+                               f"mlp.ep_group (the expert-parallel process group)")
+        import torch.distributed as dist
+
+        got, rank = dist.get_world_size(group), dist.get_rank(group)
+        if got != size:
+            raise NotSwappable(f"mlp.ep_group has {got} ranks, config.expert_model_parallel_size={size}")
+        El = mcfg.num_moe_experts // size
+        want = list(range(rank * El, (rank + 1) * El))
+        have = getattr(layer.mlp, "local_expert_indices", want)
+        if list(have) != want:
+            raise NotSwappable(f"mlp.local_expert_indices={list(have)}: expected {want} on "
+                               f"expert-parallel rank {rank}")
+        return ExpertParallel(group=group, size=size, rank=rank)
 
     @staticmethod
     def _check_shape(name: str, t: torch.Tensor, want: tuple[int, ...]) -> None:
@@ -256,7 +287,7 @@ class MegatronLayerAdapter:
 
     @property
     def ep(self) -> ExpertParallel:
-        return ExpertParallel.single()
+        return self._ep
 
     @property
     def op_modules(self) -> dict[str, list[nn.Module]]:
@@ -284,7 +315,7 @@ class MegatronLayerAdapter:
         ex = self.layer.mlp.experts
         H = self.cfg.hidden_size
         if self.experts_kind == "GroupedMLP":
-            E = self.cfg.num_experts
+            E = self.cfg.num_experts // self._ep.size
             return ExpertWeights(ex.weight1.view(E, H, -1), ex.weight2.view(E, -1, H))
         fc1 = [e.linear_fc1 for e in ex.local_experts]
         fc2 = [e.linear_fc2 for e in ex.local_experts]
@@ -324,13 +355,13 @@ class MegatronLayerAdapter:
         y, losses = run(hidden_states, rope=self._rope(rotary_pos_emb, S))
         if self.layer.training and torch.is_grad_enabled():
             number = getattr(self.layer.mlp.router, "layer_number", None) or getattr(self.layer, "layer_number", 1)
-            num_layers = self.cfg.num_layers
+            tokens = hidden_states.shape[0] * hidden_states.shape[1]
             for name, loss, coeff in (("load_balancing_loss", losses.aux_loss, self.cfg.moe_aux_loss_coeff),
                                       ("z_loss", losses.z_loss, self.cfg.moe_z_loss_coeff)):
                 if coeff > 0:
-                    y = self._scaler.apply(y, loss)
+                    y = self._scaler.apply(y, loss * tokens if self._per_token_loss else loss)
                     if self._tracker is not None:
-                        self._tracker(name, loss.detach() / coeff, number, num_layers)
+                        self._tracker(name, loss.detach() / coeff, number, self._tracked_layers)
         return y, context
 
     def _rope(self, rotary_pos_emb: Any, S: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -263,3 +263,14 @@ def test_call_arguments_the_block_does_not_support_are_named():
         layer(x, packed_seq_params=object())
     with pytest.raises(NotImplementedError, match="argument some_future_argument"):
         layer(x, some_future_argument=1)
+
+
+def test_per_token_loss_scaling_and_mtp_layers_follow_megatron():
+    # calculate_per_token_loss: Megatron's router attaches aux * local tokens; mtp_num_layers
+    # widens the tracker.
+    model = make_model(grouped=True, calculate_per_token_loss=True, mtp_num_layers=1)
+    ids, labels = batch(4)
+    ref = run(model, ids, labels)
+    assert ref["tracked.load_balancing_loss"].shape == (3,)
+    swap_blocks(model, plan_for(model))
+    assert_close(ref, run(model, ids, labels))
