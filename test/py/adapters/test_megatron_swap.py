@@ -274,3 +274,12 @@ def test_per_token_loss_scaling_and_mtp_layers_follow_megatron():
     assert ref["tracked.load_balancing_loss"].shape == (3,)
     swap_blocks(model, plan_for(model))
     assert_close(ref, run(model, ids, labels))
+
+
+@pytest.mark.slow
+def test_expert_parallel_double_equals_ep1(tmp_path):
+    from rank_procs import run_ranks
+
+    out = run_ranks(Path(__file__).with_name("megatron_ep_worker.py"), 2, tmp_path)
+    for r, text in enumerate(out):
+        assert "megatron double EP=2 sequential ok" in text and "megatron double EP=2 grouped ok" in text, (r, text)
