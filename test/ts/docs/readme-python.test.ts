@@ -21,7 +21,8 @@ describe("README", () => {
   it("the Python section's commands and code run as written", { timeout: 240_000 }, () => {
     const readme = readFileSync(join(repoRoot, "README.md"), "utf8");
     const found = blocks(section(readme, "Using it from Python"));
-    expect(found.map((b) => b.lang)).toEqual(["sh", "python", "sh"]);
+    expect(found.filter((b) => b.lang === "python").length).toBeGreaterThanOrEqual(1);
+    expect(found.every((b) => b.lang === "sh" || b.lang === "python")).toBe(true);
     const dir = mkdtempSync(join(tmpdir(), "ampipe-readme-"));
     for (const d of ["configs", "examples", "test"]) symlinkSync(join(repoRoot, d), join(dir, d));
     symlinkSync(join(repoRoot, ".venv"), join(dir, ".venv"));
@@ -29,8 +30,8 @@ describe("README", () => {
     for (const b of found) {
       if (b.lang === "python") {
         const r = spawnSync(pythonPath(), ["-c", b.code], { cwd: dir, env, encoding: "utf8" });
-        expect(r.status, r.stderr).toBe(0);
-        expect(r.stdout).toContain("swapped 2 layer(s): decoder.layers.0, decoder.layers.1");
+        expect(r.status, `${b.code}\n${r.stderr}`).toBe(0);
+        if (b.code.includes("swap_blocks")) expect(r.stdout).toContain("swapped 2 layer(s): decoder.layers.0, decoder.layers.1");
         continue;
       }
       for (const line of b.code.split("\n").filter((l) => l.trim())) {
