@@ -46,7 +46,7 @@ const FLAGS: Record<string, FlagSpec> = {
   "--moe-router-score-function": { kind: "str", choices: ["softmax"] },
   "--moe-router-load-balancing-type": { kind: "str", choices: ["aux_loss", "none"] },
   "--moe-expert-capacity-factor": { kind: "float", field: "model.moe_expert_capacity_factor" },
-  "--moe-token-drop-policy": { kind: "str", choices: ["probs", "position"] },
+  "--moe-token-drop-policy": { kind: "str", field: "model.moe_token_drop_policy", choices: ["probs", "position"] },
   "--moe-aux-loss-coeff": { kind: "float", field: "model.moe_aux_loss_coeff" },
   "--moe-z-loss-coeff": { kind: "float", field: "model.moe_z_loss_coeff" },
   "--moe-ffn-hidden-size": { kind: "int", field: "model.moe_ffn_hidden_size" },
@@ -133,6 +133,7 @@ const MEGATRON_DEFAULTS: Record<string, unknown> = {
   "model.moe_router_score_order": "topk_then_softmax",
   "model.moe_router_topk_renormalize": false,
   "model.moe_expert_capacity_factor": null,
+  "model.moe_token_drop_policy": "probs",
   "model.moe_aux_loss_coeff": 0,
   "model.moe_z_loss_coeff": 0,
   "model.moe_expert_activation": "gelu",
@@ -235,9 +236,6 @@ export function configFromMegatron(argv: readonly string[], overrides: readonly 
   }
   const ep = g("--expert-model-parallel-size") as number | undefined;
   if (ep !== undefined && experts % ep !== 0) fail(`--expert-model-parallel-size ${ep} does not divide --num-experts ${experts}`);
-  if (g("--moe-token-drop-policy") !== undefined) {
-    warnings.push(`--moe-token-drop-policy ${g("--moe-token-drop-policy")}: ignored (ampipe drops per chunk in (k, token) order; docs/config.md)`);
-  }
 
   const obj: Record<string, Record<string, unknown>> = { model: {}, parallelism: {} };
   for (const [field, v] of Object.entries(MEGATRON_DEFAULTS)) setPath(obj, field, v);
@@ -298,6 +296,7 @@ export function megatronFromConfig(cfg: ExperimentConfig): { flags: string[]; wa
   if (m.moe_router_topk_renormalize)
     warnings.push("model.moe_router_topk_renormalize: true has no Megatron-LM flag (Megatron does not renormalise the top-k softmax); left out");
   if (m.moe_expert_capacity_factor !== null) add("--moe-expert-capacity-factor", m.moe_expert_capacity_factor);
+  add("--moe-token-drop-policy", m.moe_token_drop_policy);
   add("--moe-aux-loss-coeff", m.moe_aux_loss_coeff);
   add("--moe-z-loss-coeff", m.moe_z_loss_coeff);
   add("--moe-ffn-hidden-size", m.moe_ffn_hidden_size);

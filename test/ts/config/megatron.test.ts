@@ -19,6 +19,7 @@ const FLAGS = [
   "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--init-method-std", "0.01",
   "--num-experts", "8", "--moe-router-topk", "2", "--moe-router-pre-softmax", "--moe-aux-loss-coeff", "0.02",
   "--moe-z-loss-coeff", "0.001", "--moe-ffn-hidden-size", "512", "--swiglu", "--expert-model-parallel-size", "4", "--bf16",
+  "--moe-expert-capacity-factor", "1.25", "--moe-token-drop-policy", "position",
 ];
 
 /** Flags as a map flag -> value (null for store_true), to compare flag lists order-free. */
@@ -52,7 +53,7 @@ describe("Megatron-LM flags", () => {
       norm_epsilon: 1e-6, position_embedding_type: "rope", rotary_base: 1e6, add_bias_linear: false,
       untie_embeddings_and_output_weights: true, num_experts: 8, moe_router_topk: 2,
       moe_router_score_order: "softmax_then_topk", moe_aux_loss_coeff: 0.02, moe_ffn_hidden_size: 512,
-      moe_expert_activation: "swiglu", dtype: "bf16",
+      moe_expert_activation: "swiglu", dtype: "bf16", moe_expert_capacity_factor: 1.25, moe_token_drop_policy: "position",
     });
     expect(c.parallelism.expert_model_parallel_size).toBe(4);
   });
