@@ -176,6 +176,8 @@ step model-tests-cuda 60 "${PYTEST[@]}" test/py/model/test_cuda.py --junitxml="$
 # inside the block (torch.cuda.set_sync_debug_mode("error") over a forward+backward).
 step pipeline-tests-cuda 100 "${PYTEST[@]}" test/py/pipeline/test_pipeline_cuda.py \
   --junitxml="$OUT/pipeline-tests-cuda-junit.xml"
+# The Megatron-Core test double swapped for the pipelined block, on CUDA (docs/swap.md).
+step adapter-tests-cuda 40 "${PYTEST[@]}" test/py/adapters -m cuda --junitxml="$OUT/adapter-tests-cuda-junit.xml"
 
 step kernels-bench-fp32 45 "$PY" -m ampipe.bench.kernels --device cuda --dtype fp32 \
   --json "$OUT/kernels-bench-fp32.json"

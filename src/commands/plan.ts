@@ -4,6 +4,7 @@
 import { join } from "node:path";
 import { Command, Option } from "commander";
 import { ConfigError, loadConfig, type ExperimentConfig } from "../config/index.ts";
+import { configFromMegatron } from "../config/megatron.ts";
 import { validatePlan } from "../plan/check.ts";
 import { calibrate, readCalibration, type CalibrationReport } from "../plan/calibration.ts";
 import { PROFILES, profileModel, type CostModel } from "../plan/costs.ts";
@@ -83,6 +84,8 @@ export function costModelFor(cfg: ExperimentConfig, calibrationPath?: string, ov
 
 export interface PlanCommandOptions {
   set?: string[];
+  /** The config comes from these Megatron-LM flags (the config path is then unused). */
+  fromMegatron?: boolean;
   out?: string;
   trace?: string | false;
   calibration?: string;
@@ -115,9 +118,9 @@ const num = (flag: string, v: string | undefined, check: (x: number) => boolean,
   return x;
 };
 
-/** Runs the planner for a config file; writes the plan (and trace) and returns the report. */
-export function runPlan(configPath: string, o: PlanCommandOptions): PlanCommandResult {
-  const cfg = loadConfig(configPath, o.set ?? []);
+/** Runs the planner for a config file (or a resolved config); writes the plan (and trace) and returns the report. */
+export function runPlan(source: string | ExperimentConfig, o: PlanCommandOptions): PlanCommandResult {
+  const cfg = typeof source === "string" ? loadConfig(source, o.set ?? []) : source;
   const dims = dimsFromConfig(cfg);
   const pl = cfg.pipeline;
 
@@ -220,7 +223,9 @@ export function register(program: Command): void {
   program
     .command("plan")
     .description("choose pipe degree, variant and chunk boundaries under the cost model; write the plan and its trace")
-    .argument("<config>", "experiment config (.yaml, .yml or .json)")
+    .argument("[config]", "experiment config (.yaml, .yml or .json); with --from-megatron, the flags after --")
+    .argument("[flags...]")
+    .option("--from-megatron", "read the block from Megatron-LM flags given after -- instead of a config file")
     .option("--out <file>", "where to write the plan (default: <run.output_dir>/plan.json)")
     .option("--trace <file>", "where to write the Chrome trace (default: the plan path with .trace.json)")
     .option("--no-trace", "do not write a trace")
@@ -234,9 +239,21 @@ export function register(program: Command): void {
     .option("--overlap-slowdown <x>", "compute/comm slowdown factor while both run (default: profile or calibration)")
     .option("--set <field=value>", "override a config field, e.g. --set model.seq_length=4096 (repeatable)", (v: string, acc: string[]) => [...acc, v], [])
     .option("--json", "print a JSON summary instead of the text report")
-    .action((config: string, opts: PlanCommandOptions) => {
+    .action((config: string | undefined, flags: string[], opts: PlanCommandOptions) => {
       try {
-        const r = runPlan(config, opts);
+        let source: string | ExperimentConfig;
+        if (opts.fromMegatron) {
+          const argv = [...(config !== undefined ? [config] : []), ...flags];
+          if (!argv.length) throw new Error("--from-megatron: give the Megatron-LM flags after --");
+          const r = configFromMegatron(argv, opts.set ?? []);
+          for (const w of r.warnings) process.stderr.write(`warning: ${w}\n`);
+          source = r.config;
+        } else {
+          if (config === undefined) throw new Error("missing the config argument (or use --from-megatron -- <flags>)");
+          if (flags.length) throw new Error(`unexpected argument(s) after the config: ${flags.join(" ")}`);
+          source = config;
+        }
+        const r = runPlan(source, opts);
         process.stdout.write(opts.json ? JSON.stringify(r.summary, null, 2) + "\n" : r.text);
       } catch (e) {
         process.stderr.write(`${e instanceof ConfigError ? "" : "ampipe plan: "}${(e as Error).message}\n`);

@@ -1,7 +1,10 @@
 """The block's small per-step functions: what the baseline block and the pipelined executor share.
 
-Each step is a plain function of explicit tensors and one `TransformerLayer` (whose
-submodules hold the parameters, see :mod:`ampipe.model.layers`). No step keeps state
+Each step is a plain function of explicit tensors and one layer *adapter*
+(`ampipe.model.adapter.LayerAdapter`: where the layer's norms, QKV, out-projection, router
+and expert weights are, and its config read into ampipe's fields). ampipe's own
+`TransformerLayer` is its own adapter; `ampipe.adapters.megatron` adapts Megatron-Core's
+layer. No step keeps state
 between calls, so the executor can call them per sequence chunk, on any stream or thread,
 and autograd records ordinary graphs. `block_forward` — the baseline block — is literally
 their composition over one chunk that spans the whole sequence.
@@ -39,6 +42,7 @@ from .. import ops
 from ..parallel import expert_comm as ep_comm
 from ..parallel.expert_comm import DispatchLayout
 from .attention import attention_chunk
+from .adapter import LayerAdapter
 from .config import ModelConfig
 from .layers import TransformerLayer, activation
 from .rope import apply_rope, rope_cos_sin
@@ -63,31 +67,40 @@ class QKV:
     v: torch.Tensor
 
 
-def qkv(layer: TransformerLayer, x: torch.Tensor, position_offset: int = 0) -> QKV:
-    """norm1 → linear_qkv → split by query group → rope at absolute positions ``offset + i``."""
-    attn = layer.self_attention
+def qkv(layer: LayerAdapter, x: torch.Tensor, position_offset: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> QKV:
+    """norm1 → linear_qkv → split by query group → rope at absolute positions ``offset + i``.
+
+    ``rope``: the whole sequence's ``(cos, sin)`` tables ``[S, 1, 1, d]`` when the caller
+    supplies the angles (Megatron passes ``rotary_pos_emb`` to each layer); rows
+    ``[offset, offset + s)`` are used. Without it, angles come from ``layer.cfg``."""
+    cfg = layer.cfg
     s, b, _ = x.shape
-    g, hpg, d = attn.num_groups, attn.num_heads // attn.num_groups, attn.head_dim
-    mixed = attn.linear_qkv(layer.input_layernorm(x)).view(s, b, g, (hpg + 2) * d)
+    g, d = cfg.query_groups, cfg.head_dim
+    hpg = cfg.num_attention_heads // g
+    mixed = layer.qkv_proj(layer.norm1(x)).view(s, b, g, (hpg + 2) * d)
     q, k, v = torch.split(mixed, [hpg * d, d, d], dim=-1)
     q = q.reshape(s, b, g * hpg, d)  # query head i belongs to group i // hpg
-    if layer.cfg.position_embedding_type == "rope":
-        cos, sin = rope_cos_sin(d, layer.cfg.rotary_base, position_offset, s, device=x.device)
+    if rope is not None:
+        cos, sin = (t[position_offset:position_offset + s] for t in rope)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    elif cfg.position_embedding_type == "rope":
+        cos, sin = rope_cos_sin(d, cfg.rotary_base, position_offset, s, device=x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return QKV(q, k, v)
 
 
-def attention(layer: TransformerLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(layer: LayerAdapter, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``attn(q_c, k[:end_c], v[:end_c])``, lower-right causal → context ``[s_c, b, heads*d]``."""
     p = layer.cfg.attention_dropout if layer.training else 0.0
     return attention_chunk(q, k, v, dropout_p=p, backend=layer.attention_backend)
 
 
-def proj(layer: TransformerLayer, context: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def proj(layer: LayerAdapter, context: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """linear_proj → hidden dropout → + residual = ``h``; ``normed = pre_mlp_layernorm(h)``."""
-    out = layer.self_attention.linear_proj(context)
+    out = layer.out_proj(context)
     h = residual + F.dropout(out, p=layer.cfg.hidden_dropout, training=layer.training)
-    return h, layer.pre_mlp_layernorm(h)
+    return h, layer.norm2(h)
 
 
 # ============================================================================ routing
@@ -138,7 +151,7 @@ class Routing:
     stats: RoutingStats
 
 
-def route(layer: TransformerLayer, normed: torch.Tensor) -> Routing:
+def route(layer: LayerAdapter, normed: torch.Tensor) -> Routing:
     """Router logits (fp32) → scores → top-k → gates, plus the chunk's routing statistics.
 
     ``softmax_then_topk``: gates are the top-k of the softmax over all experts (renormalised to
@@ -146,10 +159,9 @@ def route(layer: TransformerLayer, normed: torch.Tensor) -> Routing:
     over the k largest logits (they sum to 1 already).
     """
     cfg = layer.cfg
-    router = layer.mlp.router
     x = normed.reshape(-1, normed.shape[-1])
     with torch.autocast(device_type=x.device.type, enabled=False):
-        logits = F.linear(x.float(), router.weight.float())
+        logits = F.linear(x.float(), layer.router_weight().float())
     probs = torch.softmax(logits, dim=-1)
     K = cfg.moe_router_topk
     if cfg.moe_router_score_order == "softmax_then_topk":
@@ -251,7 +263,7 @@ def running_capacity_row_map(indices: torch.Tensor, num_experts: int, capacity: 
     return rows.view(T, K), kept
 
 
-def permute(layer: TransformerLayer, normed: torch.Tensor, routing: Routing, *,
+def permute(layer: LayerAdapter, normed: torch.Tensor, routing: Routing, *,
             sequence_tokens: int | None = None, routed_before: torch.Tensor | None = None) -> Permuted:
     """Local permute into expert order.
 
@@ -294,39 +306,39 @@ def wire_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
 
 
-def dispatch(layer: TransformerLayer, permuted: Permuted, layout: DispatchLayout | None = None) -> Dispatched:
+def dispatch(layer: LayerAdapter, permuted: Permuted, layout: DispatchLayout | None = None) -> Dispatched:
     """All-to-all the kept rows to the experts' ranks.
 
     ``layout``: the split sizes, when the caller has them (the pipelined block exchanges the
     counts in an op of its own); else they are made here (`dispatch_layout`: static with a
     capacity, else a count exchange and a host read)."""
-    moe = layer.mlp
     if layout is None:
-        layout = ep_comm.dispatch_layout(permuted.tokens_per_expert, moe.ep, moe.num_experts,
+        layout = ep_comm.dispatch_layout(permuted.tokens_per_expert, layer.ep, layer.cfg.num_experts,
                                          permuted.capacity)
     buffer = permuted.buffer
     if buffer.shape[0] != layout.num_send_rows:  # a variable layout's unused tail
         buffer = buffer[:layout.num_send_rows]
     buffer = buffer.to(wire_dtype(buffer))
-    return Dispatched(ep_comm.dispatch(buffer, layout, moe.ep), layout)
+    return Dispatched(ep_comm.dispatch(buffer, layout, layer.ep), layout)
 
 
-def experts_ffn(layer: TransformerLayer, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def experts_ffn(layer: LayerAdapter, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Expert FFNs on an expert-contiguous ``[N, H]`` buffer, ``counts[j]`` rows for local expert j.
 
     Equal counts (capacity mode) run as one batched matmul; otherwise one matmul per expert.
     """
-    ex = layer.mlp.experts
-    El = ex.num_local_experts
+    ex = layer.expert_weights()
+    act = layer.cfg.moe_expert_activation
+    w1, w2 = ex.w1, ex.w2
+    El = w1.shape[0]
     if len(counts) != El or sum(counts) != tokens.shape[0]:
         raise ValueError(f"experts: counts {counts} do not cover {tokens.shape[0]} rows of {El} local experts")
-    w1, w2 = ex.w1(), ex.w2()
     if len(set(counts)) == 1:
         xs = tokens.view(El, counts[0], tokens.shape[-1])
         h = torch.bmm(xs, w1)
         if ex.bias1 is not None:
             h = h + ex.bias1.unsqueeze(1)
-        out = torch.bmm(activation(h, ex.activation), w2)
+        out = torch.bmm(activation(h, act), w2)
         if ex.bias2 is not None:
             out = out + ex.bias2.unsqueeze(1)
         return out.reshape(tokens.shape[0], out.shape[-1])
@@ -341,25 +353,25 @@ def experts_ffn(layer: TransformerLayer, tokens: torch.Tensor, counts: list[int]
         h = xj @ w1s[j]
         if b1s is not None:
             h = h + b1s[j]
-        o = activation(h, ex.activation) @ w2s[j]
+        o = activation(h, act) @ w2s[j]
         if b2s is not None:
             o = o + b2s[j]
         outs.append(o)
     return torch.cat(outs)
 
 
-def experts(layer: TransformerLayer, dispatched: Dispatched) -> torch.Tensor:
+def experts(layer: LayerAdapter, dispatched: Dispatched) -> torch.Tensor:
     """The expert FFNs on the dispatched rows."""
     return experts_ffn(layer, dispatched.tokens, dispatched.layout.expert_counts)
 
 
-def combine(layer: TransformerLayer, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+def combine(layer: LayerAdapter, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
     """All-to-all the expert outputs back; rows in this rank's global expert order."""
-    return ep_comm.combine(expert_output, dispatched.layout, layer.mlp.ep)
+    return ep_comm.combine(expert_output, dispatched.layout, layer.ep)
 
 
 def unpermute(
-    layer: TransformerLayer, combined: torch.Tensor, permuted: Permuted, routing: Routing, residual: torch.Tensor
+    layer: LayerAdapter, combined: torch.Tensor, permuted: Permuted, routing: Routing, residual: torch.Tensor
 ) -> torch.Tensor:
     """Gate-weighted unpermute (dropped slots add 0) → hidden dropout → + residual → ``y_c``."""
     gates = routing.gates.to(combined.dtype)
@@ -377,7 +389,7 @@ def dense_mlp(layer: TransformerLayer, normed: torch.Tensor, residual: torch.Ten
 # ============================================================================ the baseline block
 
 
-def block_forward(layer: TransformerLayer, x: torch.Tensor) -> tuple[torch.Tensor, MoELosses | None]:
+def block_forward(layer: LayerAdapter, x: torch.Tensor) -> tuple[torch.Tensor, MoELosses | None]:
     """The baseline block: every step above, once, over the whole sequence ``x [s, b, H]``.
 
     Returns ``(y [s, b, H], MoELosses)`` for an MoE layer, ``(y, None)`` for a dense layer.

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..parallel.groups import ExpertParallel
+from .adapter import ExpertWeights
 from .config import ModelConfig
 
 __all__ = ["RMSNorm", "make_norm", "SelfAttention", "TopKRouter", "GroupedMLP", "MoELayer", "MLP", "TransformerLayer"]
@@ -146,7 +147,10 @@ def activation(h: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class TransformerLayer(nn.Module):
-    """One block: causal self-attention and an MoE layer (or a dense MLP)."""
+    """One block: causal self-attention and an MoE layer (or a dense MLP).
+
+    It is its own `LayerAdapter` (`ampipe.model.adapter`): the methods after `forward` are
+    what the block pieces read."""
 
     def __init__(self, cfg: ModelConfig, layer_number: int, ep: ExpertParallel | None = None):
         super().__init__()
@@ -167,3 +171,43 @@ class TransformerLayer(nn.Module):
         from .block_pieces import block_forward
 
         return block_forward(self, x)
+
+    # -- LayerAdapter (ampipe.model.adapter) -----------------------------------------------
+
+    @property
+    def adapted(self) -> "TransformerLayer":
+        return self
+
+    def pipelined_forward(self, run, x: torch.Tensor):
+        """The pipelined layer's forward (`AMPipeBlock`): ``run(x) -> (y, MoELosses)``, the
+        same call and return value as `forward`."""
+        return run(x)
+
+    @property
+    def ep(self) -> ExpertParallel:
+        return self.mlp.ep
+
+    @property
+    def op_modules(self) -> dict[str, list[nn.Module]]:
+        return {"qkv": [self.input_layernorm, self.self_attention.linear_qkv],
+                "proj": [self.self_attention.linear_proj, self.pre_mlp_layernorm],
+                "route": [self.mlp.router], "experts": [self.mlp.experts]}
+
+    def norm1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_layernorm(x)
+
+    def qkv_proj(self, x: torch.Tensor) -> torch.Tensor:
+        return self.self_attention.linear_qkv(x)
+
+    def out_proj(self, context: torch.Tensor) -> torch.Tensor:
+        return self.self_attention.linear_proj(context)
+
+    def norm2(self, h: torch.Tensor) -> torch.Tensor:
+        return self.pre_mlp_layernorm(h)
+
+    def router_weight(self) -> torch.Tensor:
+        return self.mlp.router.weight
+
+    def expert_weights(self) -> ExpertWeights:
+        ex = self.mlp.experts
+        return ExpertWeights(ex.w1(), ex.w2(), ex.bias1, ex.bias2)

@@ -1,14 +1,16 @@
-"""The pipelined block: plan loading/validation, the stream executor, `AMPipeBlock`
-(docs/pipeline.md). Importing it needs torch only."""
+"""The pipelined block: plan loading/validation, the stream executor, `AMPipeBlock`,
+swapping it into models (docs/pipeline.md, docs/swap.md). Importing it needs torch only."""
 
-from .block import AMPipeBlock, baseline_layers, block_dims, pipeline_layers
+from .block import AMPipeBlock, apply_ampipe, block_dims, unapply_ampipe
 from .compare import run_block_comparison
 from .emulation import EmulatedComm
 from .plan import Plan, PlanError, PlanOp, StreamSpec, check_dims, load_plan, validate_plan
 from .streams import OpFailed, OpTime, OpTimes, StreamExecutor
+from .swap import SwapReport, baseline_layers, pipeline_layers, swap_blocks, unswap_blocks
 
 __all__ = [
-    "AMPipeBlock", "block_dims", "pipeline_layers", "baseline_layers", "run_block_comparison", "EmulatedComm", "Plan", "PlanError",
-    "PlanOp", "StreamSpec", "check_dims", "load_plan", "validate_plan", "OpFailed", "OpTime",
-    "OpTimes", "StreamExecutor",
+    "AMPipeBlock", "apply_ampipe", "unapply_ampipe", "block_dims", "swap_blocks", "unswap_blocks",
+    "SwapReport", "pipeline_layers", "baseline_layers", "run_block_comparison", "EmulatedComm",
+    "Plan", "PlanError", "PlanOp", "StreamSpec", "check_dims", "load_plan", "validate_plan",
+    "OpFailed", "OpTime", "OpTimes", "StreamExecutor",
 ]

@@ -1,5 +1,12 @@
 """`AMPipeBlock`: the baseline MoE block, run by a plan over separate streams.
 
+`apply_ampipe(layer, plan)` makes an MoE layer pipelined in place, the way FSDP2's
+`fully_shard` makes a module sharded: the module object stays where it is (same
+parameters, same state_dict names, its hooks kept) and its class becomes a subclass of
+both `AMPipeBlock` and its own class, whose `forward` runs the plan; `unapply_ampipe`
+restores the class. The executor reads the layer through its adapter
+(`ampipe.model.adapter`), so any layer an adapter recognises can be pipelined.
+
 One `torch.autograd.Function` covers the whole block. Its forward walks the plan's forward
 op list; its backward walks the backward op list, with the same stream discipline (see
 `streams.py`). Every op is a small autograd *island*: the model's own step function
@@ -26,6 +33,7 @@ written by hand, the plan decides order and streams, and:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,29 +43,24 @@ import torch
 from torch import nn
 
 from ..model import block_pieces as pieces
+from ..model.adapter import LayerAdapter, NotSwappable
 from ..model.block_pieces import MoELosses, Permuted, Routing, RoutingStats
 from ..model.config import check_capacity_scope
-from ..model.layers import TransformerLayer
 from ..parallel import expert_comm as ep_comm
 from .emulation import DelayInjector, EmulatedComm
 from .plan import (Plan, PlanError, PlanOp, check_cuda_streams, check_dims, compute_stream_count,
                    load_plan)
 from .streams import OpTimes, StreamExecutor, shared_executor
 
-__all__ = ["AMPipeBlock", "block_dims", "pipeline_layers", "baseline_layers"]
+__all__ = ["AMPipeBlock", "apply_ampipe", "unapply_ampipe", "block_dims"]
 
-# Parameters each op kind's island differentiates (the union must cover the layer).
-_KIND_MODULES = {
-    "qkv": ("input_layernorm", "self_attention.linear_qkv"),
-    "proj": ("self_attention.linear_proj", "pre_mlp_layernorm"),
-    "route": ("mlp.router",),
-    "experts": ("mlp.experts",),
-}
+# The op kinds whose islands differentiate parameters (`LayerAdapter.op_modules`).
+_PARAM_KINDS = ("qkv", "proj", "route", "experts")
 
 
-def block_dims(layer: TransformerLayer, seq_length: int | None = None,
+def block_dims(layer: LayerAdapter, seq_length: int | None = None,
                micro_batch_size: int | None = None) -> dict[str, Any]:
-    """The plan `dims` a layer implies (sequence and batch sizes only when given)."""
+    """The plan `dims` a layer (its adapter) implies (sequence and batch sizes only when given)."""
     cfg = layer.cfg
     dims: dict[str, Any] = {
         "hidden_size": cfg.hidden_size,
@@ -67,7 +70,7 @@ def block_dims(layer: TransformerLayer, seq_length: int | None = None,
         "num_experts": cfg.num_experts,
         "moe_router_topk": cfg.moe_router_topk,
         "moe_ffn_hidden_size": cfg.moe_ffn_hidden_size,
-        "expert_model_parallel_size": layer.mlp.ep.size,
+        "expert_model_parallel_size": layer.ep.size,
         "dtype": cfg.dtype,
     }
     if seq_length is not None:
@@ -75,13 +78,6 @@ def block_dims(layer: TransformerLayer, seq_length: int | None = None,
     if micro_batch_size is not None:
         dims["micro_batch_size"] = micro_batch_size
     return dims
-
-
-def _submodule(root: nn.Module, dotted: str) -> nn.Module:
-    m = root
-    for part in dotted.split("."):
-        m = getattr(m, part)
-    return m
 
 
 def _alias_rows(buf: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -194,10 +190,11 @@ class _Step:
     """State of one forward+backward of the block: activations kept by the islands, the
     K/V buffers, gradient slots. Created per call; its backward frees it."""
 
-    def __init__(self, block: "AMPipeBlock", x: torch.Tensor, params: Sequence[nn.Parameter],
-                 track: bool) -> None:
+    def __init__(self, block: "_Engine", x: torch.Tensor, params: Sequence[nn.Parameter],
+                 track: bool, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.block = block
-        self.layer = block.layer
+        self.layer = block.adapter
+        self.rope = rope  # caller-supplied rotary tables (Megatron's rotary_pos_emb), or None
         self.plan = block.plan
         self.x = x
         self.track = track  # build islands (grad needed) or run plain forward
@@ -287,7 +284,7 @@ class _Step:
         lo, hi = self._rows(c)
         xin = _leaf(self.x[lo:hi], self.x_grad)
         params = self.block._kind_params["qkv"]
-        t = self._run([xin], lambda x: pieces.qkv(self.layer, x, lo))
+        t = self._run([xin], lambda x: pieces.qkv(self.layer, x, lo, self.rope))
         if self.plan.chunk_qkv and (lo, hi) == (0, self.x.shape[0]):
             # One chunk: K/V are the sequence buffers. A view into the fused QKV output
             # (V; K without rope) is copied out so that the fused output can be freed.
@@ -368,7 +365,7 @@ class _Step:
         if permuted.capacity is None:  # a variable layout: exchange the counts, start their trip
             self._mark_used(permuted.tokens_per_expert)
             self.values[("counts", c)] = _HostCounts(
-                ep_comm.exchange_counts(permuted.tokens_per_expert, self.layer.mlp.ep))
+                ep_comm.exchange_counts(permuted.tokens_per_expert, self.layer.ep))
 
     def _f_dispatch(self, c: int) -> None:
         permuted: Permuted = self.values[("permuted", c)]
@@ -377,9 +374,9 @@ class _Step:
         cfg = self.layer.cfg
         if counts is not None:  # the host waits here, for this chunk's counts only
             send, recv = counts.get()
-            layout = ep_comm.layout_from_counts(send, recv, self.layer.mlp.ep.size, cfg.num_experts)
+            layout = ep_comm.layout_from_counts(send, recv, self.layer.ep.size, cfg.num_experts)
         else:
-            layout = ep_comm.static_layout(self.layer.mlp.ep.size, cfg.num_experts, permuted.capacity)
+            layout = ep_comm.static_layout(self.layer.ep.size, cfg.num_experts, permuted.capacity)
         d = self._run([bin_], lambda b: pieces.dispatch(
             self.layer, dataclasses.replace(permuted, buffer=b), layout))
         self._delay("forward", "dispatch", c, d.tokens)  # the rows that travel, in their dtype
@@ -708,87 +705,49 @@ class _PipelinedBlockFn(torch.autograd.Function):
         return (None, step.dx, *step.finish_param_grads())
 
 
-class AMPipeBlock(TransformerLayer):
-    """A `TransformerLayer` (MoE) whose forward and backward run a plan's op lists.
+class _Engine:
+    """A pipelined layer's state: its adapter, plan, emulation and the latest step's times.
 
-    It *is* the baseline layer's modules: `AMPipeBlock.from_layer(layer, plan)` shares the
-    layer's submodules (same Parameter objects, same state_dict names), so a model swaps
-    between the two without copying a weight, and `to_layer()` goes back. Its forward
-    returns `(y, MoELosses)` like the baseline. Per-op times of the latest step are in
-    `last_times` (`{"forward": OpTimes, "backward": OpTimes}`), and with emulated
-    communication the delay modelled per comm op in `last_delays_ms` (`{pass: {op id: ms}}`).
-    """
+    Parameters are read from the layer at every call (not cached), so parameter objects
+    replaced under it (``load_state_dict(assign=True)``, ``to_empty``, FSDP-style swaps) are
+    the ones trained; the per-op lists are rebuilt only when the parameters changed."""
 
-    plan: Plan
-
-    @classmethod
-    def from_layer(cls, layer: TransformerLayer, plan: Plan | str | Path | Mapping[str, Any],
-                   *, emulated_comm: EmulatedComm | Mapping[str, Any] | None = None,
-                   record_times: bool = True) -> "AMPipeBlock":
-        if not layer.is_moe:
-            raise ValueError(f"AMPipeBlock: layer {layer.layer_number} is a dense layer; "
-                             f"only MoE layers are pipelined")
-        block = cls.__new__(cls)
-        nn.Module.__init__(block)
-        for name, child in layer.named_children():
-            block.add_module(name, child)
-        for attr in ("cfg", "layer_number", "is_moe", "attention_backend", "training"):
-            setattr(block, attr, getattr(layer, attr))
-        block._configure(plan, emulated_comm, record_times)
-        return block
-
-    def to_layer(self) -> TransformerLayer:
-        """The baseline layer over the same modules (no copies)."""
-        layer = TransformerLayer.__new__(TransformerLayer)
-        nn.Module.__init__(layer)
-        for name, child in self.named_children():
-            layer.add_module(name, child)
-        for attr in ("cfg", "layer_number", "is_moe", "attention_backend", "training"):
-            setattr(layer, attr, getattr(self, attr))
-        return layer
-
-    @property
-    def layer(self) -> "AMPipeBlock":
-        return self  # the block pieces take the layer; this block is one
-
-    def _configure(self, plan: Plan | str | Path | Mapping[str, Any],
-                   emulated_comm: EmulatedComm | Mapping[str, Any] | None,
-                   record_times: bool) -> None:
-        if not isinstance(plan, Plan):
-            plan = load_plan(plan)
-        check_dims(plan, block_dims(self))
-        check_capacity_scope(plan.capacity_scope, self.cfg.moe_token_drop_policy)
+    def __init__(self, adapter: LayerAdapter, plan: Plan, emulated_comm: EmulatedComm | None,
+                 record_times: bool, original_class: type) -> None:
+        check_dims(plan, block_dims(adapter))
+        check_capacity_scope(plan.capacity_scope, adapter.cfg.moe_token_drop_policy)
+        self.adapter = adapter
         self.plan = plan
-        if isinstance(emulated_comm, Mapping):
-            emulated_comm = EmulatedComm.from_dict(emulated_comm)
         self.emulated_comm = emulated_comm
         self.record_times = record_times
+        self.original_class = original_class
         self.last_times: dict[str, OpTimes] | None = None
         self.last_delays_ms: dict[str, dict[str, float]] | None = None
         self._op_ids = {(op.kind, op.chunk): op.id for op in (*plan.forward, *plan.backward)}
         self._compute_streams = compute_stream_count(plan)
-        self._cache_params()
-        # Parameter objects replaced (load_state_dict(assign=True), to_empty, a conversion
-        # that swaps parameters): the per-op parameter lists must follow.
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._cache_params())
+        self._param_key: tuple[int, ...] | None = None
+        self._kind_params: dict[str, list[nn.Parameter]] = {}
         self._delay_cache: dict[torch.device, DelayInjector] = {}
         self._device: torch.device | None = None
+        try:  # refuse a layer with parameters no op differentiates now, not at the first step
+            self._params()
+        except PlanError as e:
+            raise NotSwappable(str(e).removeprefix("AMPipeBlock: ")) from None
 
-    def _cache_params(self) -> None:
-        """The parameter list (the Function's inputs) and each op kind's parameters, built
-        once rather than walked every step."""
-        self._params = list(self.parameters())
-        self._kind_params = {k: [p for m in mods for p in _submodule(self, m).parameters()]
-                             for k, mods in _KIND_MODULES.items()}
-        covered = {id(p) for ps in self._kind_params.values() for p in ps}
-        missing = [n for n, p in self.named_parameters() if id(p) not in covered]
-        if missing:
-            raise PlanError(f"AMPipeBlock: no plan op differentiates parameter(s) {missing}")
-
-    def _apply(self, fn, recurse: bool = True):
-        out = super()._apply(fn, recurse)
-        self._cache_params()
-        return out
+    def _params(self) -> list[nn.Parameter]:
+        """The layer's parameters (the Function's inputs); each op kind's are rebuilt when
+        the parameter objects changed."""
+        params = list(self.adapter.adapted.parameters())
+        key = tuple(map(id, params))
+        if key != self._param_key:
+            mods = self.adapter.op_modules
+            self._kind_params = {k: [p for m in mods[k] for p in m.parameters()] for k in _PARAM_KINDS}
+            covered = {id(p) for ps in self._kind_params.values() for p in ps}
+            missing = [n for n, p in self.adapter.adapted.named_parameters() if id(p) not in covered]
+            if missing:
+                raise PlanError(f"AMPipeBlock: no plan op differentiates parameter(s) {missing}")
+            self._param_key = key
+        return params
 
     @property
     def _executor(self) -> StreamExecutor:
@@ -805,7 +764,7 @@ class AMPipeBlock(TransformerLayer):
     def _inline_comm(self) -> bool:
         """Comm ops that move nothing (one EP rank, no emulated delay) gain nothing from the
         communication thread; run them on the calling thread."""
-        return self.mlp.ep.size == 1 and self.emulated_comm is None
+        return self.adapter.ep.size == 1 and self.emulated_comm is None
 
     def _injector(self, device: torch.device) -> DelayInjector:
         inj = self._delay_cache.get(device)
@@ -819,21 +778,26 @@ class AMPipeBlock(TransformerLayer):
             return 0.0
         return self._injector(t.device)(t.numel() * t.element_size())
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoELosses]:
+    def run(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+            ) -> tuple[torch.Tensor, MoELosses]:
+        """The block on ``x [s, b, H]``: ``(y, MoELosses)``. ``rope``: the whole sequence's
+        ``(cos, sin)`` tables when the caller supplies the rotary angles."""
         S, B = x.shape[0], x.shape[1]
         if S != self.plan.boundaries[-1] or S != self.plan.dims.get("seq_length", S):
             raise PlanError(f"AMPipeBlock: input has {S} rows but the plan's seq_length is "
-                            f"{self.plan.boundaries[-1]}")
+                            f"{self.plan.boundaries[-1]} (make a plan with ampipe plan ... "
+                            f"--set model.seq_length={S})")
         mbs = self.plan.dims.get("micro_batch_size")
         if mbs is not None and mbs != B:
             raise PlanError(f"AMPipeBlock: input micro-batch size {B} != plan "
-                            f"dims.micro_batch_size {mbs}")
+                            f"dims.micro_batch_size {mbs} (make a plan with ampipe plan ... "
+                            f"--set model.micro_batch_size={B})")
         self._device = x.device
         if self.emulated_comm is not None:
             self._injector(x.device)  # before the block's ops: calibration synchronises
-        params = self._params
+        params = self._params()
         track = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-        step = _Step(self, x.detach(), params, track)
+        step = _Step(self, x.detach(), params, track, rope)
         if track:
             step.x_grad = x.requires_grad
             y, aux, z = _PipelinedBlockFn.apply(step, x, *params)
@@ -847,28 +811,125 @@ class AMPipeBlock(TransformerLayer):
         return y, MoELosses(aux_loss=aux, z_loss=z)
 
 
-def pipeline_layers(model: nn.Module, plan: Plan | str | Path | Mapping[str, Any], **options: Any,
-                    ) -> list[str]:
-    """Replace every MoE `TransformerLayer` inside `model` by an `AMPipeBlock` over the same
-    modules (no weight copied, state_dict unchanged). Returns the names replaced. `options`
-    go to `AMPipeBlock.from_layer` (`emulated_comm`, `record_times`)."""
+class AMPipeBlock(nn.Module):
+    """The base of every pipelined layer's class: `isinstance(layer, AMPipeBlock)` says a
+    layer runs a plan. Its `forward` is the adapter's `pipelined_forward` over the plan
+    (ampipe's layer: ``x -> (y, MoELosses)``; Megatron-Core's: its own call signature and
+    return value). Per-op times of the latest step are in `last_times`
+    (``{"forward": OpTimes, "backward": OpTimes}``), and with emulated communication the
+    delay modelled per comm op in `last_delays_ms` (``{pass: {op id: ms}}``).
+
+    Made by `apply_ampipe` (in place) or `AMPipeBlock.from_layer` (a twin sharing the
+    layer's submodules, for running the baseline and the pipelined block side by side).
+    """
+
+    _ampipe: _Engine
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, plan: Plan | str | Path | Mapping[str, Any], *,
+                   emulated_comm: EmulatedComm | Mapping[str, Any] | None = None,
+                   record_times: bool = True) -> "AMPipeBlock":
+        """A pipelined twin of `layer`: a new module object over the same submodules (same
+        Parameter objects, same state_dict names); `layer` itself is left as it is."""
+        return apply_ampipe(_twin(layer), plan, emulated_comm=emulated_comm,
+                            record_times=record_times)
+
+    def to_layer(self) -> nn.Module:
+        """The baseline layer over the same submodules (a twin; this block is left as it is)."""
+        return unapply_ampipe(_twin(self))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        engine = self._ampipe
+        return engine.adapter.pipelined_forward(engine.run, *args, **kwargs)
+
+    @property
+    def plan(self) -> Plan:
+        return self._ampipe.plan
+
+    @property
+    def emulated_comm(self) -> EmulatedComm | None:
+        return self._ampipe.emulated_comm
+
+    @property
+    def last_times(self) -> dict[str, OpTimes] | None:
+        return self._ampipe.last_times
+
+    @property
+    def last_delays_ms(self) -> dict[str, dict[str, float]] | None:
+        return self._ampipe.last_delays_ms
+
+
+_PIPELINED_CLASSES: dict[type, type] = {}
+
+
+def _pipelined_class(cls: type) -> type:
+    """``AMPipe<cls>``: a subclass of `AMPipeBlock` and `cls` (one per class)."""
+    out = _PIPELINED_CLASSES.get(cls)
+    if out is None:
+        out = _PIPELINED_CLASSES[cls] = type(f"AMPipe{cls.__name__}", (AMPipeBlock, cls),
+                                             {"__module__": cls.__module__})
+    return out
+
+
+def _twin(layer: nn.Module) -> nn.Module:
+    """A shallow copy of `layer`: the same submodules, parameters and buffers, but its own
+    registries and hook tables (so registering on one leaves the other alone)."""
+    twin = copy.copy(layer)
+    for k, v in twin.__dict__.items():
+        if isinstance(v, dict):
+            twin.__dict__[k] = type(v)(v)
+    return twin
+
+
+def apply_ampipe(layer: nn.Module, plan: Plan | str | Path | Mapping[str, Any], *,
+                 adapter: LayerAdapter | None = None,
+                 emulated_comm: EmulatedComm | Mapping[str, Any] | None = None,
+                 record_times: bool = True) -> AMPipeBlock:
+    """Make one MoE layer run `plan`, in place; returns the same object (now an `AMPipeBlock`).
+
+    `adapter` defaults to the one that recognises the layer (`ampipe.adapters.adapter_for`;
+    `NotSwappable` names what it missed). A plan whose dims differ from the layer's is
+    refused naming the field and the `ampipe plan` command that makes a fitting one."""
+    return _install(layer, prepare_ampipe(layer, plan, adapter=adapter, emulated_comm=emulated_comm,
+                                          record_times=record_times))
+
+
+def prepare_ampipe(layer: nn.Module, plan: Plan | str | Path | Mapping[str, Any], *,
+                   adapter: LayerAdapter | None = None,
+                   emulated_comm: EmulatedComm | Mapping[str, Any] | None = None,
+                   record_times: bool = True) -> _Engine:
+    """Every check of `apply_ampipe`, changing nothing: the engine it would install.
+    Raises `NotSwappable` (the layer) or `PlanError` (the plan does not fit it)."""
+    from ..adapters import adapter_for, plan_fit_error
+
+    if isinstance(layer, AMPipeBlock):
+        raise ValueError(f"apply_ampipe: {type(layer).__name__} is pipelined already")
+    adapter = adapter if adapter is not None else adapter_for(layer)
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
-    return _swap(model, lambda m: (isinstance(m, TransformerLayer) and m.is_moe
-                                   and not isinstance(m, AMPipeBlock)),
-                 lambda m: AMPipeBlock.from_layer(m, plan, **options))
+    if isinstance(emulated_comm, Mapping):
+        emulated_comm = EmulatedComm.from_dict(emulated_comm)
+    try:
+        check_dims(plan, block_dims(adapter))
+    except PlanError as e:
+        raise plan_fit_error(e, adapter) from None
+    return _Engine(adapter, plan, emulated_comm, record_times, type(layer))
 
 
-def baseline_layers(model: nn.Module) -> list[str]:
-    """Undo `pipeline_layers`: every `AMPipeBlock` back to a `TransformerLayer` (same modules)."""
-    return _swap(model, lambda m: isinstance(m, AMPipeBlock), lambda m: m.to_layer())
+def _install(layer: nn.Module, engine: _Engine) -> AMPipeBlock:
+    layer.__dict__["_ampipe"] = engine
+    layer.__class__ = _pipelined_class(type(layer))
+    return layer  # type: ignore[return-value]
 
 
-def _swap(model: nn.Module, match, make) -> list[str]:
-    swapped = []
-    for name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if match(child):
-                setattr(parent, child_name, make(child))  # ModuleList accepts "3" too
-                swapped.append(f"{name}.{child_name}" if name else child_name)
-    return swapped
+def unapply_ampipe(layer: AMPipeBlock) -> nn.Module:
+    """Undo `apply_ampipe` in place (the class it had, no weight copied); returns the layer."""
+    if not isinstance(layer, AMPipeBlock):
+        raise ValueError(f"unapply_ampipe: {type(layer).__name__} is not pipelined")
+    engine = layer.__dict__.pop("_ampipe")
+    if type(layer) is not _PIPELINED_CLASSES.get(engine.original_class):
+        layer.__dict__["_ampipe"] = engine
+        raise ValueError(f"unapply_ampipe: the layer's class was changed after apply_ampipe "
+                         f"(now {type(layer).__name__}); undo that first")
+    layer.__class__ = engine.original_class
+    return layer

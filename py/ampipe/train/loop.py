@@ -129,9 +129,9 @@ class Trainer:
         self.model = GPTModel(model_cfg, ep=self.groups.ep, seed=seed, device=self.device)
         self.pipelined = plan is not None
         if self.pipelined:
-            from ..pipeline.block import pipeline_layers
+            from ..pipeline.swap import swap_blocks
 
-            pipeline_layers(self.model, plan, emulated_comm=emulated_comm)
+            swap_blocks(self.model, plan, emulated_comm=emulated_comm)
         elif emulated_comm is not None:
             from ..pipeline.compare import add_emulated_delays
 

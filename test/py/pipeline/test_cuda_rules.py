@@ -48,7 +48,7 @@ def test_backward_op_on_another_stream_than_its_forward_is_rejected_for_cuda():
     layer = make_layer(bad)
     block = AMPipeBlock.from_layer(layer, bad)
     with pytest.raises(PlanError, match="must use its forward op's stream"):
-        block._executor_for(torch.device("cuda"))
+        block._ampipe._executor_for(torch.device("cuda"))
     # on CPU the stream of a compute op is only an order: it runs, and equals the baseline
     x, dy = inputs(bad)
     assert_equal_within(step(layer, layer, x, dy), step(block, layer, x, dy), 1e-5, "cpu")
@@ -69,10 +69,10 @@ def test_blocks_share_one_executor_per_device_and_stream_spec():
     a = AMPipeBlock.from_layer(make_layer(plan), plan)
     b = AMPipeBlock.from_layer(make_layer(plan), plan)
     cpu = torch.device("cpu")
-    assert a._executor_for(cpu) is b._executor_for(cpu)
+    assert a._ampipe._executor_for(cpu) is b._ampipe._executor_for(cpu)
     other = two_compute_streams(plan)
-    assert shared_executor(other.streams, cpu) is not a._executor_for(cpu)
-    assert shared_executor(plan.streams, cpu, record_times=False) is not a._executor_for(cpu)
+    assert shared_executor(other.streams, cpu) is not a._ampipe._executor_for(cpu)
+    assert shared_executor(plan.streams, cpu, record_times=False) is not a._ampipe._executor_for(cpu)
     assert stream_priority("comm") < stream_priority("compute")
 
 

@@ -22,7 +22,7 @@ FAST_EMU = EmulatedComm(latency_us=1, bandwidth_gbps=1000.0, world_size=2)
 
 
 def _parked_comm_thread(block: AMPipeBlock) -> threading.Thread:
-    thread = block._executor.comm_thread  # started by a pass, parked between passes
+    thread = block._ampipe._executor.comm_thread  # started by a pass, parked between passes
     assert thread is not None and thread.is_alive() and thread.name == COMM_THREAD_NAME
     return thread
 
@@ -57,7 +57,7 @@ def test_op_failing_mid_forward_names_the_op_and_leaves_no_thread(monkeypatch, k
     with pytest.raises(OpFailed, match=rf"forward op '{op_id}'.*injected failure") as info:
         block(x)
     assert info.value.op.id == op_id
-    assert not comm.is_alive() and block._executor.comm_thread is None  # stopped and joined
+    assert not comm.is_alive() and block._ampipe._executor.comm_thread is None  # stopped and joined
     monkeypatch.setattr(blk.pieces, kind, real)
     assert_equal_within(ref, step(block, layer, x, dy), 1e-5, "after a failed step")
 
@@ -95,7 +95,7 @@ def test_op_failing_mid_backward_names_the_op_and_leaves_no_thread(monkeypatch):
     comm = _parked_comm_thread(block)
     with pytest.raises(OpFailed, match=r"backward op 'b\.attn\.1'.*injected backward failure"):
         ((y * dy).sum() + losses.aux_loss).backward()
-    assert not comm.is_alive() and block._executor.comm_thread is None
+    assert not comm.is_alive() and block._ampipe._executor.comm_thread is None
 
 
 class _Checkpointed(torch.nn.Module):

@@ -134,11 +134,11 @@ def test_bf16_parameters_error_is_that_of_the_bf16_baseline(name):
 
 def _bf16_step(plan):
     layer = make_layer(plan).to(torch.bfloat16)
-    block = AMPipeBlock.from_layer(layer, plan)
-    block._device = torch.device("cpu")
+    engine = AMPipeBlock.from_layer(layer, plan)._ampipe
+    engine._device = torch.device("cpu")
     x = torch.zeros(plan.dims["seq_length"], plan.dims["micro_batch_size"], plan.dims["hidden_size"],
                     dtype=torch.bfloat16)
-    return block_mod._Step(block, x, block._params, track=True), layer
+    return block_mod._Step(engine, x, engine._params(), track=True), layer
 
 
 def test_parameter_gradients_are_summed_across_chunks_in_fp32():
@@ -204,10 +204,11 @@ def test_island_backward_marks_the_incoming_gradient_not_its_conversion(monkeypa
     marked: list[int] = []
     monkeypatch.setattr(block_mod._Step, "_mark_used",
                         lambda self, *ts: marked.extend(id(t) for t in ts if t is not None))
-    block._device = x.device
-    st = block_mod._Step(block, x.detach().requires_grad_(True), block._params, track=True)
+    engine = block._ampipe
+    engine._device = x.device
+    st = block_mod._Step(engine, x.detach().requires_grad_(True), engine._params(), track=True)
     st.x_grad = True
-    block._executor.run(plan.forward, st.forward_op, "forward", inline=True)
+    engine._executor.run(plan.forward, st.forward_op, "forward", inline=True)
     island = st.islands[("unpermute", 1)]
     g = torch.randn(island.outputs[0].shape).to(torch.bfloat16)  # another dtype than y's
     marked.clear()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ampipe.model.config import ConfigError, ModelConfig
+from ampipe.pipeline import AMPipeBlock
 from ampipe.train.checkpoint import MANIFEST, checkpoint_dir
 from ampipe.train.config import TrainConfig
 from ampipe.train.loop import Trainer, micro_batches_per_rank, sample_indices
@@ -86,7 +87,7 @@ def test_gradient_accumulation_equals_the_larger_micro_batch(tmp_path):
 def test_pipelined_training_matches_the_baseline(tmp_path, plan_name):
     base, eb = trainer(tmp_path / "b", steps=8, model=model_dict(plan_name))
     pipe, ep = trainer(tmp_path / "p", steps=8, model=model_dict(plan_name), plan=fixture_plan(plan_name))
-    assert pipe.pipelined and type(pipe.model.decoder.layers[0]).__name__ == "AMPipeBlock"
+    assert pipe.pipelined and isinstance(pipe.model.decoder.layers[0], AMPipeBlock)
     base.run(), pipe.run()
     lb, lp = losses(eb), losses(ep)
     assert len(lb) == len(lp) == 8

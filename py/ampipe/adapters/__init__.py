@@ -1,0 +1,69 @@
+"""Which layers the pipelined block runs over, and how each is read (`LayerAdapter`).
+
+- ampipe's own `TransformerLayer` (MoE) is its own adapter;
+- a Megatron-Core `TransformerLayer` (local spec) is read by `MegatronLayerAdapter`
+  (`ampipe.adapters.megatron`), duck-typed on its attribute paths; nothing from Megatron is
+  imported at module load.
+
+`adapter_for(layer)` picks one, or raises `NotSwappable` with the reason (naming the
+attribute or config field it could not accept). `is_layer_like` says which modules are
+transformer layers at all (the ones `swap_blocks` reports when it cannot swap them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..model.adapter import ExpertWeights, LayerAdapter, NotSwappable
+
+__all__ = ["ExpertWeights", "LayerAdapter", "NotSwappable", "adapter_for", "is_layer_like",
+           "plan_fit_error"]
+
+
+def is_layer_like(module: nn.Module) -> bool:
+    """A transformer layer of some kind: ampipe's, or anything with ``self_attention`` and ``mlp``."""
+    from ..model.layers import TransformerLayer
+
+    return isinstance(module, TransformerLayer) or (
+        hasattr(module, "self_attention") and hasattr(module, "mlp"))
+
+
+def adapter_for(layer: nn.Module) -> LayerAdapter:
+    """The adapter that recognises `layer`; `NotSwappable` says why none does."""
+    from ..model.layers import TransformerLayer
+
+    if isinstance(layer, TransformerLayer):
+        if not layer.is_moe:
+            raise NotSwappable("a dense layer (mlp is an MLP, not an MoE layer)")
+        return layer
+    if hasattr(layer, "config") and hasattr(layer, "self_attention") and hasattr(layer, "mlp"):
+        from .megatron import MegatronLayerAdapter
+
+        return MegatronLayerAdapter(layer)
+    missing = [a for a in ("config", "self_attention", "mlp") if not hasattr(layer, a)]
+    raise NotSwappable(f"{type(layer).__name__} is neither ampipe's TransformerLayer nor a "
+                       f"Megatron-Core TransformerLayer (no attribute {', '.join(map(repr, missing))})")
+
+
+# The config field each plan dim comes from (src/commands/plan.ts DIM_SOURCES).
+_DIM_FIELDS = {
+    "expert_model_parallel_size": "parallelism.expert_model_parallel_size",
+}
+
+
+def fitting_plan_command(dims: Mapping[str, Any]) -> str:
+    """The `ampipe plan` command that makes a plan with these dims."""
+    sets = " ".join(f"--set {_DIM_FIELDS.get(k, 'model.' + k)}={v}" for k, v in dims.items())
+    return f"ampipe plan <config> {sets} --out plan.json"
+
+
+def plan_fit_error(error: Exception, adapter: LayerAdapter):
+    """`error` (a plan that does not fit the layer) with the command that makes one that does."""
+    from ..pipeline.block import block_dims
+    from ..pipeline.plan import PlanError
+
+    return PlanError(f"{error}; make a plan for this layer with: "
+                     f"{fitting_plan_command(block_dims(adapter))} "
+                     f"(from Megatron-LM flags: ampipe plan --from-megatron --out plan.json -- <flags>)")

@@ -1,0 +1,314 @@
+// Megatron-LM command-line flags (pretrain_gpt.py) to and from an ampipe experiment config.
+//
+// `configFromMegatron(flags)` reads the flags that map onto ampipe's model and parallelism
+// fields (Megatron's defaults apply to the ones not given, so the config describes the same
+// model Megatron would build), warns about each flag it ignores (naming it and why), and
+// refuses contradictions naming both flags. `megatronFromConfig(cfg)` writes the flags back;
+// flags -> config -> flags -> config is the identity on the config.
+import { applyOverrides, ConfigError, resolveConfig } from "./load.ts";
+import type { ExperimentConfig } from "./schema.ts";
+
+type Kind = "int" | "float" | "str" | "bool";
+
+interface FlagSpec {
+  kind: Kind;
+  /** The config field it sets (section.field). */
+  field?: string;
+  /** Allowed values (str flags). */
+  choices?: readonly string[];
+}
+
+/** Every Megatron-LM flag ampipe reads. Booleans are store_true flags. */
+const FLAGS: Record<string, FlagSpec> = {
+  "--num-layers": { kind: "int", field: "model.num_layers" },
+  "--hidden-size": { kind: "int", field: "model.hidden_size" },
+  "--num-attention-heads": { kind: "int", field: "model.num_attention_heads" },
+  "--group-query-attention": { kind: "bool" },
+  "--num-query-groups": { kind: "int" },
+  "--kv-channels": { kind: "int", field: "model.kv_channels" },
+  "--seq-length": { kind: "int", field: "model.seq_length" },
+  "--micro-batch-size": { kind: "int", field: "model.micro_batch_size" },
+  "--vocab-size": { kind: "int", field: "model.vocab_size" },
+  "--ffn-hidden-size": { kind: "int", field: "model.ffn_hidden_size" },
+  "--normalization": { kind: "str", field: "model.normalization", choices: ["LayerNorm", "RMSNorm"] },
+  "--norm-epsilon": { kind: "float", field: "model.norm_epsilon" },
+  "--position-embedding-type": { kind: "str", field: "model.position_embedding_type", choices: ["learned_absolute", "rope"] },
+  "--rotary-base": { kind: "float", field: "model.rotary_base" },
+  "--attention-dropout": { kind: "float", field: "model.attention_dropout" },
+  "--hidden-dropout": { kind: "float", field: "model.hidden_dropout" },
+  "--disable-bias-linear": { kind: "bool" },
+  "--untie-embeddings-and-output-weights": { kind: "bool", field: "model.untie_embeddings_and_output_weights" },
+  "--init-method-std": { kind: "float", field: "model.init_method_std" },
+  "--num-experts": { kind: "int", field: "model.num_experts" },
+  "--moe-layer-freq": { kind: "int", field: "model.moe_layer_freq" },
+  "--moe-router-topk": { kind: "int", field: "model.moe_router_topk" },
+  "--moe-router-pre-softmax": { kind: "bool" },
+  "--moe-router-score-function": { kind: "str", choices: ["softmax"] },
+  "--moe-router-load-balancing-type": { kind: "str", choices: ["aux_loss", "none"] },
+  "--moe-expert-capacity-factor": { kind: "float", field: "model.moe_expert_capacity_factor" },
+  "--moe-token-drop-policy": { kind: "str", field: "model.moe_token_drop_policy", choices: ["probs", "position"] },
+  "--moe-aux-loss-coeff": { kind: "float", field: "model.moe_aux_loss_coeff" },
+  "--moe-z-loss-coeff": { kind: "float", field: "model.moe_z_loss_coeff" },
+  "--moe-ffn-hidden-size": { kind: "int", field: "model.moe_ffn_hidden_size" },
+  "--swiglu": { kind: "bool" },
+  "--expert-model-parallel-size": { kind: "int", field: "parallelism.expert_model_parallel_size" },
+  "--bf16": { kind: "bool" },
+  "--fp16": { kind: "bool" },
+  "--seed": { kind: "int", field: "run.seed" },
+};
+
+/** Megatron-LM flags with no ampipe equivalent that are safe to drop, and why. A value
+ *  that changes the model (e.g. tensor parallelism > 1) is still only a warning: ampipe
+ *  pipelines one block on one TP/PP/CP rank. */
+const IGNORED: Record<string, { takesValue: boolean; why: string }> = {
+  "--tensor-model-parallel-size": { takesValue: true, why: "ampipe runs tensor parallelism 1" },
+  "--pipeline-model-parallel-size": { takesValue: true, why: "ampipe runs pipeline parallelism 1" },
+  "--context-parallel-size": { takesValue: true, why: "ampipe runs context parallelism 1" },
+  "--sequence-parallel": { takesValue: false, why: "no tensor parallelism" },
+  "--expert-tensor-parallel-size": { takesValue: true, why: "ampipe runs expert tensor parallelism 1" },
+  "--max-position-embeddings": { takesValue: true, why: "ampipe sizes positions by --seq-length" },
+  "--global-batch-size": { takesValue: true, why: "no gradient-accumulation setting in the config" },
+  "--train-iters": { takesValue: true, why: "a training setting" },
+  "--lr": { takesValue: true, why: "a training setting" },
+  "--min-lr": { takesValue: true, why: "a training setting" },
+  "--lr-decay-style": { takesValue: true, why: "a training setting" },
+  "--lr-warmup-iters": { takesValue: true, why: "a training setting" },
+  "--weight-decay": { takesValue: true, why: "a training setting" },
+  "--clip-grad": { takesValue: true, why: "a training setting" },
+  "--adam-beta1": { takesValue: true, why: "a training setting" },
+  "--adam-beta2": { takesValue: true, why: "a training setting" },
+  "--moe-grouped-gemm": { takesValue: false, why: "ampipe stores experts as GroupedMLP and runs them its own way" },
+  "--moe-token-dispatcher-type": { takesValue: true, why: "ampipe permutes and exchanges tokens itself" },
+  "--moe-permute-fusion": { takesValue: false, why: "a kernel choice" },
+  "--use-mcore-models": { takesValue: false, why: "ampipe's GPT is Megatron-Core's layout" },
+  "--transformer-impl": { takesValue: true, why: "a kernel choice" },
+  "--use-flash-attn": { takesValue: false, why: "ampipe picks FlashAttention >= 2.1 when it is installed" },
+  "--attention-backend": { takesValue: true, why: "ampipe picks FlashAttention >= 2.1 when it is installed, else SDPA" },
+  "--no-masked-softmax-fusion": { takesValue: false, why: "a kernel choice" },
+  "--no-bias-swiglu-fusion": { takesValue: false, why: "a kernel choice" },
+  "--no-rope-fusion": { takesValue: false, why: "a kernel choice" },
+  "--tokenizer-type": { takesValue: true, why: "data settings are not part of the block config" },
+  "--tokenizer-model": { takesValue: true, why: "data settings are not part of the block config" },
+  "--data-path": { takesValue: true, why: "data settings are not part of the block config" },
+  "--split": { takesValue: true, why: "data settings are not part of the block config" },
+  "--save": { takesValue: true, why: "checkpointing is not part of the block config" },
+  "--load": { takesValue: true, why: "checkpointing is not part of the block config" },
+  "--save-interval": { takesValue: true, why: "checkpointing is not part of the block config" },
+  "--log-interval": { takesValue: true, why: "a logging setting" },
+  "--eval-interval": { takesValue: true, why: "an evaluation setting" },
+  "--eval-iters": { takesValue: true, why: "an evaluation setting" },
+  "--distributed-backend": { takesValue: true, why: "ampipe picks gloo on CPU, NCCL on CUDA" },
+};
+
+/** Megatron-LM flags that change the model in a way ampipe's block does not implement: refused. */
+const UNSUPPORTED: Record<string, { takesValue: boolean; why: string }> = {
+  "--moe-router-topk-scaling-factor": { takesValue: true, why: "scaled gates are not implemented" },
+  "--moe-router-num-groups": { takesValue: true, why: "group-limited routing is not implemented" },
+  "--moe-router-group-topk": { takesValue: true, why: "group-limited routing is not implemented" },
+  "--moe-router-enable-expert-bias": { takesValue: false, why: "expert-bias balancing is not implemented" },
+  "--moe-shared-expert-intermediate-size": { takesValue: true, why: "shared experts are not implemented" },
+  "--moe-pad-expert-input-to-capacity": { takesValue: false, why: "padding to capacity is not implemented" },
+  "--moe-input-jitter-eps": { takesValue: true, why: "input jitter is not implemented" },
+  "--qk-layernorm": { takesValue: false, why: "QK layernorm is not implemented" },
+  "--rotary-interleaved": { takesValue: false, why: "interleaved rope is not implemented" },
+  "--rotary-percent": { takesValue: true, why: "partial rope is not implemented" },
+  "--add-qkv-bias": { takesValue: false, why: "a QKV bias apart from --disable-bias-linear is not implemented" },
+  "--multi-latent-attention": { takesValue: false, why: "multi-latent attention is not implemented" },
+  "--fp8-format": { takesValue: true, why: "fp8 is not supported" },
+  "--num-layers-per-virtual-pipeline-stage": { takesValue: true, why: "pipeline parallelism is not supported" },
+};
+
+/** Megatron-LM's defaults for the fields ampipe reads, where they differ from ampipe's own. */
+const MEGATRON_DEFAULTS: Record<string, unknown> = {
+  "model.normalization": "LayerNorm",
+  "model.norm_epsilon": 1e-5,
+  "model.position_embedding_type": "learned_absolute",
+  "model.rotary_base": 10000,
+  "model.attention_dropout": 0.1,
+  "model.hidden_dropout": 0.1,
+  "model.add_bias_linear": true,
+  "model.untie_embeddings_and_output_weights": false,
+  "model.init_method_std": 0.02,
+  "model.moe_layer_freq": 1,
+  "model.moe_router_score_order": "topk_then_softmax",
+  "model.moe_router_topk_renormalize": false,
+  "model.moe_expert_capacity_factor": null,
+  "model.moe_token_drop_policy": "probs",
+  "model.moe_aux_loss_coeff": 0,
+  "model.moe_z_loss_coeff": 0,
+  "model.moe_expert_activation": "gelu",
+  "model.dtype": "fp32",
+  "parallelism.expert_model_parallel_size": 1,
+};
+
+export interface FromMegatronResult {
+  config: ExperimentConfig;
+  /** One line per flag ignored, naming it and why. */
+  warnings: string[];
+}
+
+/** Reads `--flag value`, `--flag=value` and store_true flags; values of flags it does not
+ *  know are taken to be the next token when that does not start with "--". */
+function tokenize(argv: readonly string[]): Array<{ flag: string; value: string | null }> {
+  const out: Array<{ flag: string; value: string | null }> = [];
+  for (let i = 0; i < argv.length; i++) {
+    const tok = argv[i];
+    if (!tok.startsWith("--")) throw new ConfigError([{ path: "", message: `${tok}: expected a --flag, got a stray value` }], "megatron flags");
+    const eq = tok.indexOf("=");
+    const flag = eq > 0 ? tok.slice(0, eq) : tok;
+    if (eq > 0) {
+      out.push({ flag, value: tok.slice(eq + 1) });
+      continue;
+    }
+    const spec = FLAGS[flag];
+    const known = IGNORED[flag] ?? UNSUPPORTED[flag];
+    const takesValue = spec ? spec.kind !== "bool" : known ? known.takesValue : i + 1 < argv.length && !argv[i + 1].startsWith("--");
+    if (takesValue) {
+      if (i + 1 >= argv.length) throw new ConfigError([{ path: "", message: `${flag}: needs a value` }], "megatron flags");
+      out.push({ flag, value: argv[++i] });
+    } else out.push({ flag, value: null });
+  }
+  return out;
+}
+
+function fail(message: string): never {
+  throw new ConfigError([{ path: "", message }], "megatron flags");
+}
+
+function readValue(flag: string, spec: FlagSpec, raw: string | null): unknown {
+  if (spec.kind === "bool") {
+    if (raw !== null) fail(`${flag}: takes no value (a store_true flag), got "${raw}"`);
+    return true;
+  }
+  if (raw === null) fail(`${flag}: needs a value`);
+  if (spec.kind === "str") {
+    if (spec.choices && !spec.choices.includes(raw))
+      fail(`${flag}: "${raw}" is not supported by ampipe (supported: ${spec.choices.join(", ")})`);
+    return raw;
+  }
+  const x = Number(raw);
+  if (raw.trim() === "" || !Number.isFinite(x) || (spec.kind === "int" && !Number.isInteger(x)))
+    fail(`${flag}: expected ${spec.kind === "int" ? "an integer" : "a number"}, got "${raw}"`);
+  return x;
+}
+
+function setPath(obj: Record<string, Record<string, unknown>>, field: string, value: unknown): void {
+  const [section, key] = field.split(".");
+  (obj[section] ??= {})[key] = value;
+}
+
+/** Megatron-LM flags -> a resolved ampipe config (plus `--set` overrides applied last). */
+export function configFromMegatron(argv: readonly string[], overrides: readonly string[] = []): FromMegatronResult {
+  const warnings: string[] = [];
+  const given = new Map<string, unknown>();
+  for (const { flag, value } of tokenize(argv)) {
+    const spec = FLAGS[flag];
+    const unsupported = UNSUPPORTED[flag];
+    if (unsupported && !(flag === "--rotary-percent" && Number(value) === 1))
+      fail(`${value === null ? flag : `${flag} ${value}`}: not supported by ampipe (${unsupported.why})`);
+    if (!spec) {
+      const ig = IGNORED[flag];
+      const shown = value === null ? flag : `${flag} ${value}`;
+      if (unsupported) continue; // --rotary-percent 1: the default
+      warnings.push(ig ? `${shown}: ignored (${ig.why})` : `${shown}: ignored (not a Megatron-LM flag ampipe knows)`);
+      continue;
+    }
+    const v = readValue(flag, spec, value);
+    if (given.has(flag) && given.get(flag) !== v) fail(`${flag} is given twice, as ${String(given.get(flag))} and ${String(v)}`);
+    given.set(flag, v);
+  }
+  const g = (f: string) => given.get(f) as number | string | boolean | undefined;
+
+  if (g("--num-experts") === undefined) fail("--num-experts is required: ampipe pipelines MoE blocks");
+  if (g("--bf16") && g("--fp16")) fail("--bf16 and --fp16 contradict each other (give one)");
+  const hidden = g("--hidden-size") as number | undefined;
+  const heads = g("--num-attention-heads") as number | undefined;
+  if (hidden !== undefined && heads !== undefined && g("--kv-channels") === undefined && hidden % heads !== 0)
+    fail(`--num-attention-heads ${heads} does not divide --hidden-size ${hidden} (or give --kv-channels)`);
+  const topk = g("--moe-router-topk") as number | undefined;
+  const experts = g("--num-experts") as number;
+  if (topk !== undefined && topk > experts) fail(`--moe-router-topk ${topk} exceeds --num-experts ${experts}`);
+  const groups = g("--num-query-groups") as number | undefined;
+  if (groups !== undefined && !g("--group-query-attention")) {
+    warnings.push(`--num-query-groups ${groups}: ignored without --group-query-attention (as Megatron-LM does)`);
+  } else if (groups !== undefined && heads !== undefined && heads % groups !== 0) {
+    fail(`--num-query-groups ${groups} does not divide --num-attention-heads ${heads}`);
+  }
+  const ep = g("--expert-model-parallel-size") as number | undefined;
+  if (ep !== undefined && experts % ep !== 0) fail(`--expert-model-parallel-size ${ep} does not divide --num-experts ${experts}`);
+
+  const obj: Record<string, Record<string, unknown>> = { model: {}, parallelism: {} };
+  for (const [field, v] of Object.entries(MEGATRON_DEFAULTS)) setPath(obj, field, v);
+  for (const [flag, v] of given) {
+    const field = FLAGS[flag].field;
+    if (field) setPath(obj, field, v);
+  }
+  // --ffn-hidden-size defaults to 4 * hidden and --moe-ffn-hidden-size to --ffn-hidden-size, as in Megatron.
+  const h = hidden ?? 128;
+  if (g("--ffn-hidden-size") === undefined) obj.model.ffn_hidden_size = 4 * h;
+  if (g("--moe-ffn-hidden-size") === undefined) obj.model.moe_ffn_hidden_size = obj.model.ffn_hidden_size;
+  if (g("--group-query-attention") && groups !== undefined) obj.model.num_query_groups = groups;
+  if (g("--moe-router-pre-softmax")) obj.model.moe_router_score_order = "softmax_then_topk";
+  if (g("--disable-bias-linear")) obj.model.add_bias_linear = false;
+  if (g("--swiglu")) obj.model.moe_expert_activation = "swiglu";
+  if (g("--bf16")) obj.model.dtype = "bf16";
+  if (g("--fp16")) obj.model.dtype = "fp16";
+  if (g("--moe-router-load-balancing-type") === "none") obj.model.moe_aux_loss_coeff = 0;
+  // The smallest world that holds the expert-parallel group (Megatron takes it from the launcher).
+  obj.parallelism.world_size = obj.parallelism.expert_model_parallel_size;
+  const config = resolveConfig(applyOverrides(obj, overrides), "megatron flags");
+  return { config, warnings };
+}
+
+const num = (x: number) => String(x);
+
+/** An ampipe config -> Megatron-LM flags; `warnings` name the config fields no flag expresses. */
+export function megatronFromConfig(cfg: ExperimentConfig): { flags: string[]; warnings: string[] } {
+  const m = cfg.model;
+  const f: string[] = [];
+  const warnings: string[] = [];
+  const add = (flag: string, v?: number | string) => (v === undefined ? f.push(flag) : f.push(flag, typeof v === "number" ? num(v) : v));
+  add("--num-layers", m.num_layers);
+  add("--hidden-size", m.hidden_size);
+  add("--num-attention-heads", m.num_attention_heads);
+  if (m.num_query_groups !== m.num_attention_heads) {
+    add("--group-query-attention");
+    add("--num-query-groups", m.num_query_groups);
+  }
+  if (m.kv_channels !== m.hidden_size / m.num_attention_heads) add("--kv-channels", m.kv_channels);
+  add("--seq-length", m.seq_length);
+  add("--micro-batch-size", m.micro_batch_size);
+  add("--vocab-size", m.vocab_size);
+  add("--ffn-hidden-size", m.ffn_hidden_size);
+  add("--normalization", m.normalization);
+  add("--norm-epsilon", m.norm_epsilon);
+  add("--position-embedding-type", m.position_embedding_type);
+  add("--rotary-base", m.rotary_base);
+  add("--attention-dropout", m.attention_dropout);
+  add("--hidden-dropout", m.hidden_dropout);
+  if (!m.add_bias_linear) add("--disable-bias-linear");
+  if (m.untie_embeddings_and_output_weights) add("--untie-embeddings-and-output-weights");
+  add("--init-method-std", m.init_method_std);
+  add("--num-experts", m.num_experts);
+  add("--moe-layer-freq", m.moe_layer_freq);
+  add("--moe-router-topk", m.moe_router_topk);
+  if (m.moe_router_score_order === "softmax_then_topk") add("--moe-router-pre-softmax");
+  if (m.moe_router_topk_renormalize)
+    warnings.push("model.moe_router_topk_renormalize: true has no Megatron-LM flag (Megatron does not renormalise the top-k softmax); left out");
+  if (m.moe_expert_capacity_factor !== null) add("--moe-expert-capacity-factor", m.moe_expert_capacity_factor);
+  add("--moe-token-drop-policy", m.moe_token_drop_policy);
+  add("--moe-aux-loss-coeff", m.moe_aux_loss_coeff);
+  add("--moe-z-loss-coeff", m.moe_z_loss_coeff);
+  add("--moe-ffn-hidden-size", m.moe_ffn_hidden_size);
+  if (m.moe_expert_activation === "swiglu") add("--swiglu");
+  add("--expert-model-parallel-size", cfg.parallelism.expert_model_parallel_size);
+  if (m.dtype === "bf16") add("--bf16");
+  if (m.dtype === "fp16") add("--fp16");
+  add("--seed", cfg.run.seed);
+  return { flags: f, warnings };
+}
+
+/** Flags joined for a shell (values quoted only where needed). */
+export function shellJoin(args: readonly string[]): string {
+  return args.map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, "'\\''")}'`)).join(" ");
+}

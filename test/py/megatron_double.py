@@ -1,0 +1,497 @@
+"""A test double of Megatron-Core's GPT-MoE (megatron-core 0.20, local spec).
+
+Same attribute paths, config field names, call signatures and return values as Megatron's
+`TransformerLayer` built by `get_gpt_layer_local_spec` (``input_layernorm``,
+``self_attention.linear_qkv/core_attention/linear_proj``, ``pre_mlp_layernorm``,
+``mlp.router``, ``mlp.experts`` as `SequentialMLP` or `GroupedMLP`, ``mlp.token_dispatcher``),
+linear layers returning ``(output, bias)``, ``layer(hidden_states, attention_mask=None,
+rotary_pos_emb=..., ...) -> (output, context)``, the aux and z-losses attached to the
+activations through `MoEAuxLossAutoScaler` and logged into an aux-loss tracker.
+
+Its math is written here from Megatron's definitions, independently of ampipe's block
+pieces: explicit-softmax causal attention with repeated KV heads, a dense routing map,
+per-expert gather / index_add token movement. The equivalence tests compare ampipe's
+pipelined block against it; two paths built from the same pieces could share one bug.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# --------------------------------------------------------------------------- config
+
+
+class AttnMaskType(enum.Enum):
+    padding = 1
+    causal = 2
+    no_mask = 3
+
+
+@dataclass
+class TransformerConfig:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    ffn_hidden_size: int | None = None
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_router_pre_softmax: bool = False
+    moe_router_score_function: str = "softmax"
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_expert_capacity_factor: float | None = None
+    moe_token_drop_policy: str = "probs"
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_grouped_gemm: bool = False
+    gated_linear_unit: bool = False
+    activation_func: Callable[..., torch.Tensor] = F.gelu
+    normalization: str = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    add_bias_linear: bool = True
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    bf16: bool = False
+    fp16: bool = False
+    tensor_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    rotary_interleaved: bool = False
+    qk_layernorm: bool = False
+    calculate_per_token_loss: bool = False
+    mtp_num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.kv_channels is None:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+
+
+# --------------------------------------------------------------------------- aux losses
+
+_TRACKER: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def save_to_aux_losses_tracker(name: str, loss: torch.Tensor, layer_number: int, num_layers: int,
+                               reduce_group: Any = None, avg_group: Any = None) -> None:
+    entry = _TRACKER.setdefault(name, {"values": torch.zeros(num_layers)})
+    entry["values"][layer_number - 1] += loss.detach()
+
+
+def clear_aux_losses_tracker() -> None:
+    _TRACKER.clear()
+
+
+def get_moe_layer_wise_logging_tracker() -> dict[str, dict[str, torch.Tensor]]:
+    return _TRACKER
+
+
+class MoEAuxLossAutoScaler(torch.autograd.Function):
+    """Identity on `output`; in backward, the aux loss receives ``main_loss_backward_scale``."""
+
+    main_loss_backward_scale: torch.Tensor = torch.tensor(1.0)
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+        return grad_output, torch.ones_like(aux_loss) * scale
+
+    @staticmethod
+    def set_loss_scale(scale: torch.Tensor) -> None:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = scale
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class IdentityOp(nn.Module):
+    def forward(self, x, *args, **kwargs):
+        return x
+
+
+class ColumnParallelLinear(nn.Module):
+    """``weight [out, in]``; returns ``(x Wᵀ + b, None)``, or ``(x Wᵀ, b)`` with skip_bias_add."""
+
+    def __init__(self, in_f: int, out_f: int, bias: bool, skip_bias_add: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_f, in_f))
+        self.bias = nn.Parameter(torch.empty(out_f)) if bias else None
+        self.skip_bias_add = skip_bias_add
+
+    def forward(self, x: torch.Tensor):
+        y = torch.matmul(x, self.weight.t())
+        if self.bias is None:
+            return y, None
+        if self.skip_bias_add:
+            return y, self.bias
+        return y + self.bias, None
+
+
+RowParallelLinear = ColumnParallelLinear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = (x.float() ** 2).mean(dim=-1, keepdim=True)
+        return (x.float() / torch.sqrt(var + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(config: TransformerConfig) -> nn.Module:
+    if config.normalization == "RMSNorm":
+        return RMSNorm(config.hidden_size, config.layernorm_epsilon)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Megatron's `_apply_rotary_pos_emb_bshd`, non-interleaved: ``t·cos + rotate_half(t)·sin``."""
+    cos_, sin_ = torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)
+    return t * cos_ + _rotate_half(t) * sin_
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, kv_channels: int, rotary_base: float = 10000.0):
+        super().__init__()
+        self.inv_freq = 1.0 / (rotary_base ** (torch.arange(0, kv_channels, 2, dtype=torch.float32) / kv_channels))
+
+    def forward(self, max_seq_len: int) -> torch.Tensor:
+        seq = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = seq[:, None] * self.inv_freq[None, :]
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class DotProductAttention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType):
+        super().__init__()
+        self.config = config
+        self.attn_mask_type = attn_mask_type
+        self.dropout = nn.Dropout(config.attention_dropout)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
+        s, b, h, d = query.shape
+        rep = h // key.shape[2]
+        key = key.repeat_interleave(rep, dim=2)
+        value = value.repeat_interleave(rep, dim=2)
+        scores = torch.einsum("sbhd,tbhd->bhst", query, key) / math.sqrt(d)
+        if attention_mask is None:
+            attention_mask = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(attention_mask, float("-inf"))
+        probs = self.dropout(torch.softmax(scores.float(), dim=-1).type_as(query))
+        ctx = torch.einsum("bhst,tbhd->sbhd", probs, value)
+        return ctx.reshape(s, b, h * d)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer_number: int):
+        super().__init__()
+        self.config = config
+        self.attn_mask_type = AttnMaskType.causal
+        h, g, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
+        self.linear_qkv = ColumnParallelLinear(config.hidden_size, (h + 2 * g) * d, config.add_bias_linear)
+        self.core_attention = DotProductAttention(config, layer_number, AttnMaskType.causal)
+        self.linear_proj = RowParallelLinear(h * d, config.hidden_size, config.add_bias_linear, skip_bias_add=True)
+        self.q_layernorm = None
+        self.k_layernorm = None
+
+    def get_query_key_value_tensors(self, hidden_states):
+        c = self.config
+        g, d = c.num_query_groups, c.kv_channels
+        hpg = c.num_attention_heads // g
+        mixed, _ = self.linear_qkv(hidden_states)
+        s, b = mixed.shape[:2]
+        mixed = mixed.view(s, b, g, (hpg + 2) * d)
+        query, key, value = torch.split(mixed, [hpg * d, d, d], dim=3)
+        return query.reshape(s, b, -1, d), key, value
+
+    def forward(self, hidden_states, attention_mask, rotary_pos_emb=None, **kwargs):
+        query, key, value = self.get_query_key_value_tensors(hidden_states)
+        if rotary_pos_emb is not None:
+            if isinstance(rotary_pos_emb, tuple):
+                q_emb, k_emb = rotary_pos_emb
+            else:
+                q_emb = k_emb = rotary_pos_emb
+            query = apply_rotary_pos_emb(query, q_emb[: query.shape[0]])
+            key = apply_rotary_pos_emb(key, k_emb[: key.shape[0]])
+        ctx = self.core_attention(query, key, value, attention_mask)
+        return self.linear_proj(ctx)
+
+
+# --------------------------------------------------------------------------- MoE
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.topk = config.moe_router_topk
+        self.weight = nn.Parameter(torch.empty(config.num_moe_experts, config.hidden_size))
+        self.layer_number: int | None = None
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    def forward(self, input: torch.Tensor):
+        c = self.config
+        x = input.reshape(-1, input.shape[-1])
+        logits = F.linear(x, self.weight)
+        num_layers = c.num_layers + (c.mtp_num_layers or 0)
+        per_token = logits.shape[0] if c.calculate_per_token_loss else 1
+        if c.moe_z_loss_coeff and self.training and torch.is_grad_enabled():
+            z = c.moe_z_loss_coeff * torch.mean(torch.logsumexp(logits, dim=-1) ** 2)
+            logits = MoEAuxLossAutoScaler.apply(logits, z * per_token)
+            save_to_aux_losses_tracker("z_loss", z / c.moe_z_loss_coeff, self.layer_number, num_layers)
+        if c.moe_router_pre_softmax:
+            top_probs, top_idx = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.topk, dim=1)
+        else:
+            top_logits, top_idx = torch.topk(logits, self.topk, dim=1)
+            top_probs = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
+        probs = torch.zeros_like(logits).scatter(1, top_idx, top_probs.type_as(logits))
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_idx, True)
+        if c.moe_aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
+            T, E = logits.shape
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            tokens_per_expert = routing_map.sum(dim=0).to(scores.dtype)
+            aux = torch.sum(scores.sum(dim=0) * tokens_per_expert) * (E * c.moe_aux_loss_coeff / (T * T * self.topk))
+            probs = MoEAuxLossAutoScaler.apply(probs, aux * per_token)
+            save_to_aux_losses_tracker("load_balancing_loss", aux / c.moe_aux_loss_coeff,
+                                       self.layer_number, num_layers)
+        return probs, routing_map
+
+
+class MoEAlltoAllTokenDispatcher:
+    """One rank: tokens gathered per expert in expert order, scattered back gate-weighted."""
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig):
+        self.num_local_experts = num_local_experts
+        self.config = config
+
+    def token_permutation(self, hidden_states, probs, routing_map):
+        self.hidden_shape = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        self.rows = [routing_map[:, e].nonzero().squeeze(1) for e in range(routing_map.shape[1])]
+        self.probs = probs
+        tokens = torch.cat([x[r] for r in self.rows])
+        return tokens, torch.tensor([len(r) for r in self.rows])
+
+    def token_unpermutation(self, expert_output, bias=None):
+        if bias is not None:
+            expert_output = expert_output + bias
+        out = torch.zeros(self.hidden_shape[0] * self.hidden_shape[1], expert_output.shape[-1],
+                          dtype=expert_output.dtype, device=expert_output.device)
+        start = 0
+        for e, r in enumerate(self.rows):
+            part = expert_output[start:start + len(r)] * self.probs[r, e].unsqueeze(1).to(expert_output.dtype)
+            out = out.index_add(0, r, part)
+            start += len(r)
+        return out.view(self.hidden_shape), None
+
+
+def _act(config: TransformerConfig, x: torch.Tensor) -> torch.Tensor:
+    if config.gated_linear_unit:
+        a, b = torch.chunk(x, 2, dim=-1)
+        return config.activation_func(a) * b
+    return config.activation_func(x)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig, ffn_hidden_size: int):
+        super().__init__()
+        self.config = config
+        f1 = ffn_hidden_size * (2 if config.gated_linear_unit else 1)
+        self.linear_fc1 = ColumnParallelLinear(config.hidden_size, f1, config.add_bias_linear, skip_bias_add=True)
+        self.linear_fc2 = RowParallelLinear(ffn_hidden_size, config.hidden_size, config.add_bias_linear, skip_bias_add=True)
+
+    def forward(self, x):
+        h, b1 = self.linear_fc1(x)
+        if b1 is not None:
+            h = h + b1
+        return self.linear_fc2(_act(self.config, h))
+
+
+class SequentialMLP(nn.Module):
+    def __init__(self, num_local_experts: int, config: TransformerConfig):
+        super().__init__()
+        self.num_local_experts = num_local_experts
+        self.local_experts = nn.ModuleList(MLP(config, config.moe_ffn_hidden_size) for _ in range(num_local_experts))
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert):
+        outs, biases = [], []
+        for expert, tokens in zip(self.local_experts, torch.split(permuted_local_hidden_states, tokens_per_expert.tolist())):
+            o, b = expert(tokens)
+            outs.append(o)
+            if b is not None:
+                biases.append(b.expand_as(o))
+        return torch.cat(outs), (torch.cat(biases) if biases else None)
+
+
+class GroupedMLP(nn.Module):
+    def __init__(self, num_local_experts: int, config: TransformerConfig):
+        super().__init__()
+        assert not config.add_bias_linear, "bias is not supported in GroupedMLP (as in Megatron)"
+        self.config = config
+        self.num_local_experts = num_local_experts
+        F_ = config.moe_ffn_hidden_size
+        f1 = F_ * (2 if config.gated_linear_unit else 1)
+        self.weight1 = nn.Parameter(torch.empty(config.hidden_size, num_local_experts * f1))
+        self.weight2 = nn.Parameter(torch.empty(num_local_experts * F_, config.hidden_size))
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert):
+        H = self.config.hidden_size
+        w1 = self.weight1.view(self.num_local_experts, H, -1)
+        w2 = self.weight2.view(self.num_local_experts, -1, H)
+        outs = [_act(self.config, tok @ w1[e]) @ w2[e]
+                for e, tok in enumerate(torch.split(permuted_local_hidden_states, tokens_per_expert.tolist()))]
+        return torch.cat(outs), None
+
+
+class MoELayer(nn.Module):
+    """One expert-parallel rank holds every expert here (``ep_group`` None); the EP test
+    builds a rank's layer by slicing this one's experts (its reference is the EP=1 layer)."""
+
+    def __init__(self, config: TransformerConfig, grouped: bool):
+        super().__init__()
+        self.config = config
+        E = config.num_moe_experts
+        self.ep_group = None
+        self.num_local_experts = E
+        self.local_expert_indices = list(range(E))
+        self.router = TopKRouter(config)
+        self.experts = GroupedMLP(E, config) if grouped else SequentialMLP(E, config)
+        self.token_dispatcher = MoEAlltoAllTokenDispatcher(E, config)
+        self.shared_experts = None
+
+    def forward(self, hidden_states):
+        probs, routing_map = self.router(hidden_states)
+        tokens, tokens_per_expert = self.token_dispatcher.token_permutation(hidden_states, probs, routing_map)
+        out, bias = self.experts(tokens, tokens_per_expert)
+        return self.token_dispatcher.token_unpermutation(out, bias)
+
+
+def bias_dropout_add(x_with_bias, residual, prob: float, training: bool):
+    x, bias = x_with_bias
+    if bias is not None:
+        x = x + bias
+    return residual + F.dropout(x, p=prob, training=training)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: TransformerConfig, layer_number: int = 1, grouped: bool = False,
+                 dense: bool = False):
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = make_norm(config)
+        self.self_attention = SelfAttention(config, layer_number)
+        self.pre_cross_attn_layernorm = IdentityOp()
+        self.cross_attention = IdentityOp()
+        self.pre_mlp_layernorm = make_norm(config)
+        self.mlp = MLP(config, config.ffn_hidden_size) if dense else MoELayer(config, grouped)
+        if not dense:
+            self.mlp.router.set_layer_number(layer_number)
+
+    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None,
+                inference_context=None, packed_seq_params=None, sequence_len_offset=None, *,
+                inference_params=None):
+        residual = hidden_states
+        attn_out = self.self_attention(self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                                       rotary_pos_emb=rotary_pos_emb)
+        hidden_states = bias_dropout_add(attn_out, residual, self.hidden_dropout, self.training)
+        residual = hidden_states
+        mlp_out = self.mlp(self.pre_mlp_layernorm(hidden_states))
+        output = bias_dropout_add(mlp_out, residual, self.hidden_dropout, self.training)
+        return output, context
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: TransformerConfig, grouped: bool, dense_layers: tuple[int, ...] = ()):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerLayer(config, i + 1, grouped, dense=i in dense_layers) for i in range(config.num_layers))
+        self.final_layernorm = make_norm(config)
+
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None):
+        for layer in self.layers:
+            hidden_states, _ = layer(hidden_states=hidden_states, attention_mask=attention_mask,
+                                     context=None, context_mask=None, rotary_pos_emb=rotary_pos_emb,
+                                     rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None,
+                                     inference_context=None, packed_seq_params=None, sequence_len_offset=None)
+        return self.final_layernorm(hidden_states)
+
+
+class LanguageModelEmbedding(nn.Module):
+    def __init__(self, config: TransformerConfig, vocab_size: int):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, config.hidden_size)
+
+    def forward(self, input_ids):
+        return self.word_embeddings(input_ids).transpose(0, 1).contiguous()
+
+
+class GPTModel(nn.Module):
+    """``forward(input_ids [b, s], position_ids, attention_mask, labels) -> per-token loss [b, s]``
+    (logits [b, s, V] without labels), like Megatron-Core's GPTModel."""
+
+    def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
+                 grouped: bool = False, rotary_base: float = 10000.0, dense_layers: tuple[int, ...] = (),
+                 seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.embedding = LanguageModelEmbedding(config, vocab_size)
+        self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_base)
+        self.decoder = TransformerBlock(config, grouped, dense_layers)
+        self.output_layer = ColumnParallelLinear(config.hidden_size, vocab_size, bias=False)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * config.init_method_std)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None):
+        h = self.embedding(input_ids)
+        h = self.decoder(h, attention_mask=attention_mask, rotary_pos_emb=self.rotary_pos_emb(h.shape[0]))
+        logits, _ = self.output_layer(h)  # [s, b, V]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.t().reshape(-1), reduction="none")
+        return loss.view(labels.shape[1], labels.shape[0]).t().contiguous()

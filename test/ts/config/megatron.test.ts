@@ -1,0 +1,158 @@
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { parse as parseYaml } from "yaml";
+import { ConfigError, loadConfig } from "../../../src/config/index.ts";
+import { configFromMegatron, megatronFromConfig } from "../../../src/config/megatron.ts";
+
+const root = join(import.meta.dirname, "..", "..", "..");
+const cli = join(root, "bin", "ampipe.js");
+
+// A Mixtral-like pretrain_gpt.py command line, scaled down.
+const FLAGS = [
+  "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8",
+  "--group-query-attention", "--num-query-groups", "2", "--seq-length", "1024", "--micro-batch-size", "1",
+  "--vocab-size", "32000", "--ffn-hidden-size", "1024", "--normalization", "RMSNorm", "--norm-epsilon", "1e-6",
+  "--position-embedding-type", "rope", "--rotary-base", "1000000", "--attention-dropout", "0", "--hidden-dropout", "0",
+  "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--init-method-std", "0.01",
+  "--num-experts", "8", "--moe-router-topk", "2", "--moe-router-pre-softmax", "--moe-aux-loss-coeff", "0.02",
+  "--moe-z-loss-coeff", "0.001", "--moe-ffn-hidden-size", "512", "--swiglu", "--expert-model-parallel-size", "4", "--bf16",
+  "--moe-expert-capacity-factor", "1.25", "--moe-token-drop-policy", "position",
+];
+
+/** Flags as a map flag -> value (null for store_true), to compare flag lists order-free. */
+function flagMap(argv: string[]): Map<string, string | null> {
+  const out = new Map<string, string | null>();
+  for (let i = 0; i < argv.length; i++) {
+    const next = argv[i + 1];
+    if (next !== undefined && !next.startsWith("--")) out.set(argv[i], argv[++i]);
+    else out.set(argv[i], null);
+  }
+  return out;
+}
+
+function errorOf(argv: string[]): string {
+  try {
+    configFromMegatron(argv);
+  } catch (e) {
+    if (e instanceof ConfigError) return e.message;
+    throw e;
+  }
+  throw new Error("expected a ConfigError");
+}
+
+describe("Megatron-LM flags", () => {
+  it("read into the config fields they name", () => {
+    const { config: c, warnings } = configFromMegatron(FLAGS);
+    expect(warnings).toEqual([]);
+    expect(c.model).toMatchObject({
+      num_layers: 4, hidden_size: 256, num_attention_heads: 8, num_query_groups: 2, kv_channels: 32,
+      seq_length: 1024, micro_batch_size: 1, vocab_size: 32000, ffn_hidden_size: 1024, normalization: "RMSNorm",
+      norm_epsilon: 1e-6, position_embedding_type: "rope", rotary_base: 1e6, add_bias_linear: false,
+      untie_embeddings_and_output_weights: true, num_experts: 8, moe_router_topk: 2,
+      moe_router_score_order: "softmax_then_topk", moe_aux_loss_coeff: 0.02, moe_ffn_hidden_size: 512,
+      moe_expert_activation: "swiglu", dtype: "bf16", moe_expert_capacity_factor: 1.25, moe_token_drop_policy: "position",
+    });
+    expect(c.parallelism.expert_model_parallel_size).toBe(4);
+  });
+
+  it("take Megatron-LM's defaults for the flags not given", () => {
+    const { config: c } = configFromMegatron(["--hidden-size", "64", "--num-attention-heads", "4", "--num-experts", "4"]);
+    expect(c.model).toMatchObject({
+      ffn_hidden_size: 256, moe_ffn_hidden_size: 256, position_embedding_type: "learned_absolute",
+      moe_router_score_order: "topk_then_softmax", moe_aux_loss_coeff: 0, moe_z_loss_coeff: 0,
+      add_bias_linear: true, moe_expert_activation: "gelu", attention_dropout: 0.1, hidden_dropout: 0.1,
+      num_query_groups: 4, dtype: "fp32",
+    });
+  });
+
+  it("round-trip: flags -> config -> flags -> config", () => {
+    const first = configFromMegatron(FLAGS).config;
+    const { flags, warnings } = megatronFromConfig(first);
+    expect(warnings).toEqual([]);
+    expect(configFromMegatron(flags).config).toEqual(first);
+    // Every input flag comes back with its value (numbers compared as numbers).
+    const back = flagMap(flags);
+    for (const [flag, value] of flagMap(FLAGS)) {
+      expect(back.has(flag), flag).toBe(true);
+      const got = back.get(flag) ?? null;
+      if (value === null) expect(got, flag).toBeNull();
+      else if (Number.isFinite(Number(value))) expect(Number(got), flag).toBe(Number(value));
+      else expect(got, flag).toBe(value);
+    }
+  });
+
+  it("round-trip from the default config: config -> flags -> config", () => {
+    const cfg = loadConfig(join(root, "configs", "default.yaml"));
+    const back = configFromMegatron(megatronFromConfig(cfg).flags).config;
+    expect(back.model).toEqual(cfg.model);
+    expect(back.parallelism.expert_model_parallel_size).toBe(cfg.parallelism.expert_model_parallel_size);
+  });
+
+  it("refuse each contradiction naming both flags", () => {
+    expect(errorOf(["--hidden-size", "130", "--num-attention-heads", "4", "--num-experts", "4"]))
+      .toContain("--num-attention-heads 4 does not divide --hidden-size 130");
+    expect(errorOf(["--num-experts", "2", "--moe-router-topk", "4"])).toContain("--moe-router-topk 4 exceeds --num-experts 2");
+    expect(errorOf(["--num-experts", "4", "--bf16", "--fp16"])).toContain("--bf16 and --fp16");
+    expect(errorOf(["--num-experts", "4", "--num-attention-heads", "8", "--group-query-attention", "--num-query-groups", "3"]))
+      .toContain("--num-query-groups 3 does not divide --num-attention-heads 8");
+    expect(errorOf(["--num-experts", "6", "--expert-model-parallel-size", "4"]))
+      .toContain("--expert-model-parallel-size 4 does not divide --num-experts 6");
+    expect(errorOf(["--num-experts", "4", "--num-layers", "2", "--num-layers", "3"])).toContain("--num-layers is given twice");
+    expect(errorOf(["--hidden-size", "64"])).toContain("--num-experts is required");
+  });
+
+  it("refuse values and flags ampipe's block does not implement, naming them", () => {
+    expect(errorOf(["--num-experts", "4", "--moe-router-score-function", "sigmoid"]))
+      .toContain('--moe-router-score-function: "sigmoid" is not supported');
+    expect(errorOf(["--num-experts", "4", "--moe-router-topk-scaling-factor", "2.5"]))
+      .toContain("--moe-router-topk-scaling-factor 2.5: not supported");
+    expect(errorOf(["--num-experts", "4", "--qk-layernorm"])).toContain("--qk-layernorm: not supported");
+    expect(errorOf(["--num-experts", "4", "--num-layers", "two"])).toContain('--num-layers: expected an integer, got "two"');
+  });
+
+  it("warn about each flag ignored, by name", () => {
+    const { warnings } = configFromMegatron([
+      "--num-experts", "4", "--lr", "3e-4", "--tensor-model-parallel-size", "2", "--use-mcore-models",
+      "--no-such-flag", "7", "--another-unknown", "--num-query-groups", "2",
+    ]);
+    expect(warnings).toEqual([
+      "--lr 3e-4: ignored (a training setting)",
+      "--tensor-model-parallel-size 2: ignored (ampipe runs tensor parallelism 1)",
+      "--use-mcore-models: ignored (ampipe's GPT is Megatron-Core's layout)",
+      "--no-such-flag 7: ignored (not a Megatron-LM flag ampipe knows)",
+      "--another-unknown: ignored (not a Megatron-LM flag ampipe knows)",
+      "--num-query-groups 2: ignored without --group-query-attention (as Megatron-LM does)",
+    ]);
+  });
+
+  it("config -> flags names the fields no flag expresses", () => {
+    const cfg = loadConfig(join(root, "configs", "default.yaml"), ["model.moe_router_topk_renormalize=true"]);
+    expect(megatronFromConfig(cfg).warnings).toEqual([expect.stringContaining("model.moe_router_topk_renormalize")]);
+  });
+
+  it("the CLI: from-megatron, to-megatron and plan --from-megatron", () => {
+    const dir = mkdtempSync(join(tmpdir(), "ampipe-mg-"));
+    const cfgPath = join(dir, "c.yaml");
+    const from = spawnSync(process.execPath, [cli, "config", "from-megatron", "--out", cfgPath, "--", ...FLAGS, "--lr", "1e-4"], { encoding: "utf8" });
+    expect(from.status, from.stderr).toBe(0);
+    expect(from.stderr).toContain("warning: --lr 1e-4: ignored");
+    expect(parseYaml(readFileSync(cfgPath, "utf8"))).toEqual(configFromMegatron(FLAGS).config);
+    const to = spawnSync(process.execPath, [cli, "config", "to-megatron", cfgPath, "--json"], { encoding: "utf8" });
+    expect(to.status, to.stderr).toBe(0);
+    expect(configFromMegatron(JSON.parse(to.stdout)).config).toEqual(configFromMegatron(FLAGS).config);
+    const bad = spawnSync(process.execPath, [cli, "config", "from-megatron", "--", "--num-experts", "2", "--moe-router-topk", "3"], { encoding: "utf8" });
+    expect(bad.status).toBe(2);
+    expect(bad.stderr).toContain("--moe-router-topk 3 exceeds --num-experts 2");
+    const planPath = join(dir, "plan.json");
+    const small = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
+      "--num-experts", "4", "--moe-router-topk", "2", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope"];
+    const plan = spawnSync(process.execPath, [cli, "plan", "--from-megatron", "--out", planPath, "--no-trace", "--json", "--", ...small], { encoding: "utf8" });
+    expect(plan.status, plan.stderr).toBe(0);
+    const written = JSON.parse(readFileSync(planPath, "utf8"));
+    expect(written.dims).toMatchObject({ hidden_size: 64, num_attention_heads: 4, seq_length: 128, num_experts: 4,
+      moe_ffn_hidden_size: 256, expert_model_parallel_size: 1, dtype: "fp32" });
+  });
+});
