@@ -44,14 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = {name: build_trainer(cfg, p, str(Path(tmp) / name), groups=ParallelGroups.single(), device="cpu",
-                                    say=lambda s: None)
+                                    say=lambda s: None, tensorboard=False)
                 for name, p in (("baseline", None), ("pipelined", plan), ("control", None))}
         with torch.no_grad():
             g = torch.Generator().manual_seed(0)
             for p in runs["control"].model.parameters():
                 p.mul_(1 + a.nudge * torch.randn(p.shape, generator=g))
         for t in runs.values():
-            t._tensorboard = False
             t.begin(resume=False)
         rows = []
         print(f"|Δloss| per step; control = the baseline with every initial weight scaled by 1 + {a.nudge:g}·N(0,1)")

@@ -59,10 +59,8 @@ def run(run_dir: Path, steps: int, warmup: int, threads: int | None) -> dict[str
                     "checkpoint_interval": 10**9, "eval_interval": 10**9}
     with tempfile.TemporaryDirectory() as tmp:
         arms = {name: build_trainer(cfg, p, str(Path(tmp) / name), groups=ParallelGroups.single(), device="cpu",
-                                    say=lambda s: None)
+                                    say=lambda s: None, tensorboard=False)
                 for name, p in (("baseline", None), ("pipelined", plan))}
-        for t in arms.values():
-            t._tensorboard = False
         ms: dict[str, list[float]] = {"baseline": [], "pipelined": []}
         order = ["baseline", "pipelined"]
         for i in range(warmup + steps):

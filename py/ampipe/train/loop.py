@@ -122,8 +122,6 @@ class Trainer:
         self.should_stop = should_stop or (lambda: False)
         self.say = say or (lambda s: print(s, flush=True))
         self.micro = micro_batches_per_rank(train_cfg.global_batch_size, model_cfg.micro_batch_size, self.world)
-        self.plan = plan
-        self.emulated = emulated_comm
 
         torch.manual_seed(seed * 1_000_003 + self.rank)  # dropout; restored from checkpoints
         self.model = GPTModel(model_cfg, ep=self.groups.ep, seed=seed, device=self.device)
@@ -131,7 +129,9 @@ class Trainer:
         if self.pipelined:
             from ..pipeline.swap import swap_blocks
 
-            swap_blocks(self.model, plan, emulated_comm=emulated_comm)
+            report = swap_blocks(self.model, plan, emulated_comm=emulated_comm)
+            if report.skipped or not report.swapped:  # a run labelled pipelined runs pipelined blocks only
+                raise ValueError(f"train: the plan does not swap every MoE layer ({report})")
         elif emulated_comm is not None:
             from ..pipeline.compare import add_emulated_delays
 
@@ -140,7 +140,7 @@ class Trainer:
         self.loss_scale = DynamicLossScale(train_cfg.initial_loss_scale) if model_cfg.dtype == "fp16" else None
         self.step = 0
         self.resumed_from: int | None = None
-        self.tb = None
+        self._tb = None
         self._tensorboard = tensorboard and self.rank == 0
 
     # ------------------------------------------------------------------------------ layout
@@ -263,12 +263,10 @@ class Trainer:
     def _tb_writer(self):
         if not self._tensorboard:
             return None
-        if self.tb is None:
-            from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: events a killed run wrote after the checkpoint we resumed from are dropped.
-            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
-        return self.tb
+        # purge_step: events a killed run wrote after the checkpoint we resumed from are dropped.
+        return SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
 
     def begin(self, *, resume: bool = True) -> None:
         """Before the first `advance`: resume (when asked), announce the run, open TensorBoard."""
@@ -319,7 +317,7 @@ class Trainer:
         """Closes TensorBoard; the run's summary."""
         if self._tb is not None:
             self._tb.close()
-            self._tb = self.tb = None
+            self._tb = None
         history, total = self._history, self.tcfg.steps
         times = [h.step_ms for h in history[1:]] or [h.step_ms for h in history]
         median_ms = statistics.median(times) if times else None

@@ -28,7 +28,7 @@ def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 
 
 def build_trainer(config: Mapping[str, Any], plan: Mapping[str, Any] | None, run_dir: str, *,
-                  groups: Any, device: Any, emit=None, should_stop=None, say=None):
+                  groups: Any, device: Any, emit=None, should_stop=None, say=None, tensorboard: bool = True):
     """A `Trainer` for the resolved experiment config (also usable without the bridge)."""
     from ampipe.data import TokenWindows
     from ampipe.model.config import ConfigError, ModelConfig
@@ -54,7 +54,7 @@ def build_trainer(config: Mapping[str, Any], plan: Mapping[str, Any] | None, run
     return Trainer(model_cfg=model_cfg, train_cfg=train_cfg, run_dir=run_dir, train_data=windows["train"],
                    valid_data=windows["valid"], seed=seed, plan=None if plan is None else dict(plan),
                    emulated_comm=EmulatedComm.from_dict(emu) if emu else None, groups=groups, device=device,
-                   emit=emit, should_stop=should_stop, say=say)
+                   emit=emit, should_stop=should_stop, say=say, tensorboard=tensorboard)
 
 
 @command("train")
