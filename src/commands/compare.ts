@@ -63,16 +63,18 @@ export function prepareCompare(configPath: string, o: CompareOptions): CompareSe
   if (o.out !== undefined) cfg.run.output_dir = o.out;
   if (!o.plan && cfg.pipeline.degree === 1)
     throw new CompareInputError("pipeline.degree is 1: both arms would train the baseline block; nothing to compare (set a degree, auto, or --plan)");
+  if (cfg.train.steps < 2)
+    throw new CompareInputError(`train.steps: a comparison needs at least 2 steps (throughput leaves each run's first out); got ${cfg.train.steps}`);
   cfg.data.path = resolveDataset(cfg).prefix;
   const root = cfg.run.output_dir;
   if (o.fresh) for (const f of ["compare.json", "summary.md", "report.html"]) rmSync(join(root, f), { force: true });
+  // The root holds the config every run shares (more seeds later extend the same comparison).
+  prepareRunDir(root, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
   const planned = prepareRunPlan(configPath, cfg, { set: o.set, plan: o.plan, calibration: o.calibration }, root);
   if (planned.plan.variant === "sequential" || planned.plan.boundaries.length === 2 && planned.plan.variant !== "moe-overlap")
     throw new CompareInputError(`the ${planned.source === "planner" ? "planner's" : "given"} plan is ${planned.plan.variant} with one chunk: ` +
       "the pipelined arm would run the baseline's schedule; nothing to compare (set pipeline.degree, or --plan)");
   const seeds = [...Array(o.seeds).keys()].map((i) => cfg.run.seed + i);
-  // The root holds the config every run shares (more seeds later extend the same comparison).
-  prepareRunDir(root, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
   if (o.fresh) for (const s of seeds) rmSync(join(root, `seed-${s}`), { recursive: true, force: true });
   for (const seed of seeds) {
     for (const arm of ARMS) {
@@ -146,10 +148,8 @@ export async function compareCommand(configPath: string, o: CompareOptions): Pro
     const arm = ev.arm as Arm;
     if (ev.kind === "progress" && ev.stage === "start" && ev.rank === 0 && arm) {
       const from = ev.resumed_from as number | null;
-      if (from !== null) {
-        logOf(seed, arm).truncateAfter(from);
-        (progress?.log ?? say)(`seed ${seed} ${arm}: resumed from the checkpoint of step ${from}`);
-      }
+      logOf(seed, arm).truncateAfter(from ?? 0); // a killed run's later lines come again
+      if (from !== null) (progress?.log ?? say)(`seed ${seed} ${arm}: resumed from the checkpoint of step ${from}`);
       done += ev.step as number;
       progress ??= makeProgress({ total: todo.length * 2 * steps, start: 0, tty: o.plain ? false : undefined, every: 20,
         format: "seed {seed} | baseline {b} | pipelined {p}" });

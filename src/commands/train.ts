@@ -100,11 +100,12 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
   let lastEval = "";
   const onEvent = (ev: RankEvent) => {
     if (ev.kind === "progress" && ev.stage === "start" && ev.rank === 0) {
+      // Lines of steps after the run's starting point are a killed run's: they come again.
       const from = ev.resumed_from as number | null;
-      if (from !== null) {
-        const dropped = metrics.truncateAfter(from);
-        say(`resumed from the checkpoint of step ${from}` + (dropped ? ` (dropped ${dropped} metrics.jsonl lines of steps after it)` : ""));
-      }
+      const dropped = metrics.truncateAfter(from ?? 0);
+      if (from !== null || dropped)
+        say(`${from !== null ? `resumed from the checkpoint of step ${from}` : "no complete checkpoint: starting from step 0"}` +
+          (dropped ? ` (dropped ${dropped} metrics.jsonl lines of later steps)` : ""));
       progress = makeProgress({
         total: ev.steps as number, start: ev.step as number, tty: o.plain ? false : undefined, every: 10,
         format: "loss {loss} | eval {eval} | {tps} tok/s | lr {lr}",

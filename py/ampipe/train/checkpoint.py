@@ -4,8 +4,8 @@ Layout under ``<run_dir>/checkpoints/``::
 
     step-00000050/rank-00000.pt   every rank's shard: model (its experts + the dense weights),
     step-00000050/rank-00001.pt   optimiser, loss scale, step, data position, RNG states
-    step-00000050/manifest.json   written by rank 0 once every shard is on disk: step, layout,
-                                  and each shard's size and sha256
+    step-00000050/manifest.json   written once every shard is on disk (by every rank, the same
+                                  file): step, layout, and each shard's size and sha256
 
 Every file is written atomically (`ampipe.atomic`). A checkpoint folder without its manifest
 (a run killed while saving) or with a shard whose size or checksum does not match is refused,
@@ -52,9 +52,14 @@ def _dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def dist_backend_is_nccl() -> bool:
+    """NCCL reduces device tensors only; gloo CPU ones."""
+    return _dist() and dist.get_backend() == "nccl"
+
+
 def save_checkpoint(run_dir: Path, step: int, shard: dict[str, Any], *, rank: int, world_size: int,
                     layout: dict[str, Any]) -> Path:
-    """Writes this rank's shard; rank 0 writes the manifest after every rank's shard is on disk.
+    """Writes this rank's shard, then (once every rank's shard is on disk) the manifest.
 
     Collective when torch.distributed is initialised (every rank must call it for the same step).
     """
@@ -70,10 +75,11 @@ def save_checkpoint(run_dir: Path, step: int, shard: dict[str, Any], *, rank: in
         dist.all_gather_object(entries, entry)
     else:
         entries = [entry]
-    if rank == 0:
-        manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
-                    "layout": layout, "shards": {str(r): e for r, e in enumerate(entries)}}
-        write_bytes_atomic(d / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    # Every rank writes the (same) manifest, after every shard is on disk: ranks on machines
+    # without a shared file system each find it beside their own shard.
+    manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
+                "layout": layout, "shards": {str(r): e for r, e in enumerate(entries)}}
+    write_bytes_atomic(d / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     if _dist() and world_size > 1:
         dist.barrier()  # nobody moves on (or is killed with a half-known state) before the manifest
     return d
@@ -126,19 +132,26 @@ def find_resumable(run_dir: Path, *, rank: int, world_size: int, layout: dict[st
         box = [steps]
         dist.broadcast_object_list(box, src=0)
         steps = box[0]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist_backend_is_nccl() else torch.device("cpu")
     for step in steps:
         d = checkpoint_dir(run_dir, step)
-        manifest, ok = None, 1
+        manifest, code, fatal = None, 0, None  # code: 0 usable, 1 refused (try the previous), 2 fatal
         try:
             manifest = _check_manifest(d, rank, world_size, layout)
         except CheckpointError as e:
             say(f"checkpoint refused: {e}")
-            ok = 0
+            code = 1
+        except Exception as e:  # noqa: BLE001 - every rank must still reach the collective below
+            code, fatal = 2, e
         if _dist() and world_size > 1:
-            flag = torch.tensor([ok], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            ok = int(flag.item())
-        if ok:
+            flag = torch.tensor([code], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        if code == 2:
+            if fatal is not None:
+                raise fatal
+            raise RuntimeError(f"{d}: another rank could not read this checkpoint (its error is in its output)")
+        if code == 0:
             return Resumable(step, d, manifest)
     return None
 

@@ -47,14 +47,24 @@ def parameter_distance(a: nn.Module, b: nn.Module, ep_group: Any = None) -> dict
         if d.numel():
             worst[i] = torch.maximum(worst[i], d.abs().max().cpu())
     if ep_group is not None:
-        expert = torch.stack([sums[1, 0], sums[1, 1]])
+        device = next(a.parameters()).device  # NCCL reduces device tensors only
+        expert = torch.stack([sums[1, 0], sums[1, 1]]).to(device)
         dist.all_reduce(expert, group=ep_group)
-        sums[1] = expert
-        w = worst[1:].clone()
+        sums[1] = expert.cpu()
+        w = worst[1:].clone().to(device)
         dist.all_reduce(w, op=dist.ReduceOp.MAX, group=ep_group)
-        worst[1] = w[0]
+        worst[1] = w.cpu()[0]
     diff, ref = math.sqrt(float(sums[:, 0].sum())), math.sqrt(float(sums[:, 1].sum()))
     return {"l2": diff, "relative": diff / ref if ref > 0 else diff, "max_abs": float(worst.max())}
+
+
+def _any_rank(flag: bool, device: torch.device, groups: Any) -> bool:
+    """Whether any rank's `flag` is set (collective with several ranks)."""
+    if groups.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _compare_seed(config: Mapping[str, Any], plan: Mapping[str, Any], seed: int, root: Path, ctx: CommandContext,
@@ -120,12 +130,15 @@ def compare(args: dict, ctx: CommandContext) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         results = []
-        for seed in seeds:
+        for i, seed in enumerate(seeds):
+            if i and _any_rank(ctx.cancel_requested, device, groups):
+                break  # cancelled during the last step of the seed before: start no new one
             r = _compare_seed(config, plan, seed, Path(run_dir), ctx, groups)
             ctx.emit("seed_done", seed=seed, stopped=r["stopped"], parameter_distance=r["parameter_distance"])
             results.append(r)
             if r["stopped"]:
                 break
-        return {"rank": ctx.rank, "seeds": results, "stopped": any(r["stopped"] for r in results)}
+        stopped = len(results) < len(seeds) or any(r["stopped"] for r in results)
+        return {"rank": ctx.rank, "seeds": results, "stopped": stopped}
 
     return run_beside_heartbeats(ctx, float(args.get("timeout_s") or 7 * 24 * 3600.0), work, what="compare")

@@ -123,8 +123,11 @@ class Trainer:
         self.say = say or (lambda s: print(s, flush=True))
         self.micro = micro_batches_per_rank(train_cfg.global_batch_size, model_cfg.micro_batch_size, self.world)
 
-        torch.manual_seed(seed * 1_000_003 + self.rank)  # dropout; restored from checkpoints
         self.model = GPTModel(model_cfg, ep=self.groups.ep, seed=seed, device=self.device)
+        # Dropout's RNG, this trainer's own (two trainers alternate in `ampipe compare`): set
+        # before each step, kept after it, saved in checkpoints.
+        torch.manual_seed(seed * 1_000_003 + self.rank)
+        self._rng = _rng_state()
         self.pipelined = plan is not None
         if self.pipelined:
             from ..pipeline.swap import swap_blocks
@@ -171,7 +174,7 @@ class Trainer:
         self.optimizer.load_state_dict(shard["optimizer"])
         if self.loss_scale is not None:
             self.loss_scale.load_state_dict(shard["loss_scale"])
-        _set_rng_state(shard["rng"])
+        self._rng = shard["rng"]
         self.step = self.resumed_from = int(shard["step"])
         return self.step
 
@@ -183,7 +186,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loss_scale": None if self.loss_scale is None else self.loss_scale.state_dict(),
-            "rng": _rng_state(),
+            "rng": self._rng,
             "model_config": self.cfg.to_dict(),
             "train_config": self.tcfg.to_dict(),
         }
@@ -194,7 +197,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ the loop
     def _all_mean(self, values: list[float], count: int) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         if self.world > 1:
             dist.all_reduce(t)
         return [float(v) / count for v in t]
@@ -202,12 +205,13 @@ class Trainer:
     def _any(self, flag: bool) -> bool:
         if self.world == 1:
             return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
     def train_step(self) -> StepMetrics:
         t0 = time.perf_counter()
+        _set_rng_state(self._rng)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = [0.0, 0.0, 0.0]
@@ -233,6 +237,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+        self._rng = _rng_state()
         lm, aux, z = self._all_mean(sums, self.micro * self.world)
         self.step += 1
         step_s = time.perf_counter() - t0
@@ -266,7 +271,7 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: events a killed run wrote after the checkpoint we resumed from are dropped.
-        return SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+        return SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1)
 
     def begin(self, *, resume: bool = True) -> None:
         """Before the first `advance`: resume (when asked), announce the run, open TensorBoard."""

@@ -78,15 +78,16 @@ def train(args: dict, ctx: CommandContext) -> dict[str, Any]:
         from ampipe.pipeline.worker_commands import plan_for_config
 
         plan_for_config(plan, config)
-    trainer = build_trainer(config, plan, run_dir, groups=groups, device=ctx.device or "cpu", emit=ctx.emit,
-                            should_stop=lambda: ctx.cancel_requested, say=lambda s: None)
     resume = bool(args.get("resume", True))
 
-    def work() -> dict[str, Any]:
-        if trainer.device.type == "cuda":
-            import torch
+    def work() -> dict[str, Any]:  # all of it beside heartbeats: opening data and building a model take time
+        import torch
 
-            torch.cuda.set_device(trainer.device)  # the current device is per thread
+        device = torch.device(ctx.device or "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the current device is per thread
+        trainer = build_trainer(config, plan, run_dir, groups=groups, device=device, emit=ctx.emit,
+                                should_stop=lambda: ctx.cancel_requested, say=lambda s: None)
         return trainer.run(resume=resume)
 
     return run_beside_heartbeats(ctx, float(args.get("timeout_s") or DEFAULT_TIMEOUT_S), work, what="train")
