@@ -1,15 +1,14 @@
 // `ampipe run` end to end on a tiny config: two ranks (EP=2 over gloo), the planner, the
 // rank command run_block, result.json and calibration.json; and the ways it must fail.
-import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { createServer, type AddressInfo } from "node:net";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { runPlan } from "../../../src/commands/plan.ts";
+import { ampipe, type Ran } from "../cli.ts";
 import { processesWithEnv } from "../processes.ts";
 
-const root = join(import.meta.dirname, "..", "..", "..");
 const dir = mkdtempSync(join(tmpdir(), "ampipe-run-test-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -42,24 +41,6 @@ run:
 `;
 const configPath = join(dir, "tiny.yaml");
 writeFileSync(configPath, CONFIG);
-
-interface Ran { code: number | null; stdout: string; stderr: string; pid: number }
-
-/** Runs the CLI; resolves when it exits. `onStart` gets the child and its live stdout. */
-function ampipe(args: string[], onStart?: (pid: number, stdout: () => string) => void): Promise<Ran> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [join(root, "bin", "ampipe.js"), ...args], {
-      cwd: root, stdio: ["ignore", "pipe", "pipe"],
-    });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
-    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
-    onStart?.(child.pid!, () => stdout);
-    child.on("error", reject);
-    child.on("close", (code) => resolve({ code, stdout, stderr, pid: child.pid! }));
-  });
-}
 
 /** Live processes started by the CLI with this pid (ranks carry AMPIPE_PARENT_PID). */
 const ranksOf = (pid: number): number[] => processesWithEnv(`AMPIPE_PARENT_PID=${pid}`);

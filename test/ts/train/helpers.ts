@@ -1,11 +1,10 @@
 // What the training and comparison end-to-end tests share: a tiny dataset of their own, a tiny
 // config over it, and running the CLI as a child process.
-import { spawn } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { prepareDataset } from "../../../src/data/prepare.ts";
 
-export const root = join(import.meta.dirname, "..", "..", "..");
+export { ampipe, type Ran } from "../cli.ts";
 
 /** 40 documents (one per .jsonl line) tokenized byte-level into `dir`/tiny; returns the prefix. */
 export function tinyDataset(dir: string): string {
@@ -46,20 +45,4 @@ train:
   eval_iters: 1
   checkpoint_interval: 4
 ${extra}`;
-}
-
-export interface Ran { code: number | null; stdout: string; stderr: string; pid: number }
-
-/** Runs `ampipe <args>`; resolves when it exits. `onStart` gets the child's pid and its live stdout. */
-export function ampipe(args: string[], onStart?: (pid: number, stdout: () => string) => void): Promise<Ran> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [join(root, "bin", "ampipe.js"), ...args], { cwd: root, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
-    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
-    onStart?.(child.pid!, () => stdout);
-    child.on("error", reject);
-    child.on("close", (code) => resolve({ code, stdout, stderr, pid: child.pid! }));
-  });
 }
