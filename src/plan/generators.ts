@@ -81,6 +81,35 @@ interface StreamOrders {
 }
 
 /**
+ * The MoE side that grouped and moe-overlap share, once every chunk is routed: experts and
+ * unpermute of chunk c on the compute stream, counts, dispatch and combine on the comm stream,
+ * so chunk c's exchange overlaps its neighbours' experts. Appends to `fc`; returns the comm order.
+ */
+function moeForward(P: number, fc: Slot[]): Slot[] {
+  const fm: Slot[] = [];
+  for (let s = 0; s <= P; s++) {
+    if (s < P) fc.push(...one("experts", s));
+    if (s >= 1) fc.push(...one("unpermute", s - 1));
+    if (s < P) fm.push(...one("counts", s), ...one("dispatch", s));
+    if (s >= 1) fm.push(...one("combine", s - 1));
+  }
+  return fm;
+}
+
+/** `moeForward`'s mirror, chunks last-to-first. Appends to `bc`; returns the comm order. */
+function moeBackward(P: number, bc: Slot[]): Slot[] {
+  const r = (s: number) => P - 1 - s;
+  const bm: Slot[] = [];
+  for (let s = 0; s < P; s++) bc.push(...one("unpermute_bwd", r(s)));
+  for (let s = 0; s <= P; s++) {
+    if (s < P) bc.push(...one("experts_bwd", r(s)));
+    if (s < P) bm.push(...one("combine_bwd", r(s)));
+    if (s >= 1) bm.push(...one("dispatch_bwd", r(s - 1)));
+  }
+  return bm;
+}
+
+/**
  * Grouped (the paper's): the attention side of every chunk first, then dispatch/experts/combine
  * chunk by chunk, comm of chunk c overlapping the experts of its neighbours. The backward mirrors
  * it: the MoE side chunk by chunk (last chunk first), then the attention side.
@@ -89,22 +118,10 @@ function groupedOrders(P: number, chunkQkv: boolean): { forward: StreamOrders; b
   const fc: Slot[] = chunkQkv ? [] : one("qkv", null);
   for (let c = 0; c < P; c++) fc.push(...front(c, chunkQkv));
   fc.push(...one("aux_loss", null));
-  const fm: Slot[] = [];
-  for (let s = 0; s <= P; s++) {
-    if (s < P) fc.push(...one("experts", s));
-    if (s >= 1) fc.push(...one("unpermute", s - 1));
-    if (s < P) fm.push(...one("counts", s), ...one("dispatch", s));
-    if (s >= 1) fm.push(...one("combine", s - 1));
-  }
+  const fm = moeForward(P, fc);
   const r = (s: number) => P - 1 - s; // backward runs chunks last-to-first
   const bc: Slot[] = one("aux_loss_bwd", null);
-  const bm: Slot[] = [];
-  for (let s = 0; s < P; s++) bc.push(...one("unpermute_bwd", r(s)));
-  for (let s = 0; s <= P; s++) {
-    if (s < P) bc.push(...one("experts_bwd", r(s)));
-    if (s < P) bm.push(...one("combine_bwd", r(s)));
-    if (s >= 1) bm.push(...one("dispatch_bwd", r(s - 1)));
-  }
+  const bm = moeBackward(P, bc);
   for (let s = 0; s < P; s++) bc.push(...back(r(s), chunkQkv));
   if (!chunkQkv) bc.push(...one("qkv_bwd", null));
   return { forward: { compute: fc, comm: fm }, backward: { compute: bc, comm: bm } };
@@ -156,22 +173,10 @@ function moeOverlapOrders(P: number): { forward: StreamOrders; backward: StreamO
   for (let c = 0; c < P; c++) fc.push(...one("proj", c));
   for (let c = 0; c < P; c++) fc.push(...one("route", c));
   fc.push(...one("aux_loss", null));
-  const fm: Slot[] = [];
-  for (let s = 0; s <= P; s++) {
-    if (s < P) fc.push(...one("experts", s));
-    if (s >= 1) fc.push(...one("unpermute", s - 1));
-    if (s < P) fm.push(...one("counts", s), ...one("dispatch", s));
-    if (s >= 1) fm.push(...one("combine", s - 1));
-  }
+  const fm = moeForward(P, fc);
   const r = (s: number) => P - 1 - s;
   const bc: Slot[] = one("aux_loss_bwd", null);
-  const bm: Slot[] = [];
-  for (let s = 0; s < P; s++) bc.push(...one("unpermute_bwd", r(s)));
-  for (let s = 0; s <= P; s++) {
-    if (s < P) bc.push(...one("experts_bwd", r(s)));
-    if (s < P) bm.push(...one("combine_bwd", r(s)));
-    if (s >= 1) bm.push(...one("dispatch_bwd", r(s - 1)));
-  }
+  const bm = moeBackward(P, bc);
   for (let s = 0; s < P; s++) bc.push(...one("route_bwd", r(s)));
   for (let s = 0; s < P; s++) bc.push(...one("proj_bwd", r(s)));
   bc.push(...one("attn_bwd", null), ...one("qkv_bwd", null));
