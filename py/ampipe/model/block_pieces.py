@@ -49,8 +49,8 @@ from .rope import apply_rope, rope_cos_sin
 
 __all__ = [
     "QKV", "Routing", "RoutingStats", "Permuted", "Dispatched", "MoELosses",
-    "qkv", "attention", "proj", "route", "permute", "dispatch", "experts_ffn", "experts",
-    "combine", "unpermute", "dense_mlp", "moe_losses", "sum_stats", "block_forward", "wire_dtype",
+    "qkv", "attention", "proj", "route", "permute", "dispatch", "dispatch_rows", "dispatched_rows",
+    "experts_ffn", "experts", "combine", "combine_rows", "unpermute", "dense_mlp", "moe_losses", "sum_stats", "block_forward", "wire_dtype",
     "capacity_row_map", "running_capacity_row_map",
 ]
 
@@ -307,7 +307,8 @@ def wire_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def dispatch(layer: LayerAdapter, permuted: Permuted, layout: DispatchLayout | None = None) -> Dispatched:
-    """All-to-all the kept rows to the experts' ranks.
+    """All-to-all the kept rows to the experts' ranks: `dispatch_rows`, the exchange,
+    `dispatched_rows` (the pipelined block runs the three as its dispatch op's parts).
 
     ``layout``: the split sizes, when the caller has them (the pipelined block exchanges the
     counts in an op of its own); else they are made here (`dispatch_layout`: static with a
@@ -315,11 +316,21 @@ def dispatch(layer: LayerAdapter, permuted: Permuted, layout: DispatchLayout | N
     if layout is None:
         layout = ep_comm.dispatch_layout(permuted.tokens_per_expert, layer.ep, layer.cfg.num_experts,
                                          permuted.capacity)
+    return Dispatched(ep_comm.dispatch(dispatch_rows(permuted, layout), layout, layer.ep), layout)
+
+
+def dispatch_rows(permuted: Permuted, layout: DispatchLayout) -> torch.Tensor:
+    """The rows that travel: the kept rows (a variable layout's unused tail cut off), in the
+    wire dtype."""
     buffer = permuted.buffer
     if buffer.shape[0] != layout.num_send_rows:  # a variable layout's unused tail
         buffer = buffer[:layout.num_send_rows]
-    buffer = buffer.to(wire_dtype(buffer))
-    return Dispatched(ep_comm.dispatch(buffer, layout, layer.ep), layout)
+    return buffer.to(wire_dtype(buffer))
+
+
+def dispatched_rows(received: torch.Tensor, layout: DispatchLayout) -> Dispatched:
+    """Rows received by the dispatch's exchange, expert-contiguous for the FFNs."""
+    return Dispatched(ep_comm.to_expert_major(received, layout), layout)
 
 
 def experts_ffn(layer: LayerAdapter, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -366,8 +377,14 @@ def experts(layer: LayerAdapter, dispatched: Dispatched) -> torch.Tensor:
 
 
 def combine(layer: LayerAdapter, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-    """All-to-all the expert outputs back; rows in this rank's global expert order."""
+    """All-to-all the expert outputs back; rows in this rank's global expert order
+    (`combine_rows`, then the exchange)."""
     return ep_comm.combine(expert_output, dispatched.layout, layer.ep)
+
+
+def combine_rows(expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+    """The rows the combine's exchange sends back: expert outputs in the order they arrived."""
+    return ep_comm.to_source_major(expert_output, dispatched.layout)
 
 
 def unpermute(

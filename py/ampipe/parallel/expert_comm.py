@@ -28,10 +28,11 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import spans
 from .groups import ExpertParallel
 
-__all__ = ["DispatchLayout", "all_to_all", "dispatch_layout", "static_layout", "exchange_counts",
-           "layout_from_counts", "dispatch", "combine"]
+__all__ = ["DispatchLayout", "all_to_all", "start_all_to_all", "dispatch_layout", "static_layout",
+           "exchange_counts", "layout_from_counts", "to_expert_major", "to_source_major", "dispatch", "combine"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class _AllToAll(torch.autograd.Function):
         ctx.group = group
         x = x.contiguous()
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+        with spans.span("all_to_all", "comm", bytes=x.numel() * x.element_size()):
+            dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
         return out
 
     @staticmethod
@@ -70,13 +72,31 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         grad = grad.contiguous()
         gin = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(gin, grad, in_splits, out_splits, group=ctx.group)
+        with spans.span("all_to_all (backward)", "comm", bytes=grad.numel() * grad.element_size()):
+            dist.all_to_all_single(gin, grad, in_splits, out_splits, group=ctx.group)
         return gin, None, None, None
 
 
 def all_to_all(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int], group: Any) -> torch.Tensor:
     """Differentiable `all_to_all_single` over dim 0 with host split sizes."""
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+def start_all_to_all(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+                     ep: ExpertParallel, *, async_op: bool) -> tuple[torch.Tensor, Any]:
+    """`all_to_all_single` of `x`'s rows, outside autograd (the pipelined block's comm ops
+    differentiate their local parts and run the exchange and its transpose themselves):
+    ``(output, work)``; with ``async_op`` the output's rows are there once ``work`` is done
+    (``work`` None: done already). With one EP rank nothing travels: ``(x, None)``."""
+    if not ep.active:
+        return x, None
+    x = x.detach().contiguous()
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    if async_op:
+        return out, dist.all_to_all_single(out, x, list(out_splits), list(in_splits), group=ep.group, async_op=True)
+    with spans.span("all_to_all", "comm", bytes=x.numel() * x.element_size()):
+        dist.all_to_all_single(out, x, list(out_splits), list(in_splits), group=ep.group)
+    return out, None
 
 
 def static_layout(ep_size: int, num_experts: int, capacity: int) -> DispatchLayout:
@@ -92,17 +112,23 @@ def static_layout(ep_size: int, num_experts: int, capacity: int) -> DispatchLayo
     )
 
 
-def exchange_counts(tokens_per_expert: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
-    """The count exchange of a variable layout, on the device, nothing read: ``[2, E]`` int64,
-    row 0 the rows this rank sends per global expert, row 1 the rows it receives
-    (``[src * E_local + j]``: from rank ``src`` for its local expert ``j``). With EP > 1 a
-    small all-to-all; with one rank both rows are the counts."""
+def exchange_counts(tokens_per_expert: torch.Tensor, ep: ExpertParallel, *,
+                    async_op: bool = False) -> tuple[torch.Tensor, Any]:
+    """The count exchange of a variable layout, on the device, nothing read: ``([2, E] int64,
+    work)``, row 0 the rows this rank sends per global expert, row 1 the rows it receives
+    (``[src * E_local + j]``: from rank ``src`` for its local expert ``j``), valid once
+    ``work`` is done (None: at once). With EP > 1 a small all-to-all; with one rank both rows
+    are the counts."""
     send = tokens_per_expert.to(torch.int64).contiguous()
     if not ep.active:
-        return torch.stack([send, send])
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=ep.group)
-    return torch.stack([send, recv])
+        return torch.stack([send, send]), None
+    both = torch.empty((2, send.shape[0]), dtype=send.dtype, device=send.device)
+    both[0].copy_(send)
+    if async_op:
+        return both, dist.all_to_all_single(both[1], send, group=ep.group, async_op=True)
+    with spans.span("count exchange", "comm"):
+        dist.all_to_all_single(both[1], send, group=ep.group)
+    return both, None
 
 
 def layout_from_counts(send: Sequence[int], recv: Sequence[int], ep_size: int,
@@ -134,11 +160,13 @@ def dispatch_layout(tokens_per_expert: torch.Tensor, ep: ExpertParallel, num_exp
         raise ValueError(
             f"dispatch_layout: tokens_per_expert must have shape [{num_experts}]; got {list(tokens_per_expert.shape)}"
         )
-    send, recv = exchange_counts(tokens_per_expert, ep).tolist()
+    send, recv = exchange_counts(tokens_per_expert, ep)[0].tolist()
     return layout_from_counts(send, recv, ep.size, num_experts)
 
 
-def _source_major_to_expert_major(x: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
+def to_expert_major(x: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
+    """Received rows, source-rank-major ``[src][local expert]``, to expert-major
+    ``[local expert][src]`` (each local expert's rows contiguous for its FFN)."""
     R, El = layout.ep_size, layout.num_local_experts
     if R == 1 or El == 1:
         return x
@@ -150,7 +178,8 @@ def _source_major_to_expert_major(x: torch.Tensor, layout: DispatchLayout) -> to
     return torch.cat([pieces[s * El + j] for j in range(El) for s in range(R)])
 
 
-def _expert_major_to_source_major(x: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
+def to_source_major(x: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
+    """The inverse of `to_expert_major`: expert outputs back in the order they arrived."""
     R, El = layout.ep_size, layout.num_local_experts
     if R == 1 or El == 1:
         return x
@@ -169,7 +198,7 @@ def dispatch(buffer: torch.Tensor, layout: DispatchLayout, ep: ExpertParallel) -
     if not ep.active:
         return buffer
     recv = all_to_all(buffer, layout.recv_splits, layout.send_splits, ep.group)
-    return _source_major_to_expert_major(recv, layout)
+    return to_expert_major(recv, layout)
 
 
 def combine(expert_output: torch.Tensor, layout: DispatchLayout, ep: ExpertParallel) -> torch.Tensor:
@@ -180,5 +209,5 @@ def combine(expert_output: torch.Tensor, layout: DispatchLayout, ep: ExpertParal
         )
     if not ep.active:
         return expert_output
-    back = _expert_major_to_source_major(expert_output, layout)
+    back = to_source_major(expert_output, layout)
     return all_to_all(back, layout.send_splits, layout.recv_splits, ep.group)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .. import spans
 from .groups import ParallelGroups
 
 __all__ = ["sync_gradients", "is_expert_parameter"]
@@ -30,7 +31,8 @@ def _reduce(grads: list[torch.Tensor], group, scale: float, issue: bool) -> None
         return
     flat = _flatten_dense_tensors(grads)
     if issue:
-        dist.all_reduce(flat, group=group)
+        with spans.span("all_reduce", "comm", bytes=flat.numel() * flat.element_size()):
+            dist.all_reduce(flat, group=group)
     if scale != 1.0:
         flat.mul_(scale)
     for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):

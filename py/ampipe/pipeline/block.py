@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import spans
 from ..model import block_pieces as pieces
 from ..model.adapter import LayerAdapter, NotSwappable
 from ..model.block_pieces import MoELosses, Permuted, Routing, RoutingStats
@@ -49,8 +50,8 @@ from ..model.config import check_capacity_scope
 from ..parallel import expert_comm as ep_comm
 from .emulation import DelayInjector, EmulatedComm
 from .plan import (Plan, PlanError, PlanOp, check_cuda_streams, check_dims, compute_stream_count,
-                   load_plan)
-from .streams import OpTimes, StreamExecutor, shared_executor
+                   data_needs, load_plan)
+from .streams import CommWork, OpTimes, StreamExecutor, shared_executor
 
 __all__ = ["AMPipeBlock", "apply_ampipe", "unapply_ampipe", "block_dims"]
 
@@ -212,6 +213,7 @@ class _Step:
         self.islands: dict[tuple[str, int | None], _Island] = {}
         self.values: dict[tuple[str, int | None], Any] = {}
         self.losses: MoELosses | None = None
+        self.layouts: dict[int, ep_comm.DispatchLayout] = {}  # per chunk, from dispatch to its backward
         # backward state
         self.slots: dict[tuple[str, int | None], torch.Tensor] = {}
         self.param_grads: list[torch.Tensor | None] = [None] * len(self.params)
@@ -254,10 +256,13 @@ class _Step:
         self._mark_all_streams(buf)
         return buf
 
-    def _delay(self, pass_name: str, kind: str, c: int | None, t: torch.Tensor) -> None:
-        seconds = self.block._delay(t)
+    def _delay(self, pass_name: str, kind: str, c: int | None, nbytes: int, *, inject: bool) -> float:
+        """The emulated delay of moving `nbytes` (seconds; 0 without emulation), recorded per
+        op; `inject`: spin the current (CUDA comm) stream for it now."""
+        seconds = self.block._delay(nbytes, self.x.device, inject=inject)
         if seconds:
             self.delays_ms[pass_name][self.block._op_ids[(kind, c)]] = seconds * 1e3
+        return seconds
 
     def _run(self, inputs: list[torch.Tensor | None], fn):
         """Run an island's `fn(*inputs)`: under enable_grad when tracking (`_keep` records it)."""
@@ -277,8 +282,8 @@ class _Step:
 
     # -- forward ops -------------------------------------------------------------------
 
-    def forward_op(self, op: PlanOp) -> None:
-        getattr(self, f"_f_{op.kind}")(op.chunk)
+    def forward_op(self, op: PlanOp) -> CommWork | None:
+        return getattr(self, f"_f_{op.kind}")(op.chunk)
 
     def _f_qkv(self, c: int | None) -> None:
         lo, hi = self._rows(c)
@@ -360,14 +365,32 @@ class _Step:
         self._keep(("route", c), [nin], [permuted.buffer, routing.gates,
                                          routing.stats.probs_sum, routing.stats.z_sum], params)
 
-    def _f_counts(self, c: int) -> None:
-        permuted: Permuted = self.values[("permuted", c)]
-        if permuted.capacity is None:  # a variable layout: exchange the counts, start their trip
-            self._mark_used(permuted.tokens_per_expert)
-            self.values[("counts", c)] = _HostCounts(
-                ep_comm.exchange_counts(permuted.tokens_per_expert, self.layer.ep))
+    def _exchange(self, pass_name: str, kind: str, c: int | None, x: torch.Tensor,
+                  out_splits: Sequence[int], in_splits: Sequence[int], then) -> CommWork:
+        """Start the all-to-all of a comm op's rows `x`; `then(received)` is the op's remainder.
+        On CPU the collective runs asynchronously and the executor finishes the op when a later
+        op reads its result; on CUDA everything is enqueued on the comm stream now. The emulated
+        delay is modelled on the bytes this rank receives (as many as it sends with one rank)."""
+        defer = self.executor.defers_comm
+        self._mark_used(x)
+        recv, work = ep_comm.start_all_to_all(x, out_splits, in_splits, self.layer.ep, async_op=defer)
+        nbytes = sum(out_splits) * (x.numel() // max(1, x.shape[0])) * x.element_size()
+        seconds = self._delay(pass_name, kind, c, nbytes, inject=not defer)
+        return CommWork(work, seconds if defer else 0.0, lambda: then(recv))
 
-    def _f_dispatch(self, c: int) -> None:
+    def _f_counts(self, c: int) -> CommWork | None:
+        permuted: Permuted = self.values[("permuted", c)]
+        if permuted.capacity is not None:  # a static layout: nothing to exchange
+            return None
+        self._mark_used(permuted.tokens_per_expert)
+        both, work = ep_comm.exchange_counts(permuted.tokens_per_expert, self.layer.ep,
+                                             async_op=self.executor.defers_comm)
+
+        def then() -> None:  # start the counts' trip to the host
+            self.values[("counts", c)] = _HostCounts(both)
+        return CommWork(work, 0.0, then)
+
+    def _f_dispatch(self, c: int) -> CommWork:
         permuted: Permuted = self.values[("permuted", c)]
         bin_ = _leaf(permuted.buffer, self.track)
         counts = self.values.pop(("counts", c), None)
@@ -377,11 +400,16 @@ class _Step:
             layout = ep_comm.layout_from_counts(send, recv, self.layer.ep.size, cfg.num_experts)
         else:
             layout = ep_comm.static_layout(self.layer.ep.size, cfg.num_experts, permuted.capacity)
-        d = self._run([bin_], lambda b: pieces.dispatch(
-            self.layer, dataclasses.replace(permuted, buffer=b), layout))
-        self._delay("forward", "dispatch", c, d.tokens)  # the rows that travel, in their dtype
-        self.values[("dispatched", c)] = d
-        self._keep(("dispatch", c), [bin_], [d.tokens], [])
+        self.layouts[c] = layout
+        rows = self._run([bin_], lambda b: pieces.dispatch_rows(dataclasses.replace(permuted, buffer=b), layout))
+        self._keep(("dispatch_send", c), [bin_], [rows], [])
+
+        def then(received: torch.Tensor) -> None:
+            rin = _leaf(received, self.track)
+            d = self._run([rin], lambda r: pieces.dispatched_rows(r, layout))
+            self.values[("dispatched", c)] = d
+            self._keep(("dispatch", c), [rin], [d.tokens], [])
+        return self._exchange("forward", "dispatch", c, rows, layout.recv_splits, layout.send_splits, then)
 
     def _f_experts(self, c: int) -> None:
         d = self.values[("dispatched", c)]
@@ -392,13 +420,15 @@ class _Step:
         self.values[("expert_out", c)] = out
         self._keep(("experts", c), [tin], [out], params)
 
-    def _f_combine(self, c: int) -> None:
+    def _f_combine(self, c: int) -> CommWork:
         d = self.values.pop(("dispatched", c))
         ein = _leaf(self.values.pop(("expert_out", c)), self.track)
-        out = self._run([ein], lambda e: pieces.combine(self.layer, e, d))
-        self._delay("forward", "combine", c, ein)
-        self.values[("combined", c)] = out
-        self._keep(("combine", c), [ein], [out], [])
+        rows = self._run([ein], lambda e: pieces.combine_rows(e, d))
+        self._keep(("combine", c), [ein], [rows], [])
+
+        def then(received: torch.Tensor) -> None:
+            self.values[("combined", c)] = received
+        return self._exchange("forward", "combine", c, rows, d.layout.send_splits, d.layout.recv_splits, then)
 
     def _f_unpermute(self, c: int) -> None:
         lo, hi = self.plan.chunk_rows(c)
@@ -472,8 +502,8 @@ class _Step:
                 if t is not None:
                     t.record_stream(s)
 
-    def backward_op(self, op: PlanOp) -> None:
-        getattr(self, f"_b_{op.kind[:-4]}")(op.chunk)
+    def backward_op(self, op: PlanOp) -> CommWork | None:
+        return getattr(self, f"_b_{op.kind[:-4]}")(op.chunk)
 
     def _run_island_backward(self, key: tuple[str, int | None],
                              grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -577,23 +607,32 @@ class _Step:
         self._put(("gates", c), g_gates)
         self._put(("h", c), g_h)
 
-    def _b_combine(self, c: int) -> None:
+    def _b_combine(self, c: int) -> CommWork:
+        layout = self.layouts[c]
         g = self._slot(("combined", c))
-        (g_e,) = self._run_island_backward(("combine", c), [g])
-        if g is not None:
-            self._delay("backward", "combine_bwd", c, g)
-        self._put(("expert_out", c), g_e)
+        if g is None:  # every rank takes part in the exchange
+            g = self.x.new_zeros((layout.num_send_rows, self.x.shape[-1]))
+
+        def then(g_rows: torch.Tensor) -> None:
+            (g_e,) = self._run_island_backward(("combine", c), [g_rows])
+            self._put(("expert_out", c), g_e)
+        return self._exchange("backward", "combine_bwd", c, g, layout.recv_splits, layout.send_splits, then)
 
     def _b_experts(self, c: int) -> None:
         (g_t,) = self._run_island_backward(("experts", c), [self._slot(("expert_out", c))])
         self._put(("tokens", c), g_t)
 
-    def _b_dispatch(self, c: int) -> None:
+    def _b_dispatch(self, c: int) -> CommWork:
+        layout = self.layouts.pop(c)
         g = self._slot(("tokens", c))
-        (g_b,) = self._run_island_backward(("dispatch", c), [g])
-        if g is not None:
-            self._delay("backward", "dispatch_bwd", c, g)
-        self._put(("buffer", c), g_b)
+        (g_recv,) = self._run_island_backward(("dispatch", c), [g])
+        if g_recv is None:  # every rank takes part in the exchange
+            g_recv = self.x.new_zeros((layout.num_recv_rows, self.x.shape[-1]))
+
+        def then(g_rows: torch.Tensor) -> None:
+            (g_b,) = self._run_island_backward(("dispatch_send", c), [g_rows])
+            self._put(("buffer", c), g_b)
+        return self._exchange("backward", "dispatch_bwd", c, g_recv, layout.send_splits, layout.recv_splits, then)
 
     def _b_route(self, c: int) -> None:
         grads = [self._slot(("buffer", c)), self._slot(("gates", c)),
@@ -672,9 +711,10 @@ class _PipelinedBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step: _Step, x: torch.Tensor, *params: torch.Tensor):
         block = step.block
-        with torch.enable_grad():  # islands record graphs (`_Step._run` then need not switch)
+        with torch.enable_grad(), spans.span("pipelined pass", "block", **{"pass": "forward"}):
+            # enable_grad: islands record graphs (`_Step._run` then need not switch)
             block.last_times = {"forward": step.executor.run(
-                block.plan.forward, step.forward_op, "forward", inline=block._inline_comm)}
+                block.plan.forward, step.forward_op, "forward", needs=block._needs["forward"])}
         block.last_delays_ms = step.delays_ms
         step.values.clear()
         ctx.step = step
@@ -696,9 +736,10 @@ class _PipelinedBlockFn(torch.autograd.Function):
                                "supported)")
         ctx.step = None  # free the activations once backward is done
         block = step.block
-        step.begin_backward(grad_y, grad_aux, grad_z)
-        times = step.executor.run(block.plan.backward, step.backward_op, "backward",
-                                  inline=block._inline_comm)
+        with spans.span("pipelined pass", "block", **{"pass": "backward"}):
+            step.begin_backward(grad_y, grad_aux, grad_z)
+            times = step.executor.run(block.plan.backward, step.backward_op, "backward",
+                                      needs=block._needs["backward"])
         block.last_times = {**(block.last_times or {}), "backward": times}
         block.last_delays_ms = step.delays_ms
         _hand_to_caller((step.dx, *step.param_grads))  # made on plan streams
@@ -724,6 +765,8 @@ class _Engine:
         self.last_times: dict[str, OpTimes] | None = None
         self.last_delays_ms: dict[str, dict[str, float]] | None = None
         self._op_ids = {(op.kind, op.chunk): op.id for op in (*plan.forward, *plan.backward)}
+        # What each op reads (the CPU executor finishes those comm ops before running it).
+        self._needs = {"forward": data_needs(plan, True), "backward": data_needs(plan, False)}
         self._compute_streams = compute_stream_count(plan)
         self._param_key: tuple[int, ...] | None = None
         self._kind_params: dict[str, list[nn.Parameter]] = {}
@@ -760,23 +803,20 @@ class _Engine:
             check_cuda_streams(self.plan)
         return shared_executor(self.plan.streams, device, self.record_times)
 
-    @property
-    def _inline_comm(self) -> bool:
-        """Comm ops that move nothing (one EP rank, no emulated delay) gain nothing from the
-        communication thread; run them on the calling thread."""
-        return self.adapter.ep.size == 1 and self.emulated_comm is None
-
     def _injector(self, device: torch.device) -> DelayInjector:
         inj = self._delay_cache.get(device)
         if inj is None:  # on CUDA this calibrates (and synchronises) once per device
             inj = self._delay_cache[device] = DelayInjector(self.emulated_comm, device)
         return inj
 
-    def _delay(self, t: torch.Tensor) -> float:
-        """Inject the emulated delay of moving `t`; returns the modelled seconds."""
+    def _delay(self, nbytes: int, device: torch.device, *, inject: bool) -> float:
+        """The modelled seconds of moving `nbytes`; `inject`: apply them now (CUDA: spin the
+        current stream; CPU: sleep); otherwise the executor models them in time."""
         if self.emulated_comm is None:
             return 0.0
-        return self._injector(t.device)(t.numel() * t.element_size())
+        if inject:
+            return self._injector(device)(nbytes)
+        return self.emulated_comm.delay_s(nbytes)
 
     def run(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
             ) -> tuple[torch.Tensor, MoELosses]:
@@ -803,7 +843,7 @@ class _Engine:
             y, aux, z = _PipelinedBlockFn.apply(step, x, *params)
         else:
             self.last_times = {"forward": step.executor.run(
-                self.plan.forward, step.forward_op, "forward", inline=self._inline_comm)}
+                self.plan.forward, step.forward_op, "forward", needs=self._needs["forward"])}
             self.last_delays_ms = step.delays_ms
             step.values.clear()
             y, aux, z = step.y, step.losses.aux_loss, step.losses.z_loss

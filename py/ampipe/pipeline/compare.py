@@ -119,7 +119,9 @@ def add_emulated_delays(model: torch.nn.Module, emulated_comm: EmulatedComm) -> 
             inj = injectors[x.device] = DelayInjector(emulated_comm, x.device)
         return (_with_delays(layer, x, out[0], inj), out[1])
 
-    return [m.register_forward_hook(hook) for m in model.modules()
+    # prepend: the delays belong to the layer (they model its all-to-alls), so they come before
+    # any other forward hook sees its output (a profile's layer timer, a user's hooks)
+    return [m.register_forward_hook(hook, prepend=True) for m in model.modules()
             if type(m) is TransformerLayer and m.is_moe]
 
 

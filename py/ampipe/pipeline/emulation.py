@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .. import spans
+
 
 @dataclass(frozen=True)
 class EmulatedComm:
@@ -73,7 +75,8 @@ class DelayInjector:
             # Spins the current (communication) stream; the host does not wait.
             torch.cuda._sleep(max(1, int(seconds * self._cycles_per_s)))
         else:
-            _sleep_precise(seconds)
+            with spans.span("emulated delay", "delay", modelled_ms=seconds * 1e3, bytes=tensor_bytes):
+                _sleep_precise(seconds)
         return seconds
 
 

@@ -8,39 +8,37 @@ the emulated delay) are not queued behind large compute grids. `shared_executor`
 every block of one device and one stream spec the same executor, so a model's layers use
 the same CUDA streams (not one pool stream per layer and logical stream).
 
-CPU: compute ops run on the calling thread, communication ops on one communication thread,
-each in plan-list order, waiting on `threading.Event`s for their deps. One thread serves all
-comm streams so that collectives are issued in the same order on every rank (several
-threads on one process group could interleave them differently per rank). Because deps
-always point to earlier ops of the list and both threads walk the list in order, the
-schedule cannot deadlock. The communication thread is the executor's, like a CUDA stream:
-started at its first pass and parked between passes (starting a thread per pass cost about
-0.3 ms before the first op could run, twice a step). A pass that finds it busy (a pass
-nested in an op of another, as an activation-checkpoint recompute does; a pass from a second
-thread) gets a thread of its own for that pass. If an op raises, the other thread stops at
-its next op, the pass waits for it, the communication thread is stopped and joined (no
-thread outlives a failed pass; the next pass starts a new one), and the error surfaces as
-`OpFailed` naming the op.
+CPU: one thread, the caller's, walks the op list in order. A communication op *starts* its
+collective as an asynchronous work (gloo runs it on its own threads) and returns a
+`CommWork`; the executor finishes it (waits for the collective, then runs the op's local
+remainder, e.g. the reorder after a dispatch) only when a later op reads its result (the
+plan's data needs, `plan.data_needs`), or at the end of the pass. So collectives of several
+chunks are in flight at once while compute goes on, no thread hands work to another (no
+GIL traffic, no wake-ups: an earlier version ran comm ops on a communication thread, and on
+two cores shared by two ranks its hand-offs and time slices cost more than they hid), and
+every rank issues its collectives in the same order (the list's). A comm stream is modelled
+in time: its ops occupy it one after another, op k from ``start_k = max(issued_k,
+end_{k-1})`` to ``end_k = max(start_k, collective done) + delay_k``, where ``delay_k`` is an
+emulated interconnect's modelled delay (`ampipe.pipeline.emulation`; 0 without one): the
+thread that needs a result sleeps until ``end_k``, leaving the core to others. If an op
+raises, the pass stops there and the error surfaces as `OpFailed` naming the op.
 """
+
 
 from __future__ import annotations
 
-import contextlib
-import os
-import queue
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
 
+from .. import spans
 from .plan import PlanOp, StreamSpec
-
-COMM_THREAD_NAME = "ampipe-comm"
 
 # Exceptions that are control flow, not failures: they leave a pass unwrapped. Non-reentrant
 # activation checkpointing stops a recompute early by raising this from a saved-tensor hook
@@ -60,18 +58,85 @@ class OpFailed(RuntimeError):
         self.pass_name = pass_name
 
 
-def _run_op(op: PlanOp, run_op: Callable[[PlanOp], None], pass_name: str) -> None:
+def _run_op(op: PlanOp, run_op: Callable[[PlanOp], Any], pass_name: str) -> Any:
     """run_op(op), its failure raised as `OpFailed` naming the op (control flow passes)."""
     try:
-        run_op(op)
+        return run_op(op)
     except _PASS_THROUGH:
         raise
     except Exception as e:
         raise OpFailed(op, pass_name, e) from e
 
 
-class _Aborted(Exception):
-    """Another thread failed; this one stops without running more ops."""
+class CommWork:
+    """A communication op that started and finishes later: what a comm op's `run_op` returns.
+
+    `work`: the collective in flight (`torch.distributed.Work`, or None when nothing travels);
+    `delay_s`: the emulated interconnect's modelled delay of this op (0 without emulation; on
+    CUDA the block spins the comm stream instead); `finish()`: the op's local remainder, run
+    once the collective's result is there (it sees the received rows, e.g. the dispatch's
+    reorder). The executor calls `complete` (see the module docstring for the timing)."""
+
+    __slots__ = ("work", "delay_s", "finish", "op", "pass_name", "issued", "prev", "start", "end", "_done_at")
+
+    def __init__(self, work: Any, delay_s: float, finish: Callable[[], None]) -> None:
+        self.work = work
+        self.delay_s = delay_s
+        self.finish = finish
+        self.op: PlanOp | None = None
+        self.pass_name = ""
+        self.issued = 0.0
+        self.prev: CommWork | None = None  # the op before it on its stream, until that completes
+        self.start = 0.0
+        self.end: float | None = None
+        self._done_at: list[float] = []
+        if work is not None and hasattr(work, "get_future"):  # gloo and NCCL works have one
+            # When the collective finished (a callback on the backend's thread), not when we asked.
+            work.get_future().add_done_callback(lambda _f: self._done_at.append(time.perf_counter()))
+
+    @property
+    def done_at(self) -> float | None:
+        """When the collective finished (perf_counter seconds), if the backend said."""
+        return self._done_at[0] if self._done_at else None
+
+    def complete(self, on_wait: Callable[["CommWork", float], None] | None = None) -> None:
+        """Wait for the collective and the modelled time (this op's stream predecessors
+        first), then run `finish`. `on_wait(self, since)` is told when the caller blocked."""
+        if self.end is not None:
+            return
+        if self.prev is not None:
+            self.prev.complete(on_wait)
+            self.start = max(self.issued, self.prev.end)
+            self.prev = None
+        t0 = time.perf_counter()
+        try:
+            if self.work is not None:
+                self.work.wait()
+            done = self._done_at[0] if self._done_at else time.perf_counter()
+            end = max(self.start, done if self.work is not None else self.start) + self.delay_s
+            _sleep_until(end)
+            if on_wait is not None and time.perf_counter() - t0 > 1e-6:
+                on_wait(self, t0)
+            self.end = end
+            self.finish()
+        except _PASS_THROUGH:
+            raise
+        except Exception as e:  # the collective or the op's remainder: name this op
+            if self.op is None or isinstance(e, OpFailed):
+                raise
+            raise OpFailed(self.op, self.pass_name, e) from e
+
+
+def _sleep_until(t: float) -> None:
+    """Sleep until perf_counter() reaches `t` (time.sleep overshoots by ~50-100 us on Linux:
+    sleep most of it, then yield-wait)."""
+    left = t - time.perf_counter()
+    if left <= 0:
+        return
+    if left > 2e-4:
+        time.sleep(left - 1.5e-4)
+    while time.perf_counter() < t:
+        time.sleep(0)
 
 
 @dataclass(frozen=True)
@@ -120,87 +185,16 @@ class OpTimes:
         return max((t.start_ms + t.ms for t in recs), default=0.0)
 
 
-class _CommWorker:
-    """An executor's communication thread: runs one pass's comm ops at a time, parked on a
-    queue between passes. A daemon, so an idle one never holds up interpreter exit."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.busy = False  # a pass holds it (set under the executor's lock)
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._main, name=COMM_THREAD_NAME, daemon=True)
-        self.thread.start()
-
-    def _main(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            job()  # never raises: the pass's walk() records every failure
-            del job  # parked, the thread must not keep the pass alive (its closure holds the step)
-
-    @property
-    def usable(self) -> bool:
-        return self.pid == os.getpid() and self.thread.is_alive()  # a fork has no such thread
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
-
-    def retire(self) -> None:
-        """Let the thread end after the job it is running (if any)."""
-        self._jobs.put(None)
-
-    def stop(self) -> None:
-        self.retire()
-        self.thread.join()
-
-
-AutocastState = tuple[tuple[str, bool, torch.dtype], ...]
-
-
-def autocast_state() -> AutocastState:
-    """The calling thread's autocast settings, per device type (CPU and CUDA)."""
-    kinds = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-    return tuple((k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds)
-
-
-@contextmanager
-def enter_autocast(state: AutocastState) -> Iterator[None]:
-    """Enter `state` (from `autocast_state`) on this thread; disabled device types stay off."""
-    with contextlib.ExitStack() as stack:
-        for kind, enabled, dtype in state:
-            if enabled:
-                stack.enter_context(torch.autocast(device_type=kind, dtype=dtype))
-        yield
-
-
-def is_total_order(ops: Sequence[PlanOp]) -> bool:
-    """Whether every op happens-after every earlier op (deps and stream order): then no two
-    ops could ever run at the same time, and a second thread would only add hand-offs."""
-    index = {op.id: i for i, op in enumerate(ops)}
-    last: dict[str, int] = {}
-    hb: list[int] = []
-    for i, op in enumerate(ops):
-        mask = 0
-        preds = [index[d] for d in op.deps if d in index]
-        if op.stream in last:
-            preds.append(last[op.stream])
-        for p in preds:
-            mask |= hb[p] | (1 << p)
-        if mask != (1 << i) - 1:
-            return False
-        hb.append(mask)
-        last[op.stream] = i
-    return True
-
-
 def stream_priority(kind: str) -> int:
     """CUDA stream priority of a logical stream kind (lower is higher priority)."""
     return -1 if kind == "comm" else 0
 
 
 class StreamExecutor:
-    """Runs a list of plan ops over logical streams on one device (see module docstring)."""
+    """Runs a list of plan ops over logical streams on one device (see module docstring).
+
+    `run_op(op)` runs one op; a comm op may return a `CommWork` (its collective started,
+    its remainder to run when the result is needed)."""
 
     def __init__(self, streams: Sequence[StreamSpec], device: torch.device | str,
                  record_times: bool = True) -> None:
@@ -213,9 +207,6 @@ class StreamExecutor:
                 self._cuda_streams[s.name] = torch.cuda.Stream(
                     device=self.device, priority=stream_priority(s.kind))
         self._local = threading.local()
-        self._worker: _CommWorker | None = None
-        self._worker_lock = threading.Lock()
-        self._worker_finalizer: weakref.finalize | None = None
         # The caller's stream while a CUDA pass runs: shared buffers are allocated from its
         # pool, whose queue every plan stream has already waited on (the entry event).
         self.caller_stream: torch.cuda.Stream | None = None
@@ -228,13 +219,19 @@ class StreamExecutor:
     def cuda_stream(self, name: str) -> torch.cuda.Stream:
         return self._cuda_streams[name]
 
-    def run(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], None],
-            pass_name: str, *, inline: bool = False) -> OpTimes:
-        """Run `ops`; on CPU, `inline=True` runs comm ops on the calling thread too (for
-        passes where nothing could overlap, or comm ops that move nothing)."""
+    @property
+    def defers_comm(self) -> bool:
+        """Whether comm ops run asynchronously, finished when needed (CPU); on CUDA the host
+        only enqueues, so a comm op's work is finished, i.e. enqueued, right away."""
+        return self.device.type != "cuda"
+
+    def run(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], Any], pass_name: str, *,
+            needs: Mapping[str, Sequence[str]] | None = None) -> OpTimes:
+        """Run `ops`. `needs`: op id -> the ids of the ops whose results it reads (CPU:
+        those comm ops are finished before it runs; default: its deps)."""
         if self.device.type == "cuda":
             return self._run_cuda(ops, run_op, pass_name)
-        return self._run_cpu(ops, run_op, pass_name, inline or is_total_order(ops))
+        return self._run_cpu(ops, run_op, pass_name, needs)
 
     @contextmanager
     def _on_stream(self, name: str) -> Iterator[None]:
@@ -259,6 +256,7 @@ class StreamExecutor:
         for name in used:
             self._cuda_streams[name].wait_event(entry)
         done: dict[str, tuple[str, torch.cuda.Event]] = {}
+        rec = spans.active()
         try:
             for op in ops:
                 stream = self._cuda_streams[op.stream]
@@ -271,7 +269,13 @@ class StreamExecutor:
                     if self.record_times:
                         start = torch.cuda.Event(enable_timing=True)
                         start.record(stream)
-                    _run_op(op, run_op, pass_name)
+                    s0 = spans.now_ns() if rec is not None else 0
+                    work = _run_op(op, run_op, pass_name)
+                    if work is not None:  # enqueued already: its remainder goes on the same stream
+                        work.finish()
+                    if rec is not None:  # the host's enqueue time (kernels: torch.profiler's CUDA events)
+                        rec.add(op.id, "op", s0, spans.now_ns(), kind=op.kind, chunk=op.chunk, stream=op.stream,
+                                enqueue=True, **{"pass": pass_name})
                     end = torch.cuda.Event(enable_timing=self.record_times)
                     end.record(stream)
                 done[op.id] = (op.stream, end)
@@ -286,147 +290,84 @@ class StreamExecutor:
 
     # -- CPU ------------------------------------------------------------------------------
 
-    def _run_cpu(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], None],
-                 pass_name: str, inline: bool) -> OpTimes:
+    def _run_cpu(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], Any], pass_name: str,
+                 needs: Mapping[str, Sequence[str]] | None) -> OpTimes:
         times = OpTimes(self.device)
-        if inline:
-            return self._run_inline(ops, run_op, pass_name, times)
-        comm_ops = [op for op in ops if self.streams[op.stream].kind == "comm"]
-        compute_ops = [op for op in ops if self.streams[op.stream].kind != "comm"]
-        done = {op.id: threading.Event() for op in ops}
-        abort = threading.Event()
-        failures: list[BaseException] = []
-        lock = threading.Lock()
-        t0 = time.perf_counter()
         record = self.record_times
+        rec = spans.active()
         local = self._local
-
-        def fail(err: BaseException) -> None:
-            with lock:
-                failures.append(err)
-            abort.set()
-            for ev in done.values():  # wake every waiter; they see `abort`
-                ev.set()
-
-        def execute(op: PlanOp) -> None:
-            for d in op.deps:
-                done[d].wait()
-            if abort.is_set():
-                raise _Aborted
-            start = time.perf_counter()
-            prev = getattr(local, "stream", None)
-            local.stream = op.stream
-            try:
-                _run_op(op, run_op, pass_name)
-            finally:
-                local.stream = prev
-            if record:
-                end = time.perf_counter()
-                times._cpu.append(OpTime(op.id, op.kind, op.chunk, op.stream,
-                                         (start - t0) * 1e3, (end - start) * 1e3))
-            done[op.id].set()
-
-        def walk(op_list: Sequence[PlanOp]) -> None:
-            try:
-                for op in op_list:
-                    execute(op)
-            except _Aborted:
-                pass
-            except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
-                fail(e)
-
-        worker, kept, finished = None, False, threading.Event()
-        if comm_ops:
-            # Grad mode and autocast are thread-local: the comm thread runs its ops in the
-            # caller's (an all-to-all under bf16 autocast must see bf16 autocast too).
-            grad_enabled = torch.is_grad_enabled()
-            autocast = autocast_state()
-
-            def comm_pass() -> None:
-                try:
-                    with torch.set_grad_enabled(grad_enabled), enter_autocast(autocast):
-                        walk(comm_ops)
-                finally:
-                    finished.set()
-
-            worker, kept = self._take_comm_worker()
-            worker.submit(comm_pass)
-        try:
-            walk(compute_ops)
-        finally:
-            if worker is not None:
-                if failures:
-                    abort.set()
-                finished.wait()
-        # (Interrupted while waiting, the worker stays busy: later passes take another.)
-        if worker is not None:
-            if failures or not kept:
-                self._drop_comm_worker(worker)  # nothing outlives a failed pass
-            else:
-                worker.busy = False
-        if failures:
-            raise failures[0]
-        return times
-
-    @property
-    def comm_thread(self) -> threading.Thread | None:
-        """The communication thread (parked between passes), if one is running."""
-        w = self._worker
-        return w.thread if w is not None and w.usable else None
-
-    def _take_comm_worker(self) -> tuple[_CommWorker, bool]:
-        """A communication thread for one pass, and whether it is the executor's parked one.
-        That one is busy during a pass nested in another pass's op (an activation-checkpoint
-        recompute), a pass from a second thread, or after an interrupted pass: such a pass
-        gets a thread of its own, stopped when it ends (queuing behind the busy one could
-        wait forever on the very op that started it)."""
-        with self._worker_lock:
-            w = self._worker
-            if w is None or not w.usable:
-                if self._worker_finalizer is not None:
-                    self._worker_finalizer.detach()
-                w = self._worker = _CommWorker()
-                # An executor that is garbage collected lets its thread go.
-                self._worker_finalizer = weakref.finalize(self, w.retire)
-            if not w.busy:
-                w.busy = True
-                return w, True
-        own = _CommWorker()
-        own.busy = True
-        return own, False
-
-    def _drop_comm_worker(self, worker: _CommWorker) -> None:
-        """Stop and join `worker`; the next pass starts another."""
-        with self._worker_lock:
-            if self._worker is worker:
-                self._worker = None
-                if self._worker_finalizer is not None:
-                    self._worker_finalizer.detach()
-                    self._worker_finalizer = None
-        if worker.usable:
-            worker.stop()
-
-    def _run_inline(self, ops: Sequence[PlanOp], run_op: Callable[[PlanOp], None],
-                    pass_name: str, times: OpTimes) -> OpTimes:
-        """Every op on the calling thread, in list order (which satisfies every dep: deps
-        point to earlier ops), without events or hand-offs."""
-        record = self.record_times
-        local = self._local
-        prev = getattr(local, "stream", None)
+        prev_stream = getattr(local, "stream", None)
         clock = time.perf_counter
         t0 = clock()
+        in_flight: dict[str, CommWork] = {}
+        last_on: dict[str, CommWork] = {}  # the latest comm op per stream (its successor's `prev`)
+        waited: list[tuple[str, str, float, float]] = []  # (awaited op, by op, from, to)
+
+        def on_wait(w: CommWork, since: float) -> None:
+            waited.append((w.op.id, w.op.kind, since, clock()))
+
+        def finish(op_id: str) -> None:
+            w = in_flight.pop(op_id, None)
+            if w is None:
+                return
+            w.complete(on_wait)
+            if record:
+                times._cpu.append(OpTime(w.op.id, w.op.kind, w.op.chunk, w.op.stream,
+                                         (w.start - t0) * 1e3, (w.end - w.start) * 1e3))
+            if rec is not None:
+                rec.add(w.op.id, "op", int(w.start * 1e9), int(w.end * 1e9), kind=w.op.kind, chunk=w.op.chunk,
+                        stream=w.op.stream, virtual=True, tid=_virtual_tid(w.op.stream),
+                        thread_name=f"{w.op.stream} stream (modelled)", **{"pass": pass_name})
+                if w.work is not None:  # the collective itself, from its start to its end (the backend's threads)
+                    done = w.done_at if w.done_at is not None else w.end
+                    rec.add(f"{w.op.kind} (in flight)", "comm", int(w.issued * 1e9), int(done * 1e9), op=w.op.id,
+                            kind=w.op.kind, tid=_virtual_tid("collectives"), thread_name="collectives in flight")
+
         try:
             for op in ops:
+                for d in (needs[op.id] if needs is not None else op.deps):
+                    if d in in_flight:
+                        before = len(waited)
+                        finish(d)
+                        if rec is not None:
+                            for on, kind, a, b in waited[before:]:
+                                rec.add(f"wait {on}", "wait", int(a * 1e9), int(b * 1e9), on=on, on_kind=kind,
+                                        op=op.id, **{"pass": pass_name})
                 start = clock()
                 local.stream = op.stream
-                _run_op(op, run_op, pass_name)
+                work = _run_op(op, run_op, pass_name)
+                end = clock()
+                if work is not None:
+                    work.op, work.pass_name, work.issued = op, pass_name, end
+                    work.start = end
+                    work.prev = last_on.get(op.stream)
+                    last_on[op.stream] = work
+                    in_flight[op.id] = work
+                    if rec is not None:
+                        rec.add(f"start {op.id}", "issue", int(start * 1e9), int(end * 1e9), kind=op.kind,
+                                chunk=op.chunk, **{"pass": pass_name})
+                    continue
+                if rec is not None:
+                    rec.add(op.id, "op", int(start * 1e9), int(end * 1e9), kind=op.kind, chunk=op.chunk,
+                            stream=op.stream, **{"pass": pass_name})
                 if record:
-                    end = clock()
                     times._cpu.append(OpTime(op.id, op.kind, op.chunk, op.stream,
                                              (start - t0) * 1e3, (end - start) * 1e3))
+            for op_id in list(in_flight):  # what no later op read: the end of the pass needs it
+                before = len(waited)
+                finish(op_id)
+                if rec is not None:
+                    for on, kind, a, b in waited[before:]:
+                        rec.add(f"wait {on}", "wait", int(a * 1e9), int(b * 1e9), on=on, on_kind=kind,
+                                op="(end of pass)", **{"pass": pass_name})
         finally:
-            local.stream = prev
+            local.stream = prev_stream
         return times
+
+
+def _virtual_tid(stream: str) -> int:
+    """A trace track id for a modelled stream (not an OS thread)."""
+    return 1_000_000_000 + sum(map(ord, stream))
 
 
 _SHARED: dict[tuple[torch.device, tuple[StreamSpec, ...], bool], StreamExecutor] = {}

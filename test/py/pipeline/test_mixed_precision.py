@@ -45,15 +45,16 @@ def expert_dtypes(monkeypatch):
 
 @pytest.fixture
 def dispatched_dtypes(monkeypatch):
-    """The dtype the tokens of every dispatch travel in (any thread)."""
+    """The dtype the tokens of every dispatch travel in (baseline and pipelined block)."""
     seen: list[torch.dtype] = []
-    real = block_pieces.ep_comm.dispatch
+    real = block_pieces.dispatch_rows
 
-    def spy(buffer, layout, ep):
-        seen.append(buffer.dtype)
-        return real(buffer, layout, ep)
+    def spy(permuted, layout):
+        out = real(permuted, layout)
+        seen.append(out.dtype)
+        return out
 
-    monkeypatch.setattr(block_pieces.ep_comm, "dispatch", spy)
+    monkeypatch.setattr(block_pieces, "dispatch_rows", spy)
     return seen
 
 
@@ -86,9 +87,9 @@ def test_benchmark_runs_in_the_configs_precision(expert_dtypes):
     assert expert_dtypes and set(expert_dtypes) == {torch.bfloat16}
 
 
-def test_block_under_ambient_autocast_matches_baseline_comm_thread_included(dispatched_dtypes):
-    # Emulated comm puts dispatch/combine on the communication thread (EP=1 otherwise runs
-    # them inline): that thread must compute in the caller's autocast too.
+def test_block_under_ambient_autocast_matches_baseline_comm_ops_included(dispatched_dtypes):
+    # With emulated comm the dispatch/combine ops are deferred (finished when a later op
+    # reads them): their parts must compute in the caller's autocast too.
     plan = load("interleaved-p4", expert_model_parallel_size=1)
     layer = make_layer(plan)
     block = AMPipeBlock.from_layer(layer, plan, emulated_comm=EmulatedComm(1, 100, 8))
@@ -208,7 +209,7 @@ def test_island_backward_marks_the_incoming_gradient_not_its_conversion(monkeypa
     engine._device = x.device
     st = block_mod._Step(engine, x.detach().requires_grad_(True), engine._params(), track=True)
     st.x_grad = True
-    engine._executor.run(plan.forward, st.forward_op, "forward", inline=True)
+    engine._executor.run(plan.forward, st.forward_op, "forward", needs=engine._needs["forward"])
     island = st.islands[("unpermute", 1)]
     g = torch.randn(island.outputs[0].shape).to(torch.bfloat16)  # another dtype than y's
     marked.clear()

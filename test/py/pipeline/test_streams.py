@@ -1,8 +1,7 @@
-"""The stream executor's machinery on toy ops: ordering, overlap, failures, delays."""
+"""The stream executor's machinery on toy ops: ordering, overlap, modelled time, failures, delays."""
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 
@@ -11,7 +10,7 @@ import torch
 
 from ampipe.pipeline.emulation import DelayInjector, EmulatedComm
 from ampipe.pipeline.plan import PlanOp, StreamSpec
-from ampipe.pipeline.streams import COMM_THREAD_NAME, OpFailed, StreamExecutor
+from ampipe.pipeline.streams import CommWork, OpFailed, StreamExecutor
 
 STREAMS = (StreamSpec("compute", "compute"), StreamSpec("comm", "comm"))
 
@@ -27,58 +26,98 @@ def _chain(n: int) -> list[PlanOp]:
     return ops
 
 
+class _Work:
+    """A stand-in for a collective in flight: done `seconds` after it starts (another thread)."""
+
+    def __init__(self, seconds: float, log: dict[str, float], name: str) -> None:
+        self._done = threading.Event()
+        self._timer = threading.Timer(seconds, lambda: (log.__setitem__(name, time.perf_counter()), self._done.set()))
+        self._timer.start()
+
+    def wait(self) -> None:
+        assert self._done.wait(10)
 
 
-def test_deps_and_stream_order_are_respected_and_comm_overlaps():
+def test_comm_overlaps_compute_on_one_thread_and_deps_hold():
     ops = _chain(4)
     ex = StreamExecutor(STREAMS, "cpu")
-    log: list[tuple[str, str, float, float]] = []
-    lock = threading.Lock()
+    log: dict[str, tuple[str, float, float]] = {}
+    done_at: dict[str, float] = {}
+    threads_before = set(threading.enumerate())
 
-    def run(op: PlanOp) -> None:
+    def run(op: PlanOp):
         s = time.perf_counter()
-        time.sleep(0.01 if op.stream == "comm" else 0.004)
-        with lock:
-            log.append((op.id, threading.current_thread().name, s, time.perf_counter()))
+        if op.stream == "comm":
+            work = _Work(0.02, done_at, op.id)
 
-    times = ex.run(ops, run, "forward")
-    by_id = {r[0]: r for r in log}
+            def finish() -> None:
+                log[op.id] = (threading.current_thread().name, s, time.perf_counter())
+            return CommWork(work, 0.0, finish)
+        time.sleep(0.004)
+        log[op.id] = (threading.current_thread().name, s, time.perf_counter())
+        return None
+
+    times = ex.run(ops, run, "forward", needs={op.id: list(op.deps) for op in ops})
+    # every op's remainder runs on the caller's thread, after what it reads
+    assert {name for name, _, _ in log.values()} == {threading.current_thread().name}
     for op in ops:
         for d in op.deps:
-            assert by_id[d][3] <= by_id[op.id][2], (d, op.id)
-        # comm on the communication thread, compute on the caller's
-        assert (by_id[op.id][1] == COMM_THREAD_NAME) == (op.stream == "comm")
-    # a1 must run while c0 is in flight: the comm thread really overlaps
-    assert by_id["a1"][2] < by_id["c0"][3]
+            assert log[d][2] <= log[op.id][1] or op.stream == "comm", (d, op.id)
+    for i in range(4):  # b_i ran after its collective was done
+        assert done_at[f"c{i}"] <= log[f"b{i}"][1]
+    # a1 ran while c0 was in flight: overlap without a thread of the executor's own
+    assert log["a1"][1] < done_at["c0"]
     assert set(times.op_times_ms) == {op.id for op in ops}
-    # the executor keeps its communication thread, parked, for the next pass
-    comm = ex.comm_thread
-    assert comm is not None and comm.is_alive() and comm.name == COMM_THREAD_NAME
-    ex.run(ops, run, "backward")
-    assert ex.comm_thread is comm
+    time.sleep(0.05)  # the stand-in works' timers end
+    assert set(threading.enumerate()) <= threads_before
 
 
-@pytest.mark.parametrize("bad", ["c1", "a2"])
-def test_failing_op_is_named_and_no_thread_is_left(bad):
+def test_a_comm_stream_is_modelled_in_time():
+    # Two comm ops issued back to back, 30 ms of modelled delay each: the stream serialises
+    # them, so the second is done no sooner than 60 ms after the first was issued.
+    ops = [PlanOp("a", "route", 0, "compute", ()), PlanOp("c0", "dispatch", 0, "comm", ("a",)),
+           PlanOp("c1", "dispatch", 1, "comm", ("a",)), PlanOp("b", "experts", 1, "compute", ("c1",))]
+    ex = StreamExecutor(STREAMS, "cpu")
+    seen: dict[str, float] = {}
+
+    def run(op: PlanOp):
+        seen[op.id] = time.perf_counter()
+        if op.stream == "comm":
+            return CommWork(None, 0.03, lambda: seen.__setitem__(op.id + ".done", time.perf_counter()))
+        return None
+
+    times = ex.run(ops, run, "forward", needs={"a": [], "c0": ["a"], "c1": ["a"], "b": ["c1"]})
+    assert seen["c0.done"] <= seen["c1.done"]  # a stream's ops finish in order
+    assert seen["b"] - seen["c0"] >= 0.06
+    recs = {t.id: t for t in times.records()}
+    assert recs["c1"].start_ms >= recs["c0"].start_ms + recs["c0"].ms - 1e-6  # one after the other
+    assert recs["c0"].ms >= 30 - 1e-6 and recs["c1"].ms >= 30 - 1e-6  # the modelled delay, at least
+
+
+@pytest.mark.parametrize("bad", ["c1", "a2", "c2.finish"])
+def test_failing_op_is_named_and_dependents_do_not_run(bad):
     ops = _chain(4)
     ex = StreamExecutor(STREAMS, "cpu")
     ran: list[str] = []
-    ex.run(ops, lambda op: None, "forward")  # starts the communication thread
-    comm = ex.comm_thread
-    assert comm is not None and comm.is_alive()
 
-    def run(op: PlanOp) -> None:
+    def run(op: PlanOp):
         if op.id == bad:
             raise ValueError("boom")
+        if op.stream == "comm":
+            def finish() -> None:
+                if op.id + ".finish" == bad:
+                    raise ValueError("boom in the remainder")
+                ran.append(op.id)
+            return CommWork(None, 0.0, finish)
         ran.append(op.id)
+        return None
 
-    with pytest.raises(OpFailed, match=f"forward op '{bad}'") as info:
-        ex.run(ops, run, "forward")
-    assert info.value.op.id == bad
+    with pytest.raises(OpFailed, match=f"forward op '{bad.split('.')[0]}'") as info:
+        ex.run(ops, run, "forward", needs={op.id: list(op.deps) for op in ops})
+    assert info.value.op.id == bad.split(".")[0]
     assert isinstance(info.value.__cause__, ValueError)
-    assert not comm.is_alive() and ex.comm_thread is None  # stopped and joined
-    # nothing that depends on the failed op ran
-    assert not any(op.id in ran and bad in op.deps for op in ops)
+    failed = bad.split(".")[0]
+    assert not any(op.id in ran and failed in op.deps for op in ops)
 
 
 def test_emulated_delay_model_and_cpu_sleep():
@@ -95,61 +134,46 @@ def test_emulated_delay_model_and_cpu_sleep():
     assert EmulatedComm.from_dict({"latency_us": 5, "bandwidth_gbps": 2, "world_size": 2}).world_size == 2
 
 
-def test_collected_executor_lets_its_comm_thread_go():
-    ex = StreamExecutor(STREAMS, "cpu")
-    ex.run(_chain(2), lambda op: None, "forward")
-    comm = ex.comm_thread
-    assert comm is not None and comm.is_alive()
-    del ex
-    gc.collect()
-    comm.join(timeout=10)
-    assert not comm.is_alive()
-
-
-def test_pass_nested_in_an_op_gets_its_own_comm_thread():
+def test_pass_nested_in_an_op_runs_to_the_end():
     # A compute op that runs a pass on the same executor (what an activation-checkpoint
-    # recompute inside backward does) must not queue behind the pass it is part of.
+    # recompute inside backward does) runs it to its end, comm ops included.
     ex = StreamExecutor(STREAMS, "cpu")
     ran: list[str] = []
-    inner_comm: list[threading.Thread] = []
-    outer_comm: list[threading.Thread] = []
 
-    def inner(op: PlanOp) -> None:
+    def inner(op: PlanOp):
         ran.append("inner." + op.id)
-        if op.stream == "comm":
-            inner_comm.append(threading.current_thread())
+        return CommWork(None, 0.001, lambda: ran.append("inner." + op.id + ".done")) if op.stream == "comm" else None
 
-    def outer(op: PlanOp) -> None:
+    def outer(op: PlanOp):
         ran.append(op.id)
-        if op.stream == "comm":
-            outer_comm.append(threading.current_thread())
         if op.id == "a1":
             ex.run(_chain(2), inner, "forward")
+        return CommWork(None, 0.001, lambda: None) if op.stream == "comm" else None
 
-    done = threading.Event()
-    runner = threading.Thread(target=lambda: (ex.run(_chain(2), outer, "backward"), done.set()),
-                              daemon=True)
-    runner.start()
-    assert done.wait(30), "a nested pass deadlocked"
-    assert {f"inner.{op.id}" for op in _chain(2)} <= set(ran)
-    # the parked thread served the outer pass and is kept; the nested pass had its own,
-    # stopped and joined when that pass ended
-    (nested,) = set(inner_comm)
-    assert nested.name == COMM_THREAD_NAME and nested is not outer_comm[0]
-    assert not nested.is_alive() and ex.comm_thread is outer_comm[0]
+    ex.run(_chain(2), outer, "backward")
+    assert {f"inner.{op.id}" for op in _chain(2)} | {"inner.c0.done", "inner.c1.done"} <= set(ran)
+    # the nested pass finished before the outer one went on
+    assert ran.index("inner.c1.done") < ran.index("c1")
 
 
 def test_passes_from_two_threads_on_one_executor_both_progress():
     # Two threads (stand-ins for two ranks) each run a pass on one executor; their comm ops
-    # meet at a barrier (an all-to-all). Neither may wait behind the other's pass.
+    # finish only when both have started theirs (an all-to-all). Neither may wait behind the other.
     ex = StreamExecutor(STREAMS, "cpu")
-    ex.run(_chain(1), lambda op: None, "warm-up")
     barrier = threading.Barrier(2, timeout=20)
     results: dict[int, str] = {}
 
-    def run_op(op: PlanOp) -> None:
-        if op.stream == "comm":
-            barrier.wait()
+    class Meet:
+        def __init__(self) -> None:
+            self.t = threading.Thread(target=barrier.wait, daemon=True)
+            self.t.start()
+
+        def wait(self) -> None:
+            self.t.join(20)
+            assert not self.t.is_alive()
+
+    def run_op(op: PlanOp):
+        return CommWork(Meet(), 0.0, lambda: None) if op.stream == "comm" else None
 
     def rank(r: int) -> None:
         try:
@@ -167,19 +191,20 @@ def test_passes_from_two_threads_on_one_executor_both_progress():
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_comm_thread_runs_in_the_callers_grad_mode_and_autocast(enabled):
+def test_comm_remainders_run_in_the_callers_grad_mode_and_autocast(enabled):
     ops = _chain(2)
     ex = StreamExecutor(STREAMS, "cpu")
     seen: dict[str, tuple[bool, bool, torch.dtype]] = {}
 
-    def run(op: PlanOp) -> None:
+    def note(name: str) -> None:
         a = torch.ones(2, 2)
-        seen[op.id] = (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), (a @ a).dtype)
+        seen[name] = (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), (a @ a).dtype)
+
+    def run(op: PlanOp):
+        note(op.id)
+        return CommWork(None, 0.0, lambda: note(op.id + ".done")) if op.stream == "comm" else None
 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
         ex.run(ops, run, "forward")
     want = (False, enabled, torch.bfloat16 if enabled else torch.float32)
-    assert all(seen[op.id] == want for op in ops), seen
-    # and the parked thread keeps none of it for the next pass
-    ex.run(ops, run, "forward")
-    assert all(seen[op.id] == (True, False, torch.float32) for op in ops), seen
+    assert len(seen) == len(ops) + 2 and all(v == want for v in seen.values()), seen
