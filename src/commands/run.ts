@@ -15,6 +15,7 @@ import { type BlockDims, type Plan } from "../plan/ir.ts";
 import { readPlan, writeFileAtomic, writePlan } from "../plan/io.ts";
 import { simulatePlan } from "../plan/simulate.ts";
 import { chromeTrace } from "../plan/trace.ts";
+import type { PlanChoice } from "../plan/planner.ts";
 import { checkPlanDims, costModelFor, runPlan } from "./plan.ts";
 import { addControllerOptions, nonNegative, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
 
@@ -138,6 +139,8 @@ export function summarizeRanks(results: RankResult[], dtype: string): RunSummary
 interface PlannedBlock {
   plan: Plan;
   source: "planner" | string;
+  /** The planner's search (its candidates), when the planner made the plan. */
+  choice?: PlanChoice;
   planPath: string;
   tracePath: string;
   predicted: { forward_ms: number; backward_ms: number; total_ms: number; sequential_total_ms: number; speedup: number; profile: string; calibrated: boolean };
@@ -151,7 +154,7 @@ export function prepareRunPlan(configPath: string, cfg: ExperimentConfig, o: { s
     const r = runPlan(configPath, { set: o.set, out: planPath, trace: tracePath, calibration: o.calibration });
     const p = r.summary.predicted as PlannedBlock["predicted"];
     return {
-      plan: r.choice.plan, source: "planner", planPath, tracePath,
+      plan: r.choice.plan, source: "planner", choice: r.choice, planPath, tracePath,
       predicted: { forward_ms: p.forward_ms, backward_ms: p.backward_ms, total_ms: p.total_ms, sequential_total_ms: p.sequential_total_ms, speedup: p.speedup, profile: r.model.profile, calibrated: r.model.calibration !== undefined },
     };
   }

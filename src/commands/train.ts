@@ -3,12 +3,15 @@
 // a live progress bar, metrics.jsonl, TensorBoard events, checkpoints (docs/train.md).
 // Rerunning the same command resumes from the newest complete checkpoint; --fresh starts over;
 // Ctrl-C stops every rank after the current step, with a checkpoint, and exits 130.
+import { existsSync, readFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { Command } from "commander";
 import { CommandError, type RankEvent, type RankRun } from "../bridge/index.ts";
 import { ConfigError, loadConfig, type ExperimentConfig } from "../config/index.ts";
 import { type Plan } from "../plan/ir.ts";
-import { writeFileAtomic } from "../plan/io.ts";
+import { readPlan, writeFileAtomic, writePlan } from "../plan/io.ts";
+import { mergeTraces, writeBreakdown, type RankProfile } from "../train/profile.ts";
+import { armName, decide, describeDecision, tuneArms, type TuneArm, type TuneDecision } from "../train/tune.ts";
 import { resolveDataset } from "../train/dataset.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { stopOnSignals } from "../train/signals.ts";
@@ -29,6 +32,14 @@ export interface TrainOptions
   calibration?: string;
   /** Progress as plain lines even on a terminal. */
   plain?: boolean;
+  /** `--profile[=STEPS]`: profile this many steps of the baseline and the pipelined block first. */
+  profile?: number | boolean;
+  /** Stop after the profile. */
+  profileOnly?: boolean;
+  /** `--no-tune`: with degree auto, take the planner's plan without timing candidates. */
+  tune?: boolean;
+  tuneSteps?: number;
+  tuneCandidates?: number;
 }
 
 /** What each rank's `train` command returns (py/ampipe/train/loop.py Trainer.run). */
@@ -46,7 +57,14 @@ export interface TrainSetup {
   plan: Plan | null;
   planSource: string;
   resuming: boolean;
+  /** Arms to time before training (degree auto, a fresh run): the block is decided on the ranks. */
+  tune: TuneArm[] | null;
+  /** The best pipelined candidate (for a profile when the baseline is the block). */
+  bestCandidate: Plan | null;
 }
+
+const TUNE_FILE = "tune.json";
+const DEFAULT_PROFILE_STEPS = 3;
 
 const fmt = (v: unknown, digits = 4) => (typeof v === "number" ? (Math.abs(v) >= 1000 ? v.toFixed(0) : v.toFixed(digits)) : String(v));
 
@@ -63,17 +81,36 @@ export function prepareTraining(configPath: string, o: TrainOptions): TrainSetup
   const resuming = prepareRunDir(outDir, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
   let plan: Plan | null = null;
   let planSource = "baseline (pipeline.degree 1)";
-  if (o.plan || cfg.pipeline.degree !== 1) {
+  let tune: TuneArm[] | null = null;
+  let bestCandidate: Plan | null = null;
+  const tunePath = join(outDir, TUNE_FILE);
+  if (resuming && !o.plan && cfg.pipeline.degree === "auto" && existsSync(tunePath)) {
+    // A resumed run keeps the block its first invocation measured and chose (its checkpoints are of that block).
+    const d = JSON.parse(readFileSync(tunePath, "utf8")) as TuneDecision;
+    plan = d.chosen === "baseline" ? null : readPlan(join(outDir, "plan.json"));
+    planSource = `${d.chosen === "baseline" ? "baseline" : "pipelined"} (chosen by timing when the run started; ${TUNE_FILE})`;
+  } else if (o.plan || cfg.pipeline.degree !== 1) {
     const planned = prepareRunPlan(configPath, cfg, { set: o.set, plan: o.plan, calibration: o.calibration }, outDir);
-    if (planned.source === "planner" && planned.plan.variant === "sequential") {
+    const auto = planned.source === "planner" && cfg.pipeline.degree === "auto" && o.tune !== false;
+    if (auto && planned.choice) {
+      tune = tuneArms(planned.choice, o.tuneCandidates ?? 3, cfg.pipeline.chunk_qkv, cfg.pipeline.capacity_scope);
+      bestCandidate = tune[1]?.plan ?? null;
+      planSource = "chosen by timing training steps";
+      if (tune.length === 1) {
+        tune = null; // no pipelined candidate fits: nothing to time
+        planSource = "baseline (no pipelined plan fits these dims)";
+      }
+    } else if (planned.source === "planner" && planned.plan.variant === "sequential") {
       // Nothing to pipeline: the plain layer does the same without the executor's overhead.
       planSource = "baseline (the planner chose the sequential schedule for these dims)";
     } else {
       plan = planned.plan;
-      planSource = planned.source === "planner" ? "planned" : `from ${planned.source}`;
+      planSource = planned.source === "planner" ? "planned (the cost model's choice, not timed: --no-tune)" : `from ${planned.source}`;
+      if (planned.source === "planner" && cfg.pipeline.degree !== "auto") planSource = "planned";
     }
   }
-  return { cfg, outDir, plan, planSource, resuming };
+  if (!plan) rmSync(join(outDir, "plan.json"), { force: true });
+    return { cfg, outDir, plan, planSource, resuming, tune, bestCandidate };
 }
 
 /** Runs `ampipe train`; returns the exit code (0 done, 1 failed, 2 bad input, 130 stopped by Ctrl-C). */
@@ -88,10 +125,15 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
     process.stderr.write(`${e instanceof ConfigError ? "" : "ampipe train: "}${(e as Error).message}\n`);
     return 2;
   }
-  const { cfg, outDir, plan } = setup;
-  const P = plan ? plan.boundaries.length - 1 : 1;
-  say(`block: ${plan ? `pipelined, ${plan.variant} P=${P}, boundaries [${plan.boundaries.join(", ")}] (${setup.planSource})` : setup.planSource}` +
-    (cfg.pipeline.emulated_comm ? `; comm EMULATED (${cfg.pipeline.emulated_comm.world_size}-way, ${cfg.pipeline.emulated_comm.bandwidth_gbps} GB/s)` : ""));
+  const { cfg, outDir } = setup;
+  let plan = setup.plan;
+  const describeBlock = () => {
+    const P = plan ? plan.boundaries.length - 1 : 1;
+    return `block: ${plan ? `pipelined, ${plan.variant} P=${P}, boundaries [${plan.boundaries.join(", ")}] (${setup.planSource})` : setup.planSource}` +
+      (cfg.pipeline.emulated_comm ? `; comm EMULATED (${cfg.pipeline.emulated_comm.world_size}-way, ${cfg.pipeline.emulated_comm.bandwidth_gbps} GB/s)` : "");
+  };
+  if (setup.tune) say(`block: pipeline.degree auto: timing the baseline and ${setup.tune.length - 1} planned candidate(s) in training steps first`);
+  else say(describeBlock());
   say(`data: ${cfg.data.path} (split ${cfg.data.split}); ${cfg.train.steps} steps of ${cfg.train.global_batch_size} x ${cfg.model.seq_length} tokens; model dtype ${cfg.model.dtype}`);
   say(`run directory: ${outDir}${setup.resuming ? " (resuming)" : ""}`);
 
@@ -130,13 +172,46 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
     );
     const r0 = run.ranks[0];
     say(`${run.worldSize} ranks ready (torch ${r0.torch}, ${r0.backend ?? "no dist"} on ${r0.device}; expert-parallel size ${par.expert_model_parallel_size})`);
+    const ranks = [...Array(run.worldSize).keys()];
+    let decision: TuneDecision | null = null;
+    if (setup.tune) {
+      const arms = Object.fromEntries(setup.tune.map((a) => [a.name, a.plan]));
+      const res = (await Promise.all(ranks.map((r) => run!.request(r, "train_tune", {
+        config: cfg, arms, run_dir: resolve(outDir), steps: o.tuneSteps ?? 4, warmup: 1,
+      })))) as { rank: number; step_ms: Record<string, number[]> }[];
+      if (signals.requested) throw new Error("stopped while timing the candidate blocks");
+      decision = decide(setup.tune, res.map((r) => r.step_ms), 1);
+      plan = setup.tune.find((a) => a.name === decision!.chosen)!.plan;
+      if (plan) writePlan(join(outDir, "plan.json"), plan);
+      writeFileAtomic(join(outDir, TUNE_FILE), JSON.stringify(decision, null, 2) + "\n");
+      say(describeDecision(decision));
+      say(describeBlock());
+    }
+    if (o.profileOnly && o.profile === undefined) o.profile = true;
+    if (o.profile !== undefined && o.profile !== false) {
+      const steps = o.profile === true ? DEFAULT_PROFILE_STEPS : o.profile;
+      const other = plan ?? setup.bestCandidate;
+      const arms: Record<string, Plan | null> = { baseline: null, ...(other ? { [armName(other)]: other } : {}) };
+      say(`profile: ${steps} step(s) of ${Object.keys(arms).join(" and ")}, then ${steps} more under torch.profiler`);
+      const res = (await Promise.all(ranks.map((r) => run!.request(r, "train_profile", {
+        config: cfg, arms, run_dir: resolve(outDir), steps,
+      })))) as RankProfile[];
+      const dir = join(outDir, "profile");
+      const trace = mergeTraces(dir, res);
+      const note = `${steps} step(s) per block after one warm-up, on ${run.worldSize} rank(s); ms per step, the median over ` +
+        `the steps without torch.profiler, averaged over the ranks${cfg.pipeline.emulated_comm ? "; communication EMULATED" : ""}.`;
+      say(writeBreakdown(dir, res, Object.keys(arms), note));
+      say(`wrote ${trace} (open in https://ui.perfetto.dev), ${join(dir, "breakdown.md")} and ${join(dir, "breakdown.json")}`);
+      if (o.profileOnly) return 0;
+    }
     const args = { config: cfg, plan, run_dir: resolve(outDir) };
     const results = (await Promise.all([...Array(run.worldSize).keys()].map((r) => run!.request(r, "train", args)))) as TrainResult[];
     progress?.stop();
     const r = results[0];
     const doc = {
       format: TRAIN_FORMAT, version: 1, created: new Date().toISOString(), config_path: resolve(configPath),
-      block: plan ? { pipelined: true, variant: plan.variant, degree: P, boundaries: plan.boundaries, plan: "plan.json" } : { pipelined: false },
+      block: plan ? { pipelined: true, variant: plan.variant, degree: plan.boundaries.length - 1, boundaries: plan.boundaries, plan: "plan.json" } : { pipelined: false },
+      tune: decision,
       emulated: cfg.pipeline.emulated_comm ? { ...cfg.pipeline.emulated_comm } : null,
       device: r0.device, backend: r0.backend, torch: r0.torch, world_size: run.worldSize,
       ...r, elapsed_s: (performance.now() - t0) / 1000,
@@ -178,6 +253,11 @@ export function register(program: Command): void {
     .option("--fresh", "start over: remove the run directory's checkpoints, metrics and TensorBoard events first")
     .option("--calibration <file>", "measured op times for the planner's cost model")
     .option("--plain", "progress as plain lines, also on a terminal")
+    .option("--profile [steps]", `profile STEPS (default ${DEFAULT_PROFILE_STEPS}) training steps of the baseline and the pipelined block before training: a Chrome/Perfetto trace of every rank and a breakdown (profile/ in the run directory)`, (v: string) => positiveInt(v))
+    .option("--profile-only", "stop after the profile (with --profile)")
+    .option("--no-tune", "with pipeline.degree auto: take the cost model's plan without timing candidates in training steps")
+    .option("--tune-steps <n>", "measured training steps per candidate block when timing them (default 4)", positiveInt)
+    .option("--tune-candidates <n>", "planned candidates timed against the baseline (default 3)", positiveInt)
     .option("--set <field=value>", "override a config field, e.g. --set train.lr=3e-4 (repeatable)", (v: string, acc: string[]) => [...acc, v], []);
   addControllerOptions(cmd).action(async (config: string, opts: TrainOptions) => {
     process.exitCode = await trainCommand(config, opts);

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import spans
 from ..model.config import ConfigError, ModelConfig
 from ..model.gpt import GPTModel
 from ..parallel.grad_sync import sync_gradients
@@ -128,23 +129,38 @@ class Trainer:
         # before each step, kept after it, saved in checkpoints.
         torch.manual_seed(seed * 1_000_003 + self.rank)
         self._rng = _rng_state()
-        self.pipelined = plan is not None
-        if self.pipelined:
-            from ..pipeline.swap import swap_blocks
-
-            report = swap_blocks(self.model, plan, emulated_comm=emulated_comm)
-            if report.skipped or not report.swapped:  # a run labelled pipelined runs pipelined blocks only
-                raise ValueError(f"train: the plan does not swap every MoE layer ({report})")
-        elif emulated_comm is not None:
-            from ..pipeline.compare import add_emulated_delays
-
-            add_emulated_delays(self.model, emulated_comm)
+        self.emulated_comm = emulated_comm
+        self._delay_hooks: list[Any] = []
+        self.pipelined = False
+        self.set_block(plan)
         self.optimizer = make_optimizer(self.model, train_cfg)
         self.loss_scale = DynamicLossScale(train_cfg.initial_loss_scale) if model_cfg.dtype == "fp16" else None
         self.step = 0
         self.resumed_from: int | None = None
         self._tb = None
         self._tensorboard = tensorboard and self.rank == 0
+
+    def set_block(self, plan: Any) -> None:
+        """Make every MoE layer run `plan` (a `Plan` or plan dict), or the baseline block for None;
+        in place, so parameters and optimiser state are untouched (`ampipe.train.arms` times the
+        candidates of an auto-tuned plan this way)."""
+        from ..pipeline.swap import swap_blocks, unswap_blocks
+
+        for h in self._delay_hooks:
+            h.remove()
+        self._delay_hooks = []
+        unswap_blocks(self.model)
+        self.pipelined = plan is not None
+        if self.pipelined:
+            # record_times off: training reads no per-op times (a profile records spans instead)
+            report = swap_blocks(self.model, plan, emulated_comm=self.emulated_comm, record_times=False)
+            if report.skipped or not report.swapped:  # a run labelled pipelined runs pipelined blocks only
+                unswap_blocks(self.model)
+                raise ValueError(f"train: the plan does not swap every MoE layer ({report})")
+        elif self.emulated_comm is not None:
+            from ..pipeline.compare import add_emulated_delays
+
+            self._delay_hooks = add_emulated_delays(self.model, self.emulated_comm)
 
     # ------------------------------------------------------------------------------ layout
     @property
@@ -202,7 +218,8 @@ class Trainer:
             dist.all_reduce(t)
         return [float(v) / count for v in t]
 
-    def _any(self, flag: bool) -> bool:
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (a collective: every rank calls it)."""
         if self.world == 1:
             return flag
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
@@ -210,37 +227,54 @@ class Trainer:
         return bool(t.item())
 
     def train_step(self) -> StepMetrics:
+        """One optimiser step. Its phases are recorded as spans when a profile is active
+        (`ampipe.spans`; `ampipe train --profile`): they cover the whole step."""
+        span = spans.span
         t0 = time.perf_counter()
-        _set_rng_state(self._rng)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        rec = spans.active()
+        s0 = spans.now_ns() if rec is not None else 0
+        with span("zero_grad", "phase"):
+            _set_rng_state(self._rng)
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
         sums = [0.0, 0.0, 0.0]
         for m in range(self.micro):
-            ids = self._batch(self.train_data, self.step, m)
-            out = self.model(ids[:, :-1], labels=ids[:, 1:], return_logits=False)
-            loss = out.loss / self.micro
-            if self.loss_scale is not None:
-                loss = loss * self.loss_scale.scale
-            loss.backward()
-            sums[0] += float(out.lm_loss.detach())
-            sums[1] += float(out.aux_loss.detach())
-            sums[2] += float(out.z_loss.detach())
-        sync_gradients(self.model, self.groups)
+            with span("data", "phase", micro=m):
+                ids = self._batch(self.train_data, self.step, m)
+            with span("forward", "phase", micro=m):
+                out = self.model(ids[:, :-1], labels=ids[:, 1:], return_logits=False)
+                loss = out.loss / self.micro
+                if self.loss_scale is not None:
+                    loss = loss * self.loss_scale.scale
+            with span("backward", "phase", micro=m):
+                loss.backward()
+            with span("loss_read", "phase", micro=m):
+                sums[0] += float(out.lm_loss.detach())
+                sums[1] += float(out.aux_loss.detach())
+                sums[2] += float(out.z_loss.detach())
+        with span("grad_sync", "phase"):
+            sync_gradients(self.model, self.groups)
         skipped = False
         if self.loss_scale is not None:
-            skipped = not self.loss_scale.unscale_and_check(self.model, self.groups)
+            with span("loss_scale", "phase"):
+                skipped = not self.loss_scale.unscale_and_check(self.model, self.groups)
         lr = self.tcfg.lr_at(self.step)
         norm = float("nan")
         if not skipped:
-            norm = global_grad_norm(self.model, self.groups)
-            clip_gradients(self.model, norm, self.tcfg.clip_grad)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-        self._rng = _rng_state()
-        lm, aux, z = self._all_mean(sums, self.micro * self.world)
+            with span("clip", "phase"):
+                norm = global_grad_norm(self.model, self.groups)
+                clip_gradients(self.model, norm, self.tcfg.clip_grad)
+            with span("optimizer", "phase"):
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.step()
+        with span("metrics", "phase"):
+            self._rng = _rng_state()
+            lm, aux, z = self._all_mean(sums, self.micro * self.world)
         self.step += 1
         step_s = time.perf_counter() - t0
+        if rec is not None:
+            rec.add(f"step {self.step}", "step", s0, spans.now_ns(), step=self.step)
         tokens = self.tcfg.global_batch_size * self.cfg.seq_length
         return StepMetrics(step=self.step, loss=lm + aux + z, lm_loss=lm, aux_loss=aux, z_loss=z, grad_norm=norm,
                            lr=lr, tokens_per_s=tokens / step_s, step_ms=step_s * 1e3, skipped=skipped,
@@ -308,7 +342,7 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """Whether any rank was asked to stop (collective: every rank calls it after each step)."""
-        return self._any(self.should_stop()) and self.step < self.tcfg.steps
+        return self.any_rank(self.should_stop()) and self.step < self.tcfg.steps
 
     def checkpoint_if_due(self, *, stop: bool = False) -> None:
         """After a step: a checkpoint every `checkpoint_interval` steps, at the end, and on stop."""

@@ -14,9 +14,10 @@ from typing import Any
 from ampipe.worker.background import run_beside_heartbeats
 from ampipe.worker.commands import CommandContext, command
 
-__all__ = ["train", "build_trainer"]
+__all__ = ["train", "train_tune", "train_profile", "build_trainer"]
 
 _ARG_FIELDS = {"config", "plan", "run_dir", "timeout_s", "resume"}
+_ARMS_FIELDS = {"config", "arms", "run_dir", "steps", "warmup", "timeout_s", "torch_profiler"}
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600.0
 
 
@@ -91,3 +92,89 @@ def train(args: dict, ctx: CommandContext) -> dict[str, Any]:
         return trainer.run(resume=resume)
 
     return run_beside_heartbeats(ctx, float(args.get("timeout_s") or DEFAULT_TIMEOUT_S), work, what="train")
+
+
+def _arms_command(name: str, args: dict, ctx: CommandContext, fn) -> Any:  # noqa: ANN001
+    """Shared by `train_tune` and `train_profile`: check the args, build the groups and a
+    throwaway trainer (the run's model, data and ranks; nothing saved), run `fn(trainer, arms)`."""
+    unknown = set(args) - _ARMS_FIELDS
+    if unknown:
+        raise ValueError(f"{name}: unknown argument(s) {sorted(unknown)}; known: {sorted(_ARMS_FIELDS)}")
+    config, arms, run_dir = args.get("config"), args.get("arms"), args.get("run_dir")
+    if not isinstance(config, Mapping) or not isinstance(run_dir, str) or not isinstance(arms, Mapping) or not arms:
+        raise ValueError(f"{name}: needs config (a mapping), run_dir (a string) and arms "
+                         f"(a non-empty mapping of name to plan or None)")
+    from ampipe.parallel.groups import ParallelGroups, init_parallel_groups
+    from ampipe.pipeline.worker_commands import plan_for_config
+
+    for arm, plan in arms.items():
+        if plan is not None:
+            try:
+                plan_for_config(plan, config)
+            except Exception as e:
+                raise type(e)(f"{name}: arm {arm!r}: {e}") from None
+    ep = int(_section(config, "parallelism").get("expert_model_parallel_size", 1))
+    groups = init_parallel_groups(ep) if ctx.backend is not None else ParallelGroups.single()
+
+    def work() -> Any:
+        import torch
+
+        device = torch.device(ctx.device or "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        trainer = build_trainer(config, None, run_dir, groups=groups, device=device, say=lambda s: None,
+                                tensorboard=False)
+        return fn(trainer, {str(k): (None if v is None else dict(v)) for k, v in arms.items()})
+
+    return run_beside_heartbeats(ctx, float(args.get("timeout_s") or DEFAULT_TIMEOUT_S), work, what=name)
+
+
+@command("train_tune")
+def train_tune(args: dict, ctx: CommandContext) -> dict[str, Any]:
+    """Times training steps of each arm (``arms``: name -> plan, or None for the baseline block)
+    on a throwaway trainer of the run's config, ``warmup`` + ``steps`` rounds in ABBA order
+    (`ampipe.train.arms`). Returns ``{"rank", "step_ms": {arm: [ms per measured round]}}``; a
+    cancel stops every rank after the same step (the lists are then shorter)."""
+
+    def fn(trainer, arms):  # noqa: ANN001
+        from ampipe.train.arms import time_arms
+
+        steps, warmup = int(args.get("steps", 4)), int(args.get("warmup", 1))
+        if steps < 1 or warmup < 0:
+            raise ValueError(f"train_tune: steps must be >= 1 and warmup >= 0; got {steps}, {warmup}")
+        times = time_arms(trainer, arms, steps=steps, warmup=warmup,
+                          should_stop=lambda: trainer.any_rank(ctx.cancel_requested),
+                          on_step=lambda arm, r, ms: ctx.emit("progress", stage="tune", arm=arm, round=r, ms=ms))
+        return {"rank": trainer.rank, "step_ms": times}
+
+    return _arms_command("train_tune", args, ctx, fn)
+
+
+@command("train_profile")
+def train_profile(args: dict, ctx: CommandContext) -> dict[str, Any]:
+    """Profiles each arm (`ampipe.train.profile.profile_arms`): ``steps`` quiet steps for the
+    breakdown, then ``steps`` under torch.profiler (unless ``torch_profiler`` is false). Writes
+    this rank's Chrome trace events to ``<run_dir>/profile/rank-<r>.trace.json`` and returns
+    ``{"rank", "trace", "breakdown": {arm: medians}, "steps": {arm: per-step rows},
+    "torch_profiler"}``."""
+
+    def fn(trainer, arms):  # noqa: ANN001
+        import json
+        from pathlib import Path
+
+        from ampipe.atomic import write_bytes_atomic
+        from ampipe.train.profile import profile_arms
+
+        steps = int(args.get("steps", 3))
+        if steps < 1:
+            raise ValueError(f"train_profile: steps must be >= 1; got {steps}")
+        r = profile_arms(trainer, arms, steps=steps, rank=trainer.rank,
+                         torch_profiler=bool(args.get("torch_profiler", True)))
+        path = Path(args["run_dir"]) / "profile" / f"rank-{trainer.rank}.trace.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, json.dumps({"traceEvents": r["events"]}).encode())
+        return {"rank": trainer.rank, "trace": str(path), "breakdown": r["breakdown"], "steps": r["steps"],
+                "torch_profiler": r["torch_profiler"]}
+
+    return _arms_command("train_profile", args, ctx, fn)
+
