@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads per rank")
     ap.add_argument("--json", metavar="FILE", help="write the result as JSON")
     args = ap.parse_args(argv)
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()  # as a rank does (docs/pipeline.md); AMPIPE_MALLOC=default to compare
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.iters < 1 or args.warmup < 0 or args.ep < 1:

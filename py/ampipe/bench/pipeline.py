@@ -202,9 +202,12 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                 samples[k].append(t)
     compute_ms = statistics.median(samples["baseline"])
     no_comm = {k: statistics.median(v) for k, v in samples.items()}
+    from ..runtime import freed_memory_kept
+
+    malloc = "malloc keeping freed memory (ampipe.runtime)" if freed_memory_kept() else "default malloc settings"
     log(f"baseline compute (no communication): {compute_ms:.2f} ms fwd+bwd "
         f"[{device}, {cfg.dtype}, s={cfg.seq_length} b={cfg.micro_batch_size} "
-        f"H={cfg.hidden_size} E={cfg.num_experts} top-{cfg.moe_router_topk}]; routing: "
+        f"H={cfg.hidden_size} E={cfg.num_experts} top-{cfg.moe_router_topk}; {malloc}]; routing: "
         + "; ".join(sorted(set(capacity.values()))))
     overhead_stats = {k: paired([t / tb - 1 for t, tb in zip(v, samples["baseline"][:len(v)])])
                       for k, v in samples.items() if k != "baseline" and plans[k].num_chunks == 1}
@@ -333,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     args = ap.parse_args(argv)
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()  # as a rank does (docs/pipeline.md); AMPIPE_MALLOC=default to compare
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)

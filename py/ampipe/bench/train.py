@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()  # as a rank does (docs/pipeline.md); AMPIPE_MALLOC=default to compare
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     r = run(a.run_dir, a.steps, a.warmup, a.threads)

@@ -408,6 +408,9 @@ def _die_with_parent() -> None:
 
 def run(settings: WorkerSettings) -> int:
     _die_with_parent()
+    from ..runtime import keep_freed_memory
+
+    keep_freed_memory()  # before the first large allocation
     threads = os.environ.get("AMPIPE_NUM_THREADS")
     if threads:
         import torch
