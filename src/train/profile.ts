@@ -74,7 +74,7 @@ export function breakdownTable(ranks: RankProfile[], arms: string[]): string {
     ["    executor overhead (pass - ops - waits)", (b) => (b.block_passes ? b.executor_overhead : undefined)],
     ["    comm ops, time on their stream", (b) => (b.block_passes ? b.comm_stream_ops : undefined)],
     ...kinds("collectives").map((k): [string, (b: ArmBreakdown) => number | undefined] => [`  collective: ${k}`, (b) => b.collectives[k] ?? 0]),
-    ["  emulated delay (slept)", (b) => b.emulated_delay],
+    ["  emulated delay (baseline: slept; pipelined: modelled on the comm stream)", (b) => b.emulated_delay],
   ];
   const head = `| ms per step | ${arms.join(" | ")} |\n|---|${arms.map(() => "---:").join("|")}|\n`;
   return head + rows.map(([label, get]) => {

@@ -318,6 +318,10 @@ class StreamExecutor:
                 rec.add(w.op.id, "op", int(w.start * 1e9), int(w.end * 1e9), kind=w.op.kind, chunk=w.op.chunk,
                         stream=w.op.stream, virtual=True, tid=_virtual_tid(w.op.stream),
                         thread_name=f"{w.op.stream} stream (modelled)", **{"pass": pass_name})
+                if w.delay_s:  # the modelled delay: the end of the op's time on its stream
+                    rec.add("emulated delay", "delay", int((w.end - w.delay_s) * 1e9), int(w.end * 1e9),
+                            modelled_ms=w.delay_s * 1e3, op=w.op.id, tid=_virtual_tid(w.op.stream),
+                            thread_name=f"{w.op.stream} stream (modelled)")
                 if w.work is not None:  # the collective itself, from its start to its end (the backend's threads)
                     done = w.done_at if w.done_at is not None else w.end
                     rec.add(f"{w.op.kind} (in flight)", "comm", int(w.issued * 1e9), int(done * 1e9), op=w.op.id,
