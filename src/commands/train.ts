@@ -12,6 +12,8 @@ import { type Plan } from "../plan/ir.ts";
 import { readPlan, writeFileAtomic, writePlan } from "../plan/io.ts";
 import { mergeTraces, writeBreakdown, type RankProfile } from "../train/profile.ts";
 import { armName, decide, describeDecision, tuneArms, type TuneArm, type TuneDecision } from "../train/tune.ts";
+import { describePredictions, modelTrainingStep, type ArmSummary } from "../train/predict.ts";
+import { costModelFor } from "./plan.ts";
 import { resolveDataset } from "../train/dataset.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { stopOnSignals } from "../train/signals.ts";
@@ -178,13 +180,18 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
       const arms = Object.fromEntries(setup.tune.map((a) => [a.name, a.plan]));
       const res = (await Promise.all(ranks.map((r) => run!.request(r, "train_tune", {
         config: cfg, arms, run_dir: resolve(outDir), steps: o.tuneSteps ?? 4, warmup: 1,
-      })))) as { rank: number; step_ms: Record<string, number[]> }[];
+      })))) as { rank: number; step_ms: Record<string, number[]>; arms: Record<string, ArmSummary> }[];
       if (signals.requested) throw new Error("stopped while timing the candidate blocks");
       decision = decide(setup.tune, res.map((r) => r.step_ms), 1);
       plan = setup.tune.find((a) => a.name === decision!.chosen)!.plan;
       if (plan) writePlan(join(outDir, "plan.json"), plan);
-      writeFileAtomic(join(outDir, TUNE_FILE), JSON.stringify(decision, null, 2) + "\n");
+      const stepModel = modelTrainingStep(costModelFor(cfg, o.calibration).model, setup.tune, res.map((r) => r.arms), decision, r0.device);
+      if (stepModel) writeFileAtomic(join(outDir, "calibration.json"), JSON.stringify(stepModel.calibrationDoc) + "\n");
+      writeFileAtomic(join(outDir, TUNE_FILE), JSON.stringify({
+        ...decision, predicted: stepModel ? { outside_ms: stepModel.outsideMs, blocks_per_step: stepModel.blocksPerStep, arms: stepModel.predictions } : null,
+      }, null, 2) + "\n");
       say(describeDecision(decision));
+      if (stepModel) say(describePredictions(stepModel, decision.chosen));
       say(describeBlock());
     }
     if (o.profileOnly && o.profile === undefined) o.profile = true;

@@ -7,7 +7,9 @@
 //   <run_dir>/tb/            TensorBoard events (written by rank 0)
 //   <run_dir>/checkpoints/   step-NNNNNNNN/ shards + manifest (py/ampipe/train/checkpoint.py)
 //   <run_dir>/train.json     the summary of the last invocation
-//   <run_dir>/tune.json      pipeline.degree auto: the blocks timed and the one chosen (src/train/tune.ts)
+//   <run_dir>/tune.json      pipeline.degree auto: the blocks timed and the one chosen (src/train/tune.ts),
+//                            with the calibrated model's step predictions (src/train/predict.ts)
+//   <run_dir>/calibration.json  the timed steps' op times (ampipe plan --calibration reads it)
 //   <run_dir>/profile/       --profile: trace.json (every rank), breakdown.md/.json (src/train/profile.ts)
 import { appendFileSync, existsSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
@@ -25,7 +27,7 @@ export function differingFields(a: unknown, b: unknown, prefix = ""): string[] {
   return JSON.stringify(a) === JSON.stringify(b) ? [] : [prefix || "(root)"];
 }
 
-const RESULTS = ["checkpoints", "tb", "metrics.jsonl", "config.json", "plan.json", "train.json", "tune.json", "profile"];
+const RESULTS = ["checkpoints", "tb", "metrics.jsonl", "config.json", "plan.json", "train.json", "tune.json", "calibration.json", "profile"];
 
 /**
  * Makes `dir` ready for a run of `config`. With `fresh`, what an earlier run left is removed.

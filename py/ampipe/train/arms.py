@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .. import spans
+
 __all__ = ["abba_order", "time_arms"]
 
 
@@ -42,7 +44,10 @@ def time_arms(trainer: Any, arms: Mapping[str, Any], *, steps: int, warmup: int 
         if should_stop is not None and should_stop():
             break
         trainer.set_block(arms[name])
+        rec, t0 = spans.active(), spans.now_ns()
         m = trainer.train_step()
+        if rec is not None:  # what `ampipe.train.profile.arm_summaries` groups the step's spans by
+            rec.add(f"arm {name}", "arm", t0, spans.now_ns(), arm=name, round=r, measured=r >= warmup)
         if r >= warmup:
             times[name].append(m.step_ms)
         if on_step is not None:

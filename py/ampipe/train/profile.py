@@ -25,7 +25,7 @@ from .. import spans
 from ..spans import Recorder, Span
 from .arms import abba_order
 
-__all__ = ["PHASES", "instrument_moe_layers", "breakdown", "summarize", "profile_arms"]
+__all__ = ["PHASES", "instrument_moe_layers", "breakdown", "summarize", "arm_summaries", "profile_arms"]
 
 # The phases `Trainer.train_step` records; together they cover the step.
 PHASES = ("zero_grad", "data", "forward", "backward", "loss_read", "grad_sync", "loss_scale", "clip",
@@ -168,6 +168,42 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if not rows:
         return {}
     return {k: _median_of(rows, k) for k in rows[0] if k != "step"} | {"steps": len(rows)}
+
+
+def arm_summaries(recorded: Sequence[Span], step_tid: int) -> dict[str, dict[str, Any]]:
+    """What the planner's calibration needs of the measured steps of each arm ("arm" spans with
+    ``measured`` true, `ampipe.train.arms.time_arms`): per arm, the medians over its steps of
+    ``step_ms`` and ``moe_layers_ms``, ``blocks_per_step`` (MoE layer forwards in a step), and for
+    a pipelined arm the median time of each op id per pass (``op_ms``: compute ops on the
+    training thread, comm ops on their modelled stream) and of each pass (``pass_ms``)."""
+    by_arm: dict[str, list[Span]] = defaultdict(list)
+    arms = [s for s in recorded if s.cat == "arm" and s.args.get("measured")]
+    ordered = sorted(recorded, key=lambda s: s.start_ns)
+    for a in arms:
+        by_arm[a.args["arm"]].extend(s for s in ordered if a.start_ns <= s.start_ns and s.end_ns <= a.end_ns)
+    out: dict[str, dict[str, Any]] = {}
+    for name, ss in by_arm.items():
+        rows = breakdown(ss, step_tid)
+        op: dict[str, dict[str, list[float]]] = {"forward": defaultdict(list), "backward": defaultdict(list)}
+        passes: dict[str, list[float]] = {"forward": [], "backward": []}
+        layer_fwd = 0
+        for s in ss:
+            p = s.args.get("pass")
+            if s.cat == "op" and p in op:
+                op[p][s.name].append(s.ms)
+            elif s.cat == "block" and p in passes and s.tid == step_tid:
+                passes[p].append(s.ms)
+            elif s.cat == "layer" and p == "forward" and s.tid == step_tid:
+                layer_fwd += 1
+        out[name] = {
+            "steps": len(rows),
+            "step_ms": statistics.median(r["step_ms"] for r in rows) if rows else None,
+            "moe_layers_ms": statistics.median(r["moe_layers"] for r in rows) if rows else None,
+            "blocks_per_step": layer_fwd // len(rows) if rows else 0,
+            "op_ms": {p: {k: statistics.median(v) for k, v in d.items()} for p, d in op.items()},
+            "pass_ms": {p: statistics.median(v) for p, v in passes.items() if v},
+        }
+    return out
 
 
 def _torch_profiler():

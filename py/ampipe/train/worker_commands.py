@@ -134,18 +134,30 @@ def train_tune(args: dict, ctx: CommandContext) -> dict[str, Any]:
     """Times training steps of each arm (``arms``: name -> plan, or None for the baseline block)
     on a throwaway trainer of the run's config, ``warmup`` + ``steps`` rounds in ABBA order
     (`ampipe.train.arms`). Returns ``{"rank", "step_ms": {arm: [ms per measured round]}}``; a
-    cancel stops every rank after the same step (the lists are then shorter)."""
+    cancel stops every rank after the same step (the lists are then shorter). ``arms``: per arm
+    the figures the planner's calibration reads (`ampipe.train.profile.arm_summaries`)."""
 
     def fn(trainer, arms):  # noqa: ANN001
+        import threading
+
+        from ampipe import spans
         from ampipe.train.arms import time_arms
+        from ampipe.train.profile import arm_summaries, instrument_moe_layers
 
         steps, warmup = int(args.get("steps", 4)), int(args.get("warmup", 1))
         if steps < 1 or warmup < 0:
             raise ValueError(f"train_tune: steps must be >= 1 and warmup >= 0; got {steps}, {warmup}")
-        times = time_arms(trainer, arms, steps=steps, warmup=warmup,
-                          should_stop=lambda: trainer.any_rank(ctx.cancel_requested),
-                          on_step=lambda arm, r, ms: ctx.emit("progress", stage="tune", arm=arm, round=r, ms=ms))
-        return {"rank": trainer.rank, "step_ms": times}
+        handles = instrument_moe_layers(trainer.model)  # spans (about a microsecond each) for the calibration
+        try:
+            with spans.recording() as rec:
+                times = time_arms(trainer, arms, steps=steps, warmup=warmup,
+                                  should_stop=lambda: trainer.any_rank(ctx.cancel_requested),
+                                  on_step=lambda arm, r, ms: ctx.emit("progress", stage="tune", arm=arm, round=r, ms=ms))
+        finally:
+            for h in handles:
+                h.remove()
+        return {"rank": trainer.rank, "step_ms": times,
+                "arms": arm_summaries(rec.spans, threading.get_native_id())}
 
     return _arms_command("train_tune", args, ctx, fn)
 
