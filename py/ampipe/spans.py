@@ -111,11 +111,9 @@ def span(name: str, cat: str, **args: Any) -> Iterator[None]:
 
 
 def thread_role(thread: threading.Thread | None = None) -> str:
-    """A track name for a thread: the executor's communication thread, the rank's command
-    thread (where training runs), the main thread, else the thread's own name."""
+    """A track name for a thread: the rank's command thread (where training runs), the main
+    thread, else the thread's own name."""
     t = thread or threading.current_thread()
-    if t.name.startswith("ampipe-comm"):
-        return "comm thread (ampipe-comm)"
     if t.name == "ampipe-command":
         return "compute thread (ampipe-command)"
     if t is threading.main_thread():

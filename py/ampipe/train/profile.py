@@ -308,6 +308,9 @@ def profile_arms(trainer: Any, arms: Mapping[str, Any], *, steps: int, rank: int
     for a in arm_spans:
         rows = breakdown([s for s in quiet if a.start_ns <= s.start_ns and s.end_ns <= a.end_ns], tid)
         per_step[a.args["arm"]].extend(rows)
+    # ampipe names the threads it recorded on (torch.profiler calls them "thread N (python)")
+    events = [e for e in events if not (e.get("ph") == "M" and e.get("name") == "thread_name"
+                                         and e.get("pid") == rank and e.get("tid") in rec.thread_names)]
     events.extend(rec.chrome_events(pid=rank, process_name=f"rank {rank}"))
     return {"events": events, "breakdown": {n: summarize(per_step[n]) for n in names}, "steps": per_step,
             "torch_profiler": used_profiler}
