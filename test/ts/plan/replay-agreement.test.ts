@@ -59,7 +59,11 @@ function timesFor(plan: Plan, set: TimeSet): Record<PassName, Record<string, num
 
 const relDiff = (a: number, b: number) => Math.abs(a - b) / Math.max(Math.abs(a), Math.abs(b), 1e-300);
 
-describe.skipIf(!existsSync(python) || !existsSync(compare))("TypeScript simulatePlan and Python simulate_ms agree", () => {
+describe("TypeScript simulatePlan and Python simulate_ms agree", () => {
+  it("has the Python side to compare with (npm test sets up .venv; a missing one fails, never skips)", () => {
+    expect(existsSync(python), `${python}: missing`).toBe(true);
+    expect(existsSync(compare), `${compare}: missing`).toBe(true);
+  });
   it("on every fixture plan, forward and backward makespans, with the same per-op times", () => {
     const files = readdirSync(fixtures).filter((f) => f.endsWith(".json")).sort();
     expect(files.length).toBeGreaterThan(10);
