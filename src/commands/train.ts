@@ -3,29 +3,26 @@
 // a live progress bar, metrics.jsonl, TensorBoard events, checkpoints (docs/train.md).
 // Rerunning the same command resumes from the newest complete checkpoint; --fresh starts over;
 // Ctrl-C stops every rank after the current step, with a checkpoint, and exits 130.
-import { existsSync, readFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { Command } from "commander";
 import { CommandError, type RankEvent, type RankRun } from "../bridge/index.ts";
 import { ConfigError, loadConfig, type ExperimentConfig } from "../config/index.ts";
 import { type Plan } from "../plan/ir.ts";
-import { readPlan, writeFileAtomic, writePlan } from "../plan/io.ts";
+import { writeFileAtomic } from "../plan/io.ts";
 import { mergeTraces, writeBreakdown, type RankProfile } from "../train/profile.ts";
-import { armName, decide, describeDecision, tuneArms, type TuneArm, type TuneDecision } from "../train/tune.ts";
-import { describePredictions, modelTrainingStep, type ArmSummary } from "../train/predict.ts";
-import { costModelFor } from "./plan.ts";
+import { armName, type TuneArm, type TuneDecision } from "../train/tune.ts";
+import { addTuneOptions, chooseBlock, tuneOnRanks, type ChooseOptions } from "../train/choose.ts";
 import { resolveDataset } from "../train/dataset.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { stopOnSignals } from "../train/signals.ts";
 import { MetricsLog, prepareRunDir } from "../train/rundir.ts";
-import { prepareRunPlan } from "./run.ts";
 import { addControllerOptions, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
 
 export const TRAIN_MODULE = "ampipe.train.worker_commands";
 export const TRAIN_FORMAT = "ampipe.train";
 
 export interface TrainOptions
-  extends ControllerCliOptions {
+  extends ControllerCliOptions, ChooseOptions {
   plan?: string;
   steps?: number;
   out?: string;
@@ -38,10 +35,6 @@ export interface TrainOptions
   profile?: number | boolean;
   /** Stop after the profile. */
   profileOnly?: boolean;
-  /** `--no-tune`: with degree auto, take the planner's plan without timing candidates. */
-  tune?: boolean;
-  tuneSteps?: number;
-  tuneCandidates?: number;
 }
 
 /** What each rank's `train` command returns (py/ampipe/train/loop.py Trainer.run). */
@@ -65,7 +58,6 @@ export interface TrainSetup {
   bestCandidate: Plan | null;
 }
 
-const TUNE_FILE = "tune.json";
 const DEFAULT_PROFILE_STEPS = 3;
 
 const fmt = (v: unknown, digits = 4) => (typeof v === "number" ? (Math.abs(v) >= 1000 ? v.toFixed(0) : v.toFixed(digits)) : String(v));
@@ -81,38 +73,8 @@ export function prepareTraining(configPath: string, o: TrainOptions): TrainSetup
   if (data.built) process.stdout.write(`built the default dataset ${data.prefix} (Brown Corpus, ${cfg.data.tokenizer} tokenizer) in ${data.seconds.toFixed(1)} s\n`);
   const outDir = cfg.run.output_dir;
   const resuming = prepareRunDir(outDir, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
-  let plan: Plan | null = null;
-  let planSource = "baseline (pipeline.degree 1)";
-  let tune: TuneArm[] | null = null;
-  let bestCandidate: Plan | null = null;
-  const tunePath = join(outDir, TUNE_FILE);
-  if (resuming && !o.plan && cfg.pipeline.degree === "auto" && existsSync(tunePath)) {
-    // A resumed run keeps the block its first invocation measured and chose (its checkpoints are of that block).
-    const d = JSON.parse(readFileSync(tunePath, "utf8")) as TuneDecision;
-    plan = d.chosen === "baseline" ? null : readPlan(join(outDir, "plan.json"));
-    planSource = `${d.chosen === "baseline" ? "baseline" : "pipelined"} (chosen by timing when the run started; ${TUNE_FILE})`;
-  } else if (o.plan || cfg.pipeline.degree !== 1) {
-    const planned = prepareRunPlan(configPath, cfg, { set: o.set, plan: o.plan, calibration: o.calibration }, outDir);
-    const auto = planned.source === "planner" && cfg.pipeline.degree === "auto" && o.tune !== false;
-    if (auto && planned.choice) {
-      tune = tuneArms(planned.choice, o.tuneCandidates ?? 3, cfg.pipeline.chunk_qkv, cfg.pipeline.capacity_scope);
-      bestCandidate = tune[1]?.plan ?? null;
-      planSource = "chosen by timing training steps";
-      if (tune.length === 1) {
-        tune = null; // no pipelined candidate fits: nothing to time
-        planSource = "baseline (no pipelined plan fits these dims)";
-      }
-    } else if (planned.source === "planner" && planned.plan.variant === "sequential") {
-      // Nothing to pipeline: the plain layer does the same without the executor's overhead.
-      planSource = "baseline (the planner chose the sequential schedule for these dims)";
-    } else {
-      plan = planned.plan;
-      planSource = planned.source === "planner" ? "planned (the cost model's choice, not timed: --no-tune)" : `from ${planned.source}`;
-      if (planned.source === "planner" && cfg.pipeline.degree !== "auto") planSource = "planned";
-    }
-  }
-  if (!plan) rmSync(join(outDir, "plan.json"), { force: true });
-    return { cfg, outDir, plan, planSource, resuming, tune, bestCandidate };
+  const choice = chooseBlock(configPath, cfg, o, outDir, resuming);
+  return { cfg, outDir, plan: choice.plan, planSource: choice.source, resuming, tune: choice.tune, bestCandidate: choice.bestCandidate };
 }
 
 /** Runs `ampipe train`; returns the exit code (0 done, 1 failed, 2 bad input, 130 stopped by Ctrl-C). */
@@ -177,21 +139,11 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
     const ranks = [...Array(run.worldSize).keys()];
     let decision: TuneDecision | null = null;
     if (setup.tune) {
-      const arms = Object.fromEntries(setup.tune.map((a) => [a.name, a.plan]));
-      const res = (await Promise.all(ranks.map((r) => run!.request(r, "train_tune", {
-        config: cfg, arms, run_dir: resolve(outDir), steps: o.tuneSteps ?? 4, warmup: 1,
-      })))) as { rank: number; step_ms: Record<string, number[]>; arms: Record<string, ArmSummary> }[];
+      const tuned = await tuneOnRanks(run, cfg, setup.tune, outDir, o);
       if (signals.requested) throw new Error("stopped while timing the candidate blocks");
-      decision = decide(setup.tune, res.map((r) => r.step_ms), 1);
-      plan = setup.tune.find((a) => a.name === decision!.chosen)!.plan;
-      if (plan) writePlan(join(outDir, "plan.json"), plan);
-      const stepModel = modelTrainingStep(costModelFor(cfg, o.calibration).model, setup.tune, res.map((r) => r.arms), decision, r0.device);
-      if (stepModel) writeFileAtomic(join(outDir, "calibration.json"), JSON.stringify(stepModel.calibrationDoc) + "\n");
-      writeFileAtomic(join(outDir, TUNE_FILE), JSON.stringify({
-        ...decision, predicted: stepModel ? { outside_ms: stepModel.outsideMs, blocks_per_step: stepModel.blocksPerStep, arms: stepModel.predictions } : null,
-      }, null, 2) + "\n");
-      say(describeDecision(decision));
-      if (stepModel) say(describePredictions(stepModel, decision.chosen));
+      decision = tuned.decision;
+      plan = tuned.plan;
+      for (const line of tuned.lines) say(line);
       say(describeBlock());
     }
     if (o.profileOnly && o.profile === undefined) o.profile = true;
@@ -262,11 +214,9 @@ export function register(program: Command): void {
     .option("--plain", "progress as plain lines, also on a terminal")
     .option("--profile [steps]", `profile STEPS (default ${DEFAULT_PROFILE_STEPS}) training steps of the baseline and the pipelined block before training: a Chrome/Perfetto trace of every rank and a breakdown (profile/ in the run directory)`, (v: string) => positiveInt(v))
     .option("--profile-only", "stop after the profile (with --profile)")
-    .option("--no-tune", "with pipeline.degree auto: take the cost model's plan without timing candidates in training steps")
-    .option("--tune-steps <n>", "measured training steps per candidate block when timing them (default 4)", positiveInt)
-    .option("--tune-candidates <n>", "planned candidates timed against the baseline (default 3)", positiveInt)
+
     .option("--set <field=value>", "override a config field, e.g. --set train.lr=3e-4 (repeatable)", (v: string, acc: string[]) => [...acc, v], []);
-  addControllerOptions(cmd).action(async (config: string, opts: TrainOptions) => {
+  addControllerOptions(addTuneOptions(cmd)).action(async (config: string, opts: TrainOptions) => {
     process.exitCode = await trainCommand(config, opts);
   });
 }
