@@ -10,12 +10,13 @@ import { loadConfig, type ExperimentConfig } from "../config/index.ts";
 import { ARMS, summarize, tostSentence, type Arm, type CompareSummary, type SeedRuns } from "../compare/summary.ts";
 import { writeCompareReport } from "../compare/report.ts";
 import { type Plan } from "../plan/ir.ts";
-import { writeFileAtomic, writePlan } from "../plan/io.ts";
+import { readPlan, writeFileAtomic, writePlan } from "../plan/io.ts";
 import { resolveDataset } from "../train/dataset.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { MetricsLog, prepareRunDir } from "../train/rundir.ts";
 import { stopOnSignals } from "../train/signals.ts";
-import { prepareRunPlan } from "./run.ts";
+import { addTuneOptions, chooseBlock, tuneOnRanks, TUNE_FILE, TUNE_MODULE, type ChooseOptions } from "../train/choose.ts";
+import type { TuneArm } from "../train/tune.ts";
 import { addControllerOptions, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
 
 export const COMPARE_MODULE = "ampipe.train.compare";
@@ -24,7 +25,7 @@ export const COMPARE_FORMAT = "ampipe.compare";
 export const GOAL_MAX_DELTA = 1e-4;
 
 export interface CompareOptions
-  extends ControllerCliOptions {
+  extends ControllerCliOptions, ChooseOptions {
   seeds: number;
   steps?: number;
   margin: number;
@@ -54,7 +55,18 @@ function checkOptions(o: CompareOptions): void {
   if (!Number.isInteger(o.lastEvals) || o.lastEvals < 1) throw new CompareInputError(`--last-evals: must be an integer >= 1; got ${o.lastEvals}`);
 }
 
-export interface CompareSetup { cfg: ExperimentConfig; root: string; plan: Plan; planSource: string; seeds: number[] }
+export interface CompareSetup {
+  cfg: ExperimentConfig; root: string;
+  /** The pipelined arm's plan; null while it is still to be chosen by timing on the ranks (`tune`). */
+  plan: Plan | null; planSource: string; seeds: number[]; tune: TuneArm[] | null;
+}
+
+/** A pipelined arm that would run the baseline's schedule: refused, naming the choice. */
+function checkPipelined(plan: Plan, source: string): void {
+  if (plan.variant === "sequential" || plan.boundaries.length === 2 && plan.variant !== "moe-overlap")
+    throw new CompareInputError(`the pipelined arm's plan (${source}) is ${plan.variant} with one chunk: ` +
+      "it would run the baseline's schedule; nothing to compare (set pipeline.degree, or --plan)");
+}
 
 /** Everything checked and written before a rank starts. */
 export function prepareCompare(configPath: string, o: CompareOptions): CompareSetup {
@@ -67,23 +79,30 @@ export function prepareCompare(configPath: string, o: CompareOptions): CompareSe
     throw new CompareInputError(`train.steps: a comparison needs at least 2 steps (throughput leaves each run's first out); got ${cfg.train.steps}`);
   cfg.data.path = resolveDataset(cfg).prefix;
   const root = cfg.run.output_dir;
-  if (o.fresh) for (const f of ["compare.json", "summary.md", "report.html"]) rmSync(join(root, f), { force: true });
+  if (o.fresh) for (const f of ["compare.json", "summary.md", "report.html", TUNE_FILE, "calibration.json"]) rmSync(join(root, f), { force: true });
   // The root holds the config every run shares (more seeds later extend the same comparison).
   prepareRunDir(root, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
-  const planned = prepareRunPlan(configPath, cfg, { set: o.set, plan: o.plan, calibration: o.calibration }, root);
-  if (planned.plan.variant === "sequential" || planned.plan.boundaries.length === 2 && planned.plan.variant !== "moe-overlap")
-    throw new CompareInputError(`the ${planned.source === "planner" ? "planner's" : "given"} plan is ${planned.plan.variant} with one chunk: ` +
-      "the pipelined arm would run the baseline's schedule; nothing to compare (set pipeline.degree, or --plan)");
+  // The pipelined arm's block is chosen as `ampipe train` chooses it (degree auto: timed on the
+  // ranks first, that decision kept in the root for reruns).
+  const choice = chooseBlock(configPath, cfg, o, root, existsSync(join(root, TUNE_FILE)));
+  if (choice.plan === null && choice.tune === null)
+    throw new CompareInputError(`the pipelined arm would train the baseline block: ${choice.source}; nothing to compare (set pipeline.degree, or --plan)`);
+  if (choice.plan) checkPipelined(choice.plan, choice.source);
   const seeds = [...Array(o.seeds).keys()].map((i) => cfg.run.seed + i);
   if (o.fresh) for (const s of seeds) rmSync(join(root, `seed-${s}`), { recursive: true, force: true });
   for (const seed of seeds) {
     for (const arm of ARMS) {
       const dir = armDir(root, seed, arm);
       prepareRunDir(dir, { ...cfg, run: { ...cfg.run, seed, output_dir: dir } } as unknown as Record<string, unknown>, false);
-      if (arm === "pipelined") writePlan(join(dir, "plan.json"), planned.plan);
     }
   }
-  return { cfg, root, plan: planned.plan, planSource: planned.source === "planner" ? "planned" : `from ${planned.source}`, seeds };
+  const setup = { cfg, root, plan: choice.plan, planSource: choice.source, seeds, tune: choice.tune };
+  if (choice.plan) writeArmPlans(setup, choice.plan);
+  return setup;
+}
+
+function writeArmPlans(setup: CompareSetup, plan: Plan): void {
+  for (const seed of setup.seeds) writePlan(join(armDir(setup.root, seed, "pipelined"), "plan.json"), plan);
 }
 
 function finished(root: string, seed: number, steps: number): boolean {
@@ -122,13 +141,16 @@ export async function compareCommand(configPath: string, o: CompareOptions): Pro
     process.stderr.write(`${(e as Error).name === "ConfigError" ? "" : "ampipe compare: "}${(e as Error).message}\n`);
     return 2;
   }
-  const { cfg, root, plan, seeds } = setup;
+  const { cfg, root, seeds } = setup;
+  let plan = setup.plan;
   const steps = cfg.train.steps;
   const emu = cfg.pipeline.emulated_comm;
   const emulated = emu ? `${emu.world_size}-way all-to-all, ${emu.latency_us} us + bytes / ${emu.bandwidth_gbps} GB/s` : null;
-  say(`arms: baseline vs pipelined (${plan.variant}, P=${plan.boundaries.length - 1}, boundaries [${plan.boundaries.join(", ")}], ${setup.planSource}); ` +
+  const describeArms = (p: Plan) => say(`arms: baseline vs pipelined (${p.variant}, P=${p.boundaries.length - 1}, boundaries [${p.boundaries.join(", ")}], ${setup.planSource}); ` +
     `${seeds.length} seed(s) x ${steps} steps; capacity ${cfg.model.moe_expert_capacity_factor === null ? "dropless" : `factor ${cfg.model.moe_expert_capacity_factor}`}; ${cfg.model.dtype}` +
     (emulated ? `; comm EMULATED (${emulated})` : ""));
+  if (plan) describeArms(plan);
+  else say(`pipelined arm: pipeline.degree auto: timing the baseline and ${setup.tune!.length - 1} planned candidate(s) in training steps first`);
   const todo = seeds.filter((s) => !finished(root, s, steps));
   if (todo.length < seeds.length) say(`kept the finished seed(s) ${seeds.filter((s) => !todo.includes(s)).join(", ")}`);
 
@@ -164,8 +186,22 @@ export async function compareCommand(configPath: string, o: CompareOptions): Pro
   try {
     if (todo.length) {
       const par = cfg.parallelism;
-      run = await startConfigRun(par, o, { imports: [COMPARE_MODULE], onEvent },
+      run = await startConfigRun(par, o, { imports: [COMPARE_MODULE, TUNE_MODULE], onEvent },
       );
+      if (setup.tune) {
+        const tuned = await tuneOnRanks(run, cfg, setup.tune, root, o);
+        if (signals.requested) throw new Error("stopped while timing the candidate blocks");
+        for (const line of tuned.lines) say(line);
+        if (tuned.plan === null) {
+          say(`nothing to compare: the measured choice for the pipelined arm is the baseline block (${tuned.decision.reason}); ` +
+            "set pipeline.degree (or --plan) to compare a given schedule");
+          return 2;
+        }
+        plan = tuned.plan;
+        setup.planSource = `${plan.variant} P=${plan.boundaries.length - 1}, chosen by timing training steps`;
+        writeArmPlans(setup, plan);
+        describeArms(plan);
+      }
       const args = { config: cfg, plan, seeds: todo, run_dir: resolve(root) };
       const results = (await Promise.all([...Array(run.worldSize).keys()].map((r) => run!.request(r, "compare", args)))) as Array<{ seeds: SeedResult[]; stopped: boolean }>;
       progress?.stop();
@@ -188,9 +224,10 @@ export async function compareCommand(configPath: string, o: CompareOptions): Pro
       steps, relativeMargin: o.margin, lastEvals: o.lastEvals, dropless: dropless && cfg.model.dtype === "fp32" && cfg.parallelism.device === "cpu",
       goalMaxDelta: GOAL_MAX_DELTA, emulated,
     });
+    const ran = plan ?? readPlan(join(armDir(root, seeds[0], "pipelined"), "plan.json")); // every seed had run before
     const doc = {
       format: COMPARE_FORMAT, version: 1, created: new Date().toISOString(), config_path: resolve(configPath),
-      plan: { variant: plan.variant, degree: plan.boundaries.length - 1, boundaries: plan.boundaries, source: setup.planSource },
+      plan: { variant: ran.variant, degree: ran.boundaries.length - 1, boundaries: ran.boundaries, source: setup.planSource },
       capacity: dropless ? "dropless" : { factor: cfg.model.moe_expert_capacity_factor },
       dtype: cfg.model.dtype, emulated, margin: o.margin, last_evals: o.lastEvals,
       ...summary,
@@ -251,7 +288,7 @@ export function register(program: Command): void {
     .option("--calibration <file>", "measured op times for the planner's cost model")
     .option("--plain", "progress as plain lines, also on a terminal")
     .option("--set <field=value>", "override a config field (repeatable)", (v: string, acc: string[]) => [...acc, v], []);
-  addControllerOptions(cmd).action(async (config: string, opts: CompareOptions) => {
+  addControllerOptions(addTuneOptions(cmd)).action(async (config: string, opts: CompareOptions) => {
     process.exitCode = await compareCommand(config, opts);
   });
 }

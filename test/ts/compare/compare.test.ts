@@ -64,4 +64,20 @@ describe("ampipe compare", { timeout: 240_000 }, () => {
     expect(same.stderr).toMatch(/pipeline\.degree is 1: both arms would train the baseline block; nothing to compare/);
     for (const r of [seeds0, margin, same]) expect(r.stdout).not.toMatch(/ranks ready/);
   });
+
+  it("with degree auto takes the block ampipe train would, and refuses when that is the baseline, naming why", async () => {
+    // 20 ms of emulated latency per all-to-all: the timed candidates lose to the baseline block.
+    const slow = ["--set", "pipeline.degree=auto", "--set", "pipeline.variant=auto",
+      "--set", "pipeline.emulated_comm={latency_us: 20000, bandwidth_gbps: 100, world_size: 8}"];
+    const ran = await ampipe(["compare", configPath, ...slow, "--out", join(dir, "auto"), "--tune-steps", "2", "--tune-candidates", "2"]);
+    expect(ran.code).toBe(2);
+    expect(ran.stdout).toMatch(/auto: timed 2 training steps per block/);
+    expect(ran.stdout).toMatch(/nothing to compare: the measured choice for the pipelined arm is the baseline block \(no plan beats the baseline/);
+    expect(JSON.parse(readFileSync(join(dir, "auto", "tune.json"), "utf8")).chosen).toBe("baseline");
+    // a rerun keeps that decision, and says so before any rank starts
+    const again = await ampipe(["compare", configPath, ...slow, "--out", join(dir, "auto")]);
+    expect(again.code).toBe(2);
+    expect(again.stderr).toMatch(/the pipelined arm would train the baseline block: baseline \(chosen by timing when the run started; tune\.json\)/);
+    expect(again.stdout).not.toMatch(/ranks ready/);
+  });
 });
