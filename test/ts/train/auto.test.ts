@@ -4,6 +4,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "no
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { root } from "../cli.ts";
 import { ampipe, tinyConfig, tinyDataset } from "./helpers.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "ampipe-auto-test-"));
@@ -49,6 +50,14 @@ describe("ampipe train --profile and degree auto", { timeout: 240_000 }, () => {
         expect(b.moe_layers).toBeGreaterThan(0);
       }
     expect(readFileSync(join(out, "profile", "breakdown.md"), "utf8")).toMatch(/\| ms per step \| baseline \| interleaved P=2/);
+  });
+
+  it("keeps the baseline for the shipped short-sequence config (configs/train-short.yaml)", async () => {
+    const out = join(dir, "short");
+    const ran = await ampipe(["train", join(root, "configs", "train-short.yaml"), "--out", out, "--steps", "1", "--set", "train.warmup_steps=0", "--tune-steps", "3"]);
+    expect(ran.code).toBe(0);
+    expect(ran.stdout).toMatch(/chose baseline: no plan beats the baseline by more than the noise/);
+    expect(JSON.parse(readFileSync(join(out, "train.json"), "utf8")).block).toEqual({ pipelined: false });
   });
 
   it("keeps the baseline when a per-op cost makes pipelining lose, says so, and keeps that choice on resume", async () => {
