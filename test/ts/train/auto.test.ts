@@ -52,6 +52,26 @@ describe("ampipe train --profile and degree auto", { timeout: 240_000 }, () => {
     expect(readFileSync(join(out, "profile", "breakdown.md"), "utf8")).toMatch(/\| ms per step \| baseline \| interleaved P=2/);
   });
 
+  it("trains the plan the timing chose: the decision, plan.json, the block and the step model", async () => {
+    // Step times from the test hook (AMPIPE_TEST_STEP_MS: the steps run, their times are these),
+    // so the plumbing is tested without depending on this machine's timing: grouped plans 1.25x.
+    const cfg = write("auto.yaml", tinyConfig(dataPrefix)
+      .replace("pipeline: { degree: 2, variant: interleaved, emulated_comm: null }", "pipeline: { degree: auto, variant: auto, emulated_comm: null }")
+      .replace("steps: 24", "steps: 2").replace("warmup_steps: 2", "warmup_steps: 0"));
+    const out = join(dir, "auto");
+    const ran = await ampipe(["train", cfg, "--out", out, "--tune-steps", "2", "--tune-candidates", "3"], undefined,
+      { AMPIPE_TEST_STEP_MS: "baseline=100,grouped=80,interleaved=95" });
+    expect(ran.code).toBe(0);
+    expect(ran.stdout).toMatch(/chose grouped P=\d+ \[[\d,]+\]: grouped P=\d+ \[[\d,]+\] is 1\.250x the baseline, above the noise \(±1\.0%\)/);
+    expect(ran.stdout).toMatch(/training step model \(.*\): grouped P=\d+ \[[\d,]+\]: [\d.]+ ms predicted, 80\.0 ms measured/);
+    const summary = JSON.parse(readFileSync(join(out, "train.json"), "utf8"));
+    expect(summary.block.pipelined).toBe(true);
+    expect(summary.block.variant).toBe("grouped");
+    expect(summary.tune.chosen).toBe(`grouped P=${summary.block.degree} [${summary.block.boundaries.join(",")}]`);
+    expect(JSON.parse(readFileSync(join(out, "plan.json"), "utf8")).boundaries).toEqual(summary.block.boundaries);
+    expect(existsSync(join(out, "calibration.json"))).toBe(true);
+  });
+
   it("keeps the baseline for the shipped short-sequence config (configs/train-short.yaml)", async () => {
     const out = join(dir, "short");
     const ran = await ampipe(["train", join(root, "configs", "train-short.yaml"), "--out", out, "--steps", "1", "--set", "train.warmup_steps=0", "--tune-steps", "3"]);
