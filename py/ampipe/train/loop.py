@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.config import ConfigError, ModelConfig
+from ..model.expert_bias import update_expert_bias
 from ..model.gpt import GPTModel
 from ..parallel.grad_sync import sync_gradients
 from ..parallel.groups import ParallelGroups
@@ -226,6 +227,7 @@ class Trainer:
             sums[1] += float(out.aux_loss.detach())
             sums[2] += float(out.z_loss.detach())
         sync_gradients(self.model, self.groups)
+        update_expert_bias(self.model, self.groups.dp_group)  # aux-loss-free balancing, as Megatron after the grads
         skipped = False
         if self.loss_scale is not None:
             skipped = not self.loss_scale.unscale_and_check(self.model, self.groups)
