@@ -226,6 +226,9 @@ class _Step:
                               if self.sequence_capacity else None)
         # Parameter gradients need cross-stream ordering only with several compute streams.
         self.order_param_grads = self.cuda and block._compute_streams > 1
+        # Expert bias: count the kept slots per expert (grad enabled at the call, as Megatron).
+        self.count_routed = (cfg.moe_router_enable_expert_bias and torch.is_grad_enabled()
+                             and self.layer.routed_counts is not None)
         # The delay the emulation put on each comm op, per pass (`AMPipeBlock.last_delays_ms`).
         self.delays_ms: dict[str, dict[str, float]] = {"forward": {}, "backward": {}}
 
@@ -357,6 +360,8 @@ class _Step:
             self.routed_before = before.scatter_add(0, flat, torch.ones_like(flat))
         self.values[("routing", c)] = routing
         self.values[("permuted", c)] = permuted
+        if self.count_routed:
+            self.values[("kept", c)] = permuted.tokens_per_expert
         self._keep(("route", c), [nin], [permuted.buffer, routing.gates,
                                          routing.stats.probs_sum, routing.stats.z_sum], params)
 
@@ -432,6 +437,10 @@ class _Step:
         flat = [t for pair in leaves for t in pair]
         self.losses = self._run(flat, fn)
         self._keep(("aux_loss", None), flat, [self.losses.aux_loss, self.losses.z_loss], [])
+        if self.count_routed:  # the expert bias's counts: the step's kept slots, summed over chunks, once
+            kept = [self.values.pop(("kept", j)) for j in range(self.plan.num_chunks)]
+            self._mark_used(*kept)
+            pieces.count_routed(self.layer, torch.stack(kept).sum(dim=0))
 
     # -- backward ops ------------------------------------------------------------------
 
