@@ -755,6 +755,14 @@ class _Engine:
         self.last_times: dict[str, OpTimes] | None = None
         self.last_delays_ms: dict[str, dict[str, float]] | None = None
         self._op_ids = {(op.kind, op.chunk): op.id for op in (*plan.forward, *plan.backward)}
+        # What a user should know about running this layer with this plan (`SwapReport.notes`).
+        self.notes: list[str] = []
+        if adapter.cfg.moe_expert_capacity_factor is not None and plan.capacity_scope == "chunk" \
+                and plan.num_chunks > 1:
+            self.notes.append(
+                "capacity sized per chunk (capacity_scope chunk, the paper's): a different function from "
+                "the layer's whole-sequence capacity wherever a chunk fills an expert (exact: a plan with "
+                "capacity_scope sequence and moe_token_drop_policy position)")
         self._compute_streams = compute_stream_count(plan)
         self._param_key: tuple[int, ...] | None = None
         self._kind_params: dict[str, list[nn.Parameter]] = {}
