@@ -18,6 +18,12 @@ What it reads (megatron-core 0.20):
   and transposed at each experts op: a temporary copy per chunk, differentiable, so the
   gradients reach the experts' own parameters);
   ``mlp.token_dispatcher`` is not used (ampipe permutes and exchanges the tokens itself);
+- with the config saying so: ``self_attention.q_layernorm``/``k_layernorm`` (QK layernorm,
+  before rope), ``mlp.shared_experts`` (called as it is; gated when
+  ``moe_shared_expert_gate``), ``mlp.router.expert_bias`` (chooses experts, sigmoid scores)
+  and ``mlp.router.local_tokens_per_expert`` (each call's kept slots are added, as
+  Megatron's router does, so its ``finalize_model_grads`` updates the bias); the router's
+  score function, scaling factor, group-limited top-k and capacity come from the config;
 - the call ``layer(hidden_states [s, b, H], attention_mask=None, rotary_pos_emb=freqs [s, 1, 1, d], ...)``
   returning ``(output, context)``; rope is applied non-interleaved (`rotate_half`) from the
   caller's angles;
