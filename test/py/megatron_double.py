@@ -297,10 +297,12 @@ def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, kv_channels: int, rotary_base: float = 10000.0):
         super().__init__()
-        self.inv_freq = 1.0 / (rotary_base ** (torch.arange(0, kv_channels, 2, dtype=torch.float32) / kv_channels))
+        # a buffer (not saved), so .cuda() moves it as Megatron's does
+        self.register_buffer("inv_freq", 1.0 / (rotary_base ** (
+            torch.arange(0, kv_channels, 2, dtype=torch.float32) / kv_channels)), persistent=False)
 
     def forward(self, max_seq_len: int) -> torch.Tensor:
-        seq = torch.arange(max_seq_len, dtype=torch.float32)
+        seq = torch.arange(max_seq_len, dtype=torch.float32, device=self.inv_freq.device)
         freqs = seq[:, None] * self.inv_freq[None, :]
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 

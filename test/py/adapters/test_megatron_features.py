@@ -178,3 +178,17 @@ def test_the_spec_names_what_it_cannot_build(tmp_path, monkeypatch):
     bad = dataclasses.replace(make_model().config, moe_router_score_function="sqrtsoftplus")
     with pytest.raises(NotSwappable, match="config.moe_router_score_function='sqrtsoftplus'"):
         spec_model(bad, plan_path, monkeypatch)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("plan_name", ["interleaved-p2", "grouped-p3-nonuniform"])
+def test_every_feature_swapped_equals_unswapped_on_cuda(plan_name):
+    # the shared expert's op on a CUDA compute stream, the expert bias's counts added on the
+    # device from the aux_loss op (scripts/gpu-check.sh, adapter-tests-cuda)
+    model = bias_model(make_model(**FEATURES["all"])).cuda()
+    ids, labels = (t.cuda() for t in batch())
+    ref = run_counted(model, ids, labels)
+    swap_blocks(model, plan_for(model, plan_name))
+    got = run_counted(model, ids, labels)
+    assert_close({k: v.cpu() for k, v in ref.items()}, {k: v.cpu() for k, v in got.items()}, rel=1e-4)
