@@ -148,7 +148,7 @@ def spec_model(cfg, plan_path, monkeypatch, **kw):
         return md.GPTModel(cfg, spec, vocab_size=64, max_sequence_length=S, **kw)
 
 
-@pytest.mark.parametrize("feature", ["qk-layernorm", "expert-bias", "shared-expert-gate", "all"])
+@pytest.mark.parametrize("feature", list(FEATURES))
 def test_the_spec_builds_megatrons_layers_that_pipeline_themselves(feature, tmp_path, monkeypatch):
     over = dict(FEATURES[feature])
     # every other layer dense (moe_layer_freq 2): the spec builds that one as Megatron would, unpipelined
