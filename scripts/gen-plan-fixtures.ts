@@ -29,6 +29,9 @@ export interface FixtureSpec {
   dims: BlockDims;
 }
 
+/** The shared expert's FFN width in the `-shared` fixtures. */
+export const SHARED_FFN = 48;
+
 /** The fixture set: small dims, varied deterministically by position so every feature is covered. */
 export function fixtureSpecs(): FixtureSpec[] {
   const cases: Array<[Variant, number, boolean]> = [["sequential", 1, false]];
@@ -38,8 +41,17 @@ export function fixtureSpecs(): FixtureSpec[] {
   }
   // The peer baseline (whole-sequence qkv and attention, MoE pipelined over P pieces).
   for (const P of [2, 3, 4]) cases.push(["moe-overlap", P, false]);
-  return cases.map(([variant, degree, nonuniform], i) => ({
-    file: `${variant}-p${degree}${nonuniform ? "-nonuniform" : ""}.json`,
+  // With a shared expert (its own op per chunk): P in {1, 2, 3, 4}, grouped and interleaved.
+  const shared: Array<[Variant, number, boolean]> = [["sequential", 1, false]];
+  for (const variant of ["grouped", "interleaved"] as const) for (const P of [1, 2, 3, 4]) shared.push([variant, P, P === 3]);
+  shared.push(["moe-overlap", 2, false]);
+  const specs = cases.map(([variant, degree, nonuniform], i) => spec(variant, degree, nonuniform, i, null));
+  return [...specs, ...shared.map(([variant, degree, nonuniform], i) => spec(variant, degree, nonuniform, i, SHARED_FFN))];
+}
+
+function spec(variant: Variant, degree: number, nonuniform: boolean, i: number, sharedFfn: number | null): FixtureSpec {
+  return {
+    file: `${variant}-p${degree}${nonuniform ? "-nonuniform" : ""}${sharedFfn === null ? "" : "-shared"}.json`,
     variant,
     degree,
     nonuniform,
@@ -54,10 +66,11 @@ export function fixtureSpecs(): FixtureSpec[] {
       num_experts: 4,
       moe_router_topk: i % 5 === 2 ? 1 : 2, // a few top-1
       moe_ffn_hidden_size: 64,
+      moe_shared_expert_intermediate_size: sharedFfn,
       expert_model_parallel_size: i % 4 === 3 ? 2 : 1, // a few with EP 2
       dtype: "fp32",
     },
-  }));
+  };
 }
 
 export function fixturePlan(spec: FixtureSpec): Plan {
@@ -97,6 +110,7 @@ export function invalidSpecs(): InvalidSpec[] {
   };
   add("unknown-version.json", "unknown version", ["version"], (p) => { (p as Record<string, unknown>).version = 99; });
   add("old-version.json", "version 1 (before the counts op): refused, naming what changed", ["version", "counts"], (p) => { (p as Record<string, unknown>).version = 1; });
+  add("old-version-2.json", "version 2 (before the shared-expert ops): refused, naming what changed", ["version", "shared"], (p) => { (p as Record<string, unknown>).version = 2; });
   add("dispatch-before-counts.json", "dispatch of chunk 1 listed before the count exchange that gives its split sizes", ["f.dispatch.1", "f.counts.1"], (p) => {
     const [op] = p.forward.splice(p.forward.findIndex((o) => o.id === "f.counts.1"), 1);
     p.forward.splice(p.forward.findIndex((o) => o.id === "f.dispatch.1") + 1, 0, op);
@@ -123,6 +137,23 @@ export function invalidSpecs(): InvalidSpec[] {
     Object.assign(find(p.backward, "b.qkv.2"), { stream: "compute2", deps: [] });
     find(p.backward, "b.qkv.1").deps = ["b.qkv.2"];
   });
+  const shared = () => JSON.parse(JSON.stringify(fixturePlan(fixtureSpecs().find((s) => s.file === "interleaved-p2-shared.json")!))) as Plan;
+  {
+    const p = shared();
+    p.streams.push({ name: "compute2", kind: "compute" });
+    Object.assign(find(p.backward, "b.shared.1"), { stream: "compute2", deps: ["b.unpermute.1"] });
+    out.push({ file: "shared-bwd-unordered.json", rule: "shared_bwd of chunk 1 on another compute stream, proj_bwd of chunk 1 not waiting for its gradient", mentions: ["b.proj.1", "b.shared.1"], plan: p });
+  }
+  {
+    const p = shared();
+    p.forward = p.forward.filter((o) => o.id !== "f.shared.0");
+    out.push({ file: "shared-missing.json", rule: "a block with a shared expert (dims) whose plan lacks the shared op of chunk 0", mentions: ["shared", "chunk 0"], plan: p });
+  }
+  {
+    const p = shared();
+    p.dims.moe_shared_expert_intermediate_size = null;
+    out.push({ file: "shared-without-dims.json", rule: "shared ops in a plan whose dims have no shared expert", mentions: ["f.shared.0", "moe_shared_expert_intermediate_size"], plan: p });
+  }
   const whole = fixturePlan(fixtureSpecs().find((s) => s.file === "moe-overlap-p3.json")!);
   out.push({
     file: "whole-attention-chunked-qkv.json",
@@ -149,7 +180,7 @@ export function fixtureFiles(): Map<string, string> {
   );
   const rows = specs.map((s) => {
     const d = s.dims;
-    return `| \`${s.file}\` | ${s.variant} | ${s.degree} | ${s.nonuniform ? NONUNIFORM[s.degree].join(", ") : "uniform"} | ${s.chunkQkv} | ${d.num_query_groups} | ${d.moe_router_topk} | ${d.expert_model_parallel_size} |`;
+    return `| \`${s.file}\` | ${s.variant} | ${s.degree} | ${s.nonuniform ? NONUNIFORM[s.degree].join(", ") : "uniform"} | ${s.chunkQkv} | ${d.num_query_groups} | ${d.moe_router_topk} | ${d.expert_model_parallel_size} | ${d.moe_shared_expert_intermediate_size ?? "-"} |`;
   });
   files.set(
     `${FIXTURE_DIR}/README.md`,
@@ -169,8 +200,8 @@ export function fixtureFiles(): Map<string, string> {
       "4 experts, moe_ffn_hidden_size 64, fp32, capacity_scope chunk (the capacity factor and drop",
       "policy are the model's: the tests set them). The other dims vary as listed:",
       "",
-      "| file | variant | P | boundaries | chunk_qkv | query groups | top-k | EP |",
-      "|---|---|---|---|---|---|---|---|",
+      "| file | variant | P | boundaries | chunk_qkv | query groups | top-k | EP | shared expert FFN |",
+      "|---|---|---|---|---|---|---|---|---|",
       ...rows,
       "",
       "`invalid/` holds plans that break one rule each of docs/contracts.md §2; `invalid/index.json`",

@@ -24,6 +24,7 @@ export const DIM_SOURCES: Record<keyof BlockDims, string> = {
   num_experts: "model.num_experts",
   moe_router_topk: "model.moe_router_topk",
   moe_ffn_hidden_size: "model.moe_ffn_hidden_size",
+  moe_shared_expert_intermediate_size: "model.moe_shared_expert_intermediate_size",
   expert_model_parallel_size: "parallelism.expert_model_parallel_size",
   dtype: "model.dtype",
 };

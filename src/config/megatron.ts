@@ -43,7 +43,16 @@ const FLAGS: Record<string, FlagSpec> = {
   "--moe-layer-freq": { kind: "int", field: "model.moe_layer_freq" },
   "--moe-router-topk": { kind: "int", field: "model.moe_router_topk" },
   "--moe-router-pre-softmax": { kind: "bool" },
-  "--moe-router-score-function": { kind: "str", choices: ["softmax"] },
+  "--moe-router-score-function": { kind: "str", field: "model.moe_router_score_function", choices: ["softmax", "sigmoid"] },
+  "--moe-router-enable-expert-bias": { kind: "bool", field: "model.moe_router_enable_expert_bias" },
+  "--moe-router-bias-update-rate": { kind: "float", field: "model.moe_router_bias_update_rate" },
+  "--moe-router-topk-scaling-factor": { kind: "float", field: "model.moe_router_topk_scaling_factor" },
+  "--moe-router-num-groups": { kind: "int", field: "model.moe_router_num_groups" },
+  "--moe-router-group-topk": { kind: "int", field: "model.moe_router_group_topk" },
+  "--moe-shared-expert-intermediate-size": { kind: "int", field: "model.moe_shared_expert_intermediate_size" },
+  "--moe-shared-expert-gate": { kind: "bool", field: "model.moe_shared_expert_gate" },
+  "--qk-layernorm": { kind: "bool", field: "model.qk_layernorm" },
+  "--moe-router-dtype": { kind: "str", choices: ["fp32"] },
   "--moe-router-load-balancing-type": { kind: "str", choices: ["aux_loss", "none"] },
   "--moe-expert-capacity-factor": { kind: "float", field: "model.moe_expert_capacity_factor" },
   "--moe-token-drop-policy": { kind: "str", field: "model.moe_token_drop_policy", choices: ["probs", "position"] },
@@ -77,6 +86,7 @@ const IGNORED: Record<string, { takesValue: boolean; why: string }> = {
   "--clip-grad": { takesValue: true, why: "a training setting" },
   "--adam-beta1": { takesValue: true, why: "a training setting" },
   "--adam-beta2": { takesValue: true, why: "a training setting" },
+  "--moe-shared-expert-overlap": { takesValue: false, why: "ampipe overlaps the shared expert with the all-to-alls itself, per chunk" },
   "--moe-grouped-gemm": { takesValue: false, why: "ampipe stores experts as GroupedMLP and runs them its own way" },
   "--moe-token-dispatcher-type": { takesValue: true, why: "ampipe permutes and exchanges tokens itself" },
   "--moe-permute-fusion": { takesValue: false, why: "a kernel choice" },
@@ -102,14 +112,9 @@ const IGNORED: Record<string, { takesValue: boolean; why: string }> = {
 
 /** Megatron-LM flags that change the model in a way ampipe's block does not implement: refused. */
 const UNSUPPORTED: Record<string, { takesValue: boolean; why: string }> = {
-  "--moe-router-topk-scaling-factor": { takesValue: true, why: "scaled gates are not implemented" },
-  "--moe-router-num-groups": { takesValue: true, why: "group-limited routing is not implemented" },
-  "--moe-router-group-topk": { takesValue: true, why: "group-limited routing is not implemented" },
-  "--moe-router-enable-expert-bias": { takesValue: false, why: "expert-bias balancing is not implemented" },
-  "--moe-shared-expert-intermediate-size": { takesValue: true, why: "shared experts are not implemented" },
   "--moe-pad-expert-input-to-capacity": { takesValue: false, why: "padding to capacity is not implemented" },
   "--moe-input-jitter-eps": { takesValue: true, why: "input jitter is not implemented" },
-  "--qk-layernorm": { takesValue: false, why: "QK layernorm is not implemented" },
+  "--qk-l2-norm": { takesValue: false, why: "L2 QK normalisation is not implemented (--qk-layernorm is)" },
   "--rotary-interleaved": { takesValue: false, why: "interleaved rope is not implemented" },
   "--rotary-percent": { takesValue: true, why: "partial rope is not implemented" },
   "--add-qkv-bias": { takesValue: false, why: "a QKV bias apart from --disable-bias-linear is not implemented" },
@@ -132,6 +137,15 @@ const MEGATRON_DEFAULTS: Record<string, unknown> = {
   "model.moe_layer_freq": 1,
   "model.moe_router_score_order": "topk_then_softmax",
   "model.moe_router_topk_renormalize": false,
+  "model.moe_router_score_function": "softmax",
+  "model.moe_router_enable_expert_bias": false,
+  "model.moe_router_bias_update_rate": 1e-3,
+  "model.moe_router_topk_scaling_factor": null,
+  "model.moe_router_num_groups": null,
+  "model.moe_router_group_topk": null,
+  "model.moe_shared_expert_intermediate_size": null,
+  "model.moe_shared_expert_gate": false,
+  "model.qk_layernorm": false,
   "model.moe_expert_capacity_factor": null,
   "model.moe_token_drop_policy": "probs",
   "model.moe_aux_loss_coeff": 0,
@@ -293,6 +307,13 @@ export function megatronFromConfig(cfg: ExperimentConfig): { flags: string[]; wa
   add("--moe-layer-freq", m.moe_layer_freq);
   add("--moe-router-topk", m.moe_router_topk);
   if (m.moe_router_score_order === "softmax_then_topk") add("--moe-router-pre-softmax");
+  if (m.moe_router_score_function !== "softmax") add("--moe-router-score-function", m.moe_router_score_function);
+  if (m.moe_router_enable_expert_bias) add("--moe-router-enable-expert-bias");
+  if (m.moe_router_enable_expert_bias || m.moe_router_bias_update_rate !== MEGATRON_DEFAULTS["model.moe_router_bias_update_rate"])
+    add("--moe-router-bias-update-rate", m.moe_router_bias_update_rate);
+  if (m.moe_router_topk_scaling_factor !== null) add("--moe-router-topk-scaling-factor", m.moe_router_topk_scaling_factor);
+  if (m.moe_router_num_groups !== null) add("--moe-router-num-groups", m.moe_router_num_groups);
+  if (m.moe_router_group_topk !== null) add("--moe-router-group-topk", m.moe_router_group_topk);
   if (m.moe_router_topk_renormalize)
     warnings.push("model.moe_router_topk_renormalize: true has no Megatron-LM flag (Megatron does not renormalise the top-k softmax); left out");
   if (m.moe_expert_capacity_factor !== null) add("--moe-expert-capacity-factor", m.moe_expert_capacity_factor);
@@ -301,6 +322,9 @@ export function megatronFromConfig(cfg: ExperimentConfig): { flags: string[]; wa
   add("--moe-z-loss-coeff", m.moe_z_loss_coeff);
   add("--moe-ffn-hidden-size", m.moe_ffn_hidden_size);
   if (m.moe_expert_activation === "swiglu") add("--swiglu");
+  if (m.moe_shared_expert_intermediate_size !== null) add("--moe-shared-expert-intermediate-size", m.moe_shared_expert_intermediate_size);
+  if (m.moe_shared_expert_gate) add("--moe-shared-expert-gate");
+  if (m.qk_layernorm) add("--qk-layernorm");
   add("--expert-model-parallel-size", cfg.parallelism.expert_model_parallel_size);
   if (m.dtype === "bf16") add("--bf16");
   if (m.dtype === "fp16") add("--fp16");

@@ -39,6 +39,19 @@ export const ModelSchema = z.strictObject({
   moe_router_topk: posInt().default(2),
   moe_router_score_order: z.enum(["softmax_then_topk", "topk_then_softmax"]).default("softmax_then_topk"),
   moe_router_topk_renormalize: z.boolean().default(false),
+  /**
+   * Megatron's router options (same names and semantics): sigmoid scores (the gates are the chosen
+   * sigmoids, normalised to sum 1 for top-k > 1; score_order and renormalize do not apply), a
+   * per-expert bias that changes which experts are chosen but not the gates (aux-loss-free
+   * balancing, sigmoid only) updated once per step from the step's counts at bias_update_rate,
+   * a factor on the gates, group-limited top-k (num_groups groups, group_topk of them per token).
+   */
+  moe_router_score_function: z.enum(["softmax", "sigmoid"]).default("softmax"),
+  moe_router_enable_expert_bias: z.boolean().default(false),
+  moe_router_bias_update_rate: nonNegFloat().default(1e-3),
+  moe_router_topk_scaling_factor: z.number().gt(0).nullable().default(null),
+  moe_router_num_groups: posInt().nullable().default(null),
+  moe_router_group_topk: posInt().nullable().default(null),
   /** Tokens per expert = factor * T * k / E; null = dropless. */
   moe_expert_capacity_factor: z.number().gt(0).nullable().default(null),
   /** Which slots a full expert drops (Megatron's flag): probs keeps the highest gates, position the earliest tokens. */
@@ -47,6 +60,11 @@ export const ModelSchema = z.strictObject({
   moe_z_loss_coeff: nonNegFloat().default(0.001),
   moe_ffn_hidden_size: posInt().default(256),
   moe_expert_activation: z.enum(["gelu", "swiglu"]).default("swiglu"),
+  /** A dense expert every token goes through beside the routed ones (FFN width; null = none), optionally sigmoid-gated. */
+  moe_shared_expert_intermediate_size: posInt().nullable().default(null),
+  moe_shared_expert_gate: z.boolean().default(false),
+  /** LayerNorm/RMSNorm (model.normalization) of each query and key head before rope. */
+  qk_layernorm: z.boolean().default(false),
   dtype: z.enum(["fp32", "bf16", "fp16"]).default("fp32"),
 });
 
@@ -207,6 +225,27 @@ function checkInvariants(c: Parsed, ctx: z.RefinementCtx): void {
   const headDim = m.kv_channels ?? m.hidden_size / m.num_attention_heads;
   if (m.position_embedding_type === "rope" && Number.isInteger(headDim) && headDim % 2 !== 0) {
     issue("model.kv_channels", `rotary embeddings need an even head dim; got ${headDim}`);
+  }
+  if (m.moe_router_enable_expert_bias && m.moe_router_score_function !== "sigmoid") {
+    issue("model.moe_router_enable_expert_bias",
+      `needs model.moe_router_score_function: sigmoid (as in Megatron); got ${m.moe_router_score_function}`);
+  }
+  if (m.moe_router_group_topk !== null) {
+    const G = m.moe_router_num_groups;
+    const Gk = m.moe_router_group_topk;
+    if (G === null) issue("model.moe_router_group_topk", "needs model.moe_router_num_groups (group-limited routing)");
+    else if (m.num_experts % G !== 0) issue("model.moe_router_num_groups", `must divide model.num_experts (${m.num_experts}); got ${G}`);
+    else if (Gk > G) issue("model.moe_router_group_topk", `must be <= model.moe_router_num_groups (${G}); got ${Gk}`);
+    else if (m.moe_router_topk > Gk * (m.num_experts / G))
+      issue("model.moe_router_group_topk",
+        `${Gk} group(s) of ${m.num_experts / G} experts cannot hold model.moe_router_topk (${m.moe_router_topk}) experts`);
+  }
+  if (m.moe_shared_expert_gate && m.moe_shared_expert_intermediate_size === null) {
+    issue("model.moe_shared_expert_gate", "needs model.moe_shared_expert_intermediate_size (a shared expert to gate)");
+  }
+  if (m.moe_shared_expert_intermediate_size !== null && m.add_bias_linear) {
+    issue("model.moe_shared_expert_intermediate_size",
+      "shared experts have no biases (as in Megatron): needs model.add_bias_linear false");
   }
   if (m.moe_layer_freq > m.num_layers) {
     issue("model.moe_layer_freq", `must be <= model.num_layers (${m.num_layers}); got ${m.moe_layer_freq}`);

@@ -2,9 +2,10 @@
 // A plan is accepted only if every op's data dependencies ("needs") happen before it, where
 // happens-before is the transitive closure of `deps` edges and same-stream list order.
 import {
-  BACKWARD_KINDS, COMM_KINDS, FORWARD_KINDS, checkBoundaries, isWholeSequence, numChunks, opId,
-  parsePlanShape, type CapacityScope, type Op, type OpKind, type Plan,
+  BACKWARD_KINDS, COMM_KINDS, FORWARD_KINDS, checkBoundaries, hasSharedExpert, isWholeSequence, kindPresent, numChunks,
+  opId, parsePlanShape, type CapacityScope, type Op, type OpKind, type Plan,
 } from "./ir.ts";
+import { OP_KIND_TABLE, type Read } from "./opkinds.ts";
 
 export type ListName = "forward" | "backward";
 
@@ -34,44 +35,40 @@ export interface Need {
 }
 
 /**
- * The data dependencies of an op (docs/contracts.md §2 tables). `qkv`/`qkv_bwd` resolve to the
- * whole-sequence op when `chunk_qkv` is false, `attn`/`attn_bwd` when `chunk_attention` is false.
- * `attn_bwd`'s mutual-ordering rule is checked separately.
+ * The data dependencies of an op: its kind's reads (opkinds.ts) resolved for this plan. A read of a
+ * kind that covers the whole sequence here (`qkv`/`qkv_bwd` when `chunk_qkv` is false,
+ * `attn`/`attn_bwd` when `chunk_attention` is false, the aux losses) is its one whole-sequence op;
+ * a read of a kind the plan does not have (no shared expert) is dropped. `attn_bwd`'s
+ * mutual-ordering rule is checked separately.
  */
 export function needsOf(kind: OpKind, chunk: number | null, P: number, chunkQkv: boolean, chunkAttention = true,
-  capacityScope: CapacityScope = "chunk"): Need[] {
-  const c = chunk ?? 0;
+  capacityScope: CapacityScope = "chunk", sharedExpert = false): Need[] {
   const range = (from: number, to: number) => Array.from({ length: Math.max(0, to - from) }, (_, i) => from + i);
-  const qkvOf = (chunks: number[]): Need[] => (chunkQkv ? chunks.map((j) => ({ kind: "qkv" as OpKind, chunk: j })) : [{ kind: "qkv", chunk: null }]);
-  switch (kind) {
-    case "qkv": case "aux_loss_bwd": case "unpermute_bwd": return [];
-    case "attn": return qkvOf(range(0, chunk === null ? P : c + 1));
-    case "proj": return [{ kind: "attn", chunk: chunkAttention ? c : null }];
-    // sequence scope: chunk c's drops follow from the slots earlier chunks routed
-    case "route": return [{ kind: "proj", chunk: c }, ...(capacityScope === "sequence" && c > 0 ? [{ kind: "route" as OpKind, chunk: c - 1 }] : [])];
-    case "counts": return [{ kind: "route", chunk: c }];
-    case "dispatch": return [{ kind: "counts", chunk: c }, { kind: "route", chunk: c }];
-    case "experts": return [{ kind: "dispatch", chunk: c }];
-    case "combine": return [{ kind: "experts", chunk: c }];
-    case "unpermute": return [{ kind: "combine", chunk: c }, { kind: "route", chunk: c }, { kind: "proj", chunk: c }];
-    case "aux_loss": return range(0, P).map((j) => ({ kind: "route", chunk: j }));
-    case "combine_bwd": return [{ kind: "unpermute_bwd", chunk: c }];
-    case "experts_bwd": return [{ kind: "combine_bwd", chunk: c }];
-    case "dispatch_bwd": return [{ kind: "experts_bwd", chunk: c }];
-    case "route_bwd": return [{ kind: "dispatch_bwd", chunk: c }, { kind: "unpermute_bwd", chunk: c }, { kind: "aux_loss_bwd", chunk: null }];
-    case "proj_bwd": return [{ kind: "route_bwd", chunk: c }, { kind: "unpermute_bwd", chunk: c }];
-    case "attn_bwd": return chunk === null ? range(0, P).map((j) => ({ kind: "proj_bwd" as OpKind, chunk: j })) : [{ kind: "proj_bwd", chunk: c }];
-    case "qkv_bwd":
-      if (!chunkAttention) return [{ kind: "attn_bwd", chunk: null }];
-      return range(chunk === null ? 0 : c, P).map((j) => ({ kind: "attn_bwd", chunk: j }));
+  const out: Need[] = [];
+  for (const read of OP_KIND_TABLE[kind].reads as readonly Read[]) {
+    const k = read.kind as OpKind;
+    if (read.when === "capacity_sequence" && capacityScope !== "sequence") continue;
+    if (!kindPresent(k, sharedExpert)) continue;
+    if (isWholeSequence(k, chunkQkv, chunkAttention)) {
+      out.push({ kind: k, chunk: null });
+      continue;
+    }
+    const chunks = read.chunk === "same" ? (chunk === null ? range(0, P) : [chunk])
+      : read.chunk === "prev" ? (chunk !== null && chunk > 0 ? [chunk - 1] : [])
+      : read.chunk === "all" ? range(0, P)
+      : read.chunk === "upto" ? range(0, chunk === null ? P : chunk + 1)
+      : range(chunk === null ? 0 : chunk, P);
+    for (const j of chunks) out.push({ kind: k, chunk: j });
   }
+  return out;
 }
 
 /** The (kind, chunk) pairs a complete list must hold, each exactly once. */
-export function expectedOps(list: ListName, P: number, chunkQkv: boolean, chunkAttention = true): Need[] {
+export function expectedOps(list: ListName, P: number, chunkQkv: boolean, chunkAttention = true, sharedExpert = false): Need[] {
   const kinds = list === "forward" ? FORWARD_KINDS : BACKWARD_KINDS;
   const out: Need[] = [];
   for (const kind of kinds) {
+    if (!kindPresent(kind, sharedExpert)) continue;
     const whole = isWholeSequence(kind, chunkQkv, chunkAttention);
     if (whole) out.push({ kind, chunk: null });
     else for (let c = 0; c < P; c++) out.push({ kind, chunk: c });
@@ -111,6 +108,7 @@ export function planIssues(plan: Plan): PlanIssue[] {
   }
   const P = numChunks(plan);
   const chunkAttention = plan.chunk_attention ?? true;
+  const shared = hasSharedExpert(plan.dims);
   if (!chunkAttention && plan.chunk_qkv) planIssue("chunk_attention: false needs chunk_qkv false (a whole-sequence attention reads one whole-sequence q)");
   const streamKind = new Map<string, "compute" | "comm">();
   plan.streams.forEach((s, i) => {
@@ -129,6 +127,8 @@ export function planIssues(plan: Plan): PlanIssue[] {
       if (seenIds.has(op.id)) add(i, `duplicate op id "${op.id}"`);
       seenIds.add(op.id);
       if (!allowed.has(op.kind)) add(i, `kind "${op.kind}" does not belong in the ${list} list`);
+      else if (!kindPresent(op.kind, shared))
+        add(i, `kind "${op.kind}" needs a shared expert, but dims.moe_shared_expert_intermediate_size is null`);
       const sk = streamKind.get(op.stream);
       if (sk === undefined) add(i, `unknown stream "${op.stream}"`);
       else {
@@ -157,7 +157,7 @@ export function planIssues(plan: Plan): PlanIssue[] {
       if (byKey.has(k)) add(i, `duplicate op: "${op.kind}" for ${op.chunk === null ? "the whole sequence" : `chunk ${op.chunk}`} already appears as ${ops[byKey.get(k)!].id}`);
       else byKey.set(k, i);
     });
-    for (const e of expectedOps(list, P, plan.chunk_qkv, chunkAttention)) {
+    for (const e of expectedOps(list, P, plan.chunk_qkv, chunkAttention, shared)) {
       if (!byKey.has(key(e.kind, e.chunk)))
         issues.push({ list, index: null, id: opId(e.kind, e.chunk), message: `missing op: "${e.kind}" for ${e.chunk === null ? "the whole sequence" : `chunk ${e.chunk}`}` });
     }
@@ -165,9 +165,9 @@ export function planIssues(plan: Plan): PlanIssue[] {
     const anc = happensBefore(ops, depIndices);
     const attnBwd: number[] = [];
     ops.forEach((op, i) => {
-      if (!allowed.has(op.kind) || (op.chunk !== null && op.chunk >= P)) return;
+      if (!allowed.has(op.kind) || !kindPresent(op.kind, shared) || (op.chunk !== null && op.chunk >= P)) return;
       if (op.kind === "attn_bwd") attnBwd.push(i);
-      for (const n of needsOf(op.kind, op.chunk, P, plan.chunk_qkv, chunkAttention, plan.capacity_scope)) {
+      for (const n of needsOf(op.kind, op.chunk, P, plan.chunk_qkv, chunkAttention, plan.capacity_scope, shared)) {
         const j = byKey.get(key(n.kind, n.chunk));
         if (j === undefined) continue; // reported as a missing op
         if (((anc[i] >> BigInt(j)) & 1n) === 0n)

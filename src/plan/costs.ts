@@ -13,6 +13,7 @@ export const WORK_UNIT: Record<OpKind, WorkUnit> = {
   counts: "wire_bytes", dispatch: "wire_bytes", combine: "wire_bytes", unpermute: "bytes", aux_loss: "bytes",
   qkv_bwd: "flops", attn_bwd: "flops", proj_bwd: "flops", route_bwd: "flops", experts_bwd: "flops",
   dispatch_bwd: "wire_bytes", combine_bwd: "wire_bytes", unpermute_bwd: "bytes", aux_loss_bwd: "bytes",
+  shared: "flops", shared_bwd: "flops",
 };
 
 export interface WorkOptions {
@@ -59,6 +60,8 @@ export function opWork(dims: BlockDims, boundaries: readonly number[], kind: OpK
     case "proj": w = 2 * T * nh * d * H + 12 * T * H; break;
     case "route": w = 2 * T * H * E + 2 * T * K * H; break;
     case "experts": w = 2 * T * K * H * F * mats; break;
+    // the shared expert: every token through one FFN of its width (the gate's 2·T·H is noise)
+    case "shared": w = 2 * T * H * (dims.moe_shared_expert_intermediate_size ?? 0) * mats; break;
     case "counts": w = (E * 8 * (world - 1)) / world; break; // int64 per expert: latency-bound
     case "dispatch": case "combine": w = (T * K * H * eb * (world - 1)) / world; break;
     case "unpermute": w = eb * (T * K * H + 2 * T * H); break;

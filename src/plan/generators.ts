@@ -6,7 +6,7 @@
 import { readFileSync } from "node:fs";
 import { needsOf } from "./check.ts";
 import {
-  CAPACITY_SCOPES, PLAN_FORMAT, PLAN_VERSION, VARIANTS, checkBoundaries, opId, parseDims, uniformBoundaries,
+  CAPACITY_SCOPES, PLAN_FORMAT, PLAN_VERSION, VARIANTS, checkBoundaries, hasSharedExpert, opId, parseDims, uniformBoundaries,
   type BlockDims, type CapacityScope, type Op, type OpKind, type Plan, type Stream, type Variant,
 } from "./ir.ts";
 
@@ -80,15 +80,20 @@ interface StreamOrders {
   waits?: Map<string, string[]>;
 }
 
+/** A shared expert's op of chunk c (none without a shared expert). */
+const sharedOf = (kind: "shared" | "shared_bwd", c: number, shared: boolean): Slot[] => (shared ? one(kind, c) : []);
+
 /**
  * The MoE side that grouped and moe-overlap share, once every chunk is routed: experts and
  * unpermute of chunk c on the compute stream, counts, dispatch and combine on the comm stream,
- * so chunk c's exchange overlaps its neighbours' experts. Appends to `fc`; returns the comm order.
+ * so chunk c's exchange overlaps its neighbours' experts. A shared expert's op of chunk c
+ * follows its experts: it computes while chunk c-1's combine is in flight, before the
+ * unpermute that waits for it. Appends to `fc`; returns the comm order.
  */
-function moeForward(P: number, fc: Slot[]): Slot[] {
+function moeForward(P: number, fc: Slot[], shared: boolean): Slot[] {
   const fm: Slot[] = [];
   for (let s = 0; s <= P; s++) {
-    if (s < P) fc.push(...one("experts", s));
+    if (s < P) fc.push(...one("experts", s), ...sharedOf("shared", s, shared));
     if (s >= 1) fc.push(...one("unpermute", s - 1));
     if (s < P) fm.push(...one("counts", s), ...one("dispatch", s));
     if (s >= 1) fm.push(...one("combine", s - 1));
@@ -96,13 +101,17 @@ function moeForward(P: number, fc: Slot[]): Slot[] {
   return fm;
 }
 
-/** `moeForward`'s mirror, chunks last-to-first. Appends to `bc`; returns the comm order. */
-function moeBackward(P: number, bc: Slot[]): Slot[] {
+/**
+ * `moeForward`'s mirror, chunks last-to-first; a shared expert's backward of chunk c comes
+ * before its experts' backward, so it computes while chunk c's combine_bwd is in flight.
+ * Appends to `bc`; returns the comm order.
+ */
+function moeBackward(P: number, bc: Slot[], shared: boolean): Slot[] {
   const r = (s: number) => P - 1 - s;
   const bm: Slot[] = [];
   for (let s = 0; s < P; s++) bc.push(...one("unpermute_bwd", r(s)));
   for (let s = 0; s <= P; s++) {
-    if (s < P) bc.push(...one("experts_bwd", r(s)));
+    if (s < P) bc.push(...sharedOf("shared_bwd", r(s), shared), ...one("experts_bwd", r(s)));
     if (s < P) bm.push(...one("combine_bwd", r(s)));
     if (s >= 1) bm.push(...one("dispatch_bwd", r(s - 1)));
   }
@@ -114,14 +123,14 @@ function moeBackward(P: number, bc: Slot[]): Slot[] {
  * chunk by chunk, comm of chunk c overlapping the experts of its neighbours. The backward mirrors
  * it: the MoE side chunk by chunk (last chunk first), then the attention side.
  */
-function groupedOrders(P: number, chunkQkv: boolean): { forward: StreamOrders; backward: StreamOrders } {
+function groupedOrders(P: number, chunkQkv: boolean, shared: boolean): { forward: StreamOrders; backward: StreamOrders } {
   const fc: Slot[] = chunkQkv ? [] : one("qkv", null);
   for (let c = 0; c < P; c++) fc.push(...front(c, chunkQkv));
   fc.push(...one("aux_loss", null));
-  const fm = moeForward(P, fc);
+  const fm = moeForward(P, fc, shared);
   const r = (s: number) => P - 1 - s; // backward runs chunks last-to-first
   const bc: Slot[] = one("aux_loss_bwd", null);
-  const bm = moeBackward(P, bc);
+  const bm = moeBackward(P, bc, shared);
   for (let s = 0; s < P; s++) bc.push(...back(r(s), chunkQkv));
   if (!chunkQkv) bc.push(...one("qkv_bwd", null));
   return { forward: { compute: fc, comm: fm }, backward: { compute: bc, comm: bm } };
@@ -133,14 +142,15 @@ function groupedOrders(P: number, chunkQkv: boolean): { forward: StreamOrders; b
  * and chunk s-1's combine. So chunk c's communication overlaps chunk c+1's attention and chunk
  * c-1's experts. The backward does the same over chunks taken last-to-first, so that qkv_bwd[j]
  * directly follows attn_bwd[j] (dK/dV of chunk j are complete once every later chunk is done).
+ * A shared expert's op follows its chunk's experts (its backward precedes them), as in `moeForward`.
  */
-function interleavedOrders(P: number, chunkQkv: boolean): { forward: StreamOrders; backward: StreamOrders } {
+function interleavedOrders(P: number, chunkQkv: boolean, shared: boolean): { forward: StreamOrders; backward: StreamOrders } {
   const fc: Slot[] = chunkQkv ? [] : one("qkv", null);
   const fm: Slot[] = [];
   for (let s = 0; s <= P + 1; s++) {
     if (s < P) fc.push(...front(s, chunkQkv));
     if (s === P - 1) fc.push(...one("aux_loss", null));
-    if (s >= 1 && s <= P) fc.push(...one("experts", s - 1));
+    if (s >= 1 && s <= P) fc.push(...one("experts", s - 1), ...sharedOf("shared", s - 1, shared));
     if (s >= 2) fc.push(...one("unpermute", s - 2));
     if (s < P) fm.push(...one("counts", s), ...one("dispatch", s));
     if (s >= 1 && s <= P) fm.push(...one("combine", s - 1));
@@ -150,7 +160,7 @@ function interleavedOrders(P: number, chunkQkv: boolean): { forward: StreamOrder
   const bm: Slot[] = [];
   for (let s = 0; s <= P + 1; s++) {
     if (s < P) bc.push(...one("unpermute_bwd", r(s)));
-    if (s >= 1 && s <= P) bc.push(...one("experts_bwd", r(s - 1)));
+    if (s >= 1 && s <= P) bc.push(...sharedOf("shared_bwd", r(s - 1), shared), ...one("experts_bwd", r(s - 1)));
     if (s >= 2) bc.push(...back(r(s - 2), chunkQkv));
     if (s < P) bm.push(...one("combine_bwd", r(s)));
     if (s >= 1 && s <= P) bm.push(...one("dispatch_bwd", r(s - 1)));
@@ -168,15 +178,15 @@ function interleavedOrders(P: number, chunkQkv: boolean): { forward: StreamOrder
  * backward pipelines the MoE side the same way (pieces last-to-first) and starts the router and
  * attention backward only after the last dispatch_bwd, then runs them over the whole sequence.
  */
-function moeOverlapOrders(P: number): { forward: StreamOrders; backward: StreamOrders } {
+function moeOverlapOrders(P: number, shared: boolean): { forward: StreamOrders; backward: StreamOrders } {
   const fc: Slot[] = [...one("qkv", null), ...one("attn", null)];
   for (let c = 0; c < P; c++) fc.push(...one("proj", c));
   for (let c = 0; c < P; c++) fc.push(...one("route", c));
   fc.push(...one("aux_loss", null));
-  const fm = moeForward(P, fc);
+  const fm = moeForward(P, fc, shared);
   const r = (s: number) => P - 1 - s;
   const bc: Slot[] = one("aux_loss_bwd", null);
-  const bm = moeBackward(P, bc);
+  const bm = moeBackward(P, bc, shared);
   for (let s = 0; s < P; s++) bc.push(...one("route_bwd", r(s)));
   for (let s = 0; s < P; s++) bc.push(...one("proj_bwd", r(s)));
   bc.push(...one("attn_bwd", null), ...one("qkv_bwd", null));
@@ -197,7 +207,7 @@ function moeOverlapOrders(P: number): { forward: StreamOrders; backward: StreamO
  * deps (a minimal set of cross-stream edges).
  */
 function buildList(orders: StreamOrders, P: number, chunkQkv: boolean, chunkAttention: boolean,
-  capacityScope: CapacityScope): Op[] {
+  capacityScope: CapacityScope, shared: boolean): Op[] {
   const ops: Op[] = [];
   let ci = 0;
   let mi = 0;
@@ -206,7 +216,7 @@ function buildList(orders: StreamOrders, P: number, chunkQkv: boolean, chunkAtte
   const last = new Map<string, number>();
   const attnBwd: number[] = [];
   const needIds = (s: Slot): string[] => {
-    const ids = needsOf(s.kind, s.chunk, P, chunkQkv, chunkAttention, capacityScope).map((n) => opId(n.kind, n.chunk));
+    const ids = needsOf(s.kind, s.chunk, P, chunkQkv, chunkAttention, capacityScope, shared).map((n) => opId(n.kind, n.chunk));
     ids.push(...(orders.waits?.get(opId(s.kind, s.chunk)) ?? []));
     // attn_bwd ops accumulate dK/dV in place: each one must follow every earlier one.
     if (s.kind === "attn_bwd") ids.push(...attnBwd.map((i) => ops[i].id));
@@ -272,7 +282,8 @@ export function makePlan(variant: Variant, dimsIn: BlockDims, opts: PlanOptions 
   const capacityScope = opts.capacityScope ?? "chunk";
   if (!CAPACITY_SCOPES.includes(capacityScope))
     throw new Error(`capacity_scope must be one of ${CAPACITY_SCOPES.join(", ")}, got ${JSON.stringify(capacityScope)}`);
-  const orders = moe ? moeOverlapOrders(P) : variant === "interleaved" ? interleavedOrders(P, chunkQkv) : groupedOrders(P, chunkQkv);
+  const shared = hasSharedExpert(dims);
+  const orders = moe ? moeOverlapOrders(P, shared) : variant === "interleaved" ? interleavedOrders(P, chunkQkv, shared) : groupedOrders(P, chunkQkv, shared);
   return {
     format: PLAN_FORMAT,
     version: PLAN_VERSION,
@@ -283,8 +294,8 @@ export function makePlan(variant: Variant, dimsIn: BlockDims, opts: PlanOptions 
     ...(chunkAttention ? {} : { chunk_attention: false }),
     capacity_scope: capacityScope,
     streams: DEFAULT_STREAMS.map((s) => ({ ...s })),
-    forward: buildList(orders.forward, P, chunkQkv, chunkAttention, capacityScope),
-    backward: buildList(orders.backward, P, chunkQkv, chunkAttention, capacityScope),
+    forward: buildList(orders.forward, P, chunkQkv, chunkAttention, capacityScope, shared),
+    backward: buildList(orders.backward, P, chunkQkv, chunkAttention, capacityScope, shared),
     meta: { generator: GENERATOR, ...(opts.meta ?? {}) },
   };
 }

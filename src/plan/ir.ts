@@ -3,43 +3,53 @@
 // single source of truth: the TypeScript types are inferred from them and docs/plan.schema.json
 // is exported from them (scripts/export-plan-schema.ts).
 import { z } from "zod";
+import { OP_KIND_TABLE, type TableKind } from "./opkinds.ts";
 
 export const PLAN_FORMAT = "ampipe.plan";
-export const PLAN_VERSION = 2;
+export const PLAN_VERSION = 3;
 /** Why an older version is refused (its op lists lack a kind): regenerate it with `ampipe plan`. */
 export const OLD_VERSIONS: Record<number, string> = {
   1: "version 2 added the per-chunk 'counts' op (the count exchange before each dispatch) and 'capacity_scope'",
+  2: "version 3 added dims.moe_shared_expert_intermediate_size and the per-chunk 'shared'/'shared_bwd' ops of a shared expert",
 };
 
-export const FORWARD_KINDS = [
-  "qkv", "attn", "proj", "route", "counts", "dispatch", "experts", "combine", "unpermute", "aux_loss",
-] as const;
-export const BACKWARD_KINDS = [
-  "aux_loss_bwd", "unpermute_bwd", "combine_bwd", "experts_bwd", "dispatch_bwd",
-  "route_bwd", "proj_bwd", "attn_bwd", "qkv_bwd",
-] as const;
-export type ForwardKind = (typeof FORWARD_KINDS)[number];
-export type BackwardKind = (typeof BACKWARD_KINDS)[number];
-export type OpKind = ForwardKind | BackwardKind;
+type KindsOf<P extends "forward" | "backward"> = {
+  [K in TableKind]: (typeof OP_KIND_TABLE)[K]["pass"] extends P ? K : never;
+}[TableKind];
+export type ForwardKind = KindsOf<"forward">;
+export type BackwardKind = KindsOf<"backward">;
+export type OpKind = TableKind;
+const kindsOf = <P extends "forward" | "backward">(pass: P) =>
+  (Object.keys(OP_KIND_TABLE) as OpKind[]).filter((k) => OP_KIND_TABLE[k].pass === pass) as KindsOf<P>[];
+/** The kinds of each pass (src/plan/opkinds.ts), in the order a chunk goes through them. */
+export const FORWARD_KINDS: readonly ForwardKind[] = kindsOf("forward");
+export const BACKWARD_KINDS: readonly BackwardKind[] = kindsOf("backward");
 export const OP_KINDS: readonly OpKind[] = [...FORWARD_KINDS, ...BACKWARD_KINDS];
 
 /** Kinds that move tokens (or the counts before them) between ranks; they must run on a `comm` stream. */
-export const COMM_KINDS: ReadonlySet<OpKind> = new Set<OpKind>([
-  "counts", "dispatch", "combine", "dispatch_bwd", "combine_bwd",
-]);
+export const COMM_KINDS: ReadonlySet<OpKind> = new Set<OpKind>(OP_KINDS.filter((k) => OP_KIND_TABLE[k].stream === "comm"));
 /**
  * Kinds that always cover the whole sequence (`chunk: null`). `qkv`/`qkv_bwd` do too when
  * `chunk_qkv` is false, and `attn`/`attn_bwd` when `chunk_attention` is false (see `isWholeSequence`).
  */
-export const WHOLE_SEQUENCE_KINDS: ReadonlySet<OpKind> = new Set<OpKind>(["aux_loss", "aux_loss_bwd"]);
+export const WHOLE_SEQUENCE_KINDS: ReadonlySet<OpKind> = new Set<OpKind>(
+  OP_KINDS.filter((k) => (OP_KIND_TABLE[k] as { whole?: string }).whole === "always"));
 
 /** Whether an op of `kind` covers the whole sequence in a plan with these flags. */
 export function isWholeSequence(kind: OpKind, chunkQkv: boolean, chunkAttention = true): boolean {
-  if (WHOLE_SEQUENCE_KINDS.has(kind)) return true;
-  if (kind === "qkv" || kind === "qkv_bwd") return !chunkQkv;
-  if (kind === "attn" || kind === "attn_bwd") return !chunkAttention;
-  return false;
+  const whole = (OP_KIND_TABLE[kind] as { whole?: string }).whole;
+  return whole === "always" || (whole === "unless_chunk_qkv" && !chunkQkv) || (whole === "unless_chunk_attention" && !chunkAttention);
 }
+
+/** Whether a plan for a block with (or without) a shared expert has ops of `kind`. */
+export function kindPresent(kind: OpKind, sharedExpert: boolean): boolean {
+  const req = (OP_KIND_TABLE[kind] as { requires?: string }).requires;
+  return req === undefined || (req === "shared_expert" && sharedExpert);
+}
+
+/** Whether the block has a shared expert (its plan has `shared`/`shared_bwd` ops). */
+export const hasSharedExpert = (dims: { moe_shared_expert_intermediate_size?: number | null }): boolean =>
+  dims.moe_shared_expert_intermediate_size !== null && dims.moe_shared_expert_intermediate_size !== undefined;
 
 export const DTYPES = ["fp32", "bf16", "fp16"] as const;
 export type Dtype = (typeof DTYPES)[number];
@@ -70,6 +80,7 @@ export const BlockDimsSchema = z
     num_experts: posInt.describe("Experts in the MoE layer (over all expert-parallel ranks)."),
     moe_router_topk: posInt.describe("Experts chosen per token (k)."),
     moe_ffn_hidden_size: posInt.describe("Hidden size of one expert's FFN."),
+    moe_shared_expert_intermediate_size: posInt.nullable().default(null).describe("Hidden size of the shared expert's FFN, or null (no shared expert: the plan has no shared/shared_bwd ops)."),
     expert_model_parallel_size: posInt.describe("Ranks the experts are sharded over."),
     dtype: z.enum(DTYPES).describe("Activation dtype."),
   })
@@ -83,7 +94,10 @@ export const BlockDimsSchema = z
     if (d.num_experts % d.expert_model_parallel_size !== 0)
       issue("expert_model_parallel_size", `expert_model_parallel_size (${d.expert_model_parallel_size}) must divide num_experts (${d.num_experts})`);
   });
-export type BlockDims = z.infer<typeof BlockDimsSchema>;
+// The input type: dims written before the shared-expert field (or without it) are complete.
+export type BlockDims = z.input<typeof BlockDimsSchema>;
+/** Dims as parsed: every field present (what a plan carries). */
+export type ResolvedDims = z.output<typeof BlockDimsSchema>;
 
 export const StreamSchema = z
   .object({
@@ -166,7 +180,7 @@ export function formatIssues(error: z.ZodError, root = ""): string {
 }
 
 /** Parses dims, throwing an error that names each bad field. */
-export function parseDims(value: unknown, root = "dims"): BlockDims {
+export function parseDims(value: unknown, root = "dims"): ResolvedDims {
   const r = BlockDimsSchema.safeParse(value);
   if (!r.success) throw new Error(`invalid block dims:\n${formatIssues(r.error, root)}`);
   return r.data;

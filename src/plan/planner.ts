@@ -80,7 +80,8 @@ export function balancedBoundaries(model: CostModel, dims: BlockDims, P: number,
   const whole = [0, S];
   let flat = 0;
   let attn = 0;
-  for (const kind of ["qkv", "proj", "route", "experts", "unpermute", "qkv_bwd", "proj_bwd", "route_bwd", "experts_bwd", "unpermute_bwd"] as const)
+  for (const kind of ["qkv", "proj", "route", "experts", "unpermute", "qkv_bwd", "proj_bwd", "route_bwd", "experts_bwd", "unpermute_bwd",
+    "shared", "shared_bwd"] as const)
     flat += opTimeMs(model, dims, whole, kind, 0) - model.coefficients[kind].b;
   for (const kind of ["attn", "attn_bwd"] as const) attn += opTimeMs(model, dims, whole, kind, 0) - model.coefficients[kind].b;
   const alpha = flat / S;

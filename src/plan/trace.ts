@@ -70,7 +70,7 @@ export function chromeTrace(plan: Plan, sim: SimResult, label = "predicted"): Ch
 }
 
 const LETTER: Record<string, string> = {
-  qkv: "q", attn: "a", proj: "p", route: "r", counts: "n", dispatch: "d", experts: "e", combine: "c", unpermute: "u", aux_loss: "x",
+  qkv: "q", attn: "a", proj: "p", route: "r", counts: "n", dispatch: "d", experts: "e", combine: "c", unpermute: "u", aux_loss: "x", shared: "s",
 };
 
 /** One line per stream: each op drawn with its kind's letter, upper case on odd chunks; '.' is idle. */
@@ -92,5 +92,5 @@ export function textTimeline(plan: Plan, r: PassResult, width = 72): string[] {
 }
 
 export const TIMELINE_LEGEND =
-  "q qkv  a attn  p proj  r route  n counts  d dispatch  e experts  c combine  u unpermute  x aux_loss  " +
+  "q qkv  a attn  p proj  r route  n counts  d dispatch  e experts  c combine  s shared  u unpermute  x aux_loss  " +
   "(upper case: odd chunks; '.': idle)";

@@ -55,7 +55,7 @@ _DIM_FIELDS = {
 
 def fitting_plan_command(dims: Mapping[str, Any]) -> str:
     """The `ampipe plan` command that makes a plan with these dims."""
-    sets = " ".join(f"--set {_DIM_FIELDS.get(k, 'model.' + k)}={v}" for k, v in dims.items())
+    sets = " ".join(f"--set {_DIM_FIELDS.get(k, 'model.' + k)}={'null' if v is None else v}" for k, v in dims.items())
     return f"ampipe plan <config> {sets} --out plan.json"
 
 

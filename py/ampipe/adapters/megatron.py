@@ -18,6 +18,12 @@ What it reads (megatron-core 0.20):
   and transposed at each experts op: a temporary copy per chunk, differentiable, so the
   gradients reach the experts' own parameters);
   ``mlp.token_dispatcher`` is not used (ampipe permutes and exchanges the tokens itself);
+- with the config saying so: ``self_attention.q_layernorm``/``k_layernorm`` (QK layernorm,
+  before rope), ``mlp.shared_experts`` (called as it is; gated when
+  ``moe_shared_expert_gate``), ``mlp.router.expert_bias`` (chooses experts, sigmoid scores)
+  and ``mlp.router.local_tokens_per_expert`` (each call's kept slots are added, as
+  Megatron's router does, so its ``finalize_model_grads`` updates the bias); the router's
+  score function, scaling factor, group-limited top-k and capacity come from the config;
 - the call ``layer(hidden_states [s, b, H], attention_mask=None, rotary_pos_emb=freqs [s, 1, 1, d], ...)``
   returning ``(output, context)``; rope is applied non-interleaved (`rotate_half`) from the
   caller's angles;
@@ -87,20 +93,22 @@ def model_config_from_megatron(cfg: Any) -> ModelConfig:
         ("context_parallel_size", lambda v: (v or 1) > 1, "context parallelism is not supported"),
         ("sequence_parallel", bool, "sequence parallelism is not supported"),
         ("expert_tensor_parallel_size", lambda v: (v or 1) > 1, "expert tensor parallelism is not supported"),
-        ("moe_router_score_function", lambda v: (v or "softmax") != "softmax",
-         "only softmax scores are implemented"),
-        ("moe_router_topk_scaling_factor", lambda v: v not in (None, 1, 1.0), "scaled gates are not implemented"),
-        ("moe_expert_capacity_factor", lambda v: v is not None,
-         "token dropping: a chunked capacity is a different function (dropless routing is exact)"),
+        ("moe_router_score_function", lambda v: (v or "softmax") not in ("softmax", "sigmoid"),
+         "only softmax and sigmoid scores are implemented"),
+        ("moe_router_dtype", lambda v: v not in (None, "fp32"),
+         "ampipe computes the router in fp32 (moe_router_dtype None or fp32)"),
         ("moe_pad_expert_input_to_capacity", bool, "padding to capacity is not implemented"),
         ("moe_router_load_balancing_type", lambda v: (v or "aux_loss") not in ("aux_loss", "none"),
          "only the switch load-balancing loss ('aux_loss') is implemented"),
-        ("moe_router_num_groups", lambda v: v not in (None, 0, 1), "group-limited routing is not implemented"),
-        ("moe_router_enable_expert_bias", bool, "expert-bias (aux-loss-free) balancing is not implemented"),
         ("moe_input_jitter_eps", lambda v: v is not None, "input jitter is not implemented"),
-        ("moe_shared_expert_intermediate_size", lambda v: v is not None, "shared experts are not implemented"),
+        ("moe_router_force_load_balancing", bool, "random (benchmark) routing is not implemented"),
+        ("moe_router_force_biased", lambda v: v is not None, "random (benchmark) routing is not implemented"),
+        ("moe_enable_routing_replay", bool, "routing replay is not implemented"),
+        ("use_grouped_gemm_for_shared_expert", bool,
+         "the fused shared expert (FusedSharedExpertMLP) is not implemented"),
         ("rotary_interleaved", bool, "interleaved rope is not implemented (Megatron's default rotate_half is)"),
-        ("qk_layernorm", bool, "QK layernorm is not implemented"),
+        ("qk_l2_norm", bool, "L2 QK normalisation is not implemented (qk_layernorm is)"),
+        ("attention_output_gate", bool, "a gated attention output is not implemented"),
         ("multi_latent_attention", bool, "multi-latent attention is not implemented"),
         ("fp8", lambda v: bool(v), "fp8 is not supported"),
         ("moe_latent_size", lambda v: bool(v), "latent MoE projections are not implemented"),
@@ -146,7 +154,21 @@ def model_config_from_megatron(cfg: Any) -> ModelConfig:
             moe_router_score_order="softmax_then_topk" if _opt(cfg, "moe_router_pre_softmax", False)
             else "topk_then_softmax",
             moe_router_topk_renormalize=False,
-            moe_expert_capacity_factor=None,
+            moe_router_score_function=_opt(cfg, "moe_router_score_function") or "softmax",
+            moe_router_enable_expert_bias=bool(_opt(cfg, "moe_router_enable_expert_bias", False)),
+            moe_router_bias_update_rate=float(_opt(cfg, "moe_router_bias_update_rate", 1e-3)),
+            moe_router_topk_scaling_factor=_opt(cfg, "moe_router_topk_scaling_factor"),
+            # Megatron groups only when group_topk is set (num_groups alone does nothing).
+            moe_router_num_groups=_opt(cfg, "moe_router_num_groups") if _opt(cfg, "moe_router_group_topk") else None,
+            moe_router_group_topk=_opt(cfg, "moe_router_group_topk") or None,
+            # A capacity is sized over each call's tokens, dropping by Megatron's policy (the
+            # pipelined block: per chunk, or exactly with capacity_scope sequence + position).
+            moe_expert_capacity_factor=_capacity_factor(cfg),
+            moe_token_drop_policy=_opt(cfg, "moe_token_drop_policy") or "probs",
+            moe_shared_expert_intermediate_size=_opt(cfg, "moe_shared_expert_intermediate_size"),
+            moe_shared_expert_gate=bool(_opt(cfg, "moe_shared_expert_gate", False))
+            and _opt(cfg, "moe_shared_expert_intermediate_size") is not None,
+            qk_layernorm=bool(_opt(cfg, "qk_layernorm", False)),
             moe_aux_loss_coeff=float(aux),
             moe_z_loss_coeff=float(_opt(cfg, "moe_z_loss_coeff") or 0.0),
             moe_ffn_hidden_size=int(_opt(cfg, "moe_ffn_hidden_size") or _opt(cfg, "ffn_hidden_size")),
@@ -156,6 +178,12 @@ def model_config_from_megatron(cfg: Any) -> ModelConfig:
         )
     except ConfigError as e:
         raise NotSwappable(f"{e} (read from the layer's TransformerConfig)") from None
+
+
+def _capacity_factor(cfg: Any) -> float | None:
+    """Megatron treats a negative capacity factor as none (TransformerConfig.__post_init__)."""
+    cf = _opt(cfg, "moe_expert_capacity_factor")
+    return None if cf is None or cf < 0 else float(cf)
 
 
 def _moe_utils(router: nn.Module) -> tuple[Any, Callable[..., Any] | None]:
@@ -214,13 +242,18 @@ class MegatronLayerAdapter:
         mask_type = getattr(attn, "attn_mask_type", getattr(attn.core_attention, "attn_mask_type", None))
         if mask_type is None or not _is_causal(mask_type):
             raise NotSwappable(f"self_attention.attn_mask_type={mask_type}: the pipelined block is causal")
-        if getattr(attn, "q_layernorm", None) is not None or getattr(attn, "k_layernorm", None) is not None:
-            raise NotSwappable("self_attention.q_layernorm/k_layernorm: QK layernorm is not implemented")
-        if getattr(layer.mlp, "shared_experts", None) is not None:
-            raise NotSwappable("mlp.shared_experts: shared experts are not implemented")
+        self._check_qk_norms(attn, cfg)
+        self._check_shared_experts(layer.mlp, cfg)
         self._check_shape("mlp.router.weight", _path(layer, "mlp.router.weight"), (cfg.num_experts, H))
         if getattr(layer.mlp.router, "bias", None) is not None:
             raise NotSwappable("mlp.router.bias: a router bias is not implemented")
+        if cfg.moe_router_enable_expert_bias:
+            for name in ("expert_bias", "local_tokens_per_expert"):
+                t = getattr(layer.mlp.router, name, None)
+                if not isinstance(t, torch.Tensor):
+                    raise NotSwappable(f"config.moe_router_enable_expert_bias=True but mlp.router.{name} "
+                                       f"is not a tensor")
+                self._check_shape(f"mlp.router.{name}", t, (cfg.num_experts,))
         experts = layer.mlp.experts
         F1 = cfg.moe_ffn_hidden_size * (2 if cfg.moe_expert_activation == "swiglu" else 1)
         F_ = cfg.moe_ffn_hidden_size
@@ -270,6 +303,46 @@ class MegatronLayerAdapter:
                                f"expert-parallel rank {rank}")
         return ExpertParallel(group=group, size=size, rank=rank)
 
+    @classmethod
+    def _check_qk_norms(cls, attn: nn.Module, cfg: ModelConfig) -> None:
+        """``q_layernorm``/``k_layernorm`` present (per head: weight [d]) exactly when the
+        config says qk_layernorm."""
+        for name in ("q_layernorm", "k_layernorm"):
+            norm = getattr(attn, name, None)
+            if not cfg.qk_layernorm:
+                if norm is not None and type(norm).__name__ != "IdentityOp":
+                    raise NotSwappable(f"self_attention.{name} is set but config.qk_layernorm is False")
+                continue
+            if norm is None or not isinstance(getattr(norm, "weight", None), torch.Tensor):
+                raise NotSwappable(f"config.qk_layernorm=True but self_attention.{name} is not a norm "
+                                   f"with a weight")
+            cls._check_shape(f"self_attention.{name}.weight", norm.weight, (cfg.head_dim,))
+
+    @classmethod
+    def _check_shared_experts(cls, mlp: nn.Module, cfg: ModelConfig) -> None:
+        shared = getattr(mlp, "shared_experts", None)
+        if not cfg.has_shared_expert:
+            if shared is not None:
+                raise NotSwappable("mlp.shared_experts is set but config.moe_shared_expert_intermediate_size is None")
+            return
+        if shared is None:
+            raise NotSwappable("config.moe_shared_expert_intermediate_size is set but mlp.shared_experts is None")
+        Fs = cfg.moe_shared_expert_intermediate_size
+        F1 = Fs * (2 if cfg.moe_expert_activation == "swiglu" else 1)
+        H = cfg.hidden_size
+        cls._check_shape("mlp.shared_experts.linear_fc1.weight", _path(shared, "linear_fc1.weight"), (F1, H))
+        cls._check_shape("mlp.shared_experts.linear_fc2.weight", _path(shared, "linear_fc2.weight"), (H, Fs))
+        for name in ("linear_fc1", "linear_fc2"):
+            if getattr(getattr(shared, name), "bias", None) is not None:
+                raise NotSwappable(f"mlp.shared_experts.{name}.bias: shared experts have no biases")
+        gate = getattr(shared, "gate_weight", None)
+        if cfg.moe_shared_expert_gate:
+            if not isinstance(gate, torch.Tensor):
+                raise NotSwappable("config.moe_shared_expert_gate=True but mlp.shared_experts.gate_weight is None")
+            cls._check_shape("mlp.shared_experts.gate_weight", gate, (1, H))
+        elif gate is not None:
+            raise NotSwappable("mlp.shared_experts.gate_weight is set but config.moe_shared_expert_gate is False")
+
     @staticmethod
     def _check_shape(name: str, t: torch.Tensor, want: tuple[int, ...]) -> None:
         if tuple(t.shape) != want:
@@ -292,9 +365,29 @@ class MegatronLayerAdapter:
     @property
     def op_modules(self) -> dict[str, list[nn.Module]]:
         L = self.layer
-        return {"qkv": [L.input_layernorm, L.self_attention.linear_qkv],
-                "proj": [L.self_attention.linear_proj, L.pre_mlp_layernorm],
-                "route": [L.mlp.router], "experts": [L.mlp.experts]}
+        attn = L.self_attention
+        qk_norms = [attn.q_layernorm, attn.k_layernorm] if self.cfg.qk_layernorm else []
+        return {"qkv": [L.input_layernorm, attn.linear_qkv, *qk_norms],
+                "proj": [attn.linear_proj, L.pre_mlp_layernorm],
+                "route": [L.mlp.router], "experts": [L.mlp.experts],
+                "shared": [L.mlp.shared_experts] if self.cfg.has_shared_expert else []}
+
+    def q_norm(self, q: torch.Tensor) -> torch.Tensor:
+        return self.layer.self_attention.q_layernorm(q)
+
+    def k_norm(self, k: torch.Tensor) -> torch.Tensor:
+        return self.layer.self_attention.k_layernorm(k)
+
+    def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
+        return _unbias(self.layer.mlp.shared_experts(x))
+
+    @property
+    def expert_bias(self) -> torch.Tensor | None:
+        return getattr(self.layer.mlp.router, "expert_bias", None)
+
+    @property
+    def routed_counts(self) -> torch.Tensor | None:
+        return getattr(self.layer.mlp.router, "local_tokens_per_expert", None)
 
     def norm1(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer.input_layernorm(x)

@@ -31,6 +31,12 @@ Also the P=1 overhead (a one-chunk plan against the baseline, no emulation, pair
 `--overhead-iters` repetitions) and the memory ratio: on CUDA the peak allocated during a
 step; on CPU the bytes the step keeps alive for backward (tensors saved by autograd, plus
 what the executor holds), deduplicated by storage, since CPU has no allocator peak counter.
+
+``--shared-expert F`` runs it all twice: the block without a shared expert, then with one
+of FFN width F (Megatron's shared expert; the named schedules' ``-shared`` variants, where
+it is its own op per chunk), at the *same* emulated interconnect: the second run keeps the
+bandwidth the first calibrated for each ratio (the ratios are those of the block without
+it). Printed at the end: per ratio and plan, the speed-up without and with, side by side.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from ..pipeline.plan import Plan, load_plan, retarget_plan
 from .block import block_inputs, load_model_config, make_baseline_block
 from .timing import sync
 
-__all__ = ["bench_pipeline", "activation_bytes", "main"]
+__all__ = ["bench_pipeline", "compare_shared_expert", "activation_bytes", "main"]
 
 DEFAULT_MODEL = dict(num_layers=1, seq_length=512, micro_batch_size=2, hidden_size=256,
                      num_attention_heads=8, num_experts=4, moe_router_topk=2,
@@ -164,6 +170,8 @@ def _plans_for(cfg: ModelConfig, layer, names: list[str], plan_dir: Path,
     plans = {}
     for name in names:
         path = Path(name) if name.endswith(".json") else plan_dir / f"{name}.json"
+        if cfg.has_shared_expert and not name.endswith(".json") and (plan_dir / f"{name}-shared.json").is_file():
+            path = plan_dir / f"{name}-shared.json"  # the same schedule with the shared expert's ops
         if not name.endswith(".json") and not path.is_file():
             known = sorted(p.stem for p in plan_dir.glob("*.json"))
             raise SystemExit(f"--plan {name}: no schedule of that name in {plan_dir} "
@@ -180,7 +188,11 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
                    latency_us: float = 20.0, world_size: int = 8, warmup: int = 1,
                    iters: int = 10, overhead_iters: int = 30, seed: int = 0,
                    device: str | torch.device = "cpu", capacity_scope: str = "chunk",
-                   plan_dir: Path = SCHEDULES, log=print) -> dict[str, Any]:
+                   plan_dir: Path = SCHEDULES, bandwidths: dict[float, float] | None = None,
+                   log=print) -> dict[str, Any]:
+    """``bandwidths``: per ratio, the emulated bandwidth (GB/s) to use instead of the one that
+    makes the baseline's all-to-alls take ratio x its compute (to compare two blocks at one
+    interconnect)."""
     device = torch.device(device)
     layer = make_baseline_block(cfg, device=device, seed=seed)
     params = list(layer.parameters())
@@ -205,9 +217,11 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
     from ..runtime import freed_memory_kept
 
     malloc = "malloc keeping freed memory (ampipe.runtime)" if freed_memory_kept() else "default malloc settings"
+    shared = (f" shared expert {cfg.moe_shared_expert_intermediate_size}"
+              if cfg.has_shared_expert else "")
     log(f"baseline compute (no communication): {compute_ms:.2f} ms fwd+bwd "
         f"[{device}, {cfg.dtype}, s={cfg.seq_length} b={cfg.micro_batch_size} "
-        f"H={cfg.hidden_size} E={cfg.num_experts} top-{cfg.moe_router_topk}; {malloc}]; routing: "
+        f"H={cfg.hidden_size} E={cfg.num_experts} top-{cfg.moe_router_topk}{shared}; {malloc}]; routing: "
         + "; ".join(sorted(set(capacity.values()))))
     overhead_stats = {k: paired([t / tb - 1 for t, tb in zip(v, samples["baseline"][:len(v)])])
                       for k, v in samples.items() if k != "baseline" and plans[k].num_chunks == 1}
@@ -239,8 +253,8 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
         if budget_s <= 0:
             raise SystemExit(f"--ratios {r}: the latency alone exceeds r x compute; lower --latency-us")
         wire = 4 * a2a_bytes * (world_size - 1) / world_size
-        emu = EmulatedComm(latency_us=latency_us, bandwidth_gbps=wire / budget_s / 1e9,
-                           world_size=world_size)
+        bandwidth = bandwidths[r] if bandwidths is not None else wire / budget_s / 1e9
+        emu = EmulatedComm(latency_us=latency_us, bandwidth_gbps=bandwidth, world_size=world_size)
         blocks = {"baseline": EmulatedBaseline(layer, emu),
                   **{k: AMPipeBlock.from_layer(layer, p, emulated_comm=emu) for k, p in plans.items()}}
         samples = {k: [] for k in blocks}
@@ -298,6 +312,34 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
             "results": results}
 
 
+def compare_shared_expert(cfg: ModelConfig, width: int, plan_names: list[str], ratios: list[float],
+                          log=print, **options: Any) -> dict[str, Any]:
+    """`bench_pipeline` without a shared expert, then with one of FFN width ``width`` at the
+    bandwidths the first run calibrated (one emulated interconnect for both); the speed-ups
+    side by side per ratio and plan."""
+    without = cfg.replace(moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False)
+    with_shared = cfg.replace(moe_shared_expert_intermediate_size=width)
+    log("== without a shared expert ==")
+    base = bench_pipeline(without, plan_names, ratios, log=log, **options)
+    bandwidths = {row["ratio"]: row["bandwidth_gbps"] for row in base["results"]}
+    log(f"\n== with a shared expert (FFN {width}), the same emulated interconnect ==")
+    shared = bench_pipeline(with_shared, plan_names, ratios, bandwidths=bandwidths, log=log, **options)
+    rows = []
+    log(f"\nspeed-up over the baseline block, without -> with a shared expert (FFN {width}), "
+        f"same emulated interconnect; paired medians:")
+    for a, b in zip(base["results"], shared["results"]):
+        rows.append({"ratio": a["ratio"], "plan": a["plan"], "bandwidth_gbps": a["bandwidth_gbps"],
+                     "speedup_without": a["speedup"], "speedup_with": b["speedup"],
+                     "baseline_ms_without": a["baseline_ms"], "baseline_ms_with": b["baseline_ms"],
+                     "pipelined_ms_without": a["pipelined_ms"], "pipelined_ms_with": b["pipelined_ms"]})
+        log(f"  ratio {a['ratio']:<5g} {a['plan']:<16} {a['speedup']:.3f} -> {b['speedup']:.3f}   "
+            f"(baseline {a['baseline_ms']:.2f} -> {b['baseline_ms']:.2f} ms, "
+            f"pipelined {a['pipelined_ms']:.2f} -> {b['pipelined_ms']:.2f} ms)")
+    return {"label": "emulated communication, without and with a shared expert",
+            "shared_expert_intermediate_size": width, "without": base, "with": shared,
+            "comparison": rows}
+
+
 def _count(least: int):
     def parse(text: str) -> int:
         n = int(text)
@@ -332,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capacity-scope", choices=["chunk", "sequence"], default="chunk",
                     help="with a capacity factor, where the named schedules size it (sequence: exact, "
                          "needs moe_token_drop_policy=position)")
+    ap.add_argument("--shared-expert", type=_count(1), metavar="F",
+                    help="run without and then with a shared expert of FFN width F at the same "
+                         "emulated interconnect, and compare the speed-ups")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", metavar="FILE", help="write every figure as JSON")
@@ -346,12 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     defaults = [] if args.config else [f"{k}={v}" for k, v in DEFAULT_MODEL.items()]
     cfg = load_model_config(args.config, defaults + args.set)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    out = bench_pipeline(cfg, args.plan or list(DEFAULT_PLANS), ratios,
-                         latency_us=args.latency_us, world_size=args.world_size,
-                         warmup=args.warmup, iters=args.iters,
-                         overhead_iters=args.overhead_iters, seed=args.seed,
-                         device=args.device, capacity_scope=args.capacity_scope,
-                         plan_dir=Path(args.plan_dir))
+    options = dict(latency_us=args.latency_us, world_size=args.world_size, warmup=args.warmup,
+                   iters=args.iters, overhead_iters=args.overhead_iters, seed=args.seed,
+                   device=args.device, capacity_scope=args.capacity_scope, plan_dir=Path(args.plan_dir))
+    plans = args.plan or list(DEFAULT_PLANS)
+    if args.shared_expert:
+        out = compare_shared_expert(cfg, args.shared_expert, plans, ratios, **options)
+    else:
+        out = bench_pipeline(cfg, plans, ratios, **options)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -16,7 +16,13 @@ Layouts the adapter answers in (both Megatron-Core's):
 - ``expert_weights()``: ``w1 [E_local, H, F1]`` (SwiGLU: gate half first), ``w2
   [E_local, F, H]``, optional ``bias1 [E_local, F1]``, ``bias2 [E_local, H]``; views or
   differentiable stacks of the layer's own parameters (autograd reaches them);
-- ``router_weight()`` ``[E, H]``.
+- ``router_weight()`` ``[E, H]``;
+- optional parts, read only when ``cfg`` says the layer has them: ``q_norm``/``k_norm``
+  (``cfg.qk_layernorm``; per head, over the head dim), ``shared_expert(x)`` (the gated shared
+  expert's output, ``cfg.moe_shared_expert_intermediate_size``), ``expert_bias`` and
+  ``routed_counts`` (``cfg.moe_router_enable_expert_bias``: the [E] fp32 bias added to the
+  scores when choosing experts, and the [E] fp32 buffer the kept slots per expert are added
+  into, for the bias update after the step).
 """
 
 from __future__ import annotations
@@ -78,8 +84,9 @@ class LayerAdapter(Protocol):
 
     @property
     def op_modules(self) -> Mapping[str, Sequence[nn.Module]]:
-        """For the op kinds ``qkv``, ``proj``, ``route``, ``experts``: the modules whose
-        parameters that op differentiates. Together they must hold every parameter of ``adapted``."""
+        """For the op kinds ``qkv``, ``proj``, ``route``, ``experts`` and ``shared``: the modules
+        whose parameters that op differentiates (a missing kind: none). Together they must hold
+        every parameter of ``adapted``."""
 
     def pipelined_forward(self, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """The pipelined layer's ``forward``: takes the layer's own call arguments, calls
@@ -97,3 +104,22 @@ class LayerAdapter(Protocol):
     def router_weight(self) -> torch.Tensor: ...
 
     def expert_weights(self) -> ExpertWeights: ...
+
+    # Only when cfg says the layer has them:
+
+    def q_norm(self, q: torch.Tensor) -> torch.Tensor:
+        """``cfg.qk_layernorm``: the query norm of ``[..., heads, d]``."""
+
+    def k_norm(self, k: torch.Tensor) -> torch.Tensor:
+        """``cfg.qk_layernorm``: the key norm of ``[..., groups, d]``."""
+
+    def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
+        """``cfg.moe_shared_expert_intermediate_size``: the (gated) shared expert of ``x``."""
+
+    @property
+    def expert_bias(self) -> torch.Tensor | None:
+        """``cfg.moe_router_enable_expert_bias``: the [E] bias added to the scores to choose experts."""
+
+    @property
+    def routed_counts(self) -> torch.Tensor | None:
+        """``cfg.moe_router_enable_expert_bias``: the [E] fp32 buffer kept slots are counted into."""

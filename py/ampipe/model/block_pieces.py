@@ -23,7 +23,8 @@ count exchange  ``ep_comm.exchange_counts(kept, ep)``              counts
 EP dispatch     ``dispatch(layer, permuted, layout) -> Dispatched``  dispatch
 experts         ``experts(layer, dispatched)``                     experts
 EP combine      ``combine(layer, expert_out, dispatched)``         combine
-unpermute       ``unpermute(layer, combined, permuted, routing, h_c) -> y_c``  unpermute
+shared expert   ``shared_expert(layer, normed_c) -> out_c``          shared
+unpermute       ``unpermute(layer, combined, permuted, routing, h_c, shared_c) -> y_c``  unpermute
 aux losses      ``moe_losses(layer.cfg, sum_stats(stats...))``     aux_loss
 dense MLP       ``dense_mlp(layer, normed_c, h_c) -> y_c``         (dense layers)
 
@@ -50,8 +51,8 @@ from .rope import apply_rope, rope_cos_sin
 __all__ = [
     "QKV", "Routing", "RoutingStats", "Permuted", "Dispatched", "MoELosses",
     "qkv", "attention", "proj", "route", "permute", "dispatch", "dispatch_rows", "dispatched_rows",
-    "experts_ffn", "experts", "combine", "combine_rows", "unpermute", "dense_mlp", "moe_losses", "sum_stats", "block_forward", "wire_dtype",
-    "capacity_row_map", "running_capacity_row_map",
+    "experts_ffn", "experts", "combine", "combine_rows", "unpermute", "dense_mlp", "moe_losses", "sum_stats",
+    "block_forward", "wire_dtype", "capacity_row_map", "running_capacity_row_map", "shared_expert", "count_routed",
 ]
 
 
@@ -81,6 +82,8 @@ def qkv(layer: LayerAdapter, x: torch.Tensor, position_offset: int = 0,
     mixed = layer.qkv_proj(layer.norm1(x)).view(s, b, g, (hpg + 2) * d)
     q, k, v = torch.split(mixed, [hpg * d, d, d], dim=-1)
     q = q.reshape(s, b, g * hpg, d)  # query head i belongs to group i // hpg
+    if cfg.qk_layernorm:  # per head, before rope (Megatron's get_query_key_value_tensors)
+        q, k = layer.q_norm(q), layer.k_norm(k)
     if rope is not None:
         cos, sin = (t[position_offset:position_offset + s] for t in rope)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -110,10 +113,12 @@ def proj(layer: LayerAdapter, context: torch.Tensor, residual: torch.Tensor) -> 
 class RoutingStats:
     """What the auxiliary losses need, as sums over tokens, so chunks add up exactly.
 
-    ``tokens_per_expert`` [E] fp32: slots routed to each expert by top-k (before any capacity
-    drop; no gradient). ``probs_sum`` [E] fp32: sum over tokens of the softmax over *all*
-    experts. ``z_sum``: sum over tokens of ``logsumexp(logits)^2``. The last two carry the
-    gradient of the losses back to the router.
+    ``tokens_per_expert`` [E] fp32: slots routed to each expert by the plain top-k of the
+    scores below (before any capacity drop, without expert bias or groups; no gradient).
+    ``probs_sum`` [E] fp32: sum over tokens of the scores over *all* experts (the softmax; with
+    sigmoid scores, the sigmoids normalised to sum 1 per token), as Megatron's
+    `compute_routing_scores_for_aux_loss`. ``z_sum``: sum over tokens of
+    ``logsumexp(logits)^2``. The last two carry the gradient of the losses back to the router.
     """
 
     tokens_per_expert: torch.Tensor
@@ -151,35 +156,84 @@ class Routing:
     stats: RoutingStats
 
 
-def route(layer: LayerAdapter, normed: torch.Tensor) -> Routing:
-    """Router logits (fp32) → scores → top-k → gates, plus the chunk's routing statistics.
+def _topk(scores: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over experts, or Megatron's group-limited top-k (`group_limited_topk`): the experts
+    form ``moe_router_num_groups`` groups; each token keeps the ``moe_router_group_topk`` groups
+    with the largest sum of their top-(k / group_topk) scores and takes its k experts there."""
+    K, Gk = cfg.moe_router_topk, cfg.moe_router_group_topk
+    if not Gk:
+        return torch.topk(scores, K, dim=-1)
+    T, E = scores.shape
+    G = cfg.moe_router_num_groups
+    group_scores = scores.view(T, G, E // G).topk(K // Gk, dim=-1).values.sum(dim=-1)
+    groups = torch.topk(group_scores, Gk, dim=-1, sorted=False).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, groups, True)
+    masked = scores.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
+    return torch.topk(masked, K, dim=-1)
 
-    ``softmax_then_topk``: gates are the top-k of the softmax over all experts (renormalised to
-    sum to 1 when ``moe_router_topk_renormalize``). ``topk_then_softmax``: gates are the softmax
-    over the k largest logits (they sum to 1 already).
+
+def route(layer: LayerAdapter, normed: torch.Tensor) -> Routing:
+    """Router logits (fp32) → scores → top-k → gates, plus the chunk's routing statistics
+    (Megatron's `topk_routing_with_score_function`).
+
+    softmax scores: ``softmax_then_topk``: gates are the top-k of the softmax over all experts
+    (renormalised to sum to 1 when ``moe_router_topk_renormalize``); ``topk_then_softmax``:
+    gates are the softmax over the k largest logits. sigmoid scores: experts are chosen by
+    ``sigmoid(logits) + expert_bias`` (the bias only chooses), the gates are the chosen
+    sigmoids, normalised to sum to 1 when k > 1. Either way the choice can be group-limited
+    (`_topk`) and the gates are then multiplied by ``moe_router_topk_scaling_factor``.
     """
     cfg = layer.cfg
     x = normed.reshape(-1, normed.shape[-1])
     with torch.autocast(device_type=x.device.type, enabled=False):
         logits = F.linear(x.float(), layer.router_weight().float())
-    probs = torch.softmax(logits, dim=-1)
     K = cfg.moe_router_topk
-    if cfg.moe_router_score_order == "softmax_then_topk":
-        gates, indices = torch.topk(probs, K, dim=-1)
-        if cfg.moe_router_topk_renormalize:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
+    plain = not cfg.moe_router_group_topk  # the choice is the plain top-k of the aux scores
+    if cfg.moe_router_score_function == "sigmoid":
+        scores = torch.sigmoid(logits)
+        bias = layer.expert_bias if cfg.moe_router_enable_expert_bias else None
+        if bias is not None:
+            plain = False
+            indices = _topk(scores + bias.float(), cfg)[1]
+            gates = scores.gather(1, indices)
+        else:
+            gates, indices = _topk(scores, cfg)
+        if K > 1:
+            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+        aux_scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
     else:
-        top_logits, indices = torch.topk(logits, K, dim=-1)
-        gates = torch.softmax(top_logits, dim=-1)
+        aux_scores = torch.softmax(logits, dim=-1)
+        if cfg.moe_router_score_order == "softmax_then_topk":
+            gates, indices = _topk(aux_scores, cfg)
+            if cfg.moe_router_topk_renormalize:
+                gates = gates / gates.sum(dim=-1, keepdim=True)
+        else:
+            top_logits, indices = _topk(logits, cfg)
+            gates = torch.softmax(top_logits, dim=-1)
+    if cfg.moe_router_topk_scaling_factor:
+        gates = gates * cfg.moe_router_topk_scaling_factor
+    # The load-balancing loss counts the plain top-k of its scores (no bias, no groups).
+    aux_indices = indices if plain else torch.topk(aux_scores.detach(), K, dim=-1).indices
     counts = torch.zeros(cfg.num_experts, dtype=torch.float32, device=x.device)
-    counts.scatter_add_(0, indices.reshape(-1), torch.ones(indices.numel(), dtype=torch.float32, device=x.device))
+    counts.scatter_add_(0, aux_indices.reshape(-1),
+                        torch.ones(aux_indices.numel(), dtype=torch.float32, device=x.device))
     stats = RoutingStats(
         tokens_per_expert=counts,
-        probs_sum=probs.sum(dim=0),
+        probs_sum=aux_scores.sum(dim=0),
         z_sum=torch.logsumexp(logits, dim=-1).square().sum(),
         num_tokens=x.shape[0],
     )
     return Routing(indices=indices, gates=gates, logits=logits, stats=stats)
+
+
+def count_routed(layer: LayerAdapter, kept_per_expert: torch.Tensor) -> None:
+    """Add a forward's kept slots per expert [E] into the layer's ``routed_counts`` (the
+    expert-bias update's input, Megatron's ``local_tokens_per_expert``), when the layer has
+    an expert bias and grad is enabled (as Megatron's router: not in evaluation)."""
+    counts = layer.routed_counts if layer.cfg.moe_router_enable_expert_bias else None
+    if counts is not None:
+        with torch.no_grad():
+            counts.add_(kept_per_expert.to(counts.dtype))
 
 
 @dataclass
@@ -387,12 +441,21 @@ def combine_rows(expert_output: torch.Tensor, dispatched: Dispatched) -> torch.T
     return ep_comm.to_source_major(expert_output, dispatched.layout)
 
 
+def shared_expert(layer: LayerAdapter, normed: torch.Tensor) -> torch.Tensor:
+    """The shared expert (gated, when the layer's is) on a chunk's normed tokens ``[s_c, b, H]``."""
+    return layer.shared_expert(normed)
+
+
 def unpermute(
-    layer: LayerAdapter, combined: torch.Tensor, permuted: Permuted, routing: Routing, residual: torch.Tensor
+    layer: LayerAdapter, combined: torch.Tensor, permuted: Permuted, routing: Routing, residual: torch.Tensor,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gate-weighted unpermute (dropped slots add 0) → hidden dropout → + residual → ``y_c``."""
+    """Gate-weighted unpermute (dropped slots add 0) (+ the shared expert's output) → hidden
+    dropout → + residual → ``y_c``."""
     gates = routing.gates.to(combined.dtype)
     out = ops.unpermute(combined, permuted.row_map, gates).view(residual.shape)
+    if shared is not None:
+        out = out + shared
     return residual + F.dropout(out, p=layer.cfg.hidden_dropout, training=layer.training)
 
 
@@ -418,8 +481,11 @@ def block_forward(layer: LayerAdapter, x: torch.Tensor) -> tuple[torch.Tensor, M
         return dense_mlp(layer, normed, h), None
     routing = route(layer, normed)
     permuted = permute(layer, normed, routing)
+    if torch.is_grad_enabled():
+        count_routed(layer, permuted.tokens_per_expert)
     dispatched = dispatch(layer, permuted)
     expert_output = experts(layer, dispatched)
     combined = combine(layer, expert_output, dispatched)
-    y = unpermute(layer, combined, permuted, routing, h)
+    shared = shared_expert(layer, normed) if layer.cfg.has_shared_expert else None
+    y = unpermute(layer, combined, permuted, routing, h, shared)
     return y, moe_losses(layer.cfg, routing.stats)

@@ -28,6 +28,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 _NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 _POSITIONS = ("learned_absolute", "rope")
 _SCORE_ORDERS = ("softmax_then_topk", "topk_then_softmax")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
 _ACTIVATIONS = ("gelu", "swiglu")
 DROP_POLICIES = ("probs", "position")
 
@@ -84,6 +85,19 @@ class ModelConfig:
     moe_router_topk: int = 2
     moe_router_score_order: str = "softmax_then_topk"  # | topk_then_softmax
     moe_router_topk_renormalize: bool = False
+    # Megatron's router options (same names and semantics; docs/model.md, Router):
+    # sigmoid scores (then the gates are the chosen scores normalised to sum 1 for top-k > 1,
+    # and score_order/renormalize do not apply), a per-expert bias that changes which experts
+    # are chosen but not the gates (aux-loss-free balancing, sigmoid only), updated after each
+    # step from the step's per-expert counts at this rate, a factor on the gates, and
+    # group-limited top-k (experts in `num_groups` groups; each token picks `group_topk` groups
+    # by the sum of their top-(k/group_topk) scores, then its k experts inside them).
+    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_num_groups: int | None = None
+    moe_router_group_topk: int | None = None
     moe_expert_capacity_factor: float | None = None  # None = dropless
     # Which slots a full expert drops (Megatron's flag): probs keeps the highest gates,
     # position the earliest tokens. Only with a capacity factor.
@@ -92,6 +106,13 @@ class ModelConfig:
     moe_z_loss_coeff: float = 0.001
     moe_ffn_hidden_size: int = 256
     moe_expert_activation: str = "swiglu"  # gelu | swiglu (dense MLP layers use it too)
+    # A dense expert every token goes through beside the routed ones (Megatron's shared
+    # experts: FFN width, same activation, no biases), its output optionally scaled by
+    # sigmoid(x @ gate_weight^T) (`moe_shared_expert_gate`). None = no shared expert.
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
+    # LayerNorm/RMSNorm (model.normalization) of each query and key head before rope.
+    qk_layernorm: bool = False
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; parameters stay fp32)
 
     # Not part of the schema: where the errors point, for configs nested under another key.
@@ -156,10 +177,17 @@ class ModelConfig:
         return layer_number % self.moe_layer_freq == 0
 
     def expert_capacity(self, num_tokens: int) -> int | None:
-        """Slots per expert for a chunk of `num_tokens` tokens: ceil(cf * T * K / E); None = dropless."""
+        """Slots per expert for a chunk of `num_tokens` tokens: ceil(T * K / E * cf); None = dropless.
+
+        Evaluated in Megatron's order (`get_capacity`: ``ceil((T*K / E) * cf)``), so a value
+        that rounds to just above an integer rounds the same way in both."""
         if self.moe_expert_capacity_factor is None:
             return None
-        return math.ceil(self.moe_expert_capacity_factor * num_tokens * self.moe_router_topk / self.num_experts)
+        return math.ceil((num_tokens * self.moe_router_topk / self.num_experts) * self.moe_expert_capacity_factor)
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.moe_shared_expert_intermediate_size is not None
 
     # ----------------------------------------------------------------- checks
 
@@ -176,11 +204,13 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 self._fail(name, f"must be a positive integer; got {v!r}")
-        for name in ("num_query_groups", "kv_channels"):
+        for name in ("num_query_groups", "kv_channels", "moe_shared_expert_intermediate_size",
+                     "moe_router_num_groups", "moe_router_group_topk"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 self._fail(name, f"must be a positive integer or null; got {v!r}")
-        for name in ("add_bias_linear", "untie_embeddings_and_output_weights", "moe_router_topk_renormalize"):
+        for name in ("add_bias_linear", "untie_embeddings_and_output_weights", "moe_router_topk_renormalize",
+                     "moe_router_enable_expert_bias", "moe_shared_expert_gate", "qk_layernorm"):
             if not isinstance(getattr(self, name), bool):
                 self._fail(name, f"must be true or false; got {getattr(self, name)!r}")
 
@@ -202,6 +232,11 @@ class ModelConfig:
         for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
             if number(name) < 0:
                 self._fail(name, f"must be >= 0; got {getattr(self, name)}")
+        if number("moe_router_bias_update_rate") < 0:
+            self._fail("moe_router_bias_update_rate", f"must be >= 0; got {self.moe_router_bias_update_rate}")
+        if self.moe_router_topk_scaling_factor is not None and number("moe_router_topk_scaling_factor") <= 0:
+            self._fail("moe_router_topk_scaling_factor",
+                       f"must be > 0 or null (no scaling); got {self.moe_router_topk_scaling_factor}")
         if self.moe_expert_capacity_factor is not None and number("moe_expert_capacity_factor") <= 0:
             self._fail("moe_expert_capacity_factor", f"must be > 0 or null (dropless); got {self.moe_expert_capacity_factor}")
 
@@ -209,6 +244,7 @@ class ModelConfig:
             ("normalization", _NORMALIZATIONS),
             ("position_embedding_type", _POSITIONS),
             ("moe_router_score_order", _SCORE_ORDERS),
+            ("moe_router_score_function", SCORE_FUNCTIONS),
             ("moe_expert_activation", _ACTIVATIONS),
             ("moe_token_drop_policy", DROP_POLICIES),
             ("dtype", tuple(TORCH_DTYPES)),
@@ -230,10 +266,36 @@ class ModelConfig:
             )
         if self.moe_router_topk > self.num_experts:
             self._fail("moe_router_topk", f"must be <= model.num_experts ({self.num_experts}); got {self.moe_router_topk}")
+        self._check_router()
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            self._fail("moe_shared_expert_gate", "needs model.moe_shared_expert_intermediate_size (a shared expert to gate)")
+        if self.moe_shared_expert_intermediate_size is not None and self.add_bias_linear:
+            self._fail("moe_shared_expert_intermediate_size",
+                       "shared experts have no biases (as in Megatron): needs model.add_bias_linear false")
         if self.moe_layer_freq > self.num_layers:
             self._fail("moe_layer_freq", f"must be <= model.num_layers ({self.num_layers}); got {self.moe_layer_freq}")
         if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
             self._fail("kv_channels", f"rotary embeddings need an even head dim; got {self.head_dim}")
+
+    def _check_router(self) -> None:
+        """The router options together (Megatron's TransformerConfig rules, and what group-limited
+        top-k needs to choose k experts at all)."""
+        if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+            self._fail("moe_router_enable_expert_bias",
+                       f"needs model.moe_router_score_function: sigmoid (as in Megatron); got "
+                       f"{self.moe_router_score_function}")
+        G, Gk, E, K = self.moe_router_num_groups, self.moe_router_group_topk, self.num_experts, self.moe_router_topk
+        if Gk is None:
+            return
+        if G is None:
+            self._fail("moe_router_group_topk", "needs model.moe_router_num_groups (group-limited routing)")
+        if E % G != 0:
+            self._fail("moe_router_num_groups", f"must divide model.num_experts ({E}); got {G}")
+        if Gk > G:
+            self._fail("moe_router_group_topk", f"must be <= model.moe_router_num_groups ({G}); got {Gk}")
+        if K > Gk * (E // G):
+            self._fail("moe_router_group_topk",
+                       f"{Gk} group(s) of {E // G} experts cannot hold model.moe_router_topk ({K}) experts")
 
     def check_parallel(self, expert_model_parallel_size: int, world_size: int | None = None) -> None:
         """The checks that need the parallel layout (names the parallelism field when it is at fault)."""

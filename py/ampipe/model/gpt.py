@@ -22,7 +22,7 @@ from torch import nn
 from ..parallel.groups import ExpertParallel
 from .block_pieces import MoELosses
 from .config import ModelConfig
-from .layers import GroupedMLP, RMSNorm, TransformerLayer, make_norm
+from .layers import GroupedMLP, RMSNorm, SharedExpertMLP, TransformerLayer, make_norm
 
 __all__ = ["GPTModel", "GPTOutput", "autocast_context", "init_parameters"]
 
@@ -180,7 +180,8 @@ def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str =
     """Megatron's initialisation, drawn from one CPU generator per (parameter, global expert).
 
     Weights ~ N(0, init_method_std), output projections (``linear_proj``, ``linear_fc2``,
-    experts' ``weight2``) ~ N(0, std / sqrt(2 * num_layers)); norms 1, biases 0. Each global
+    experts' ``weight2``) ~ N(0, std / sqrt(2 * num_layers)); norms 1, biases 0; the shared
+    expert's ``gate_weight`` ~ N(0, std); the expert bias (a buffer) stays 0. Each global
     expert has its own generator, so the global weights do not depend on the EP size or the
     device, and the same seed gives the same model. Works on a `GPTModel` or a lone
     `TransformerLayer`: draws are keyed by ``prefix`` + the module names under ``model``, so
@@ -209,5 +210,7 @@ def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int, prefix: str =
             module.weight.copy_(_normal(module.weight.shape, out_std if is_out else std, _generator(seed, mname)))
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
+        elif isinstance(module, SharedExpertMLP) and module.gate_weight is not None:
+            module.gate_weight.copy_(_normal(module.gate_weight.shape, std, _generator(seed, f"{mname}.gate_weight")))
         elif mname.endswith("mlp.router"):
             module.weight.copy_(_normal(module.weight.shape, std, _generator(seed, mname)))

@@ -18,7 +18,8 @@ from ..parallel.groups import ExpertParallel
 from .adapter import ExpertWeights
 from .config import ModelConfig
 
-__all__ = ["RMSNorm", "make_norm", "SelfAttention", "TopKRouter", "GroupedMLP", "MoELayer", "MLP", "TransformerLayer"]
+__all__ = ["RMSNorm", "make_norm", "SelfAttention", "TopKRouter", "GroupedMLP", "SharedExpertMLP", "MoELayer",
+           "MLP", "TransformerLayer"]
 
 
 class RMSNorm(nn.Module):
@@ -35,10 +36,12 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, size: int | None = None) -> nn.Module:
+    """`model.normalization` over the last ``size`` features (default: the hidden size)."""
+    size = cfg.hidden_size if size is None else size
     if cfg.normalization == "RMSNorm":
-        return RMSNorm(cfg.hidden_size, eps=cfg.norm_epsilon)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon)
+        return RMSNorm(size, eps=cfg.norm_epsilon)
+    return nn.LayerNorm(size, eps=cfg.norm_epsilon)
 
 
 class SelfAttention(nn.Module):
@@ -57,15 +60,33 @@ class SelfAttention(nn.Module):
         qkv_out = (self.num_heads + 2 * self.num_groups) * self.head_dim
         self.linear_qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.add_bias_linear)
         self.linear_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.add_bias_linear)
+        # QK layernorm (Megatron's `q_layernorm`, `k_layernorm`): each head's query and key
+        # normalised over the head dim, after the split and before rope.
+        self.q_layernorm = make_norm(cfg, self.head_dim) if cfg.qk_layernorm else None
+        self.k_layernorm = make_norm(cfg, self.head_dim) if cfg.qk_layernorm else None
 
 
 class TopKRouter(nn.Module):
-    """``weight`` [E, H], kept and applied in fp32 (Megatron-Core's `TopKRouter`)."""
+    """``weight`` [E, H], kept and applied in fp32 (Megatron-Core's `TopKRouter`).
+
+    With ``moe_router_enable_expert_bias`` it also holds Megatron's two buffers: ``expert_bias``
+    [E] fp32 (in the state dict; added to the scores when choosing experts) and
+    ``local_tokens_per_expert`` [E] fp32 (not saved): the slots routed to each expert (after
+    any capacity drop) by every forward with grad enabled since the last bias update
+    (`ampipe.model.expert_bias.update_expert_bias`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, dtype=torch.float32))
         nn.init.normal_(self.weight, std=cfg.init_method_std)
+        if cfg.moe_router_enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+            self.register_buffer("local_tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32),
+                                 persistent=False)
+        else:
+            self.expert_bias = None
+            self.local_tokens_per_expert = None
 
 
 class GroupedMLP(nn.Module):
@@ -114,8 +135,35 @@ class GroupedMLP(nn.Module):
         return self.weight2.view(self.num_local_experts, self.ffn_hidden_size, self.hidden_size)
 
 
+class SharedExpertMLP(nn.Module):
+    """Megatron-Core's `SharedExpertMLP`: a dense FFN of ``moe_shared_expert_intermediate_size``
+    (``linear_fc1`` [F1s, H], ``linear_fc2`` [H, Fs], no biases, the experts' activation) that
+    every token goes through; with ``moe_shared_expert_gate`` its output is scaled by
+    ``sigmoid(x @ gate_weightᵀ)``, ``gate_weight`` [1, H]. Replicated on every EP rank."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        F_ = cfg.moe_shared_expert_intermediate_size
+        self.activation = cfg.moe_expert_activation
+        f1 = F_ * (2 if self.activation == "swiglu" else 1)
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, f1, bias=False)
+        self.linear_fc2 = nn.Linear(F_, cfg.hidden_size, bias=False)
+        if cfg.moe_shared_expert_gate:
+            self.gate_weight = nn.Parameter(torch.empty(1, cfg.hidden_size))
+            nn.init.normal_(self.gate_weight, std=cfg.init_method_std)
+        else:
+            self.register_parameter("gate_weight", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear_fc2(activation(self.linear_fc1(x), self.activation))
+        if self.gate_weight is not None:
+            out = out * torch.sigmoid(F.linear(x, self.gate_weight))
+        return out
+
+
 class MoELayer(nn.Module):
-    """``router`` + ``experts``; holds the expert-parallel group the experts are sharded over."""
+    """``router`` + ``experts`` (+ ``shared_experts``); holds the expert-parallel group the
+    experts are sharded over."""
 
     def __init__(self, cfg: ModelConfig, ep: ExpertParallel):
         super().__init__()
@@ -124,6 +172,7 @@ class MoELayer(nn.Module):
         self.num_local_experts = cfg.num_experts // ep.size
         self.router = TopKRouter(cfg)
         self.experts = GroupedMLP(cfg, self.num_local_experts, ep.rank * self.num_local_experts)
+        self.shared_experts = SharedExpertMLP(cfg) if cfg.has_shared_expert else None
 
 
 class MLP(nn.Module):
@@ -189,9 +238,13 @@ class TransformerLayer(nn.Module):
 
     @property
     def op_modules(self) -> dict[str, list[nn.Module]]:
-        return {"qkv": [self.input_layernorm, self.self_attention.linear_qkv],
-                "proj": [self.self_attention.linear_proj, self.pre_mlp_layernorm],
-                "route": [self.mlp.router], "experts": [self.mlp.experts]}
+        attn = self.self_attention
+        qk_norms = [m for m in (attn.q_layernorm, attn.k_layernorm) if m is not None]
+        shared = self.mlp.shared_experts
+        return {"qkv": [self.input_layernorm, attn.linear_qkv, *qk_norms],
+                "proj": [attn.linear_proj, self.pre_mlp_layernorm],
+                "route": [self.mlp.router], "experts": [self.mlp.experts],
+                "shared": [shared] if shared is not None else []}
 
     def norm1(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_layernorm(x)
@@ -205,8 +258,25 @@ class TransformerLayer(nn.Module):
     def norm2(self, h: torch.Tensor) -> torch.Tensor:
         return self.pre_mlp_layernorm(h)
 
+    def q_norm(self, q: torch.Tensor) -> torch.Tensor:
+        return self.self_attention.q_layernorm(q)
+
+    def k_norm(self, k: torch.Tensor) -> torch.Tensor:
+        return self.self_attention.k_layernorm(k)
+
     def router_weight(self) -> torch.Tensor:
         return self.mlp.router.weight
+
+    @property
+    def expert_bias(self) -> torch.Tensor | None:
+        return self.mlp.router.expert_bias
+
+    @property
+    def routed_counts(self) -> torch.Tensor | None:
+        return self.mlp.router.local_tokens_per_expert
+
+    def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.shared_experts(x)
 
     def expert_weights(self) -> ExpertWeights:
         ex = self.mlp.experts

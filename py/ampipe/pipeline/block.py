@@ -49,14 +49,14 @@ from ..model.block_pieces import MoELosses, Permuted, Routing, RoutingStats
 from ..model.config import check_capacity_scope
 from ..parallel import expert_comm as ep_comm
 from .emulation import DelayInjector, EmulatedComm
-from .plan import (Plan, PlanError, PlanOp, check_cuda_streams, check_dims, compute_stream_count,
-                   data_needs, load_plan)
+from .plan import (PARAM_KINDS, Plan, PlanError, PlanOp, check_cuda_streams, check_dims,
+                   compute_stream_count, data_needs, load_plan)
 from .streams import CommWork, OpTimes, StreamExecutor, shared_executor
 
 __all__ = ["AMPipeBlock", "apply_ampipe", "unapply_ampipe", "block_dims"]
 
-# The op kinds whose islands differentiate parameters (`LayerAdapter.op_modules`).
-_PARAM_KINDS = ("qkv", "proj", "route", "experts")
+# The op kinds whose islands differentiate parameters (`LayerAdapter.op_modules`; op_kinds.json).
+_PARAM_KINDS = PARAM_KINDS
 
 
 def block_dims(layer: LayerAdapter, seq_length: int | None = None,
@@ -71,6 +71,7 @@ def block_dims(layer: LayerAdapter, seq_length: int | None = None,
         "num_experts": cfg.num_experts,
         "moe_router_topk": cfg.moe_router_topk,
         "moe_ffn_hidden_size": cfg.moe_ffn_hidden_size,
+        "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size,
         "expert_model_parallel_size": layer.ep.size,
         "dtype": cfg.dtype,
     }
@@ -228,6 +229,9 @@ class _Step:
                               if self.sequence_capacity else None)
         # Parameter gradients need cross-stream ordering only with several compute streams.
         self.order_param_grads = self.cuda and block._compute_streams > 1
+        # Expert bias: count the kept slots per expert (grad enabled at the call, as Megatron).
+        self.count_routed = (cfg.moe_router_enable_expert_bias and torch.is_grad_enabled()
+                             and self.layer.routed_counts is not None)
         # The delay the emulation put on each comm op, per pass (`AMPipeBlock.last_delays_ms`).
         self.delays_ms: dict[str, dict[str, float]] = {"forward": {}, "backward": {}}
 
@@ -342,7 +346,9 @@ class _Step:
         self._keep(("proj", c), [cin, rin], [h, normed], params)
 
     def _f_route(self, c: int) -> None:
-        nin = _leaf(self.values.pop(("normed", c)), self.track)
+        # A shared expert reads the normed tokens too (unpermute drops them).
+        normed = self.values[("normed", c)] if self.plan.shared_expert else self.values.pop(("normed", c))
+        nin = _leaf(normed, self.track)
         params = self.block._kind_params["route"]
 
         # capacity_scope sequence: the whole sequence's capacity, chunk by chunk (`position`
@@ -362,6 +368,8 @@ class _Step:
             self.routed_before = before.scatter_add(0, flat, torch.ones_like(flat))
         self.values[("routing", c)] = routing
         self.values[("permuted", c)] = permuted
+        if self.count_routed:
+            self.values[("kept", c)] = permuted.tokens_per_expert
         self._keep(("route", c), [nin], [permuted.buffer, routing.gates,
                                          routing.stats.probs_sum, routing.stats.z_sum], params)
 
@@ -430,6 +438,15 @@ class _Step:
             self.values[("combined", c)] = received
         return self._exchange("forward", "combine", c, rows, d.layout.send_splits, d.layout.recv_splits, then)
 
+    def _f_shared(self, c: int) -> None:
+        """The shared expert of chunk c: compute-stream work with no communication, which the
+        generators place where it hides an all-to-all of the routed experts."""
+        nin = _leaf(self.values[("normed", c)], self.track)
+        params = self.block._kind_params["shared"]
+        out = self._run([nin], lambda n: pieces.shared_expert(self.layer, n))
+        self.values[("shared", c)] = out
+        self._keep(("shared", c), [nin], [out], params)
+
     def _f_unpermute(self, c: int) -> None:
         lo, hi = self.plan.chunk_rows(c)
         routing: Routing = self.values[("routing", c)]
@@ -437,8 +454,12 @@ class _Step:
         comb = _leaf(self.values.pop(("combined", c)), self.track)
         gin = _leaf(routing.gates, self.track)
         hin = _leaf(self.values.pop(("h", c)), self.track)
-        y = self._run([comb, gin, hin], lambda a, g, h: pieces.unpermute(
-            self.layer, a, permuted, dataclasses.replace(routing, gates=g), h))
+        inputs = [comb, gin, hin]
+        if self.plan.shared_expert:
+            self.values.pop(("normed", c), None)
+            inputs.append(_leaf(self.values.pop(("shared", c)), self.track))
+        y = self._run(inputs, lambda a, g, h, *shared: pieces.unpermute(
+            self.layer, a, permuted, dataclasses.replace(routing, gates=g), h, *shared))
         if (lo, hi) == (0, self.x.shape[0]):
             self.y = y.detach()  # one chunk: its output is the block output
         else:
@@ -447,7 +468,7 @@ class _Step:
             self.y[lo:hi].copy_(y.detach())
             if self.track:
                 y.data = self.y[lo:hi]  # keep y once, in the block output
-        self._keep(("unpermute", c), [comb, gin, hin], [y], [])
+        self._keep(("unpermute", c), inputs, [y], [])
 
     def _f_aux_loss(self, c: None) -> None:
         stats: list[RoutingStats] = [self.values[("routing", j)].stats
@@ -462,6 +483,10 @@ class _Step:
         flat = [t for pair in leaves for t in pair]
         self.losses = self._run(flat, fn)
         self._keep(("aux_loss", None), flat, [self.losses.aux_loss, self.losses.z_loss], [])
+        if self.count_routed:  # the expert bias's counts: the step's kept slots, summed over chunks, once
+            kept = [self.values.pop(("kept", j)) for j in range(self.plan.num_chunks)]
+            self._mark_used(*kept)
+            pieces.count_routed(self.layer, torch.stack(kept).sum(dim=0))
 
     # -- backward ops ------------------------------------------------------------------
 
@@ -602,10 +627,16 @@ class _Step:
     def _b_unpermute(self, c: int) -> None:
         lo, hi = self.plan.chunk_rows(c)
         gy = None if self.grad_y is None else self.grad_y[lo:hi]
-        g_comb, g_gates, g_h = self._run_island_backward(("unpermute", c), [gy])
+        g_comb, g_gates, g_h, *g_shared = self._run_island_backward(("unpermute", c), [gy])
         self._put(("combined", c), g_comb)
         self._put(("gates", c), g_gates)
         self._put(("h", c), g_h)
+        if g_shared:
+            self._put(("shared", c), g_shared[0])
+
+    def _b_shared(self, c: int) -> None:
+        (g_n,) = self._run_island_backward(("shared", c), [self._slot(("shared", c))])
+        self._put(("normed", c), g_n)
 
     def _b_combine(self, c: int) -> CommWork:
         layout = self.layouts[c]
@@ -767,6 +798,14 @@ class _Engine:
         self._op_ids = {(op.kind, op.chunk): op.id for op in (*plan.forward, *plan.backward)}
         # What each op reads (the CPU executor finishes those comm ops before running it).
         self._needs = {"forward": data_needs(plan, True), "backward": data_needs(plan, False)}
+        # What a user should know about running this layer with this plan (`SwapReport.notes`).
+        self.notes: list[str] = []
+        if adapter.cfg.moe_expert_capacity_factor is not None and plan.capacity_scope == "chunk" \
+                and plan.num_chunks > 1:
+            self.notes.append(
+                "capacity sized per chunk (capacity_scope chunk, the paper's): a different function from "
+                "the layer's whole-sequence capacity wherever a chunk fills an expert (exact: a plan with "
+                "capacity_scope sequence and moe_token_drop_policy position)")
         self._compute_streams = compute_stream_count(plan)
         self._param_key: tuple[int, ...] | None = None
         self._kind_params: dict[str, list[nn.Parameter]] = {}
@@ -784,7 +823,7 @@ class _Engine:
         key = tuple(map(id, params))
         if key != self._param_key:
             mods = self.adapter.op_modules
-            self._kind_params = {k: [p for m in mods[k] for p in m.parameters()] for k in _PARAM_KINDS}
+            self._kind_params = {k: [p for m in mods.get(k, ()) for p in m.parameters()] for k in _PARAM_KINDS}
             covered = {id(p) for ps in self._kind_params.values() for p in ps}
             missing = [n for n, p in self.adapter.adapted.named_parameters() if id(p) not in covered]
             if missing:

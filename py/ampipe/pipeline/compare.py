@@ -34,7 +34,8 @@ _DIM_TO_FIELD = {"num_query_groups": "num_query_groups", "kv_channels": "kv_chan
                  "seq_length": "seq_length", "micro_batch_size": "micro_batch_size",
                  "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
                  "num_experts": "num_experts", "moe_router_topk": "moe_router_topk",
-                 "moe_ffn_hidden_size": "moe_ffn_hidden_size", "dtype": "dtype"}
+                 "moe_ffn_hidden_size": "moe_ffn_hidden_size", "dtype": "dtype",
+                 "moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size"}
 
 
 def model_config_from_plan(plan: Plan, base: ModelConfig | Mapping[str, Any] | None = None,

@@ -1,9 +1,14 @@
-"""Loading and validating ampipe plans (docs/contracts.md section 2, format version 2).
+"""Loading and validating ampipe plans (docs/contracts.md section 2, format version 3).
 
 A plan is data written by the TypeScript planner. Nothing runs until `validate_plan` has
 checked that every op's data dependencies happen-before it (through `deps` edges and the
 order of ops on one stream), so a wrong schedule is an error that names the op, never a
 silent race or a wrong gradient.
+
+The op kinds — their pass, stream kind, whole-sequence rule, reads (data needs), backward and
+whether they differentiate parameters — come from ``op_kinds.json``, written from the
+TypeScript table (src/plan/opkinds.ts) by scripts/export-plan-schema.ts, so both validators
+read one definition.
 """
 
 from __future__ import annotations
@@ -16,27 +21,32 @@ from pathlib import Path
 from typing import Any
 
 PLAN_FORMAT = "ampipe.plan"
-SUPPORTED_VERSIONS = (2,)
+# The op-kind table (src/plan/opkinds.ts), for the plan version it describes.
+OP_KINDS: dict[str, dict[str, Any]] = json.loads(
+    (Path(__file__).with_name("op_kinds.json")).read_text())["kinds"]
+SUPPORTED_VERSIONS = (3,)
 # What changed, for a plan of an older version (rejected: its op lists lack an op kind).
 _OLD_VERSIONS = {1: "version 2 added the per-chunk 'counts' op (the count exchange before each "
-                    "dispatch) and 'capacity_scope'"}
+                    "dispatch) and 'capacity_scope'",
+                 2: "version 3 added dims.moe_shared_expert_intermediate_size and the per-chunk "
+                    "'shared'/'shared_bwd' ops of a shared expert"}
 CAPACITY_SCOPES = ("chunk", "sequence")
 
-FORWARD_CHUNK_KINDS = ("attn", "proj", "route", "counts", "dispatch", "experts", "combine", "unpermute")
-BACKWARD_CHUNK_KINDS = ("unpermute_bwd", "combine_bwd", "experts_bwd", "dispatch_bwd",
-                        "route_bwd", "proj_bwd", "attn_bwd")
-FORWARD_KINDS = ("qkv", *FORWARD_CHUNK_KINDS, "aux_loss")
-BACKWARD_KINDS = ("aux_loss_bwd", *BACKWARD_CHUNK_KINDS, "qkv_bwd")
+FORWARD_KINDS = tuple(k for k, v in OP_KINDS.items() if v["pass"] == "forward")
+BACKWARD_KINDS = tuple(k for k, v in OP_KINDS.items() if v["pass"] == "backward")
 # The all-to-alls (and the count exchange before each dispatch): they run on communication
 # streams (a comm thread on CPU), every other kind on a compute stream. Keeping collectives
 # on comm streams also keeps their order identical on every rank.
-COMM_KINDS = frozenset({"counts", "dispatch", "combine", "dispatch_bwd", "combine_bwd"})
+COMM_KINDS = frozenset(k for k, v in OP_KINDS.items() if v["stream"] == "comm")
+# Forward kinds whose islands differentiate parameters (`LayerAdapter.op_modules`).
+PARAM_KINDS = tuple(k for k, v in OP_KINDS.items() if v.get("params"))
 STREAM_KINDS = ("compute", "comm")
 
-# dims keys a plan must carry (contracts.md section 2).
+# dims keys a plan must carry (contracts.md section 2); the shared expert's defaults to null.
 DIM_KEYS = ("seq_length", "micro_batch_size", "hidden_size", "num_attention_heads",
             "num_query_groups", "kv_channels", "num_experts", "moe_router_topk",
-            "moe_ffn_hidden_size", "expert_model_parallel_size", "dtype")
+            "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+            "expert_model_parallel_size", "dtype")
 
 
 class PlanError(ValueError):
@@ -82,6 +92,15 @@ class Plan:
     @property
     def num_chunks(self) -> int:
         return len(self.boundaries) - 1
+
+    @property
+    def shared_expert(self) -> bool:
+        """Whether the block has a shared expert (the plan has `shared`/`shared_bwd` ops)."""
+        return self.dims.get("moe_shared_expert_intermediate_size") is not None
+
+    def has_kind(self, kind: str) -> bool:
+        """Whether this plan has ops of `kind` (a shared expert's only with one)."""
+        return OP_KINDS[kind].get("requires") != "shared_expert" or self.shared_expert
 
     def chunk_rows(self, chunk: int) -> tuple[int, int]:
         """[start, end) sequence rows of a chunk."""
@@ -180,7 +199,7 @@ def parse_plan(doc: Mapping[str, Any]) -> Plan:
         why = f"; {_OLD_VERSIONS[version]}: regenerate it with `ampipe plan`" if version in _OLD_VERSIONS else ""
         raise PlanError(f"plan: unsupported version {version!r} "
                         f"(this ampipe reads versions {list(SUPPORTED_VERSIONS)}){why}")
-    dims = _require(doc, "dims", Mapping, "plan")
+    dims = {"moe_shared_expert_intermediate_size": None, **_require(doc, "dims", Mapping, "plan")}
     boundaries = _require(doc, "boundaries", list, "plan")
     if not all(isinstance(b, int) and not isinstance(b, bool) for b in boundaries):
         raise PlanError("plan: 'boundaries' must be integers")
@@ -235,9 +254,9 @@ def validate_plan(plan: Plan) -> None:
 
 def _is_whole(plan: Plan, kind: str) -> bool:
     """Whether ops of `kind` cover the whole sequence (chunk null) in this plan."""
-    return (kind in ("aux_loss", "aux_loss_bwd")
-            or (kind in ("qkv", "qkv_bwd") and not plan.chunk_qkv)
-            or (kind in ("attn", "attn_bwd") and not plan.chunk_attention))
+    whole = OP_KINDS[kind].get("whole")
+    return (whole == "always" or (whole == "unless_chunk_qkv" and not plan.chunk_qkv)
+            or (whole == "unless_chunk_attention" and not plan.chunk_attention))
 
 
 def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence[str],
@@ -252,6 +271,9 @@ def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence
         index[op.id] = i
         if op.kind not in kinds:
             raise PlanError(f"{where}: unknown kind {op.kind!r} for the {name} pass")
+        if not plan.has_kind(op.kind):
+            raise PlanError(f"{where}: kind {op.kind!r} needs a shared expert, but "
+                            f"dims.moe_shared_expert_intermediate_size is null")
         if op.stream not in stream_kind:
             raise PlanError(f"{where}: unknown stream {op.stream!r}")
         want = "comm" if op.is_comm else "compute"
@@ -274,6 +296,8 @@ def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence
                 raise PlanError(f"{where}: dep '{d}' is not an earlier op of the {name} pass")
     # Completeness: every kind for every chunk, exactly once (duplicates rejected above).
     for kind in kinds:
+        if not plan.has_kind(kind):
+            continue
         whole = _is_whole(plan, kind)
         for c in ([None] if whole else range(P)):
             if (kind, c) not in by_kind:
@@ -304,44 +328,28 @@ def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence
                         f"'{other}'; both accumulate dK/dV in place into shared prefixes")
 
 
-_FORWARD_PREV = {"proj": "attn", "counts": "route", "experts": "dispatch", "combine": "experts"}
-_BACKWARD_PREV = {"combine_bwd": "unpermute_bwd", "experts_bwd": "combine_bwd",
-                  "dispatch_bwd": "experts_bwd", "attn_bwd": "proj_bwd"}
-
-
-def _needs(plan: Plan, op: PlanOp, forward: bool) -> list[tuple[str, int | None]]:
-    """The (kind, chunk) ops whose results `op` reads (contracts.md section 2)."""
+def _needs(plan: Plan, op: PlanOp, forward: bool = True) -> list[tuple[str, int | None]]:
+    """The (kind, chunk) ops whose results `op` reads: its kind's reads (op_kinds.json) for this
+    plan. A read of a kind that covers the whole sequence here is its one whole-sequence op;
+    one of a kind the plan lacks (no shared expert) is dropped."""
     c, P = op.chunk, plan.num_chunks
-    if forward:
-        if op.kind == "attn":
-            return [("qkv", j) for j in (range(P if c is None else c + 1) if plan.chunk_qkv
-                                         else [None])]
-        if op.kind == "proj" and not plan.chunk_attention:
-            return [("attn", None)]
-        if op.kind in _FORWARD_PREV:
-            return [(_FORWARD_PREV[op.kind], c)]
-        if op.kind == "route":  # sequence scope: chunk c's drops follow the earlier chunks' counts
-            return [("proj", c)] + ([("route", c - 1)] if plan.capacity_scope == "sequence" and c > 0 else [])
-        if op.kind == "dispatch":  # the permuted rows, and the split sizes
-            return [("counts", c), ("route", c)]
-        if op.kind == "unpermute":
-            return [("combine", c), ("route", c), ("proj", c)]
-        if op.kind == "aux_loss":
-            return [("route", j) for j in range(P)]
-        return []
-    if op.kind == "attn_bwd" and c is None:
-        return [("proj_bwd", j) for j in range(P)]
-    if op.kind in _BACKWARD_PREV:
-        return [(_BACKWARD_PREV[op.kind], c)]
-    if op.kind == "route_bwd":
-        return [("dispatch_bwd", c), ("unpermute_bwd", c), ("aux_loss_bwd", None)]
-    if op.kind == "proj_bwd":
-        return [("route_bwd", c), ("unpermute_bwd", c)]
-    if op.kind == "qkv_bwd":
-        if not plan.chunk_attention:
-            return [("attn_bwd", None)]
-        return [("attn_bwd", j) for j in (range(c, P) if plan.chunk_qkv else range(P))]
-    return []
+    out: list[tuple[str, int | None]] = []
+    for read in OP_KINDS[op.kind]["reads"]:
+        kind, rel = read["kind"], read["chunk"]
+        if read.get("when") == "capacity_sequence" and plan.capacity_scope != "sequence":
+            continue
+        if not plan.has_kind(kind):
+            continue
+        if _is_whole(plan, kind):
+            out.append((kind, None))
+            continue
+        chunks = {"same": range(P) if c is None else [c],
+                  "prev": [c - 1] if c is not None and c > 0 else [],
+                  "all": range(P),
+                  "upto": range(P if c is None else c + 1),
+                  "from": range(0 if c is None else c, P)}[rel]
+        out.extend((kind, j) for j in chunks)
+    return out
 
 
 def data_needs(plan: Plan, forward: bool = True) -> dict[str, list[str]]:
@@ -368,9 +376,12 @@ def _happens_before(ops: Sequence[PlanOp], index: Mapping[str, int]) -> list[int
     return hb
 
 
+_FORWARD_OF = {v["backward"]: k for k, v in OP_KINDS.items() if v.get("backward")}
+
+
 def forward_kind(backward_kind: str) -> str:
     """The forward kind whose island a backward kind differentiates (`attn_bwd` -> `attn`)."""
-    return backward_kind[:-len("_bwd")]
+    return _FORWARD_OF[backward_kind]
 
 
 def check_cuda_streams(plan: Plan) -> None:

@@ -27,16 +27,19 @@ __all__ = ["SwapReport", "swap_blocks", "unswap_blocks", "pipeline_layers", "bas
 
 @dataclasses.dataclass
 class SwapReport:
-    """What `swap_blocks` did: the layers swapped (module names) and those left as they
-    were, each with the reason."""
+    """What `swap_blocks` did: the layers swapped (module names), those left as they were,
+    each with the reason, and notes on swapped layers (e.g. a capacity the plan sizes per
+    chunk: a different function from the layer's own)."""
 
     swapped: list[str]
     skipped: dict[str, str]
     plan: Plan | None = None
+    notes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"swapped {len(self.swapped)} layer(s): {', '.join(self.swapped) or '-'}"]
         lines += [f"left unswapped: {name}: {why}" for name, why in self.skipped.items()]
+        lines += [f"note: {name}: {note}" for name, notes in self.notes.items() for note in notes]
         return "\n".join(lines)
 
 
@@ -73,7 +76,8 @@ def swap_blocks(model: nn.Module, plan: Plan | str | Path | Mapping[str, Any],
             raise PlanError(f"{label}: {e}") from None
     for _, layer, engine in chosen:  # every check passed: now change the model
         _install(layer, engine)
-    return SwapReport([label for label, _, _ in chosen], skipped, plan)
+    return SwapReport([label for label, _, _ in chosen], skipped, plan,
+                      {label: engine.notes for label, _, engine in chosen if engine.notes})
 
 
 def unswap_blocks(model: nn.Module) -> list[str]:

@@ -57,6 +57,7 @@ def expected_dims(config: Mapping[str, Any]) -> dict[str, Any]:
         "num_experts": model.num_experts,
         "moe_router_topk": model.moe_router_topk,
         "moe_ffn_hidden_size": model.moe_ffn_hidden_size,
+        "moe_shared_expert_intermediate_size": model.moe_shared_expert_intermediate_size,
         "expert_model_parallel_size": int(par.get("expert_model_parallel_size", 1)),
         "dtype": model.dtype,
     }

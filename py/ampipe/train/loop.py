@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from .. import spans
 from ..model.config import ConfigError, ModelConfig
+from ..model.expert_bias import update_expert_bias
 from ..model.gpt import GPTModel
 from ..parallel.grad_sync import sync_gradients
 from ..parallel.groups import ParallelGroups
@@ -254,6 +255,7 @@ class Trainer:
                 sums[2] += float(out.z_loss.detach())
         with span("grad_sync", "phase"):
             sync_gradients(self.model, self.groups)
+            update_expert_bias(self.model, self.groups.dp_group)  # aux-loss-free balancing, as Megatron after the grads
         skipped = False
         if self.loss_scale is not None:
             with span("loss_scale", "phase"):

@@ -20,10 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # megatron_double
 from rank_procs import gloo_rank  # noqa: E402
 
 import megatron_double as md  # noqa: E402
+import test_megatron_features as f  # noqa: E402
 import test_megatron_swap as t  # noqa: E402
 from ampipe.pipeline import swap_blocks  # noqa: E402
 
-CASES = {"sequential": dict(grouped=False), "grouped": dict(grouped=True, groups=1, pre_softmax=True, glu=False)}
+CASES = {"sequential": dict(grouped=False), "grouped": dict(grouped=True, groups=1, pre_softmax=True, glu=False),
+         # every feature of test_megatron_features.py: the shared expert is replicated, the
+         # expert bias's counts and update (local, from this rank's batch) compared too
+         "features": f.FEATURES["all"]}
 
 
 def shard(model: nn.Module, rank: int, size: int, group) -> nn.Module:
@@ -65,9 +69,9 @@ def main() -> None:
         rank, size = a.rank, a.world
         group = dist.group.WORLD
         for case, kw in CASES.items():
-            full = t.make_model(**kw)
+            full = f.bias_model(t.make_model(**kw))
             El = 4 // size
-            refs = [t.run(full, *t.batch(seed=10 + j)) for j in range(size)]
+            refs = [f.run_counted(full, *t.batch(seed=10 + j)) for j in range(size)]
             want = dict(refs[rank])
             for k in list(want):
                 if not k.startswith("grad.") or ".mlp.experts." not in k:
@@ -83,10 +87,10 @@ def main() -> None:
                     view = total.view(4, H, -1) if k.endswith("weight1") else total.view(4, -1, H)
                     want[k] = view[rank * El:(rank + 1) * El].reshape(
                         (H, -1) if k.endswith("weight1") else (-1, H))
-            model = shard(t.make_model(**kw), rank, size, group)  # same seed: same weights
-            report = swap_blocks(model, t.plan_for(model, expert_model_parallel_size=size))
+            model = shard(f.bias_model(t.make_model(**kw)), rank, size, group)  # same seed: same weights
+            report = swap_blocks(model, f.plan_for(model, "interleaved-p2"))
             assert report.swapped == ["decoder.layers.0", "decoder.layers.1"], report
-            got = t.run(model, *t.batch(seed=10 + rank))
+            got = f.run_counted(model, *t.batch(seed=10 + rank))
             t.assert_close(want, got)
             print(f"megatron double EP={size} {case} ok", flush=True)
 

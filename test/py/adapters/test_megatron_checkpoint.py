@@ -119,3 +119,47 @@ def test_transformer_engine_names_are_read_too():
     double.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, double(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["RMSNorm", "LayerNorm"])
+def test_a_checkpoint_of_a_modern_moe_loads_and_computes_the_same_logits(tmp_path, norm):
+    # QK layernorm, a gated shared expert, sigmoid scores with an expert bias (a buffer in the
+    # checkpoint), scaled gates and group-limited top-k: the double's names and values load into
+    # ampipe's GPT, whose own math then gives the double's logits; saving gives them back.
+    router = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                  moe_router_topk_scaling_factor=2.5, moe_router_num_groups=2, moe_router_group_topk=1)
+    mcfg = md.TransformerConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, num_moe_experts=4,
+        moe_router_topk=2, moe_ffn_hidden_size=16, gated_linear_unit=True, activation_func=F.silu,
+        normalization=norm, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        qk_layernorm=True, moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True, **router)
+    double = md.GPTModel(mcfg, vocab_size=V, max_sequence_length=S, seed=5)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in double.state_dict(keep_vars=True).items():
+            if "q_layernorm" in name or "k_layernorm" in name or name.endswith("expert_bias"):
+                t.copy_(1 + torch.randn(t.shape, generator=g) * 0.5 if "layernorm" in name
+                        else (torch.rand(t.shape, generator=g) - 0.5) * 0.2)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, seq_length=S,
+                      micro_batch_size=B, vocab_size=V, normalization=norm, position_embedding_type="rope",
+                      add_bias_linear=False, untie_embeddings_and_output_weights=True, num_experts=4,
+                      moe_router_topk=2, moe_ffn_hidden_size=16, moe_expert_activation="swiglu", qk_layernorm=True,
+                      moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True, **router)
+    model = GPTModel(cfg, seed=0)
+    path = tmp_path / "model_optim_rng.pt"
+    torch.save({"model": double.state_dict(), "iteration": 1}, path)
+    report = load_megatron_state_dict(model, path)
+    assert report.missing == [] and report.unexpected == []
+    for key in ("decoder.layers.0.self_attention.q_layernorm.weight", "decoder.layers.1.mlp.shared_experts.gate_weight",
+                "decoder.layers.1.mlp.shared_experts.linear_fc2.weight", "decoder.layers.0.mlp.router.expert_bias"):
+        assert key in report.loaded
+    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(0))
+    double.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, double(ids), rtol=1e-5, atol=1e-5)
+    back = megatron_state_dict(model, "SequentialMLP")
+    ref = double.state_dict()
+    assert sorted(back) == sorted(ref)
+    for k in ref:
+        torch.testing.assert_close(back[k], ref[k], rtol=0, atol=0, msg=k)

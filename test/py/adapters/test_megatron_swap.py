@@ -157,9 +157,12 @@ def test_unrecognised_layers_are_reported_by_name_and_left_alone():
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("moe_router_score_function", "sigmoid", "config.moe_router_score_function='sigmoid'"),
-    ("moe_expert_capacity_factor", 1.0, "config.moe_expert_capacity_factor=1.0"),
-    ("qk_layernorm", True, "config.qk_layernorm=True"),
+    ("moe_router_score_function", "sqrtsoftplus", "config.moe_router_score_function='sqrtsoftplus'"),
+    ("moe_router_load_balancing_type", "seq_aux_loss", "config.moe_router_load_balancing_type='seq_aux_loss'"),
+    ("moe_pad_expert_input_to_capacity", True, "config.moe_pad_expert_input_to_capacity=True"),
+    ("moe_router_dtype", "fp64", "config.moe_router_dtype='fp64'"),
+    # the config says QK layernorm, the layer has no q_layernorm module
+    ("qk_layernorm", True, "config.qk_layernorm=True but self_attention.q_layernorm"),
     ("tensor_model_parallel_size", 2, "config.tensor_model_parallel_size=2"),
 ])
 def test_features_the_block_does_not_implement_are_refused_naming_the_field(field, value, needle):
@@ -282,4 +285,5 @@ def test_expert_parallel_double_equals_ep1(tmp_path):
 
     out = run_ranks(Path(__file__).with_name("megatron_ep_worker.py"), 2, tmp_path)
     for r, text in enumerate(out):
-        assert "megatron double EP=2 sequential ok" in text and "megatron double EP=2 grouped ok" in text, (r, text)
+        for case in ("sequential", "grouped", "features"):
+            assert f"megatron double EP=2 {case} ok" in text, (r, text)

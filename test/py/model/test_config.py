@@ -39,6 +39,19 @@ def test_from_dict_accepts_a_whole_experiment_config_and_rejects_unknown_keys():
         ({"num_layers": 0}, "model.num_layers"),
         ({"moe_router_topk": True}, "model.moe_router_topk"),
         ({"kv_channels": 7, "num_attention_heads": 4}, "model.kv_channels"),  # odd head dim with rope
+        ({"moe_router_score_function": "sqrtsoftplus"}, "model.moe_router_score_function"),
+        ({"moe_router_enable_expert_bias": True}, "model.moe_router_enable_expert_bias"),  # needs sigmoid
+        ({"moe_router_topk_scaling_factor": 0.0}, "model.moe_router_topk_scaling_factor"),
+        ({"moe_router_bias_update_rate": -1.0}, "model.moe_router_bias_update_rate"),
+        ({"moe_router_group_topk": 1}, "model.moe_router_group_topk"),  # no num_groups
+        ({"num_experts": 6, "moe_router_num_groups": 4, "moe_router_group_topk": 1}, "model.moe_router_num_groups"),
+        ({"num_experts": 8, "moe_router_num_groups": 2, "moe_router_group_topk": 3}, "model.moe_router_group_topk"),
+        ({"num_experts": 8, "moe_router_topk": 4, "moe_router_num_groups": 4, "moe_router_group_topk": 1},
+         "model.moe_router_group_topk"),  # one group of two experts cannot hold four
+        ({"moe_shared_expert_gate": True}, "model.moe_shared_expert_gate"),
+        ({"moe_shared_expert_intermediate_size": 64, "add_bias_linear": True}, "model.moe_shared_expert_intermediate_size"),
+        ({"moe_shared_expert_intermediate_size": 0}, "model.moe_shared_expert_intermediate_size"),
+        ({"qk_layernorm": 1}, "model.qk_layernorm"),
     ],
 )
 def test_invalid_configs_name_the_field(changes, field):

@@ -188,3 +188,109 @@ def test_experts_handle_empty_experts_and_an_empty_chunk():
     assert bp.experts_ffn(layer, x[:0], [0, 0, 0, 0]).shape == (0, 8)
     with pytest.raises(ValueError, match="do not cover"):
         bp.experts_ffn(layer, x, [1, 1, 1, 1])
+
+
+# ------------------------------------------------------------------ sigmoid, expert bias, groups, scaling
+
+
+def hand_sigmoid_route(logits, K, bias=None, scale=None, groups=None):
+    """Megatron's sigmoid routing, token by token in Python: experts chosen by sigmoid + bias
+    (within the `group_topk` best groups of `num_groups`, ranked by their top-(K/group_topk)
+    scores), gates the chosen sigmoids normalised (K > 1) then scaled; the aux-loss scores are
+    the sigmoids normalised over every expert, counted at their plain top-K."""
+    E = len(logits[0])
+    bias = bias or [0.0] * E
+    counts, psum, out = [0.0] * E, [0.0] * E, []
+    for row in logits:
+        s = [1 / (1 + math.exp(-v)) for v in row]
+        sel = [s[e] + bias[e] for e in range(E)]
+        allowed = list(range(E))
+        if groups:
+            G, Gk = groups
+            per = E // G
+            score = [sum(sorted(sel[g * per:(g + 1) * per], reverse=True)[:K // Gk]) for g in range(G)]
+            best = sorted(range(G), key=lambda g: -score[g])[:Gk]
+            allowed = [e for e in range(E) if e // per in best]
+        top = sorted(allowed, key=lambda e: -sel[e])[:K]
+        gates = [s[e] for e in top]
+        if K > 1:
+            gates = [g / sum(gates) for g in gates]
+        gates = [g * (scale or 1.0) for g in gates]
+        out.append((top, gates))
+        norm = [v / sum(s) for v in s]
+        for e in range(E):
+            psum[e] += norm[e]
+        for e in sorted(range(E), key=lambda e: -norm[e])[:K]:
+            counts[e] += 1
+    return out, counts, psum
+
+
+@pytest.mark.parametrize("K,bias,scale,groups", [
+    (2, None, None, None),
+    (3, [0.3, -0.2, 0.05, 0.0, 0.4, -0.1], None, None),  # the bias changes the choice, not the gates
+    (1, [0.0, 0.9, 0.0, 0.0, 0.0, 0.0], 2.5, None),  # top-1: no normalisation, then the factor
+    (2, [0.1, 0.0, -0.1, 0.2, 0.0, 0.05], 2.5, (3, 1)),  # groups of two experts, one group per token
+    (4, None, None, (3, 2)),
+])
+def test_sigmoid_routing_with_bias_groups_and_scaling_equals_a_token_by_token_loop(K, bias, scale, groups):
+    E = 6
+    over = dict(moe_router_score_function="sigmoid", moe_router_topk_scaling_factor=scale,
+                moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.0)
+    if bias is not None:
+        over["moe_router_enable_expert_bias"] = True
+    if groups is not None:
+        over.update(moe_router_num_groups=groups[0], moe_router_group_topk=groups[1])
+    layer = router_layer(E, K, **over)
+    if bias is not None:
+        layer.mlp.router.expert_bias.copy_(torch.tensor(bias))
+    logits = torch.randn(10, 1, E, generator=torch.Generator().manual_seed(K), dtype=torch.float64)
+    r = bp.route(layer, logits)
+    want, counts, psum = hand_sigmoid_route(logits.squeeze(1).tolist(), K, bias, scale, groups)
+    for t, (top, gates) in enumerate(want):
+        assert r.indices[t].tolist() == top, t
+        assert r.gates[t].tolist() == pytest.approx(gates, rel=1e-6), t
+    assert r.stats.tokens_per_expert.tolist() == counts
+    assert r.stats.probs_sum.tolist() == pytest.approx(psum, rel=1e-6)
+    if bias is not None:  # the bias changed which experts some token chose
+        unbiased = bp.route(router_layer(E, K, **{**over, "moe_router_enable_expert_bias": False}), logits)
+        assert not torch.equal(unbiased.indices, r.indices)
+
+
+def test_group_limited_topk_with_softmax_scores_keeps_the_experts_in_the_best_groups():
+    # Experts 0-1 | 2-3, top-2 from one group, groups ranked by the sum of their top-2 logits:
+    # token 0's best expert (0) is in the weaker group (3 - 5 < 2 + 1.9), so it gets experts 2, 3.
+    layer = router_layer(4, 2, moe_router_num_groups=2, moe_router_group_topk=1,
+                         moe_router_score_order="topk_then_softmax")
+    r = bp.route(layer, torch.tensor([[[3.0, -5.0, 2.0, 1.9]], [[0.0, 0.1, 0.5, -1.0]]], dtype=torch.float64))
+    assert r.indices.tolist() == [[2, 3], [1, 0]]  # not [0, 2] and [2, 1]: those cross groups
+    assert r.gates[0].tolist() == pytest.approx([1 / (1 + math.exp(-0.1)), 1 / (1 + math.exp(0.1))])
+    # the aux loss still counts the plain top-2 over every expert
+    assert r.stats.tokens_per_expert.tolist() == [1.0, 1.0, 2.0, 0.0]
+
+
+def test_the_expert_bias_update_moves_each_bias_by_the_rate_towards_balance():
+    from ampipe.model.expert_bias import update_expert_bias
+
+    layer = router_layer(4, 1, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                         moe_router_bias_update_rate=0.25)
+    router = layer.mlp.router
+    router.expert_bias.copy_(torch.tensor([0.0, 1.0, -1.0, 0.5]))
+    router.local_tokens_per_expert.copy_(torch.tensor([3.0, 1.0, 2.0, 2.0]))  # mean 2
+    assert update_expert_bias(layer) == 1
+    assert router.expert_bias.tolist() == [-0.25, 1.25, -1.0, 0.5]  # sign(2 - count) * 0.25
+    assert router.local_tokens_per_expert.tolist() == [0.0] * 4
+    # eval mode: no update, the counts are still cleared (as Megatron's reset)
+    router.local_tokens_per_expert.fill_(5.0)
+    layer.eval()
+    assert update_expert_bias(layer) == 0 and router.expert_bias.tolist() == [-0.25, 1.25, -1.0, 0.5]
+    assert router.local_tokens_per_expert.tolist() == [0.0] * 4
+
+
+def test_the_baseline_counts_the_kept_slots_only_with_grad_enabled():
+    layer = router_layer(4, 2, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
+    x = torch.randn(8, 1, 4, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+    assert layer.mlp.router.local_tokens_per_expert.sum() == 0
+    layer(x)
+    assert layer.mlp.router.local_tokens_per_expert.sum() == 16

@@ -8,16 +8,25 @@ gradient. The all-to-alls run on the communication thread over gloo. Prints "<pl
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.distributed as dist
 from host_reads import count_host_reads
 from pipeline_helpers import assert_equal_within, inputs, load, load_scoped, make_layer, step
 from rank_procs import gloo_rank
 
+from ampipe.model.expert_bias import update_expert_bias
 from ampipe.parallel import init_parallel_groups
 from ampipe.pipeline import AMPipeBlock, EmulatedComm
 
 PLANS = ["interleaved-p2", "interleaved-p2-nonuniform", "grouped-p3", "grouped-p3-nonuniform",
          "moe-overlap-p2"]
 SEQUENCE_PLANS = ["interleaved-p2", "grouped-p3-nonuniform", "grouped-p4", "interleaved-p8-nonuniform"]
+# Every feature of test_moe_features.py at once (a gated shared expert, sigmoid scores with an
+# expert bias, scaled gates, group-limited top-k, QK layernorm).
+FEATURE_PLANS = ["grouped-p3-nonuniform-shared", "interleaved-p3-nonuniform-shared"]
+FEATURES = dict(moe_router_score_function="sigmoid", qk_layernorm=True, moe_router_enable_expert_bias=True,
+                moe_router_topk_scaling_factor=2.5, moe_router_num_groups=2, moe_router_group_topk=1,
+                moe_shared_expert_gate=True, moe_router_bias_update_rate=0.01)
 
 
 def main() -> None:
@@ -51,6 +60,33 @@ def main() -> None:
             assert_equal_within(step(layer, layer, x, dy), step(block, layer, x, dy), 1e-5,
                                 f"rank {a.rank} {name} sequence capacity")
             print(f"{name} sequence-capacity ok", flush=True)
+        # The features together: exact at EP=2, the expert bias's counts too, and the bias update
+        # from both ranks' counts (all-reduced) the same from either.
+        for i, name in enumerate(FEATURE_PLANS):
+            plan = load(name, expert_model_parallel_size=2)
+            layer = make_layer(plan, ep=groups.ep, **FEATURES)
+            router = layer.mlp.router
+            router.expert_bias.copy_((torch.rand(4, generator=torch.Generator().manual_seed(3)) - 0.5) * 0.2)
+            emu = EmulatedComm(latency_us=50, bandwidth_gbps=50.0, world_size=2) if i % 2 else None
+            block = AMPipeBlock.from_layer(layer, plan, emulated_comm=emu)
+            x, dy = inputs(plan, seed=300 + a.rank)
+            got = {}
+            for label, run in (("baseline", layer), ("pipelined", block)):
+                got[label] = step(run, layer, x, dy)
+                got[label]["counts"] = router.local_tokens_per_expert.clone()
+                router.local_tokens_per_expert.zero_()
+            assert_equal_within(got["baseline"], got["pipelined"], 1e-5, f"rank {a.rank} {name} features")
+            before, moved = router.expert_bias.clone(), []
+            for label in ("baseline", "pipelined"):
+                router.expert_bias.copy_(before)
+                router.local_tokens_per_expert.copy_(got[label]["counts"])
+                update_expert_bias(layer, groups.dp_group)
+                moved.append(router.expert_bias.clone())
+            total = got["baseline"]["counts"].clone()
+            dist.all_reduce(total)
+            want = before + 0.01 * torch.sign(total.mean() - total)
+            assert torch.equal(moved[0], want) and torch.equal(moved[1], want), (moved, want)
+            print(f"{name} features ok", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,27 @@ def test_bench_pipeline_cli_writes_every_figure(tmp_path, capsys):
     assert all(r["paired"]["speedup"]["n"] == 2 for r in d["results"])
 
 
+def test_shared_expert_flag_compares_both_blocks_at_one_interconnect(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["--set", "seq_length=48", "--set", "hidden_size=32", "--set", "num_attention_heads=4",
+               "--set", "moe_ffn_hidden_size=64", "--plan", "grouped-p2", "--ratios", "0.5,1",
+               "--iters", "2", "--overhead-iters", "1", "--warmup", "0", "--latency-us", "5",
+               "--shared-expert", "96", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "without -> with a shared expert (FFN 96), same emulated interconnect" in printed
+    d = json.loads(out.read_text())
+    assert d["without"]["config"]["moe_shared_expert_intermediate_size"] is None
+    assert d["with"]["config"]["moe_shared_expert_intermediate_size"] == 96
+    # the run with the shared expert ran the shared-expert schedule, at the first run's bandwidths
+    with_rows = d["with"]["results"]
+    assert all(any(op.startswith("f.shared.") for op in r["op_times_ms"]["forward"]) for r in with_rows)
+    for a, b in zip(d["without"]["results"], with_rows):
+        assert (a["ratio"], a["plan"], a["bandwidth_gbps"]) == (b["ratio"], b["plan"], b["bandwidth_gbps"])
+    assert [(r["ratio"], r["plan"]) for r in d["comparison"]] == [(0.5, "grouped-p2"), (1.0, "grouped-p2")]
+    assert all(r["speedup_with"] > 0 and r["speedup_without"] > 0 for r in d["comparison"])
+
+
 def test_paired_figures_form_ratios_per_repetition():
     plan = load_plan(SCHEDULES / "interleaved-p2.json")
     times = [{"forward": {op.id: 1.0 for op in plan.forward},

@@ -1,5 +1,6 @@
 """EP=2 over gloo (two spawned ranks, one spawn for every check): pipelined == baseline,
-dropless and with capacity_scope sequence dropping tokens."""
+dropless, with capacity_scope sequence dropping tokens, and with every MoE feature of
+test_moe_features.py (the expert bias's counts and all-reduced update included)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,5 @@ def test_ep2_pipelined_block_equals_baseline(tmp_path):
             assert f"{name} ok" in out, f"rank {r}: {out}"
         for name in ("interleaved-p2", "grouped-p3-nonuniform", "grouped-p4", "interleaved-p8-nonuniform"):
             assert f"{name} sequence-capacity ok" in out, f"rank {r}: {out}"
+        for name in ("grouped-p3-nonuniform-shared", "interleaved-p3-nonuniform-shared"):
+            assert f"{name} features ok" in out, f"rank {r}: {out}"

@@ -22,6 +22,17 @@ const FLAGS = [
   "--moe-expert-capacity-factor", "1.25", "--moe-token-drop-policy", "position",
 ];
 
+// A DeepSeek-V3/Qwen3-MoE-like one: shared expert with a gate, sigmoid scores with expert bias,
+// scaled gates, group-limited top-k, QK layernorm.
+const MODERN = [
+  "--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "256",
+  "--micro-batch-size", "2", "--disable-bias-linear", "--swiglu", "--normalization", "RMSNorm",
+  "--num-experts", "8", "--moe-router-topk", "4", "--moe-ffn-hidden-size", "64",
+  "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.002",
+  "--moe-router-topk-scaling-factor", "2.5", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
+  "--moe-shared-expert-intermediate-size", "256", "--moe-shared-expert-gate", "--qk-layernorm",
+];
+
 /** Flags as a map flag -> value (null for store_true), to compare flag lists order-free. */
 function flagMap(argv: string[]): Map<string, string | null> {
   const out = new Map<string, string | null>();
@@ -84,6 +95,48 @@ describe("Megatron-LM flags", () => {
     }
   });
 
+  it("read the router, shared-expert and QK-norm flags into Megatron-named fields, and round-trip them", () => {
+    const { config: c, warnings } = configFromMegatron([...MODERN, "--moe-shared-expert-overlap", "--moe-router-dtype", "fp32"]);
+    expect(warnings).toEqual([
+      "--moe-shared-expert-overlap: ignored (ampipe overlaps the shared expert with the all-to-alls itself, per chunk)",
+    ]);
+    expect(c.model).toMatchObject({
+      moe_router_score_function: "sigmoid", moe_router_enable_expert_bias: true, moe_router_bias_update_rate: 0.002,
+      moe_router_topk_scaling_factor: 2.5, moe_router_num_groups: 4, moe_router_group_topk: 2,
+      moe_shared_expert_intermediate_size: 256, moe_shared_expert_gate: true, qk_layernorm: true,
+    });
+    const { flags, warnings: back } = megatronFromConfig(c);
+    expect(back).toEqual([]);
+    expect(configFromMegatron(flags).config).toEqual(c);
+    for (const [flag, value] of flagMap(MODERN)) {
+      const got = flagMap(flags).get(flag);
+      expect(flagMap(flags).has(flag), flag).toBe(true);
+      if (value !== null) expect(Number.isFinite(Number(value)) ? Number(got) : got, flag).toBe(Number.isFinite(Number(value)) ? Number(value) : value);
+    }
+    // Without them, none is written (Megatron's defaults).
+    const plain = megatronFromConfig(configFromMegatron(FLAGS).config).flags;
+    for (const flag of ["--moe-router-score-function", "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate",
+      "--moe-router-topk-scaling-factor", "--moe-router-num-groups", "--moe-router-group-topk",
+      "--moe-shared-expert-intermediate-size", "--moe-shared-expert-gate", "--qk-layernorm"]) expect(plain).not.toContain(flag);
+  });
+
+  it("refuse contradictions among the new fields naming the field", () => {
+    expect(errorOf(["--num-experts", "4", "--moe-router-enable-expert-bias"]))
+      .toContain("model.moe_router_enable_expert_bias: needs model.moe_router_score_function: sigmoid");
+    expect(errorOf(["--num-experts", "8", "--moe-router-num-groups", "3", "--moe-router-group-topk", "1"]))
+      .toContain("model.moe_router_num_groups: must divide model.num_experts (8); got 3");
+    expect(errorOf(["--num-experts", "8", "--moe-router-num-groups", "4", "--moe-router-group-topk", "5"]))
+      .toContain("model.moe_router_group_topk: must be <= model.moe_router_num_groups (4); got 5");
+    expect(errorOf(["--num-experts", "8", "--moe-router-topk", "6", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2"]))
+      .toContain("model.moe_router_group_topk: 2 group(s) of 2 experts cannot hold model.moe_router_topk (6) experts");
+    expect(errorOf(["--num-experts", "4", "--moe-router-group-topk", "2"]))
+      .toContain("model.moe_router_group_topk: needs model.moe_router_num_groups");
+    expect(errorOf(["--num-experts", "4", "--moe-shared-expert-intermediate-size", "64"]))
+      .toContain("model.moe_shared_expert_intermediate_size: shared experts have no biases (as in Megatron): needs model.add_bias_linear false");
+    expect(errorOf(["--num-experts", "4", "--moe-shared-expert-gate", "--disable-bias-linear"]))
+      .toContain("model.moe_shared_expert_gate: needs model.moe_shared_expert_intermediate_size");
+  });
+
   it("round-trip from the default config: config -> flags -> config", () => {
     const cfg = loadConfig(join(root, "configs", "default.yaml"));
     const back = configFromMegatron(megatronFromConfig(cfg).flags).config;
@@ -105,11 +158,11 @@ describe("Megatron-LM flags", () => {
   });
 
   it("refuse values and flags ampipe's block does not implement, naming them", () => {
-    expect(errorOf(["--num-experts", "4", "--moe-router-score-function", "sigmoid"]))
-      .toContain('--moe-router-score-function: "sigmoid" is not supported');
-    expect(errorOf(["--num-experts", "4", "--moe-router-topk-scaling-factor", "2.5"]))
-      .toContain("--moe-router-topk-scaling-factor 2.5: not supported");
-    expect(errorOf(["--num-experts", "4", "--qk-layernorm"])).toContain("--qk-layernorm: not supported");
+    expect(errorOf(["--num-experts", "4", "--moe-router-score-function", "sqrtsoftplus"]))
+      .toContain('--moe-router-score-function: "sqrtsoftplus" is not supported');
+    expect(errorOf(["--num-experts", "4", "--moe-router-dtype", "fp64"])).toContain('--moe-router-dtype: "fp64" is not supported');
+    expect(errorOf(["--num-experts", "4", "--qk-l2-norm"])).toContain("--qk-l2-norm: not supported");
+    expect(errorOf(["--num-experts", "4", "--moe-pad-expert-input-to-capacity"])).toContain("--moe-pad-expert-input-to-capacity: not supported");
     expect(errorOf(["--num-experts", "4", "--num-layers", "two"])).toContain('--num-layers: expected an integer, got "two"');
   });
 

@@ -10,7 +10,8 @@ import { OP_KINDS, type Plan } from "../../../src/plan/ir.ts";
 import { simulatePlan } from "../../../src/plan/simulate.ts";
 import { smallDims } from "./helpers.ts";
 
-const dims = smallDims({ expert_model_parallel_size: 2 });
+// With a shared expert, so every op kind (its shared/shared_bwd too) is measured and fitted.
+const dims = smallDims({ expert_model_parallel_size: 2, moe_shared_expert_intermediate_size: 24 });
 
 /** A "true" device: the cpu profile with every coefficient changed. */
 function truth(): CostModel {

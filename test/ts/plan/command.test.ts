@@ -27,7 +27,8 @@ describe("ampipe plan", () => {
     const d = dimsFromConfig(loadConfig(config("dims.yaml", "  degree: auto")));
     expect(d).toEqual({
       seq_length: 128, micro_batch_size: 2, hidden_size: 64, num_attention_heads: 4, num_query_groups: 2, kv_channels: 16,
-      num_experts: 4, moe_router_topk: 2, moe_ffn_hidden_size: 128, expert_model_parallel_size: 2, dtype: "fp32",
+      num_experts: 4, moe_router_topk: 2, moe_ffn_hidden_size: 128, moe_shared_expert_intermediate_size: null,
+      expert_model_parallel_size: 2, dtype: "fp32",
     });
   });
 

@@ -42,6 +42,7 @@ const plansArb = fc.record({
   degree: fc.integer({ min: 1, max: 6 }),
   chunkQkv: fc.boolean(),
   seq: fc.integer({ min: 6, max: 64 }),
+  shared: fc.boolean(),
 });
 
 type Mutation = (p: Plan, r: number[]) => void;
@@ -53,6 +54,8 @@ const mutations: Mutation[] = [
   (p, [a, b, c]) => { const ops = pickList(p, a); const i = b % ops.length; if (i > 0) { const d = ops[c % i].id; if (!ops[i].deps.includes(d)) ops[i].deps.push(d); } },
   (p, [a, b]) => { const ops = pickList(p, a); const i = b % (ops.length - 1); [ops[i], ops[i + 1]] = [ops[i + 1], ops[i]]; },
   (p, [a, b]) => { p.streams.push({ name: "compute2", kind: "compute" }); const ops = pickList(p, a); const o = ops[b % ops.length]; if (o.stream === "compute") o.stream = "compute2"; },
+  // a shared expert in the dims but not in the op lists, or the other way round
+  (p) => { p.dims.moe_shared_expert_intermediate_size = p.dims.moe_shared_expert_intermediate_size === null ? 16 : null; },
 ];
 
 describe("TypeScript and Python validators agree", () => {
@@ -68,7 +71,7 @@ describe("TypeScript and Python validators agree", () => {
       docs.push(JSON.parse(readFileSync(join(fixtures, "invalid", f), "utf8")));
     const samples = fc.sample(fc.tuple(plansArb, fc.nat(mutations.length), fc.array(fc.nat(), { minLength: 3, maxLength: 3 })), { numRuns: 160, seed: 5 });
     for (const [x, m, r] of samples) {
-      const dims = smallDims({ seq_length: x.seq });
+      const dims = smallDims({ seq_length: x.seq, moe_shared_expert_intermediate_size: x.shared ? 16 : null });
       const p = x.variant === "sequential" ? makePlan("sequential", dims, { chunkQkv: x.chunkQkv }) : makePlan(x.variant, dims, { degree: x.degree, chunkQkv: x.chunkQkv });
       const q: Plan = JSON.parse(JSON.stringify(p));
       if (m < mutations.length) mutations[m](q, r);

@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { FIXTURE_DIR, fixtureFiles, fixtureSpecs } from "../../../scripts/gen-plan-fixtures.ts";
 import { validatePlan } from "../../../src/plan/check.ts";
-import { SCHEMA_PATH, schemaText } from "../../../scripts/export-plan-schema.ts";
+import { OP_KINDS_PATH, SCHEMA_PATH, opKindsText, schemaText } from "../../../scripts/export-plan-schema.ts";
 
 const root = join(import.meta.dirname, "..", "..", "..");
 const files = fixtureFiles();
@@ -53,6 +53,10 @@ describe("committed plan fixtures", () => {
       expect(message, `${entry.file} was accepted`).not.toBe("");
       for (const m of entry.mentions) expect(message, entry.file).toContain(m);
     }
+  });
+
+  it("py/ampipe/pipeline/op_kinds.json is src/plan/opkinds.ts's table (regenerate: npx tsx scripts/export-plan-schema.ts)", () => {
+    expect(readFileSync(join(root, OP_KINDS_PATH), "utf8")).toBe(opKindsText());
   });
 
   it("docs/plan.schema.json is up to date (regenerate: npx tsx scripts/export-plan-schema.ts)", () => {

@@ -49,6 +49,35 @@ describe("generators", () => {
     for (const o of sim.forward.ops.filter((o) => o.stream === "comm")) expect(o.startMs).toBeGreaterThanOrEqual(end("f.route.2"));
   });
 
+  it("a shared expert: its own op per chunk on the compute stream, after its experts (before them in backward), overlapping an all-to-all", () => {
+    const dims = smallDims({ moe_shared_expert_intermediate_size: 32 });
+    for (const variant of ["grouped", "interleaved", "moe-overlap"] as const) {
+      const p = makePlan(variant, dims, { degree: 3 });
+      expect(planIssues(p)).toEqual([]);
+      const fc = ids(p, "forward", "compute");
+      const bc = ids(p, "backward", "compute");
+      for (let c = 0; c < 3; c++) {
+        expect(fc.indexOf(`f.shared.${c}`), variant).toBe(fc.indexOf(`f.experts.${c}`) + 1);
+        expect(bc.indexOf(`b.shared.${c}`), variant).toBe(bc.indexOf(`b.experts.${c}`) - 1);
+      }
+      // simulated with all-to-alls twice as long as the compute ops: in each pass a shared op
+      // runs while one is in flight, and the block takes less than the shared work longer
+      const cost = (o: { kind: string; stream: string }) => (o.kind === "counts" ? 0.05 : o.stream === "comm" ? 2 : 1);
+      const sim = simulatePlan(p, cost);
+      for (const pass of ["forward", "backward"] as const) {
+        const ops = sim[pass].ops;
+        const overlapping = ops.filter((s) => s.kind.startsWith("shared") &&
+          ops.some((o) => o.stream === "comm" && o.kind !== "counts" && o.startMs < s.endMs && s.startMs < o.endMs));
+        expect(overlapping.length, `${variant} ${pass}`).toBeGreaterThan(0);
+      }
+      const without = simulatePlan(makePlan(variant, smallDims(), { degree: 3 }), cost);
+      expect(sim.totalMs - without.totalMs, variant).toBeLessThan(6); // 3 chunks x (shared + shared_bwd)
+    }
+    // without a shared expert there is none, and with one the sequential plan has one of each
+    expect(ids(makePlan("grouped", smallDims(), { degree: 3 }), "forward").some((id) => id.includes("shared"))).toBe(false);
+    expect(ids(sequentialPlan(dims), "forward").filter((id) => id.includes("shared"))).toEqual(["f.shared.0"]);
+  });
+
   it("sequential rejects more than one chunk, naming the field", () => {
     expect(() => makePlan("sequential", smallDims(), { degree: 2 })).toThrow(/boundaries: a sequential plan has one chunk/);
   });

@@ -1,6 +1,6 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { predict, profileModel } from "../../../src/plan/costs.ts";
+import { opTimeMs, predict, profileModel } from "../../../src/plan/costs.ts";
 import { makePlan } from "../../../src/plan/generators.ts";
 import { validatePlan } from "../../../src/plan/check.ts";
 import { balancedBoundaries, defaultGranularity, planBlock, snappedUniform } from "../../../src/plan/planner.ts";
@@ -30,6 +30,23 @@ describe("planner", () => {
     const P = b.length - 1;
     const uniform = makePlan(r.best.variant, longDims, { boundaries: snappedUniform(8192, P, 64)! });
     expect(r.best.totalMs).toBeLessThanOrEqual(predict(model, uniform).totalMs);
+  });
+
+  it("plans a shared expert's ops, costs them, and hides part of them", () => {
+    const model = profileModel("h100", "bf16", { bandwidthGbps: 100 });
+    const shared = { ...longDims, moe_shared_expert_intermediate_size: 2048 };
+    const r = planBlock(shared, model, { maxDegree: 8 });
+    validatePlan(r.plan);
+    const P = r.best.boundaries.length - 1;
+    expect(r.plan.forward.filter((o) => o.kind === "shared").length).toBe(P);
+    expect(r.plan.backward.filter((o) => o.kind === "shared_bwd").length).toBe(P);
+    // its cost is its FFN's FLOPs, and the chosen plan hides part of it behind the all-to-alls:
+    // it is slower than without a shared expert by less than the shared ops' own time
+    const plain = planBlock(longDims, model, { maxDegree: 8 });
+    const sharedMs = [...r.plan.forward, ...r.plan.backward].filter((o) => o.kind.startsWith("shared"))
+      .reduce((t, o) => t + opTimeMs(model, r.plan.dims, r.plan.boundaries, o.kind, o.chunk), 0);
+    expect(sharedMs).toBeGreaterThan(0);
+    expect(r.best.totalMs - plain.best.totalMs).toBeLessThan(sharedMs);
   });
 
   it("balanced boundaries shrink later chunks when attention is quadratic", () => {

@@ -3,7 +3,7 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { expectedOps, happensBefore, needsOf, planIssues } from "../../../src/plan/check.ts";
 import { makePlan } from "../../../src/plan/generators.ts";
-import { VARIANTS, type Plan } from "../../../src/plan/ir.ts";
+import { VARIANTS, hasSharedExpert, type Plan } from "../../../src/plan/ir.ts";
 import { simulatePlan } from "../../../src/plan/simulate.ts";
 import { smallDims } from "./helpers.ts";
 
@@ -17,9 +17,11 @@ const planArb = fc
     chunkQkv: fc.boolean(),
     gqa: fc.boolean(),
     ep: fc.constantFrom(1, 2, 4),
+    shared: fc.boolean(),
   })
   .map((x): Plan => {
-    const dims = smallDims({ seq_length: x.seq, num_query_groups: x.gqa ? 2 : 4, expert_model_parallel_size: x.ep });
+    const dims = smallDims({ seq_length: x.seq, num_query_groups: x.gqa ? 2 : 4, expert_model_parallel_size: x.ep,
+      moe_shared_expert_intermediate_size: x.shared ? 16 : null });
     const chunkQkv = x.variant === "moe-overlap" ? undefined : x.chunkQkv; // moe-overlap: always whole-sequence qkv
     if (x.variant === "sequential") return makePlan("sequential", dims, { chunkQkv });
     if (x.uniform) return makePlan(x.variant, dims, { degree: Math.min(x.degree, x.seq), chunkQkv });
@@ -39,13 +41,13 @@ describe("generated plans (property-based)", () => {
           const ops = p[list];
           const keys = ops.map((o) => `${o.kind}@${o.chunk}`);
           expect(new Set(keys).size).toBe(keys.length);
-          expect(new Set(keys)).toEqual(new Set(expectedOps(list, P, p.chunk_qkv, p.chunk_attention ?? true).map((e) => `${e.kind}@${e.chunk}`)));
+          expect(new Set(keys)).toEqual(new Set(expectedOps(list, P, p.chunk_qkv, p.chunk_attention ?? true, hasSharedExpert(p.dims)).map((e) => `${e.kind}@${e.chunk}`)));
           const idx = indexOf(ops);
           ops.forEach((o, i) => o.deps.forEach((d) => expect(idx.get(d)!).toBeLessThan(i)));
           // independent re-check of coverage, by reachability over deps + stream order
           const anc = happensBefore(ops, ops.map((o) => o.deps.map((d) => idx.get(d)!)));
           ops.forEach((o, i) => {
-            for (const n of needsOf(o.kind, o.chunk, P, p.chunk_qkv, p.chunk_attention ?? true)) {
+            for (const n of needsOf(o.kind, o.chunk, P, p.chunk_qkv, p.chunk_attention ?? true, p.capacity_scope, hasSharedExpert(p.dims))) {
               const j = ops.findIndex((x) => x.kind === n.kind && x.chunk === n.chunk);
               expect((anc[i] >> BigInt(j)) & 1n, `${o.id} needs ${ops[j].id}`).toBe(1n);
             }
