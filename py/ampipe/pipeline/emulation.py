@@ -1,9 +1,10 @@
 """Emulated interconnect: one device standing in for an expert-parallel all-to-all.
 
 A communication op does its real local data movement and then adds a modelled delay of
-`latency + bytes / bandwidth` on its own stream: a sleep on the CPU communication thread,
-a device-side spin (`torch.cuda._sleep`) on the CUDA communication stream, so the delay
-overlaps compute exactly as a real transfer would. Every figure measured this way must be
+`latency + bytes / bandwidth` on its own stream: on CPU on the executor's modelled comm stream
+(the baseline block sleeps it on its one thread), on CUDA as a device-side spin
+(`torch.cuda._sleep`) on the communication stream, so the delay overlaps compute exactly as a
+real transfer would. Every figure measured this way must be
 labelled "emulated" (`EmulatedComm.label`).
 """
 

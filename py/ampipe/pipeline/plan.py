@@ -35,7 +35,7 @@ CAPACITY_SCOPES = ("chunk", "sequence")
 FORWARD_KINDS = tuple(k for k, v in OP_KINDS.items() if v["pass"] == "forward")
 BACKWARD_KINDS = tuple(k for k, v in OP_KINDS.items() if v["pass"] == "backward")
 # The all-to-alls (and the count exchange before each dispatch): they run on communication
-# streams (a comm thread on CPU), every other kind on a compute stream. Keeping collectives
+# streams (on CPU: started asynchronously, in list order), every other kind on a compute stream. Keeping collectives
 # on comm streams also keeps their order identical on every rank.
 COMM_KINDS = frozenset(k for k, v in OP_KINDS.items() if v["stream"] == "comm")
 # Forward kinds whose islands differentiate parameters (`LayerAdapter.op_modules`).

@@ -207,7 +207,7 @@ def arm_summaries(recorded: Sequence[Span], step_tid: int) -> dict[str, dict[str
 
 
 def _torch_profiler():
-    """A CPU (and CUDA) torch.profiler that sees every thread (the comm thread predates it);
+    """A CPU (and CUDA) torch.profiler that sees every thread (the rank's command thread and gloo's predate it);
     None where this torch cannot."""
     from torch.profiler import ProfilerActivity, profile
 
