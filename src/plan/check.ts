@@ -5,7 +5,7 @@ import {
   BACKWARD_KINDS, COMM_KINDS, FORWARD_KINDS, checkBoundaries, hasSharedExpert, isWholeSequence, kindPresent, numChunks,
   opId, parsePlanShape, type CapacityScope, type Op, type OpKind, type Plan,
 } from "./ir.ts";
-import { OP_KIND_TABLE, type Read } from "./opkinds.ts";
+import { OP_KIND_TABLE, type OpKindSpec, type Read } from "./opkinds.ts";
 
 export type ListName = "forward" | "backward";
 
@@ -35,11 +35,11 @@ export interface Need {
 }
 
 /**
- * The data dependencies of an op: its kind's reads (opkinds.ts) resolved for this plan. A read of a
+ * The data dependencies of an op: its kind's reads (opkinds.ts) resolved for this plan, each op once. A read of a
  * kind that covers the whole sequence here (`qkv`/`qkv_bwd` when `chunk_qkv` is false,
  * `attn`/`attn_bwd` when `chunk_attention` is false, the aux losses) is its one whole-sequence op;
- * a read of a kind the plan does not have (no shared expert) is dropped. `attn_bwd`'s
- * mutual-ordering rule is checked separately.
+ * a read of a kind the plan does not have (no shared expert) is dropped. The mutual ordering of
+ * the `in_place` kinds (attn_bwd) is checked separately.
  */
 export function needsOf(kind: OpKind, chunk: number | null, P: number, chunkQkv: boolean, chunkAttention = true,
   capacityScope: CapacityScope = "chunk", sharedExpert = false): Need[] {
@@ -50,7 +50,7 @@ export function needsOf(kind: OpKind, chunk: number | null, P: number, chunkQkv:
     if (read.when === "capacity_sequence" && capacityScope !== "sequence") continue;
     if (!kindPresent(k, sharedExpert)) continue;
     if (isWholeSequence(k, chunkQkv, chunkAttention)) {
-      out.push({ kind: k, chunk: null });
+      if (!out.some((n) => n.kind === k && n.chunk === null)) out.push({ kind: k, chunk: null });
       continue;
     }
     const chunks = read.chunk === "same" ? (chunk === null ? range(0, P) : [chunk])
@@ -58,7 +58,7 @@ export function needsOf(kind: OpKind, chunk: number | null, P: number, chunkQkv:
       : read.chunk === "all" ? range(0, P)
       : read.chunk === "upto" ? range(0, chunk === null ? P : chunk + 1)
       : range(chunk === null ? 0 : chunk, P);
-    for (const j of chunks) out.push({ kind: k, chunk: j });
+    for (const j of chunks) if (!out.some((n) => n.kind === k && n.chunk === j)) out.push({ kind: k, chunk: j });
   }
   return out;
 }
@@ -75,6 +75,10 @@ export function expectedOps(list: ListName, P: number, chunkQkv: boolean, chunkA
   }
   return out;
 }
+
+/** Whether ops of `kind` add into the prefixes of shared buffers in place (opkinds.ts `in_place`). */
+export const inPlacePrefix = (kind: OpKind): boolean => (OP_KIND_TABLE[kind] as OpKindSpec).in_place === "prefix";
+const bufferNames = (kind: OpKind): string => ((OP_KIND_TABLE[kind] as OpKindSpec).buffers ?? []).map((b) => b.replace(/^d(.)$/, (_, c: string) => `d${c.toUpperCase()}`)).join("/");
 
 const key = (kind: string, chunk: number | null) => `${kind}@${chunk === null ? "all" : chunk}`;
 
@@ -163,10 +167,10 @@ export function planIssues(plan: Plan): PlanIssue[] {
     }
     // Needs: every data dependency must happen before the op.
     const anc = happensBefore(ops, depIndices);
-    const attnBwd: number[] = [];
+    const inPlace = new Map<OpKind, number[]>(); // kinds that add into shared prefixes in place
     ops.forEach((op, i) => {
       if (!allowed.has(op.kind) || !kindPresent(op.kind, shared) || (op.chunk !== null && op.chunk >= P)) return;
-      if (op.kind === "attn_bwd") attnBwd.push(i);
+      if (inPlacePrefix(op.kind)) inPlace.set(op.kind, [...(inPlace.get(op.kind) ?? []), i]);
       for (const n of needsOf(op.kind, op.chunk, P, plan.chunk_qkv, chunkAttention, plan.capacity_scope, shared)) {
         const j = byKey.get(key(n.kind, n.chunk));
         if (j === undefined) continue; // reported as a missing op
@@ -174,13 +178,14 @@ export function planIssues(plan: Plan): PlanIssue[] {
           add(i, `needs ${ops[j].id} (${n.kind}${n.chunk === null ? "" : ` of chunk ${n.chunk}`}), which does not happen before it (add it to deps or order it earlier on the same stream)`);
       }
     });
-    // attn_bwd ops accumulate dK/dV into shared prefixes in place: they must be totally ordered.
-    for (let x = 0; x < attnBwd.length; x++)
-      for (let y = x + 1; y < attnBwd.length; y++) {
-        const [i, j] = [attnBwd[x], attnBwd[y]];
-        if (((anc[j] >> BigInt(i)) & 1n) === 0n)
-          add(j, `must be ordered after ${ops[i].id}: attn_bwd ops accumulate dK/dV in place, so they need the same stream or a dep`);
-      }
+    // Ops that add into shared prefixes in place (attn_bwd: dK/dV) must be totally ordered.
+    for (const [kind, idx] of inPlace)
+      for (let x = 0; x < idx.length; x++)
+        for (let y = x + 1; y < idx.length; y++) {
+          const [i, j] = [idx[x], idx[y]];
+          if (((anc[j] >> BigInt(i)) & 1n) === 0n)
+            add(j, `must be ordered after ${ops[i].id}: ${kind} ops accumulate ${bufferNames(kind)} in place, so they need the same stream or a dep`);
+        }
   }
   return issues;
 }

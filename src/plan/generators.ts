@@ -4,7 +4,7 @@
 // comm stream. A generator only decides each stream's op order; deps are derived from the data
 // dependencies (check.ts needsOf) and only cross-stream edges not already implied are written.
 import { readFileSync } from "node:fs";
-import { needsOf } from "./check.ts";
+import { inPlacePrefix, needsOf } from "./check.ts";
 import {
   CAPACITY_SCOPES, PLAN_FORMAT, PLAN_VERSION, VARIANTS, checkBoundaries, hasSharedExpert, opId, parseDims, uniformBoundaries,
   type BlockDims, type CapacityScope, type Op, type OpKind, type Plan, type Stream, type Variant,
@@ -214,12 +214,12 @@ function buildList(orders: StreamOrders, P: number, chunkQkv: boolean, chunkAtte
   const anc: bigint[] = [];
   const index = new Map<string, number>();
   const last = new Map<string, number>();
-  const attnBwd: number[] = [];
+  const inPlace: number[] = []; // the in-place kind's ops listed so far (attn_bwd)
   const needIds = (s: Slot): string[] => {
     const ids = needsOf(s.kind, s.chunk, P, chunkQkv, chunkAttention, capacityScope, shared).map((n) => opId(n.kind, n.chunk));
     ids.push(...(orders.waits?.get(opId(s.kind, s.chunk)) ?? []));
     // attn_bwd ops accumulate dK/dV in place: each one must follow every earlier one.
-    if (s.kind === "attn_bwd") ids.push(...attnBwd.map((i) => ops[i].id));
+    if (inPlacePrefix(s.kind)) ids.push(...inPlace.filter((i) => ops[i].kind === s.kind).map((i) => ops[i].id));
     return ids;
   };
   let computeSinceCounts = true; // a compute op was listed after the latest counts op
@@ -245,7 +245,7 @@ function buildList(orders: StreamOrders, P: number, chunkQkv: boolean, chunkAtte
     anc.push(a);
     index.set(id, i);
     last.set(stream, i);
-    if (s.kind === "attn_bwd") attnBwd.push(i);
+    if (inPlacePrefix(s.kind)) inPlace.push(i);
     if (s.kind === "counts") computeSinceCounts = false;
     else if (stream === COMPUTE) computeSinceCounts = true;
   };

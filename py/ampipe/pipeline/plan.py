@@ -316,24 +316,25 @@ def _validate_pass(plan: Plan, ops: Sequence[PlanOp], name: str, kinds: Sequence
     for op in ops:
         for kind, chunk in _needs(plan, op, name == "forward"):
             need(op, kind, chunk)
-        if op.kind == "attn_bwd" and plan.chunk_attention:
+        if OP_KINDS[op.kind].get("in_place") == "prefix" and op.chunk is not None:
             # attn_bwd ops accumulate dK/dV in place into shared prefixes: any two of them
             # must be ordered one way or the other.
+            what = "/".join(b[0] + b[1:].upper() for b in OP_KINDS[op.kind].get("buffers", ()))
             for j in range(P):
-                other = by_kind[("attn_bwd", j)]
+                other = by_kind[(op.kind, j)]
                 if j != op.chunk and not (hb[index[op.id]] & bit[other]
                                           or hb[index[other]] & bit[op.id]):
                     raise PlanError(
-                        f"backward op '{op.id}' (attn_bwd, chunk {op.chunk}): not ordered with "
-                        f"'{other}'; both accumulate dK/dV in place into shared prefixes")
+                        f"{name} op '{op.id}' ({op.kind}, chunk {op.chunk}): not ordered with "
+                        f"'{other}'; both accumulate {what} in place into shared prefixes")
 
 
-def _needs(plan: Plan, op: PlanOp, forward: bool = True) -> list[tuple[str, int | None]]:
-    """The (kind, chunk) ops whose results `op` reads: its kind's reads (op_kinds.json) for this
-    plan. A read of a kind that covers the whole sequence here is its one whole-sequence op;
-    one of a kind the plan lacks (no shared expert) is dropped."""
+def resolved_reads(plan: Plan, op: PlanOp) -> list[tuple[Mapping[str, Any], str, int | None]]:
+    """`(read, kind, chunk)` for each op `op` reads, read by read (op_kinds.json, for this plan).
+    A read of a kind that covers the whole sequence here is its one whole-sequence op; one of a
+    kind the plan lacks (no shared expert), or under a condition the plan does not meet, is dropped."""
     c, P = op.chunk, plan.num_chunks
-    out: list[tuple[str, int | None]] = []
+    out: list[tuple[Mapping[str, Any], str, int | None]] = []
     for read in OP_KINDS[op.kind]["reads"]:
         kind, rel = read["kind"], read["chunk"]
         if read.get("when") == "capacity_sequence" and plan.capacity_scope != "sequence":
@@ -341,15 +342,20 @@ def _needs(plan: Plan, op: PlanOp, forward: bool = True) -> list[tuple[str, int 
         if not plan.has_kind(kind):
             continue
         if _is_whole(plan, kind):
-            out.append((kind, None))
+            out.append((read, kind, None))
             continue
         chunks = {"same": range(P) if c is None else [c],
                   "prev": [c - 1] if c is not None and c > 0 else [],
                   "all": range(P),
                   "upto": range(P if c is None else c + 1),
                   "from": range(0 if c is None else c, P)}[rel]
-        out.extend((kind, j) for j in chunks)
+        out.extend((read, kind, j) for j in chunks)
     return out
+
+
+def _needs(plan: Plan, op: PlanOp, forward: bool = True) -> list[tuple[str, int | None]]:
+    """The (kind, chunk) ops whose results `op` reads, each once (`resolved_reads`)."""
+    return list(dict.fromkeys((kind, chunk) for _, kind, chunk in resolved_reads(plan, op)))
 
 
 def data_needs(plan: Plan, forward: bool = True) -> dict[str, list[str]]:

@@ -42,4 +42,24 @@ describe("the op-kind table", () => {
     expect(needsOf("proj_bwd", 0, 3, true, true, "chunk", true).map((n) => n.kind as OpKind)).toContain("shared_bwd");
     expect(needsOf("shared_bwd", 0, 3, true, true, "chunk", true)).toEqual([{ kind: "unpermute_bwd", chunk: 0 }]);
   });
+
+  it("names each value once, by its one writer, and every value read is one the read kind writes", () => {
+    for (const pass of ["forward", "backward"] as const) {
+      const writer = new Map<string, string>();
+      for (const [k, spec] of Object.entries(table).filter(([, s]) => s.pass === pass))
+        for (const v of [...spec.writes, ...(spec.buffers ?? [])]) {
+          expect(writer.get(v), `${v}: written by ${writer.get(v)} and ${k}`).toBeUndefined();
+          writer.set(v, k);
+        }
+      for (const [k, spec] of Object.entries(table).filter(([, s]) => s.pass === pass))
+        for (const r of spec.reads) {
+          expect(r.values.length, `${k} reads nothing of ${r.kind}`).toBeGreaterThan(0);
+          for (const v of r.values) expect(writer.get(v), `${k} reads ${v} of ${r.kind}`).toBe(r.kind);
+        }
+    }
+    // what the executor hands on is read by some later op (else it would be an output)
+    const read = new Set(Object.values(table).flatMap((s) => s.reads.flatMap((r) => r.values)));
+    for (const [k, spec] of Object.entries(table)) for (const v of spec.writes) expect(read.has(v), `${k} writes ${v}`).toBe(true);
+    expect(Object.entries(table).filter(([, s]) => s.in_place).map(([k]) => k)).toEqual(["attn_bwd"]);
+  });
 });
