@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import ops
 from ..parallel import expert_comm as ep_comm
@@ -45,7 +46,6 @@ from ..parallel.expert_comm import DispatchLayout
 from .attention import attention_chunk
 from .adapter import LayerAdapter
 from .config import ModelConfig
-from .layers import TransformerLayer, activation
 from .rope import apply_rope, rope_cos_sin
 
 __all__ = [
@@ -425,6 +425,14 @@ def experts_ffn(layer: LayerAdapter, tokens: torch.Tensor, counts: list[int]) ->
     return torch.cat(outs)
 
 
+def activation(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """SwiGLU (``silu(first half) * second half``, Megatron's order) or exact GeLU."""
+    if kind == "swiglu":
+        a, b = h.chunk(2, dim=-1)
+        return F.silu(a) * b
+    return F.gelu(h)
+
+
 def experts(layer: LayerAdapter, dispatched: Dispatched) -> torch.Tensor:
     """The expert FFNs on the dispatched rows."""
     return experts_ffn(layer, dispatched.tokens, dispatched.layout.expert_counts)
@@ -459,7 +467,7 @@ def unpermute(
     return residual + F.dropout(out, p=layer.cfg.hidden_dropout, training=layer.training)
 
 
-def dense_mlp(layer: TransformerLayer, normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def dense_mlp(layer: nn.Module, normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """Dense layers: linear_fc1 → activation → linear_fc2 → hidden dropout → + residual."""
     mlp = layer.mlp
     out = mlp.linear_fc2(activation(mlp.linear_fc1(normed), mlp.activation))

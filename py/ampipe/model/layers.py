@@ -16,6 +16,7 @@ from torch import nn
 
 from ..parallel.groups import ExpertParallel
 from .adapter import ExpertWeights
+from .block_pieces import activation, block_forward
 from .config import ModelConfig
 
 __all__ = ["RMSNorm", "make_norm", "SelfAttention", "TopKRouter", "GroupedMLP", "SharedExpertMLP", "MoELayer",
@@ -187,14 +188,6 @@ class MLP(nn.Module):
         self.linear_fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.add_bias_linear)
 
 
-def activation(h: torch.Tensor, kind: str) -> torch.Tensor:
-    """SwiGLU (``silu(first half) * second half``, Megatron's order) or exact GeLU."""
-    if kind == "swiglu":
-        a, b = h.chunk(2, dim=-1)
-        return F.silu(a) * b
-    return F.gelu(h)
-
-
 class TransformerLayer(nn.Module):
     """One block: causal self-attention and an MoE layer (or a dense MLP).
 
@@ -217,8 +210,6 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """``x [s, b, H]`` → ``(y [s, b, H], MoELosses | None)``; see `block_pieces.block_forward`."""
-        from .block_pieces import block_forward
-
         return block_forward(self, x)
 
     # -- LayerAdapter (ampipe.model.adapter) -----------------------------------------------
