@@ -325,6 +325,16 @@ function resolveDerived(c: Parsed) {
 
 export const ExperimentSchema = ExperimentObject.superRefine(checkInvariants).transform(resolveDerived);
 
+/**
+ * The config as a user writes it, as JSON Schema: every field's type, range, choices and default
+ * (the cross-field invariants above are code). Shipped to Python as package data
+ * (py/ampipe/config.schema.json, by scripts/export-schemas.ts), where the config readers take
+ * their defaults and per-field checks from it.
+ */
+export function configJsonSchema(): Record<string, unknown> {
+  return z.toJSONSchema(ExperimentObject, { io: "input", target: "draft-2020-12" }) as Record<string, unknown>;
+}
+
 /** What a config file may contain: every field optional, shorthand (null, auto) allowed. */
 export type ExperimentConfigInput = z.input<typeof ExperimentSchema>;
 /** The resolved config: defaults filled, invariants checked, derived fields concrete. */

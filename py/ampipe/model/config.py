@@ -1,10 +1,12 @@
-"""The model section of the experiment config, mirrored in Python (docs/contracts.md §1).
+"""The model section of the experiment config, in Python (docs/contracts.md §1).
 
-`ModelConfig` has the TypeScript schema's field names, defaults and checks, so a
-Python-only user gets the same errors: every `ConfigError` names the field it is about.
-The checks run in `__post_init__`, i.e. before any parameter is allocated. The one check
-that needs the parallel layout (experts divisible by the expert-parallel size) is
-`ModelConfig.check_parallel`, called by the model before it allocates anything.
+`ModelConfig` has the fields of the TypeScript schema, whose defaults and per-field checks it
+takes from the exported schema (`ampipe.config_schema`), so a Python-only user gets the same
+defaults and errors: every `ConfigError` names the field it is about. The checks that tie
+fields together are written here with src/config/schema.ts's wording. The checks run in
+`__post_init__`, i.e. before any parameter is allocated. The one check that needs the parallel
+layout (experts divisible by the expert-parallel size) is `ModelConfig.check_parallel`, called
+by the model before it allocates anything.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Mapping
 
 import torch
 
+from ..config_schema import SCHEMA, ConfigError, check_fields, defaults
+
 __all__ = ["ConfigError", "ModelConfig", "TORCH_DTYPES", "DROP_POLICIES", "CAPACITY_SCOPES",
            "check_capacity_scope"]
 
@@ -25,24 +29,13 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 
-_NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-_POSITIONS = ("learned_absolute", "rope")
-_SCORE_ORDERS = ("softmax_then_topk", "topk_then_softmax")
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
-_ACTIVATIONS = ("gelu", "swiglu")
-DROP_POLICIES = ("probs", "position")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work. `field` is the dotted name, e.g. ``model.hidden_size``."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
+SCORE_FUNCTIONS = tuple(SCHEMA["properties"]["model"]["properties"]["moe_router_score_function"]["enum"])
+DROP_POLICIES = tuple(SCHEMA["properties"]["model"]["properties"]["moe_token_drop_policy"]["enum"])
+_D = defaults("model")
 
 
 # `pipeline.capacity_scope`: where a capacity is sized in the pipelined block (docs/model.md).
-CAPACITY_SCOPES = ("chunk", "sequence")
+CAPACITY_SCOPES = tuple(SCHEMA["properties"]["pipeline"]["properties"]["capacity_scope"]["enum"])
 
 
 def check_capacity_scope(scope: str, drop_policy: str) -> None:
@@ -62,29 +55,29 @@ def check_capacity_scope(scope: str, drop_policy: str) -> None:
 class ModelConfig:
     """A Megatron-style GPT-MoE stack. Field names are Megatron-LM's flag names."""
 
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: int | None = None  # GQA groups; None = num_attention_heads
-    kv_channels: int | None = None  # head dim; None = hidden_size / num_attention_heads
-    seq_length: int = 256
-    micro_batch_size: int = 2
-    vocab_size: int = 512
-    ffn_hidden_size: int = 512  # dense MLP layers
-    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
-    norm_epsilon: float = 1e-5
-    position_embedding_type: str = "rope"  # learned_absolute | rope
-    rotary_base: float = 10000
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    add_bias_linear: bool = False
-    untie_embeddings_and_output_weights: bool = False
-    init_method_std: float = 0.02
-    num_experts: int = 4
-    moe_layer_freq: int = 1  # layer i is MoE when i % moe_layer_freq == 0 (Megatron)
-    moe_router_topk: int = 2
-    moe_router_score_order: str = "softmax_then_topk"  # | topk_then_softmax
-    moe_router_topk_renormalize: bool = False
+    num_layers: int = _D["num_layers"]
+    hidden_size: int = _D["hidden_size"]
+    num_attention_heads: int = _D["num_attention_heads"]
+    num_query_groups: int | None = _D["num_query_groups"]  # GQA groups; None = num_attention_heads
+    kv_channels: int | None = _D["kv_channels"]  # head dim; None = hidden_size / num_attention_heads
+    seq_length: int = _D["seq_length"]
+    micro_batch_size: int = _D["micro_batch_size"]
+    vocab_size: int = _D["vocab_size"]
+    ffn_hidden_size: int = _D["ffn_hidden_size"]  # dense MLP layers
+    normalization: str = _D["normalization"]  # LayerNorm | RMSNorm
+    norm_epsilon: float = _D["norm_epsilon"]
+    position_embedding_type: str = _D["position_embedding_type"]  # learned_absolute | rope
+    rotary_base: float = _D["rotary_base"]
+    attention_dropout: float = _D["attention_dropout"]
+    hidden_dropout: float = _D["hidden_dropout"]
+    add_bias_linear: bool = _D["add_bias_linear"]
+    untie_embeddings_and_output_weights: bool = _D["untie_embeddings_and_output_weights"]
+    init_method_std: float = _D["init_method_std"]
+    num_experts: int = _D["num_experts"]
+    moe_layer_freq: int = _D["moe_layer_freq"]  # layer i is MoE when i % moe_layer_freq == 0 (Megatron)
+    moe_router_topk: int = _D["moe_router_topk"]
+    moe_router_score_order: str = _D["moe_router_score_order"]  # | topk_then_softmax
+    moe_router_topk_renormalize: bool = _D["moe_router_topk_renormalize"]
     # Megatron's router options (same names and semantics; docs/model.md, Router):
     # sigmoid scores (then the gates are the chosen scores normalised to sum 1 for top-k > 1,
     # and score_order/renormalize do not apply), a per-expert bias that changes which experts
@@ -92,28 +85,28 @@ class ModelConfig:
     # step from the step's per-expert counts at this rate, a factor on the gates, and
     # group-limited top-k (experts in `num_groups` groups; each token picks `group_topk` groups
     # by the sum of their top-(k/group_topk) scores, then its k experts inside them).
-    moe_router_score_function: str = "softmax"  # softmax | sigmoid
-    moe_router_enable_expert_bias: bool = False
-    moe_router_bias_update_rate: float = 1e-3
-    moe_router_topk_scaling_factor: float | None = None
-    moe_router_num_groups: int | None = None
-    moe_router_group_topk: int | None = None
-    moe_expert_capacity_factor: float | None = None  # None = dropless
+    moe_router_score_function: str = _D["moe_router_score_function"]  # softmax | sigmoid
+    moe_router_enable_expert_bias: bool = _D["moe_router_enable_expert_bias"]
+    moe_router_bias_update_rate: float = _D["moe_router_bias_update_rate"]
+    moe_router_topk_scaling_factor: float | None = _D["moe_router_topk_scaling_factor"]
+    moe_router_num_groups: int | None = _D["moe_router_num_groups"]
+    moe_router_group_topk: int | None = _D["moe_router_group_topk"]
+    moe_expert_capacity_factor: float | None = _D["moe_expert_capacity_factor"]  # None = dropless
     # Which slots a full expert drops (Megatron's flag): probs keeps the highest gates,
     # position the earliest tokens. Only with a capacity factor.
-    moe_token_drop_policy: str = "probs"  # probs | position
-    moe_aux_loss_coeff: float = 0.01
-    moe_z_loss_coeff: float = 0.001
-    moe_ffn_hidden_size: int = 256
-    moe_expert_activation: str = "swiglu"  # gelu | swiglu (dense MLP layers use it too)
+    moe_token_drop_policy: str = _D["moe_token_drop_policy"]  # probs | position
+    moe_aux_loss_coeff: float = _D["moe_aux_loss_coeff"]
+    moe_z_loss_coeff: float = _D["moe_z_loss_coeff"]
+    moe_ffn_hidden_size: int = _D["moe_ffn_hidden_size"]
+    moe_expert_activation: str = _D["moe_expert_activation"]  # gelu | swiglu (dense MLP layers use it too)
     # A dense expert every token goes through beside the routed ones (Megatron's shared
     # experts: FFN width, same activation, no biases), its output optionally scaled by
     # sigmoid(x @ gate_weight^T) (`moe_shared_expert_gate`). None = no shared expert.
-    moe_shared_expert_intermediate_size: int | None = None
-    moe_shared_expert_gate: bool = False
+    moe_shared_expert_intermediate_size: int | None = _D["moe_shared_expert_intermediate_size"]
+    moe_shared_expert_gate: bool = _D["moe_shared_expert_gate"]
     # LayerNorm/RMSNorm (model.normalization) of each query and key head before rope.
-    qk_layernorm: bool = False
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; parameters stay fp32)
+    qk_layernorm: bool = _D["qk_layernorm"]
+    dtype: str = _D["dtype"]  # fp32 | bf16 | fp16 (autocast; parameters stay fp32)
 
     # Not part of the schema: where the errors point, for configs nested under another key.
     _prefix: str = field(default="model", repr=False, compare=False)
@@ -195,62 +188,10 @@ class ModelConfig:
         raise ConfigError(f"{self._prefix}.{name}", message)
 
     def _check(self) -> None:
-        ints = [
-            "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-            "vocab_size", "ffn_hidden_size", "num_experts", "moe_layer_freq", "moe_router_topk",
-            "moe_ffn_hidden_size",
-        ]
-        for name in ints:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                self._fail(name, f"must be a positive integer; got {v!r}")
-        for name in ("num_query_groups", "kv_channels", "moe_shared_expert_intermediate_size",
-                     "moe_router_num_groups", "moe_router_group_topk"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                self._fail(name, f"must be a positive integer or null; got {v!r}")
-        for name in ("add_bias_linear", "untie_embeddings_and_output_weights", "moe_router_topk_renormalize",
-                     "moe_router_enable_expert_bias", "moe_shared_expert_gate", "qk_layernorm"):
-            if not isinstance(getattr(self, name), bool):
-                self._fail(name, f"must be true or false; got {getattr(self, name)!r}")
-
-        def number(name: str) -> float:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                self._fail(name, f"must be a finite number; got {v!r}")
-            return float(v)
-
-        if number("norm_epsilon") <= 0:
-            self._fail("norm_epsilon", f"must be > 0; got {self.norm_epsilon}")
-        if number("rotary_base") <= 0:
-            self._fail("rotary_base", f"must be > 0; got {self.rotary_base}")
-        for name in ("attention_dropout", "hidden_dropout"):
-            if not 0 <= number(name) < 1:
-                self._fail(name, f"must be in [0, 1); got {getattr(self, name)}")
-        if number("init_method_std") <= 0:
-            self._fail("init_method_std", f"must be > 0; got {self.init_method_std}")
-        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
-            if number(name) < 0:
-                self._fail(name, f"must be >= 0; got {getattr(self, name)}")
-        if number("moe_router_bias_update_rate") < 0:
-            self._fail("moe_router_bias_update_rate", f"must be >= 0; got {self.moe_router_bias_update_rate}")
-        if self.moe_router_topk_scaling_factor is not None and number("moe_router_topk_scaling_factor") <= 0:
-            self._fail("moe_router_topk_scaling_factor",
-                       f"must be > 0 or null (no scaling); got {self.moe_router_topk_scaling_factor}")
-        if self.moe_expert_capacity_factor is not None and number("moe_expert_capacity_factor") <= 0:
-            self._fail("moe_expert_capacity_factor", f"must be > 0 or null (dropless); got {self.moe_expert_capacity_factor}")
-
-        for name, allowed in (
-            ("normalization", _NORMALIZATIONS),
-            ("position_embedding_type", _POSITIONS),
-            ("moe_router_score_order", _SCORE_ORDERS),
-            ("moe_router_score_function", SCORE_FUNCTIONS),
-            ("moe_expert_activation", _ACTIVATIONS),
-            ("moe_token_drop_policy", DROP_POLICIES),
-            ("dtype", tuple(TORCH_DTYPES)),
-        ):
-            if getattr(self, name) not in allowed:
-                self._fail(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        # Each field against the schema (types, ranges, choices); integral floats become ints.
+        for name, v in check_fields("model", {n: getattr(self, n) for n in self.field_names()},
+                                    self._prefix).items():
+            object.__setattr__(self, name, v)
 
         # The invariants that tie fields together (same wording as src/config/schema.ts).
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:

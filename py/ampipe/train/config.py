@@ -1,8 +1,10 @@
-"""The `train` and `data` sections of the experiment config, mirrored in Python.
+"""The `train` and `data` sections of the experiment config, in Python.
 
-Field names, defaults and checks are those of `src/config/schema.ts` (docs/contracts.md §1),
-so a Python-only user gets the same field-named `ConfigError`s. Megatron-LM's flag names are
-used where one exists (``--lr``, ``--min-lr``, ``--clip-grad``, ``--adam-beta1`` ...).
+Field names, defaults and per-field checks come from the exported schema of
+`src/config/schema.ts` (`ampipe.config_schema`, docs/contracts.md §1), so a Python-only user
+gets the same defaults and field-named `ConfigError`s; the checks between fields are written
+here with the schema's wording. Megatron-LM's flag names are used where one exists (``--lr``,
+``--min-lr``, ``--clip-grad``, ``--adam-beta1`` ...).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..model.config import ConfigError
+from ..config_schema import ConfigError, check_fields, defaults
 
 __all__ = ["TrainConfig", "DataConfig", "parse_split"]
 
@@ -28,61 +30,44 @@ def _from_dict(cls, d: Mapping[str, Any] | None, prefix: str):
     return cls(**dict(d))
 
 
-def _positive_int(prefix: str, name: str, v: Any, minimum: int = 1) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ConfigError(f"{prefix}.{name}", f"must be an integer >= {minimum}; got {v!r}")
+def _check_fields(cfg: Any, section: str) -> None:
+    """Each field against the schema (types, ranges, choices); integral floats become ints."""
+    names = [f.name for f in dataclasses.fields(cfg) if not f.name.startswith("_")]
+    for name, v in check_fields(section, {n: getattr(cfg, n) for n in names}, cfg._prefix).items():
+        setattr(cfg, name, v)
 
 
-def _number(prefix: str, name: str, v: Any, *, gt: float | None = None, ge: float | None = None,
-            lt: float | None = None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(f"{prefix}.{name}", f"must be a finite number; got {v!r}")
-    if gt is not None and not v > gt:
-        raise ConfigError(f"{prefix}.{name}", f"must be > {gt:g}; got {v}")
-    if ge is not None and not v >= ge:
-        raise ConfigError(f"{prefix}.{name}", f"must be >= {ge:g}; got {v}")
-    if lt is not None and not v < lt:
-        raise ConfigError(f"{prefix}.{name}", f"must be < {lt:g}; got {v}")
-    return float(v)
+_T = defaults("train")
+_DATA = defaults("data")
 
 
 @dataclass
 class TrainConfig:
     """Optimiser, schedule and loop settings (Megatron-LM's names)."""
 
-    steps: int = 200
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0  # 0 = no clipping
-    global_batch_size: int = 8
-    eval_interval: int = 50
-    eval_iters: int = 4
-    checkpoint_interval: int = 50
-    initial_loss_scale: float = 65536.0  # fp16 only: the dynamic loss scale's start
+    steps: int = _T["steps"]
+    lr: float = _T["lr"]
+    min_lr: float = _T["min_lr"]
+    warmup_steps: int = _T["warmup_steps"]
+    weight_decay: float = _T["weight_decay"]
+    adam_beta1: float = _T["adam_beta1"]
+    adam_beta2: float = _T["adam_beta2"]
+    adam_eps: float = _T["adam_eps"]
+    clip_grad: float = _T["clip_grad"]  # 0 = no clipping
+    global_batch_size: int = _T["global_batch_size"]
+    eval_interval: int = _T["eval_interval"]
+    eval_iters: int = _T["eval_iters"]
+    checkpoint_interval: int = _T["checkpoint_interval"]
+    initial_loss_scale: float = _T["initial_loss_scale"]  # fp16 only: the dynamic loss scale's start
     _prefix: str = field(default="train", repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        _check_fields(self, "train")
         p = self._prefix
-        for name in ("steps", "global_batch_size", "eval_interval", "eval_iters", "checkpoint_interval"):
-            _positive_int(p, name, getattr(self, name))
-        _positive_int(p, "warmup_steps", self.warmup_steps, minimum=0)
-        _number(p, "lr", self.lr, gt=0)
-        _number(p, "min_lr", self.min_lr, ge=0)
         if self.min_lr > self.lr:
             raise ConfigError(f"{p}.min_lr", f"must be <= train.lr ({self.lr}); got {self.min_lr}")
         if self.warmup_steps > self.steps:
             raise ConfigError(f"{p}.warmup_steps", f"must be <= train.steps ({self.steps}); got {self.warmup_steps}")
-        _number(p, "weight_decay", self.weight_decay, ge=0)
-        for name in ("adam_beta1", "adam_beta2"):
-            _number(p, name, getattr(self, name), ge=0, lt=1)
-        _number(p, "adam_eps", self.adam_eps, gt=0)
-        _number(p, "clip_grad", self.clip_grad, ge=0)
-        _number(p, "initial_loss_scale", self.initial_loss_scale, gt=0)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "TrainConfig":
@@ -118,19 +103,16 @@ def parse_split(split: str, prefix: str = "data.split") -> float:
 class DataConfig:
     """Where the tokens come from: a Megatron indexed dataset prefix (``PREFIX.bin/.idx``)."""
 
-    path: str | None = None  # None = the default Brown dataset (built by `ampipe train` on first use)
-    tokenizer: str = "byte"  # for the default dataset: byte | gpt2
-    split: str = "95,5"  # train,valid weights over documents (Megatron's --split; ampipe data prepare's default)
-    seed: int = 1234  # the document split of a dataset that carries none
+    path: str | None = _DATA["path"]  # None = the default Brown dataset (built by `ampipe train` on first use)
+    tokenizer: str = _DATA["tokenizer"]  # for the default dataset: byte | gpt2
+    split: str = _DATA["split"]  # train,valid weights over documents (Megatron's --split; ampipe data prepare's default)
+    seed: int = _DATA["seed"]  # the document split of a dataset that carries none
     _prefix: str = field(default="data", repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.path is not None and (not isinstance(self.path, str) or not self.path):
-            raise ConfigError(f"{self._prefix}.path", f"must be a non-empty string or null; got {self.path!r}")
-        if self.tokenizer not in ("byte", "gpt2"):
-            raise ConfigError(f"{self._prefix}.tokenizer", f"must be one of byte, gpt2; got {self.tokenizer!r}")
-        parse_split(self.split, f"{self._prefix}.split")
-        _positive_int(self._prefix, "seed", self.seed, minimum=0)
+        if isinstance(self.split, str):  # Megatron's form, both weights > 0, said in its words
+            parse_split(self.split, f"{self._prefix}.split")
+        _check_fields(self, "data")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "DataConfig":

@@ -21,11 +21,11 @@ _ARMS_FIELDS = {"config", "arms", "run_dir", "steps", "warmup", "timeout_s", "to
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600.0
 
 
-def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    s = config.get(name) or {}
-    if not isinstance(s, Mapping):
-        raise ValueError(f"train: config.{name} must be a mapping, got {type(s).__name__}")
-    return s
+def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A section of the config, its fields checked and the missing ones at the schema's defaults."""
+    from ampipe.config_schema import resolve_section
+
+    return resolve_section(config, name)
 
 
 def build_trainer(config: Mapping[str, Any], plan: Mapping[str, Any] | None, run_dir: str, *,
@@ -43,7 +43,7 @@ def build_trainer(config: Mapping[str, Any], plan: Mapping[str, Any] | None, run
     data_cfg = DataConfig.from_dict(_section(config, "data"))
     if data_cfg.path is None:
         raise ConfigError("data.path", "must name a dataset prefix on the ranks (ampipe train resolves the default)")
-    seed = int(_section(config, "run").get("seed", 1234))
+    seed = _section(config, "run")["seed"]
     windows = {split: TokenWindows(data_cfg.path, model_cfg.seq_length, split=split, seed=seed,
                                    valid_fraction=data_cfg.valid_fraction, split_seed=data_cfg.seed)
                for split in ("train", "valid")}
@@ -51,7 +51,7 @@ def build_trainer(config: Mapping[str, Any], plan: Mapping[str, Any] | None, run
     if top >= model_cfg.vocab_size:  # `ampipe train` checked this already; a Python caller may not have
         raise ConfigError("model.vocab_size", f"must exceed the dataset's largest token id ({top}, in "
                                               f"{data_cfg.path}.bin); got {model_cfg.vocab_size}")
-    emu = _section(config, "pipeline").get("emulated_comm")
+    emu = _section(config, "pipeline")["emulated_comm"]
     return Trainer(model_cfg=model_cfg, train_cfg=train_cfg, run_dir=run_dir, train_data=windows["train"],
                    valid_data=windows["valid"], seed=seed, plan=None if plan is None else dict(plan),
                    emulated_comm=EmulatedComm.from_dict(emu) if emu else None, groups=groups, device=device,
@@ -71,7 +71,7 @@ def train(args: dict, ctx: CommandContext) -> dict[str, Any]:
         raise ValueError("train: needs config (a mapping), run_dir (a string) and plan (a mapping or None)")
     from ampipe.parallel.groups import ParallelGroups, init_parallel_groups
 
-    ep = int(_section(config, "parallelism").get("expert_model_parallel_size", 1))
+    ep = _section(config, "parallelism")["expert_model_parallel_size"]
     if ctx.backend is None and ctx.world_size > 1:
         raise RuntimeError("train: several ranks need torch.distributed (launch them with dist enabled)")
     groups = init_parallel_groups(ep) if ctx.backend is not None else ParallelGroups.single()
@@ -113,7 +113,7 @@ def _arms_command(name: str, args: dict, ctx: CommandContext, fn) -> Any:  # noq
                 plan_for_config(plan, config)
             except Exception as e:
                 raise type(e)(f"{name}: arm {arm!r}: {e}") from None
-    ep = int(_section(config, "parallelism").get("expert_model_parallel_size", 1))
+    ep = _section(config, "parallelism")["expert_model_parallel_size"]
     groups = init_parallel_groups(ep) if ctx.backend is not None else ParallelGroups.single()
 
     def work() -> Any:
