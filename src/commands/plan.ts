@@ -8,51 +8,11 @@ import { configFromMegatron } from "../config/megatron.ts";
 import { validatePlan } from "../plan/check.ts";
 import { calibrate, readCalibration, type CalibrationReport } from "../plan/calibration.ts";
 import { PROFILES, profileModel, type CostModel } from "../plan/costs.ts";
-import { VARIANTS, parseDims, type BlockDims, type Plan, type Variant } from "../plan/ir.ts";
+import { dimsFromConfig } from "../plan/dims.ts";
+import { VARIANTS, type Variant } from "../plan/ir.ts";
 import { writeFileAtomic, writePlan } from "../plan/io.ts";
 import { planBlock, type PlanChoice } from "../plan/planner.ts";
 import { TIMELINE_LEGEND, chromeTrace, textTimeline } from "../plan/trace.ts";
-
-/** Each field of a plan's dims and the config field it comes from. */
-export const DIM_SOURCES: Record<keyof BlockDims, string> = {
-  seq_length: "model.seq_length",
-  micro_batch_size: "model.micro_batch_size",
-  hidden_size: "model.hidden_size",
-  num_attention_heads: "model.num_attention_heads",
-  num_query_groups: "model.num_query_groups",
-  kv_channels: "model.kv_channels",
-  num_experts: "model.num_experts",
-  moe_router_topk: "model.moe_router_topk",
-  moe_ffn_hidden_size: "model.moe_ffn_hidden_size",
-  moe_shared_expert_intermediate_size: "model.moe_shared_expert_intermediate_size",
-  expert_model_parallel_size: "parallelism.expert_model_parallel_size",
-  dtype: "model.dtype",
-};
-
-/** The block dims a plan is made for, from a resolved experiment config. */
-export function dimsFromConfig(cfg: ExperimentConfig): BlockDims {
-  const sections = cfg as unknown as Record<string, Record<string, unknown>>;
-  const raw = Object.fromEntries(
-    Object.entries(DIM_SOURCES).map(([k, field]) => {
-      const [section, key] = field.split(".");
-      return [k, sections[section][key]];
-    }),
-  );
-  return parseDims(raw, "model");
-}
-
-/** Throws when a plan was made for another block than the config's, naming each differing field. */
-export function checkPlanDims(plan: Plan, cfg: ExperimentConfig, source: string): void {
-  const want = dimsFromConfig(cfg);
-  const bad: string[] = [];
-  for (const [k, field] of Object.entries(DIM_SOURCES) as Array<[keyof BlockDims, string]>) {
-    if (plan.dims[k] !== want[k])
-      bad.push(`  dims.${k}: the plan has ${JSON.stringify(plan.dims[k])}, the config has ${JSON.stringify(want[k])} (${field})`);
-  }
-  if (plan.capacity_scope !== cfg.pipeline.capacity_scope)
-    bad.push(`  capacity_scope: the plan has ${JSON.stringify(plan.capacity_scope)}, the config has ${JSON.stringify(cfg.pipeline.capacity_scope)} (pipeline.capacity_scope)`);
-  if (bad.length) throw new Error(`${source}: the plan does not fit the config's block\n${bad.join("\n")}`);
-}
 
 export interface CostModelOverrides {
   /** Device profile name; default h100 when the config runs on cuda, else cpu. */

@@ -16,7 +16,8 @@ import { readPlan, writeFileAtomic, writePlan } from "../plan/io.ts";
 import { simulatePlan } from "../plan/simulate.ts";
 import { chromeTrace } from "../plan/trace.ts";
 import type { PlanChoice } from "../plan/planner.ts";
-import { checkPlanDims, costModelFor, runPlan } from "./plan.ts";
+import { checkPlanDims } from "../plan/dims.ts";
+import { costModelFor, runPlan } from "./plan.ts";
 import { addControllerOptions, nonNegative, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
 
 /** The Python module that registers `run_block` on each rank. */

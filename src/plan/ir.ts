@@ -1,7 +1,7 @@
 // The plan IR (format "ampipe.plan", version 2): the contract between the TypeScript scheduler
 // and the Python executor (docs/contracts.md §2, docs/plan.md). The zod schemas here are the
 // single source of truth: the TypeScript types are inferred from them and docs/plan.schema.json
-// is exported from them (scripts/export-plan-schema.ts).
+// is exported from them (scripts/export-schemas.ts).
 import { z } from "zod";
 import { OP_KIND_TABLE, type TableKind } from "./opkinds.ts";
 

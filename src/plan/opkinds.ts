@@ -3,7 +3,7 @@
 // them) and writes, its backward, whether it differentiates parameters, the block part it needs
 // and the work figure its cost is linear in. ir.ts derives the kind lists from this table,
 // check.ts and the generators resolve the reads through `needsOf`, costs.ts's WORK_UNIT is
-// checked against it (test/ts/plan/opkinds.test.ts), and scripts/export-plan-schema.ts writes it
+// checked against it (test/ts/plan/opkinds.test.ts), and scripts/export-schemas.ts writes it
 // for the Python side (py/ampipe/pipeline/op_kinds.json): plan.py validates plans and resolves
 // data needs with it, and the executor (pipeline/dataflow.py, ops.py) hands each op exactly the
 // values its reads name, checks it writes only its `writes`, and frees each value after its last

@@ -12,14 +12,11 @@ transformer layers at all (the ones `swap_blocks` reports when it cannot swap th
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 from torch import nn
 
 from ..model.adapter import ExpertWeights, LayerAdapter, NotSwappable
 
-__all__ = ["ExpertWeights", "LayerAdapter", "NotSwappable", "adapter_for", "is_layer_like",
-           "plan_fit_error"]
+__all__ = ["ExpertWeights", "LayerAdapter", "NotSwappable", "adapter_for", "is_layer_like"]
 
 
 def is_layer_like(module: nn.Module) -> bool:
@@ -45,25 +42,3 @@ def adapter_for(layer: nn.Module) -> LayerAdapter:
     missing = [a for a in ("config", "self_attention", "mlp") if not hasattr(layer, a)]
     raise NotSwappable(f"{type(layer).__name__} is neither ampipe's TransformerLayer nor a "
                        f"Megatron-Core TransformerLayer (no attribute {', '.join(map(repr, missing))})")
-
-
-# The config field each plan dim comes from (src/commands/plan.ts DIM_SOURCES).
-_DIM_FIELDS = {
-    "expert_model_parallel_size": "parallelism.expert_model_parallel_size",
-}
-
-
-def fitting_plan_command(dims: Mapping[str, Any]) -> str:
-    """The `ampipe plan` command that makes a plan with these dims."""
-    sets = " ".join(f"--set {_DIM_FIELDS.get(k, 'model.' + k)}={'null' if v is None else v}" for k, v in dims.items())
-    return f"ampipe plan <config> {sets} --out plan.json"
-
-
-def plan_fit_error(error: Exception, adapter: LayerAdapter):
-    """`error` (a plan that does not fit the layer) with the command that makes one that does."""
-    from ..pipeline.block import block_dims
-    from ..pipeline.plan import PlanError
-
-    return PlanError(f"{error}; make a plan for this layer with: "
-                     f"{fitting_plan_command(block_dims(adapter))} "
-                     f"(from Megatron-LM flags: ampipe plan --from-megatron --out plan.json -- <flags>)")

@@ -1,7 +1,8 @@
 """The pipelined block: plan loading/validation, the stream executor, `AMPipeBlock`,
 swapping it into models (docs/pipeline.md, docs/swap.md). Importing it needs torch only."""
 
-from .block import AMPipeBlock, apply_ampipe, block_dims, unapply_ampipe
+from .block import AMPipeBlock, apply_ampipe, unapply_ampipe
+from .dims import block_dims
 from .compare import run_block_comparison
 from .emulation import EmulatedComm
 from .plan import Plan, PlanError, PlanOp, StreamSpec, check_dims, load_plan, validate_plan

@@ -23,32 +23,13 @@ from ..model.gpt import autocast_context, init_parameters
 from ..model.layers import TransformerLayer
 from ..parallel.groups import ExpertParallel
 from .block import AMPipeBlock
+from .dims import model_config_from_plan
 from .emulation import DelayInjector, EmulatedComm, delay_report
 from .plan import Plan, data_needs, load_plan
 from .streams import OpTimes
 
 __all__ = ["capacity_label", "model_config_from_plan", "EmulatedBaseline", "add_emulated_delays", "block_step", "largest_differences",
            "ideal_bound_ms", "simulate_ms", "emulated_delay_report", "run_block_comparison"]
-
-_DIM_TO_FIELD = {"num_query_groups": "num_query_groups", "kv_channels": "kv_channels",
-                 "seq_length": "seq_length", "micro_batch_size": "micro_batch_size",
-                 "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
-                 "num_experts": "num_experts", "moe_router_topk": "moe_router_topk",
-                 "moe_ffn_hidden_size": "moe_ffn_hidden_size", "dtype": "dtype",
-                 "moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size"}
-
-
-def model_config_from_plan(plan: Plan, base: ModelConfig | Mapping[str, Any] | None = None,
-                           **overrides: Any) -> ModelConfig:
-    """A one-layer `ModelConfig` with the plan's dims (other fields from `base` or defaults)."""
-    d: dict[str, Any] = dict(base.to_dict() if isinstance(base, ModelConfig) else (base or {}))
-    d["num_layers"] = d.get("num_layers", 1)
-    for key, fieldname in _DIM_TO_FIELD.items():
-        if key in plan.dims:
-            d[fieldname] = plan.dims[key]
-    d.update(overrides)
-    return ModelConfig.from_dict(d)
-
 
 def capacity_label(cfg: ModelConfig, plan: Plan) -> str:
     """Which routing a figure used, and whether the pipelined block is exactly the baseline."""

@@ -7,7 +7,7 @@ silent race or a wrong gradient.
 
 The op kinds — their pass, stream kind, whole-sequence rule, reads (data needs), backward and
 whether they differentiate parameters — come from ``op_kinds.json``, written from the
-TypeScript table (src/plan/opkinds.ts) by scripts/export-plan-schema.ts, so both validators
+TypeScript table (src/plan/opkinds.ts) by scripts/export-schemas.ts, so both validators
 read one definition.
 """
 

@@ -19,7 +19,7 @@ from typing import Any
 from ampipe.worker.background import run_beside_heartbeats
 from ampipe.worker.commands import CommandContext, command
 
-__all__ = ["TOLERANCE_BY_DTYPE", "CUDA_TOLERANCE_BY_DTYPE", "default_tolerance", "expected_dims", "plan_for_config", "run_block"]
+__all__ = ["TOLERANCE_BY_DTYPE", "CUDA_TOLERANCE_BY_DTYPE", "default_tolerance", "plan_for_config", "run_block"]
 
 # Largest relative difference (max|got - ref| / max|ref|, per tensor) accepted as equivalent.
 # fp32 on CPU: the issue's 1e-5. On CUDA, chunked attention and matmuls of other shapes pick
@@ -41,49 +41,22 @@ DEFAULT_TIMEOUT_S = 3600.0
 _ARG_FIELDS = {"config", "plan", "steps", "warmup", "seed", "emulated_comm", "tolerance", "timeout_s"}
 
 
-def expected_dims(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The plan `dims` an experiment config implies (the same fields as `ampipe plan` writes)."""
-    from ampipe.model.config import ModelConfig
-
-    model = ModelConfig.from_dict(_section(config, "model"))
-    par = _section(config, "parallelism")
-    return {
-        "seq_length": model.seq_length,
-        "micro_batch_size": model.micro_batch_size,
-        "hidden_size": model.hidden_size,
-        "num_attention_heads": model.num_attention_heads,
-        "num_query_groups": model.query_groups,
-        "kv_channels": model.head_dim,
-        "num_experts": model.num_experts,
-        "moe_router_topk": model.moe_router_topk,
-        "moe_ffn_hidden_size": model.moe_ffn_hidden_size,
-        "moe_shared_expert_intermediate_size": model.moe_shared_expert_intermediate_size,
-        "expert_model_parallel_size": int(par.get("expert_model_parallel_size", 1)),
-        "dtype": model.dtype,
-    }
-
-
 def plan_for_config(plan: Mapping[str, Any], config: Mapping[str, Any]) -> Any:
     """The loaded `Plan`, checked against the experiment config: its dims (naming the field), its
     capacity scope, and the scope against the drop policy. Every rank command that runs a plan uses it."""
+    from ampipe.config_schema import resolve_section
     from ampipe.model.config import ModelConfig, check_capacity_scope
+    from ampipe.pipeline.dims import dims_from_config
     from ampipe.pipeline.plan import PlanError, check_dims, load_plan
 
     p = load_plan(dict(plan))
-    check_dims(p, expected_dims(config))
-    scope = _section(config, "pipeline").get("capacity_scope", "chunk")
+    check_dims(p, dims_from_config(config))
+    scope = resolve_section(config, "pipeline")["capacity_scope"]
     if p.capacity_scope != scope:
         raise PlanError(f"plan: capacity_scope = {p.capacity_scope!r} but the config's "
                         f"pipeline.capacity_scope is {scope!r}")
-    check_capacity_scope(scope, ModelConfig.from_dict(_section(config, "model")).moe_token_drop_policy)
+    check_capacity_scope(scope, ModelConfig.from_dict(resolve_section(config, "model")).moe_token_drop_policy)
     return p
-
-
-def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    s = config.get(name, {})
-    if not isinstance(s, Mapping):
-        raise ValueError(f"run_block: config.{name} must be a mapping, got {type(s).__name__}")
-    return s
 
 
 def _int_arg(args: Mapping[str, Any], name: str, default: int, minimum: int) -> int:
@@ -130,15 +103,18 @@ def run_block(args: dict, ctx: CommandContext) -> dict[str, Any]:
         if not isinstance(args.get(name), Mapping):
             raise ValueError(f"run_block: argument {name!r} is required (a mapping), "
                              f"got {type(args.get(name)).__name__}")
+    from ampipe.config_schema import resolve_section
+    from ampipe.pipeline.dims import dims_from_config
+
     config: Mapping[str, Any] = args["config"]
-    run_cfg = _section(config, "run")
-    steps = _int_arg(args, "steps", int(run_cfg.get("steps", 4)), 1)
-    warmup = _int_arg(args, "warmup", int(run_cfg.get("warmup", 1)), 0)
-    seed = _int_arg(args, "seed", int(run_cfg.get("seed", 0)), 0)
-    emulated = args["emulated_comm"] if "emulated_comm" in args else _section(config, "pipeline").get("emulated_comm")
+    run_cfg = resolve_section(config, "run")
+    steps = _int_arg(args, "steps", run_cfg["steps"], 1)
+    warmup = _int_arg(args, "warmup", run_cfg["warmup"], 0)
+    seed = _int_arg(args, "seed", run_cfg["seed"], 0)
+    emulated = args["emulated_comm"] if "emulated_comm" in args else resolve_section(config, "pipeline")["emulated_comm"]
     timeout_s = float(args.get("timeout_s") or DEFAULT_TIMEOUT_S)
 
-    dims = expected_dims(config)
+    dims = dims_from_config(config)
     plan = plan_for_config(args["plan"], config)  # a PlanError naming the field, before any rank builds anything
     device = ctx.device if ctx.device is not None else "cpu"
     tolerance = args.get("tolerance")
@@ -174,7 +150,9 @@ def _compare(config: Mapping[str, Any], plan: Any, steps: int, warmup: int, seed
 
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))  # the current device is per thread
-    return run_block_comparison(dict(_section(config, "model")), plan, steps, warmup=warmup,
+    from ampipe.config_schema import resolve_section
+
+    return run_block_comparison(resolve_section(config, "model"), plan, steps, warmup=warmup,
                                 seed=seed, device=device, ep=ep, emulated_comm=emulated,
                                 tolerance=tolerance, on_step=on_step)
 

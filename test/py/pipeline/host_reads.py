@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from ampipe.pipeline import block as block_mod
+from ampipe.pipeline import step as step_mod
 
 _local = threading.local()
 
@@ -43,7 +43,7 @@ def count_host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter]:
     spy(torch.cuda, "synchronize")
 
     def track(pass_name: str, method: str):
-        real = getattr(block_mod._Step, method)
+        real = getattr(step_mod.Step, method)
 
         def wrapper(self, op):
             prev = getattr(_local, "op", (None, None))
@@ -53,7 +53,7 @@ def count_host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter]:
             finally:
                 _local.op = prev
 
-        monkeypatch.setattr(block_mod._Step, method, wrapper)
+        monkeypatch.setattr(step_mod.Step, method, wrapper)
 
     track("forward", "forward_op")
     track("backward", "backward_op")

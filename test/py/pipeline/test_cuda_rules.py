@@ -12,7 +12,7 @@ import torch
 from ampipe.parallel.expert_comm import dispatch_layout, exchange_counts, layout_from_counts
 from ampipe.parallel.groups import ExpertParallel
 from ampipe.pipeline import AMPipeBlock, EmulatedComm
-from ampipe.pipeline.block import _HostCounts
+from ampipe.pipeline.ops import HostCounts
 from ampipe.pipeline.compare import run_block_comparison
 from ampipe.pipeline.emulation import delay_report, sleep_rate
 from ampipe.pipeline.plan import PlanError, check_cuda_streams, compute_stream_count
@@ -130,7 +130,7 @@ def test_dropless_split_sizes_from_the_counts_op_match_the_direct_read():
     counts = torch.tensor([3, 0, 5, 1])
     ep = ExpertParallel.single()
     ref = dispatch_layout(counts, ep, 4, None)
-    send, recv = _HostCounts(exchange_counts(counts, ep)[0]).get()
+    send, recv = HostCounts(exchange_counts(counts, ep)[0]).get()
     assert (send, recv) == ([3, 0, 5, 1], [3, 0, 5, 1])
     assert layout_from_counts(send, recv, 1, 4) == ref
     with pytest.raises(ValueError, match="counts must have 4 entries"):

@@ -11,7 +11,8 @@ import torch
 import torch.utils.checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import ampipe.pipeline.block as blk
+import ampipe.pipeline.ops as ops_mod
+import ampipe.pipeline.step as step_mod
 from ampipe.pipeline import AMPipeBlock, EmulatedComm, OpFailed, baseline_layers, pipeline_layers
 
 from pipeline_helpers import assert_equal_within, inputs, load, make_layer, step
@@ -42,7 +43,7 @@ def test_op_failing_mid_forward_names_the_op_and_leaves_no_thread(monkeypatch, k
     block(x)
     before = _threads()
     calls = {"n": 0}
-    real = getattr(blk.pieces, kind)
+    real = getattr(ops_mod.pieces, kind)
 
     def count_and_fail(*args, **kwargs):
         calls["n"] += 1
@@ -50,12 +51,12 @@ def test_op_failing_mid_forward_names_the_op_and_leaves_no_thread(monkeypatch, k
             raise RuntimeError("injected failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(blk.pieces, kind, count_and_fail)
+    monkeypatch.setattr(ops_mod.pieces, kind, count_and_fail)
     with pytest.raises(OpFailed, match=rf"forward op '{op_id}'.*injected failure") as info:
         block(x)
     assert info.value.op.id == op_id
     assert _threads() == before  # a pass starts no thread, and a failed one leaves none
-    monkeypatch.setattr(blk.pieces, kind, real)
+    monkeypatch.setattr(ops_mod.pieces, kind, real)
     assert_equal_within(ref, step(block, layer, x, dy), 1e-5, "after a failed step")
 
 
@@ -80,14 +81,14 @@ def test_op_failing_mid_backward_names_the_op_and_leaves_no_thread(monkeypatch):
     layer = make_layer(plan)
     block = AMPipeBlock.from_layer(layer, plan, emulated_comm=FAST_EMU)
     x, dy = inputs(plan)
-    real = blk._Step._b_attn
+    real = ops_mod.BACKWARD["attn_bwd"]
 
-    def fail_chunk_1(self, c):
-        if c == 1:
+    def fail_chunk_1(st, io):
+        if io.chunk == 1:
             raise ValueError("injected backward failure")
-        return real(self, c)
+        return real(st, io)
 
-    monkeypatch.setattr(blk._Step, "_b_attn", fail_chunk_1)
+    monkeypatch.setitem(ops_mod.BACKWARD, "attn_bwd", fail_chunk_1)
     y, losses = block(x)
     before = _threads()
     with pytest.raises(OpFailed, match=r"backward op 'b\.attn\.1'.*injected backward failure"):
@@ -110,7 +111,7 @@ class _Checkpointed(torch.nn.Module):
 
         with torch.utils.checkpoint.set_checkpoint_early_stop(self.early_stop):
             y, aux, z = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
-        return y, blk.MoELosses(aux_loss=aux, z_loss=z)
+        return y, ops_mod.MoELosses(aux_loss=aux, z_loss=z)
 
 
 @pytest.mark.parametrize("early_stop", [True, False])
@@ -262,5 +263,5 @@ def test_engine_fallback_computes_the_same_gradients(monkeypatch):
     block = AMPipeBlock.from_layer(layer, plan)
     x, dy = inputs(plan)
     ref = step(layer, layer, x, dy)
-    monkeypatch.setattr(blk, "_ENGINE", None)
+    monkeypatch.setattr(step_mod, "_ENGINE", None)
     assert_equal_within(ref, step(block, layer, x, dy), 1e-5, "torch.autograd.grad fallback")

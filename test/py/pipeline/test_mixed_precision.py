@@ -16,7 +16,7 @@ import torch
 from ampipe.bench.pipeline import bench_pipeline
 from ampipe.model import block_pieces
 from ampipe.model.config import ModelConfig
-from ampipe.pipeline import AMPipeBlock, EmulatedComm, block as block_mod
+from ampipe.pipeline import AMPipeBlock, EmulatedComm, function as function_mod, step as step_mod
 from ampipe.pipeline.compare import run_block_comparison
 from ampipe.pipeline.worker_commands import run_block
 
@@ -139,7 +139,7 @@ def _bf16_step(plan):
     engine._device = torch.device("cpu")
     x = torch.zeros(plan.dims["seq_length"], plan.dims["micro_batch_size"], plan.dims["hidden_size"],
                     dtype=torch.bfloat16)
-    return block_mod._Step(engine, x, engine._params(), track=True), layer
+    return step_mod.Step(engine, x, engine._params(), track=True), layer
 
 
 def test_parameter_gradients_are_summed_across_chunks_in_fp32():
@@ -184,8 +184,8 @@ def test_parameters_with_main_grad_accumulate_there_as_megatron_does():
 
 def test_no_grad_forward_hands_its_results_to_the_callers_stream(monkeypatch):
     handed: list[list[torch.Tensor]] = []
-    real = block_mod._hand_to_caller
-    monkeypatch.setattr(block_mod, "_hand_to_caller", lambda ts: (handed.append(list(ts)), real(ts)))
+    real = function_mod.hand_to_caller
+    monkeypatch.setattr(function_mod, "hand_to_caller", lambda ts: (handed.append(list(ts)), real(ts)))
     plan = load("interleaved-p3", expert_model_parallel_size=1)
     block = AMPipeBlock.from_layer(make_layer(plan), plan)
     x, _ = inputs(plan)
@@ -203,11 +203,11 @@ def test_island_backward_marks_the_incoming_gradient_not_its_conversion(monkeypa
     block = AMPipeBlock.from_layer(layer, plan)
     x, dy = inputs(plan)
     marked: list[int] = []
-    monkeypatch.setattr(block_mod._Step, "_mark_used",
+    monkeypatch.setattr(step_mod.Step, "_mark_used",
                         lambda self, *ts: marked.extend(id(t) for t in ts if t is not None))
     engine = block._ampipe
     engine._device = x.device
-    st = block_mod._Step(engine, x.detach().requires_grad_(True), engine._params(), track=True)
+    st = step_mod.Step(engine, x.detach().requires_grad_(True), engine._params(), track=True)
     st.x_grad = True
     engine._executor.run(plan.forward, st.forward_op, "forward", needs=engine._needs["forward"])
     island = st.islands[("unpermute", 1)]

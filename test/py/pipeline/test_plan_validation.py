@@ -30,7 +30,7 @@ def test_invalid_plans_are_rejected_naming_the_op(case):
 
 
 def test_missing_dependency_is_rejected_before_anything_runs(monkeypatch):
-    import ampipe.pipeline.block as blk
+    import ampipe.pipeline.ops as blk
 
     calls = []
     monkeypatch.setattr(blk.pieces, "qkv", lambda *a, **k: calls.append(a))

@@ -12,7 +12,8 @@ import pytest
 
 from ampipe.pipeline import worker_commands
 from ampipe.pipeline.plan import PlanError
-from ampipe.pipeline.worker_commands import TOLERANCE_BY_DTYPE, default_tolerance, expected_dims, run_block
+from ampipe.pipeline.dims import dims_from_config as expected_dims
+from ampipe.pipeline.worker_commands import TOLERANCE_BY_DTYPE, default_tolerance, run_block
 from ampipe.worker import commands
 from rank_procs import run_ranks
 

@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { FIXTURE_DIR, fixtureFiles, fixtureSpecs } from "../../../scripts/gen-plan-fixtures.ts";
 import { validatePlan } from "../../../src/plan/check.ts";
-import { OP_KINDS_PATH, SCHEMA_PATH, opKindsText, schemaText } from "../../../scripts/export-plan-schema.ts";
+import { DIMS_PATH, OP_KINDS_PATH, SCHEMA_PATH, dimsText, opKindsText, schemaText } from "../../../scripts/export-schemas.ts";
 
 const root = join(import.meta.dirname, "..", "..", "..");
 const files = fixtureFiles();
@@ -55,11 +55,15 @@ describe("committed plan fixtures", () => {
     }
   });
 
-  it("py/ampipe/pipeline/op_kinds.json is src/plan/opkinds.ts's table (regenerate: npx tsx scripts/export-plan-schema.ts)", () => {
+  it("py/ampipe/pipeline/op_kinds.json is src/plan/opkinds.ts's table (regenerate: npx tsx scripts/export-schemas.ts)", () => {
     expect(readFileSync(join(root, OP_KINDS_PATH), "utf8")).toBe(opKindsText());
   });
 
-  it("docs/plan.schema.json is up to date (regenerate: npx tsx scripts/export-plan-schema.ts)", () => {
+  it("py/ampipe/pipeline/dims.json is src/plan/dims.ts's table (regenerate: npx tsx scripts/export-schemas.ts)", () => {
+    expect(readFileSync(join(root, DIMS_PATH), "utf8")).toBe(dimsText());
+  });
+
+  it("docs/plan.schema.json is up to date (regenerate: npx tsx scripts/export-schemas.ts)", () => {
     expect(readFileSync(join(root, SCHEMA_PATH), "utf8")).toBe(schemaText());
   });
 });

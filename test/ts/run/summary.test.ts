@@ -4,7 +4,7 @@ import { calibrationDoc, summarizeRanks, type RankResult } from "../../../src/co
 import { resolveConfig } from "../../../src/config/index.ts";
 import { makePlan } from "../../../src/plan/generators.ts";
 import { parseCalibration } from "../../../src/plan/calibration.ts";
-import { checkPlanDims, dimsFromConfig } from "../../../src/commands/plan.ts";
+import { checkPlanDims, dimsFromConfig } from "../../../src/plan/dims.ts";
 
 const cfg = resolveConfig({
   model: { hidden_size: 32, num_attention_heads: 4, seq_length: 48, num_experts: 4, moe_router_topk: 2, moe_ffn_hidden_size: 32 },
