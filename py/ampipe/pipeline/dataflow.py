@@ -120,10 +120,6 @@ class OpIO:
             raise RuntimeError(f"op '{self.op.id}': {name} of chunk {key[1]} was not written before it "
                                f"(the validator orders its writer first)") from None
 
-    def get(self, name: str, chunk: Any = _MISSING, default: Any = None) -> Any:
-        """`take`, or `default` when the writer wrote no such value (e.g. no counts to exchange)."""
-        return self._data.get(self._key(name, chunk), default)
-
     def put(self, name: str, value: Any) -> None:
         if name not in self.flow.writes:
             raise self._undeclared(name, "write", "")

@@ -229,6 +229,7 @@ def f_route(st: Step, io: OpIO) -> None:
 def f_counts(st: Step, io: OpIO) -> CommWork | None:
     permuted: Permuted = io.take("permuted")
     if permuted.capacity is not None:  # a static layout: nothing to exchange
+        io.put("counts", None)
         return None
     st._mark_used(permuted.tokens_per_expert)
     both, work = ep_comm.exchange_counts(permuted.tokens_per_expert, st.layer.ep,
@@ -244,7 +245,7 @@ def f_dispatch(st: Step, io: OpIO) -> CommWork:
     c = io.chunk
     permuted: Permuted = io.take("permuted")
     bin_ = _leaf(permuted.buffer, st.track)
-    counts: HostCounts | None = io.get("counts")
+    counts: HostCounts | None = io.take("counts")  # None: a static layout
     cfg = st.layer.cfg
     if counts is not None:  # the host waits here, for this chunk's counts only
         send, recv = counts.get()
@@ -416,7 +417,7 @@ def b_route(st: Step, io: OpIO) -> None:
 def b_proj(st: Step, io: OpIO) -> None:
     c = io.chunk
     g_route = io.take("grad_normed")
-    g_shared = io.get("grad_normed_shared") if st.plan.shared_expert else None
+    g_shared = io.take("grad_normed_shared") if st.plan.shared_expert else None
     st._mark_used(g_route, g_shared)  # made on their ops' streams, summed on this one
     g_ctx, g_res = st._run_island_backward(("proj", c), [io.take("grad_h"), _sum(g_route, g_shared)])
     io.put("grad_context", g_ctx)
