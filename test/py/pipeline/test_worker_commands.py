@@ -259,3 +259,13 @@ def test_ep2_over_gloo(tmp_path):
         grads = [k for k in res["equivalence"]["largest_relative_differences"] if "experts" in k]
         assert grads
         assert [e["step"] for e in got["events"] if e["kind"] == "metric"] == [0, 1]
+
+
+def test_run_block_takes_its_defaults_from_the_config_schema():
+    # run.seed defaulted to 0 here and to 1234 in ampipe train and the schema: now the schema's
+    plan = fixture_plan("grouped-p2")
+    plan["dims"]["expert_model_parallel_size"] = 1
+    cfg = experiment_config(plan, steps=1)
+    del cfg["run"]["seed"], cfg["run"]["warmup"]
+    r = run_block({"config": cfg, "plan": plan}, FakeContext())
+    assert r["seed"] == 1234 and r["warmup"] == 1 and r["steps"] == 1
