@@ -4,6 +4,7 @@
 // calibration.ts fits them to measured op times by least squares.
 import { DTYPE_BYTES, OP_KINDS, type BlockDims, type Op, type OpKind, type Plan } from "./ir.ts";
 import { simulatePlan, type OpCosts, type SimOptions, type SimResult } from "./simulate.ts";
+import { COUNT_BYTES, a2aRows, wireBytes } from "./wire.ts";
 
 export type WorkUnit = "flops" | "bytes" | "wire_bytes";
 
@@ -62,8 +63,9 @@ export function opWork(dims: BlockDims, boundaries: readonly number[], kind: OpK
     case "experts": w = 2 * T * K * H * F * mats; break;
     // the shared expert: every token through one FFN of its width (the gate's 2·T·H is noise)
     case "shared": w = 2 * T * H * (dims.moe_shared_expert_intermediate_size ?? 0) * mats; break;
-    case "counts": w = (E * 8 * (world - 1)) / world; break; // int64 per expert: latency-bound
-    case "dispatch": case "combine": w = (T * K * H * eb * (world - 1)) / world; break;
+    case "counts": w = wireBytes(E * COUNT_BYTES, world); break; // latency-bound
+    // the dropless buffer (dims carry no capacity factor; calibration fits the rest)
+    case "dispatch": case "combine": w = wireBytes(a2aRows(T, K, E, null) * H * eb, world); break;
     case "unpermute": w = eb * (T * K * H + 2 * T * H); break;
     case "aux_loss": w = eb * S * B * E * 4; break;
     default: throw new Error(`unknown op kind ${kind}`);

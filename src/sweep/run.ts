@@ -20,6 +20,7 @@ import { COMM_KINDS, DTYPE_BYTES, type Plan } from "../plan/ir.ts";
 import { writeFileAtomic } from "../plan/io.ts";
 import { planBlock } from "../plan/planner.ts";
 import { simulatePlan } from "../plan/simulate.ts";
+import { a2aRows, wireBytes } from "../plan/wire.ts";
 import { chromeTrace } from "../plan/trace.ts";
 import { costModelFor } from "../commands/plan.ts";
 import { dimsFromConfig } from "../plan/dims.ts";
@@ -95,11 +96,8 @@ export function emulatedLabel(e: EmulatedCommConfig): string {
 /** Bytes the sequential block's four all-to-alls put on the wire per rank (dropless buffer, or E x capacity rows). */
 function baselineWireBytes(cfg: ExperimentConfig, seqLength: number, worldSize: number): number {
   const m = cfg.model; // the group's model
-  const tokens = seqLength * m.micro_batch_size;
-  const cap = m.moe_expert_capacity_factor;
-  const rows = cap === null ? tokens * m.moe_router_topk : m.num_experts * Math.ceil((cap * tokens * m.moe_router_topk) / m.num_experts);
-  const bytes = rows * m.hidden_size * DTYPE_BYTES[m.dtype];
-  return (4 * bytes * (worldSize - 1)) / worldSize;
+  const rows = a2aRows(seqLength * m.micro_batch_size, m.moe_router_topk, m.num_experts, m.moe_expert_capacity_factor);
+  return 4 * wireBytes(rows * m.hidden_size * DTYPE_BYTES[m.dtype], worldSize);
 }
 
 /** The emulated delay (ms) of the sequential block's four all-to-alls. */

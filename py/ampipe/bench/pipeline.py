@@ -56,13 +56,15 @@ import torch
 
 from ..model.config import ModelConfig
 from ..model.gpt import autocast_context
-from ..pipeline.block import AMPipeBlock, block_dims
+from ..pipeline.block import AMPipeBlock
+from ..pipeline.dims import block_dims
 from ..pipeline.compare import (EmulatedBaseline, block_step, capacity_label, emulated_delay_report,
                                 ideal_bound_ms, simulate_ms)
 from ..pipeline.emulation import EmulatedComm
 from ..pipeline.plan import Plan, load_plan, retarget_plan
 from .block import block_inputs, load_model_config, make_baseline_block
 from .timing import sync
+from ..wire import a2a_rows, wire_bytes
 
 __all__ = ["bench_pipeline", "compare_shared_expert", "activation_bytes", "main"]
 
@@ -242,9 +244,8 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
         log(f"memory {k}: {v:.3f}x baseline ({mem_kind})")
 
     # 3. Emulated communication at each comm/compute ratio.
-    T = cfg.seq_length * cfg.micro_batch_size
-    cap = cfg.expert_capacity(T)
-    rows = T * cfg.moe_router_topk if cap is None else cfg.num_experts * cap
+    rows = a2a_rows(cfg.seq_length * cfg.micro_batch_size, cfg.moe_router_topk, cfg.num_experts,
+                    cfg.moe_expert_capacity_factor)
     token_dtype = cfg.torch_dtype if cfg.dtype != "fp32" else x.dtype  # tokens travel in the autocast dtype
     a2a_bytes = rows * cfg.hidden_size * torch.empty((), dtype=token_dtype).element_size()
     results = []
@@ -252,7 +253,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
         budget_s = r * compute_ms / 1e3 - 4 * latency_us * 1e-6
         if budget_s <= 0:
             raise SystemExit(f"--ratios {r}: the latency alone exceeds r x compute; lower --latency-us")
-        wire = 4 * a2a_bytes * (world_size - 1) / world_size
+        wire = 4 * wire_bytes(a2a_bytes, world_size)
         bandwidth = bandwidths[r] if bandwidths is not None else wire / budget_s / 1e9
         emu = EmulatedComm(latency_us=latency_us, bandwidth_gbps=bandwidth, world_size=world_size)
         blocks = {"baseline": EmulatedBaseline(layer, emu),

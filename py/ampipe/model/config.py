@@ -12,13 +12,13 @@ by the model before it allocates anything.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
 from ..config_schema import SCHEMA, ConfigError, check_fields, defaults
+from ..wire import expert_capacity
 
 __all__ = ["ConfigError", "ModelConfig", "TORCH_DTYPES", "DROP_POLICIES", "CAPACITY_SCOPES",
            "check_capacity_scope"]
@@ -174,9 +174,7 @@ class ModelConfig:
 
         Evaluated in Megatron's order (`get_capacity`: ``ceil((T*K / E) * cf)``), so a value
         that rounds to just above an integer rounds the same way in both."""
-        if self.moe_expert_capacity_factor is None:
-            return None
-        return math.ceil((num_tokens * self.moe_router_topk / self.num_experts) * self.moe_expert_capacity_factor)
+        return expert_capacity(num_tokens, self.moe_router_topk, self.num_experts, self.moe_expert_capacity_factor)
 
     @property
     def has_shared_expert(self) -> bool:

@@ -22,6 +22,7 @@ from ..model.config import ModelConfig
 from ..model.gpt import autocast_context, init_parameters
 from ..model.layers import TransformerLayer
 from ..parallel.groups import ExpertParallel
+from ..wire import a2a_rows
 from .block import AMPipeBlock
 from .dims import model_config_from_plan
 from .emulation import DelayInjector, EmulatedComm, delay_report
@@ -81,11 +82,8 @@ def _with_delays(layer: TransformerLayer, x: torch.Tensor, y: torch.Tensor, inj:
     """`y`, after the modelled delays of the layer's two all-to-alls (and before their backward)."""
     cfg = layer.cfg
     size = torch.empty((), dtype=wire_dtype(x)).element_size()  # as the tokens travel
-    rows = x.shape[0] * x.shape[1] * cfg.moe_router_topk
-    nbytes = rows * cfg.hidden_size * size  # dropless buffer (capacity: E*C rows)
-    cap = cfg.expert_capacity(x.shape[0] * x.shape[1])
-    if cap is not None:
-        nbytes = cfg.num_experts * cap * cfg.hidden_size * size
+    rows = a2a_rows(x.shape[0] * x.shape[1], cfg.moe_router_topk, cfg.num_experts, cfg.moe_expert_capacity_factor)
+    nbytes = rows * cfg.hidden_size * size
     return _DelayFn.apply(y, inj, [nbytes, nbytes], [nbytes, nbytes])
 
 

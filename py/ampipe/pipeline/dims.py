@@ -1,5 +1,5 @@
 """A plan's block dims and the config field each comes from: the one dims table (dims.json,
-written from src/plan/dims.ts by scripts/export-schemas.ts).
+written from src/plan/dims.ts by scripts/export-schemas.ts, read by plan.py: `DIM_SOURCES`).
 
 From it: the dims an experiment config implies (`dims_from_config`, what `ampipe plan` writes),
 the dims of a layer (`block_dims`, which a plan must match to run on it), the model config of a
@@ -9,12 +9,10 @@ layer whose plan does not fit (`plan_fit_error`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .plan import PlanError
+from .plan import DIM_SOURCES, INPUT_DIMS, PlanError
 
 if TYPE_CHECKING:
     from ..model.adapter import LayerAdapter
@@ -23,12 +21,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DIM_SOURCES", "INPUT_DIMS", "dims_from_config", "block_dims", "model_config_from_plan",
            "fitting_plan_command", "plan_fit_error"]
-
-_TABLE = json.loads(Path(__file__).with_name("dims.json").read_text())
-# dim -> the config field it comes from ("model.hidden_size", "parallelism.expert_model_parallel_size")
-DIM_SOURCES: dict[str, str] = _TABLE["dims"]
-# The dims the block's input fixes (its shape), not the layer.
-INPUT_DIMS: tuple[str, ...] = tuple(_TABLE["input"])
 
 
 def _dims(sections: Mapping[str, Mapping[str, Any]], skip: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import spans
+from ..wire import wire_bytes
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,9 @@ class EmulatedComm:
                 f"({self.latency_us:g} us + bytes / {self.bandwidth_gbps:g} GB/s)")
 
     def wire_bytes(self, tensor_bytes: int) -> float:
-        """Bytes a rank sends for a buffer of `tensor_bytes`: all but its own 1/world share."""
-        return tensor_bytes * (self.world_size - 1) / self.world_size
+        """Bytes a rank sends for a buffer of `tensor_bytes` (`ampipe.wire`: all but its own
+        1/world share)."""
+        return wire_bytes(tensor_bytes, self.world_size)
 
     def delay_s(self, tensor_bytes: int) -> float:
         return self.latency_us * 1e-6 + self.wire_bytes(tensor_bytes) / (self.bandwidth_gbps * 1e9)

@@ -42,11 +42,13 @@ COMM_KINDS = frozenset(k for k, v in OP_KINDS.items() if v["stream"] == "comm")
 PARAM_KINDS = tuple(k for k, v in OP_KINDS.items() if v.get("params"))
 STREAM_KINDS = ("compute", "comm")
 
-# dims keys a plan must carry (contracts.md section 2); the shared expert's defaults to null.
-DIM_KEYS = ("seq_length", "micro_batch_size", "hidden_size", "num_attention_heads",
-            "num_query_groups", "kv_channels", "num_experts", "moe_router_topk",
-            "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-            "expert_model_parallel_size", "dtype")
+# dims keys a plan must carry (contracts.md section 2; the shared expert's defaults to null), each
+# with the config field it comes from: the dims table (src/plan/dims.ts; `dims.py` uses it).
+_DIMS_TABLE = json.loads((Path(__file__).with_name("dims.json")).read_text())
+DIM_SOURCES: dict[str, str] = _DIMS_TABLE["dims"]
+DIM_KEYS = tuple(DIM_SOURCES)
+# The dims the block's input fixes (its shape), not the layer.
+INPUT_DIMS: tuple[str, ...] = tuple(_DIMS_TABLE["input"])
 
 
 class PlanError(ValueError):
