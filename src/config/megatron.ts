@@ -1,14 +1,16 @@
 // Megatron-LM command-line flags (pretrain_gpt.py) to and from an ampipe experiment config.
 //
-// `configFromMegatron(flags)` reads the flags that map onto ampipe's model and parallelism
-// fields (Megatron's defaults apply to the ones not given, so the config describes the same
-// model Megatron would build), warns about each flag it ignores (naming it and why), and
-// refuses contradictions naming both flags. `megatronFromConfig(cfg)` writes the flags back;
-// flags -> config -> flags -> config is the identity on the config.
+// `configFromMegatron(flags)` reads the flags that map onto ampipe's model, parallelism, train
+// and data fields (Megatron's defaults apply to the ones not given, so the config describes the
+// same model and training run Megatron would), warns about each flag it ignores (naming it and
+// why), and refuses contradictions naming both flags, and settings ampipe cannot run (a weighted
+// blend of datasets, another learning-rate decay) naming the flag. `megatronFromConfig(cfg)`
+// writes the flags back; flags -> config -> flags -> config is the identity on the config.
 import { applyOverrides, ConfigError, resolveConfig } from "./load.ts";
-import type { ExperimentConfig } from "./schema.ts";
+import { DataSchema, ModelSchema, type ExperimentConfig } from "./schema.ts";
 
-type Kind = "int" | "float" | "str" | "bool";
+/** `list`: Megatron's nargs="*" (every following token that is not a --flag). */
+type Kind = "int" | "float" | "str" | "bool" | "list";
 
 interface FlagSpec {
   kind: Kind;
@@ -64,6 +66,26 @@ const FLAGS: Record<string, FlagSpec> = {
   "--bf16": { kind: "bool" },
   "--fp16": { kind: "bool" },
   "--seed": { kind: "int", field: "run.seed" },
+  // training (ampipe train's `train` section)
+  "--train-iters": { kind: "int", field: "train.steps" },
+  "--lr": { kind: "float", field: "train.lr" },
+  "--min-lr": { kind: "float", field: "train.min_lr" },
+  "--lr-warmup-iters": { kind: "int", field: "train.warmup_steps" },
+  "--lr-decay-style": { kind: "str", choices: ["cosine"] },
+  "--lr-decay-iters": { kind: "int" },
+  "--weight-decay": { kind: "float", field: "train.weight_decay" },
+  "--clip-grad": { kind: "float", field: "train.clip_grad" },
+  "--adam-beta1": { kind: "float", field: "train.adam_beta1" },
+  "--adam-beta2": { kind: "float", field: "train.adam_beta2" },
+  "--adam-eps": { kind: "float", field: "train.adam_eps" },
+  "--initial-loss-scale": { kind: "float", field: "train.initial_loss_scale" },
+  "--global-batch-size": { kind: "int", field: "train.global_batch_size" },
+  "--eval-interval": { kind: "int", field: "train.eval_interval" },
+  "--eval-iters": { kind: "int", field: "train.eval_iters" },
+  "--save-interval": { kind: "int", field: "train.checkpoint_interval" },
+  // data (the `data` section)
+  "--data-path": { kind: "list" },
+  "--split": { kind: "str" },
 };
 
 /** Megatron-LM flags with no ampipe equivalent that are safe to drop, and why. A value
@@ -76,16 +98,6 @@ const IGNORED: Record<string, { takesValue: boolean; why: string }> = {
   "--sequence-parallel": { takesValue: false, why: "no tensor parallelism" },
   "--expert-tensor-parallel-size": { takesValue: true, why: "ampipe runs expert tensor parallelism 1" },
   "--max-position-embeddings": { takesValue: true, why: "ampipe sizes positions by --seq-length" },
-  "--global-batch-size": { takesValue: true, why: "no gradient-accumulation setting in the config" },
-  "--train-iters": { takesValue: true, why: "a training setting" },
-  "--lr": { takesValue: true, why: "a training setting" },
-  "--min-lr": { takesValue: true, why: "a training setting" },
-  "--lr-decay-style": { takesValue: true, why: "a training setting" },
-  "--lr-warmup-iters": { takesValue: true, why: "a training setting" },
-  "--weight-decay": { takesValue: true, why: "a training setting" },
-  "--clip-grad": { takesValue: true, why: "a training setting" },
-  "--adam-beta1": { takesValue: true, why: "a training setting" },
-  "--adam-beta2": { takesValue: true, why: "a training setting" },
   "--moe-shared-expert-overlap": { takesValue: false, why: "ampipe overlaps the shared expert with the all-to-alls itself, per chunk" },
   "--moe-grouped-gemm": { takesValue: false, why: "ampipe stores experts as GroupedMLP and runs them its own way" },
   "--moe-token-dispatcher-type": { takesValue: true, why: "ampipe permutes and exchanges tokens itself" },
@@ -97,16 +109,11 @@ const IGNORED: Record<string, { takesValue: boolean; why: string }> = {
   "--no-masked-softmax-fusion": { takesValue: false, why: "a kernel choice" },
   "--no-bias-swiglu-fusion": { takesValue: false, why: "a kernel choice" },
   "--no-rope-fusion": { takesValue: false, why: "a kernel choice" },
-  "--tokenizer-type": { takesValue: true, why: "data settings are not part of the block config" },
-  "--tokenizer-model": { takesValue: true, why: "data settings are not part of the block config" },
-  "--data-path": { takesValue: true, why: "data settings are not part of the block config" },
-  "--split": { takesValue: true, why: "data settings are not part of the block config" },
-  "--save": { takesValue: true, why: "checkpointing is not part of the block config" },
-  "--load": { takesValue: true, why: "checkpointing is not part of the block config" },
-  "--save-interval": { takesValue: true, why: "checkpointing is not part of the block config" },
-  "--log-interval": { takesValue: true, why: "a logging setting" },
-  "--eval-interval": { takesValue: true, why: "an evaluation setting" },
-  "--eval-iters": { takesValue: true, why: "an evaluation setting" },
+  "--tokenizer-type": { takesValue: true, why: "ampipe reads the token ids of --data-path as they are (data.tokenizer only builds the default Brown corpus)" },
+  "--tokenizer-model": { takesValue: true, why: "ampipe reads the token ids of --data-path as they are (data.tokenizer only builds the default Brown corpus)" },
+  "--save": { takesValue: true, why: "ampipe train checkpoints into its run directory (--out)" },
+  "--load": { takesValue: true, why: "ampipe train resumes from its run directory (--out)" },
+  "--log-interval": { takesValue: true, why: "a logging setting (ampipe train reports every step)" },
   "--distributed-backend": { takesValue: true, why: "ampipe picks gloo on CPU, NCCL on CUDA" },
 };
 
@@ -121,6 +128,11 @@ const UNSUPPORTED: Record<string, { takesValue: boolean; why: string }> = {
   "--multi-latent-attention": { takesValue: false, why: "multi-latent attention is not implemented" },
   "--fp8-format": { takesValue: true, why: "fp8 is not supported" },
   "--num-layers-per-virtual-pipeline-stage": { takesValue: true, why: "pipeline parallelism is not supported" },
+  "--train-data-path": { takesValue: true, why: "ampipe splits one --data-path into train and valid by --split" },
+  "--valid-data-path": { takesValue: true, why: "ampipe splits one --data-path into train and valid by --split" },
+  "--test-data-path": { takesValue: true, why: "ampipe splits one --data-path into train and valid by --split" },
+  "--data-args-path": { takesValue: true, why: "ampipe reads one --data-path" },
+  "--per-split-data-args-path": { takesValue: true, why: "ampipe splits one --data-path into train and valid by --split" },
 };
 
 /** Megatron-LM's defaults for the fields ampipe reads, where they differ from ampipe's own. */
@@ -153,6 +165,18 @@ const MEGATRON_DEFAULTS: Record<string, unknown> = {
   "model.moe_expert_activation": "gelu",
   "model.dtype": "fp32",
   "parallelism.expert_model_parallel_size": 1,
+  "train.min_lr": 0,
+  "train.warmup_steps": 0,
+  "train.weight_decay": 0.01,
+  "train.clip_grad": 1.0,
+  "train.adam_beta1": 0.9,
+  "train.adam_beta2": 0.999,
+  "train.adam_eps": 1e-8,
+  "train.eval_interval": 1000,
+  "train.eval_iters": 100,
+  "train.initial_loss_scale": 2 ** 32,
+  // "969, 30, 1" without the test share, which ampipe does not hold out
+  "data.split": "969,30",
 };
 
 export interface FromMegatronResult {
@@ -176,6 +200,13 @@ function tokenize(argv: readonly string[]): Array<{ flag: string; value: string 
     }
     const spec = FLAGS[flag];
     const known = IGNORED[flag] ?? UNSUPPORTED[flag];
+    if (spec?.kind === "list") {
+      const values: string[] = [];
+      while (i + 1 < argv.length && !argv[i + 1].startsWith("--")) values.push(argv[++i]);
+      if (!values.length) throw new ConfigError([{ path: "", message: `${flag}: needs a value` }], "megatron flags");
+      out.push({ flag, value: values.join(" ") });
+      continue;
+    }
     const takesValue = spec ? spec.kind !== "bool" : known ? known.takesValue : i + 1 < argv.length && !argv[i + 1].startsWith("--");
     if (takesValue) {
       if (i + 1 >= argv.length) throw new ConfigError([{ path: "", message: `${flag}: needs a value` }], "megatron flags");
@@ -195,7 +226,7 @@ function readValue(flag: string, spec: FlagSpec, raw: string | null): unknown {
     return true;
   }
   if (raw === null) fail(`${flag}: needs a value`);
-  if (spec.kind === "str") {
+  if (spec.kind === "str" || spec.kind === "list") {
     if (spec.choices && !spec.choices.includes(raw))
       fail(`${flag}: "${raw}" is not supported by ampipe (supported: ${spec.choices.join(", ")})`);
     return raw;
@@ -209,6 +240,30 @@ function readValue(flag: string, spec: FlagSpec, raw: string | null): unknown {
 function setPath(obj: Record<string, Record<string, unknown>>, field: string, value: unknown): void {
   const [section, key] = field.split(".");
   (obj[section] ??= {})[key] = value;
+}
+
+/** `--data-path`: one dataset prefix (or one weight and prefix); Megatron's weighted blend of
+ *  several datasets is refused by name (ampipe trains on one indexed dataset). */
+function dataPathFrom(raw: string): string {
+  const parts = raw.split(" ");
+  const isWeight = (s: string) => s.trim() !== "" && Number.isFinite(Number(s));
+  if (parts.length === 1) return parts[0];
+  if (parts.length === 2 && isWeight(parts[0]) && !isWeight(parts[1])) return parts[1];
+  fail(`--data-path ${raw}: Megatron's weighted blend of datasets is not supported by ampipe (it trains on one dataset prefix; blend the data into one with ampipe data prepare, or give one prefix)`);
+}
+
+/** `--split train,valid,test` (Megatron's weights, "," or "/" separated, padded with zeros) ->
+ *  data.split "train,valid"; a test share is not held out by ampipe (said in a warning). */
+function splitFrom(raw: string): { split: string; warning?: string } {
+  const parts = (raw.includes(",") ? raw.split(",") : raw.split("/")).map((p) => p.trim());
+  const w = parts.map(Number);
+  if (parts.length > 3 || w.some((x, i) => parts[i] === "" || !Number.isFinite(x) || x < 0))
+    fail(`--split ${raw}: expected up to three weights train,valid,test such as 969,30,1`);
+  const [train, valid = 0, test = 0] = w;
+  if (!(train > 0) || !(valid > 0))
+    fail(`--split ${raw}: ampipe needs a train and a validation share > 0 (it evaluates on the valid split)`);
+  const split = `${parts[0]},${parts[1]}`;
+  return test > 0 ? { split, warning: `--split ${raw}: the test share (${parts[2]}) is not held out (ampipe splits documents into train and valid ${split})` } : { split };
 }
 
 /** Megatron-LM flags -> a resolved ampipe config (plus `--set` overrides applied last). */
@@ -251,7 +306,12 @@ export function configFromMegatron(argv: readonly string[], overrides: readonly 
   const ep = g("--expert-model-parallel-size") as number | undefined;
   if (ep !== undefined && experts % ep !== 0) fail(`--expert-model-parallel-size ${ep} does not divide --num-experts ${experts}`);
 
-  const obj: Record<string, Record<string, unknown>> = { model: {}, parallelism: {} };
+  const iters = g("--train-iters") as number | undefined;
+  const decayIters = g("--lr-decay-iters") as number | undefined;
+  if (decayIters !== undefined && decayIters !== iters)
+    fail(`--lr-decay-iters ${decayIters} differs from --train-iters ${iters ?? "(not given)"}: ampipe decays the learning rate over the whole run (give --lr-decay-iters = --train-iters, or leave it out)`);
+
+  const obj: Record<string, Record<string, unknown>> = { model: {}, parallelism: {}, train: {}, data: {} };
   for (const [field, v] of Object.entries(MEGATRON_DEFAULTS)) setPath(obj, field, v);
   for (const [flag, v] of given) {
     const field = FLAGS[flag].field;
@@ -270,6 +330,17 @@ export function configFromMegatron(argv: readonly string[], overrides: readonly 
   if (g("--moe-router-load-balancing-type") === "none") obj.model.moe_aux_loss_coeff = 0;
   // The smallest world that holds the expert-parallel group (Megatron takes it from the launcher).
   obj.parallelism.world_size = obj.parallelism.expert_model_parallel_size;
+  // Megatron's --global-batch-size defaults to one micro-batch per data-parallel rank.
+  if (g("--global-batch-size") === undefined)
+    obj.train.global_batch_size = (obj.model.micro_batch_size as number | undefined ?? ModelSchema.parse({}).micro_batch_size) * (obj.parallelism.world_size as number);
+  const dataPath = g("--data-path") as string | undefined;
+  if (dataPath !== undefined) obj.data.path = dataPathFrom(dataPath);
+  const split = g("--split") as string | undefined;
+  if (split !== undefined) {
+    const r = splitFrom(split);
+    obj.data.split = r.split;
+    if (r.warning) warnings.push(r.warning);
+  }
   const config = resolveConfig(applyOverrides(obj, overrides), "megatron flags");
   return { config, warnings };
 }
@@ -329,6 +400,28 @@ export function megatronFromConfig(cfg: ExperimentConfig): { flags: string[]; wa
   if (m.dtype === "bf16") add("--bf16");
   if (m.dtype === "fp16") add("--fp16");
   add("--seed", cfg.run.seed);
+  const t = cfg.train;
+  add("--train-iters", t.steps);
+  add("--lr", t.lr);
+  add("--min-lr", t.min_lr);
+  add("--lr-decay-style", "cosine");
+  add("--lr-decay-iters", t.steps);
+  add("--lr-warmup-iters", t.warmup_steps);
+  add("--weight-decay", t.weight_decay);
+  add("--clip-grad", t.clip_grad);
+  add("--adam-beta1", t.adam_beta1);
+  add("--adam-beta2", t.adam_beta2);
+  add("--adam-eps", t.adam_eps);
+  add("--initial-loss-scale", t.initial_loss_scale);
+  add("--global-batch-size", t.global_batch_size);
+  add("--eval-interval", t.eval_interval);
+  add("--eval-iters", t.eval_iters);
+  add("--save-interval", t.checkpoint_interval);
+  const d = cfg.data;
+  if (d.path !== null) add("--data-path", d.path);
+  add("--split", `${d.split.replace(/\s/g, "")},0`);
+  if (d.seed !== DataSchema.parse({}).seed)
+    warnings.push(`data.seed: ${d.seed} has no Megatron-LM flag (Megatron-LM splits documents in order, not by a seed); left out`);
   return { flags: f, warnings };
 }
 

@@ -168,11 +168,11 @@ describe("Megatron-LM flags", () => {
 
   it("warn about each flag ignored, by name", () => {
     const { warnings } = configFromMegatron([
-      "--num-experts", "4", "--lr", "3e-4", "--tensor-model-parallel-size", "2", "--use-mcore-models",
+      "--num-experts", "4", "--log-interval", "10", "--tensor-model-parallel-size", "2", "--use-mcore-models",
       "--no-such-flag", "7", "--another-unknown", "--num-query-groups", "2",
     ]);
     expect(warnings).toEqual([
-      "--lr 3e-4: ignored (a training setting)",
+      "--log-interval 10: ignored (a logging setting (ampipe train reports every step))",
       "--tensor-model-parallel-size 2: ignored (ampipe runs tensor parallelism 1)",
       "--use-mcore-models: ignored (ampipe's GPT is Megatron-Core's layout)",
       "--no-such-flag 7: ignored (not a Megatron-LM flag ampipe knows)",
@@ -189,9 +189,9 @@ describe("Megatron-LM flags", () => {
   it("the CLI: from-megatron, to-megatron and plan --from-megatron", () => {
     const dir = mkdtempSync(join(tmpdir(), "ampipe-mg-"));
     const cfgPath = join(dir, "c.yaml");
-    const from = spawnSync(process.execPath, [cli, "config", "from-megatron", "--out", cfgPath, "--", ...FLAGS, "--lr", "1e-4"], { encoding: "utf8" });
+    const from = spawnSync(process.execPath, [cli, "config", "from-megatron", "--out", cfgPath, "--", ...FLAGS, "--log-interval", "100"], { encoding: "utf8" });
     expect(from.status, from.stderr).toBe(0);
-    expect(from.stderr).toContain("warning: --lr 1e-4: ignored");
+    expect(from.stderr).toContain("warning: --log-interval 100: ignored");
     expect(parseYaml(readFileSync(cfgPath, "utf8"))).toEqual(configFromMegatron(FLAGS).config);
     const to = spawnSync(process.execPath, [cli, "config", "to-megatron", cfgPath, "--json"], { encoding: "utf8" });
     expect(to.status, to.stderr).toBe(0);
@@ -207,5 +207,52 @@ describe("Megatron-LM flags", () => {
     const written = JSON.parse(readFileSync(planPath, "utf8"));
     expect(written.dims).toMatchObject({ hidden_size: 64, num_attention_heads: 4, seq_length: 128, num_experts: 4,
       moe_ffn_hidden_size: 256, expert_model_parallel_size: 1, dtype: "fp32" });
+  });
+
+  it("read the training and data flags into the train and data sections, with Megatron-LM's defaults, and round-trip them", () => {
+    const TRAIN = ["--train-iters", "500", "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "cosine", "--lr-decay-iters", "500",
+      "--lr-warmup-iters", "20", "--weight-decay", "0.1", "--clip-grad", "0.5", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
+      "--adam-eps", "1e-6", "--global-batch-size", "32", "--eval-interval", "100", "--eval-iters", "10", "--save-interval", "250",
+      "--data-path", "/data/corpus_text_document", "--split", "98,2,0"];
+    const { config: c, warnings } = configFromMegatron([...FLAGS, ...TRAIN]);
+    expect(warnings).toEqual([]);
+    expect(c.train).toEqual({ steps: 500, lr: 3e-4, min_lr: 3e-5, warmup_steps: 20, weight_decay: 0.1, adam_beta1: 0.9, adam_beta2: 0.95,
+      adam_eps: 1e-6, clip_grad: 0.5, global_batch_size: 32, eval_interval: 100, eval_iters: 10, checkpoint_interval: 250,
+      initial_loss_scale: 2 ** 32 });
+    expect(c.data).toMatchObject({ path: "/data/corpus_text_document", split: "98,2" });
+    const { flags, warnings: back } = megatronFromConfig(c);
+    expect(back).toEqual([]);
+    expect(configFromMegatron(flags).config).toEqual(c);
+    const map = flagMap(flags);
+    for (const [flag, value] of flagMap(TRAIN))
+      expect(Number.isFinite(Number(value)) ? Number(map.get(flag)) : map.get(flag), flag).toEqual(Number.isFinite(Number(value)) ? Number(value) : value);
+    // not given: Megatron-LM's defaults (one micro-batch per data-parallel rank, its optimiser and split)
+    const d = configFromMegatron(["--num-experts", "4", "--micro-batch-size", "3"]).config;
+    expect(d.train).toMatchObject({ global_batch_size: 3, min_lr: 0, warmup_steps: 0, weight_decay: 0.01, adam_beta2: 0.999,
+      eval_interval: 1000, eval_iters: 100 });
+    expect(d.data).toMatchObject({ path: null, split: "969,30" });
+  });
+
+  it("take one dataset (or one weight and prefix), refuse a weighted blend by name, and say what a split drops", () => {
+    expect(configFromMegatron(["--num-experts", "4", "--data-path", "1.0", "/d/a_text_document"]).config.data.path).toBe("/d/a_text_document");
+    expect(errorOf(["--num-experts", "4", "--data-path", "0.3", "/d/a", "0.7", "/d/b"]))
+      .toContain("--data-path 0.3 /d/a 0.7 /d/b: Megatron's weighted blend of datasets is not supported by ampipe");
+    expect(errorOf(["--num-experts", "4", "--data-path", "/d/a", "/d/b"])).toContain("weighted blend of datasets is not supported");
+    expect(errorOf(["--num-experts", "4", "--train-data-path", "/d/a"])).toContain("--train-data-path /d/a: not supported by ampipe (ampipe splits one --data-path");
+    const r = configFromMegatron(["--num-experts", "4", "--split", "949,50,1"]);
+    expect(r.config.data.split).toBe("949,50");
+    expect(r.warnings).toEqual(["--split 949,50,1: the test share (1) is not held out (ampipe splits documents into train and valid 949,50)"]);
+    expect(configFromMegatron(["--num-experts", "4", "--split", "90/10"]).config.data.split).toBe("90,10");
+    expect(errorOf(["--num-experts", "4", "--split", "100"])).toContain("--split 100: ampipe needs a train and a validation share > 0");
+    expect(errorOf(["--num-experts", "4", "--lr-decay-style", "linear"])).toContain('--lr-decay-style: "linear" is not supported by ampipe (supported: cosine)');
+    expect(errorOf(["--num-experts", "4", "--train-iters", "100", "--lr-decay-iters", "80"])).toContain("--lr-decay-iters 80 differs from --train-iters 100");
+    expect(errorOf(["--num-experts", "4", "--micro-batch-size", "2", "--global-batch-size", "5"])).toContain("train.global_batch_size");
+  });
+
+  it("the ignored list holds no flag ampipe reads", () => {
+    const { warnings } = configFromMegatron(["--num-experts", "4", "--train-iters", "10", "--lr", "1e-3", "--min-lr", "1e-4",
+      "--lr-warmup-iters", "2", "--weight-decay", "0", "--clip-grad", "1", "--adam-beta1", "0.9", "--adam-beta2", "0.99",
+      "--global-batch-size", "4", "--data-path", "p", "--split", "9,1", "--eval-interval", "5", "--eval-iters", "2", "--save-interval", "5"]);
+    expect(warnings).toEqual([]);
   });
 });
