@@ -341,6 +341,9 @@ class StreamExecutor:
                 local.stream = op.stream
                 work = _run_op(op, run_op, pass_name)
                 end = clock()
+                if work is not None and not op.is_comm:  # the op table says which kinds communicate
+                    raise OpFailed(op, pass_name, TypeError(
+                        f"kind {op.kind!r} runs on a compute stream (op_kinds.json) but its op started a communication"))
                 if work is not None:
                     work.op, work.pass_name, work.issued = op, pass_name, end
                     work.start = end

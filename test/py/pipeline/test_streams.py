@@ -120,6 +120,14 @@ def test_failing_op_is_named_and_dependents_do_not_run(bad):
     assert not any(op.id in ran and failed in op.deps for op in ops)
 
 
+def test_a_compute_kind_that_starts_a_communication_is_refused_naming_the_op():
+    ops = [PlanOp("a", "route", 0, "compute", ()), PlanOp("b", "experts", 0, "compute", ("a",))]
+    ex = StreamExecutor(STREAMS, "cpu")
+    with pytest.raises(OpFailed, match=r"forward op 'b' \(experts.*compute stream \(op_kinds.json\)"):
+        ex.run(ops, lambda op: CommWork(None, 0.0, lambda: None) if op.id == "b" else None, "forward",
+               needs={"a": [], "b": ["a"]})
+
+
 def test_emulated_delay_model_and_cpu_sleep():
     m = EmulatedComm(latency_us=100, bandwidth_gbps=1.0, world_size=4)
     assert m.wire_bytes(4000) == 3000
