@@ -99,13 +99,15 @@ class CommWork:
         """When the collective finished (perf_counter seconds), if the backend said."""
         return self._done_at[0] if self._done_at else None
 
-    def complete(self, on_wait: Callable[["CommWork", float], None] | None = None) -> None:
+    def complete(self, on_wait: Callable[["CommWork", float], None] | None = None,
+                 on_finish: Callable[["CommWork", float], None] | None = None) -> None:
         """Wait for the collective and the modelled time (this op's stream predecessors
-        first), then run `finish`. `on_wait(self, since)` is told when the caller blocked."""
+        first), then run `finish`. `on_wait(self, since)` is told when the caller blocked,
+        `on_finish(self, since)` when the remainder ran."""
         if self.end is not None:
             return
         if self.prev is not None:
-            self.prev.complete(on_wait)
+            self.prev.complete(on_wait, on_finish)
             self.start = max(self.issued, self.prev.end)
             self.prev = None
         t0 = time.perf_counter()
@@ -118,7 +120,10 @@ class CommWork:
             if on_wait is not None and time.perf_counter() - t0 > 1e-6:
                 on_wait(self, t0)
             self.end = end
+            t1 = time.perf_counter()
             self.finish()
+            if on_finish is not None:
+                on_finish(self, t1)
         except _PASS_THROUGH:
             raise
         except Exception as e:  # the collective or the op's remainder: name this op
@@ -306,11 +311,16 @@ class StreamExecutor:
         def on_wait(w: CommWork, since: float) -> None:
             waited.append((w.op.id, w.op.kind, since, clock()))
 
+        def on_finish(w: CommWork, since: float) -> None:  # a comm op's local remainder, on this thread
+            if rec is not None:
+                rec.add(f"finish {w.op.id}", "issue", int(since * 1e9), int(clock() * 1e9), kind=w.op.kind,
+                        chunk=w.op.chunk, **{"pass": pass_name})
+
         def finish(op_id: str) -> None:
             w = in_flight.pop(op_id, None)
             if w is None:
                 return
-            w.complete(on_wait)
+            w.complete(on_wait, on_finish)
             if record:
                 times._cpu.append(OpTime(w.op.id, w.op.kind, w.op.chunk, w.op.stream,
                                          (w.start - t0) * 1e3, (w.end - w.start) * 1e3))

@@ -175,7 +175,9 @@ def arm_summaries(recorded: Sequence[Span], step_tid: int) -> dict[str, dict[str
     ``measured`` true, `ampipe.train.arms.time_arms`): per arm, the medians over its steps of
     ``step_ms`` and ``moe_layers_ms``, ``blocks_per_step`` (MoE layer forwards in a step), and for
     a pipelined arm the median time of each op id per pass (``op_ms``: compute ops on the
-    training thread, comm ops on their modelled stream) and of each pass (``pass_ms``)."""
+    training thread, each with the comm ops' local parts that ran there just before it, so the
+    schedule's compute stream carries them as the thread did; comm ops by their time on their
+    modelled stream) and of each pass (``pass_ms``)."""
     by_arm: dict[str, list[Span]] = defaultdict(list)
     arms = [s for s in recorded if s.cat == "arm" and s.args.get("measured")]
     ordered = sorted(recorded, key=lambda s: s.start_ns)
@@ -187,12 +189,20 @@ def arm_summaries(recorded: Sequence[Span], step_tid: int) -> dict[str, dict[str
         op: dict[str, dict[str, list[float]]] = {"forward": defaultdict(list), "backward": defaultdict(list)}
         passes: dict[str, list[float]] = {"forward": [], "backward": []}
         layer_fwd = 0
+        local = 0.0  # comm ops' local parts (start, remainder) run on this thread before the next compute op
         for s in ss:
             p = s.args.get("pass")
-            if s.cat == "op" and p in op:
-                op[p][s.name].append(s.ms)
+            if s.cat == "issue" and s.tid == step_tid:
+                local += s.ms
+            elif s.cat == "op" and p in op:
+                if s.tid == step_tid:  # a compute op: it carries the local parts that ran just before it
+                    op[p][s.name].append(s.ms + local)
+                    local = 0.0
+                else:  # a comm op: its time on its (modelled) stream
+                    op[p][s.name].append(s.ms)
             elif s.cat == "block" and p in passes and s.tid == step_tid:
                 passes[p].append(s.ms)
+                local = 0.0
             elif s.cat == "layer" and p == "forward" and s.tid == step_tid:
                 layer_fwd += 1
         out[name] = {
