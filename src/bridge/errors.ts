@@ -27,6 +27,19 @@ export class CommandError extends Error {
   }
 }
 
+/**
+ * A command's result does not have the shape its schema says: the TypeScript and Python sides
+ * disagree about the command (a contract changed on one side only, or two checkouts mixed).
+ * Names the rank, the command and each field at fault.
+ */
+export class ResultError extends Error {
+  constructor(readonly command: string, readonly rank: number, readonly issues: string[]) {
+    super(`rank ${rank}: command '${command}' returned a result of another shape than ampipe's TypeScript side ` +
+      `expects (are both sides from one checkout?):\n${issues.map((i) => indent(i)).join("\n")}`);
+    this.name = "ResultError";
+  }
+}
+
 export function indent(text: string, prefix = "    "): string {
   return text.split("\n").map((l) => prefix + l).join("\n");
 }

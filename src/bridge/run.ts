@@ -7,7 +7,9 @@
 //
 // Any fault (a rank exits, hangs, disconnects, fails to start) fails every pending request
 // with a RankFailure that names the rank, stops the other ranks and leaves no process behind.
+import type { z } from "zod";
 import { indent, RankFailure } from "./errors.ts";
+import { checkResult } from "./results.ts";
 import { Controller, type ControllerOptions, type RankEvent, type RankInfo } from "./controller.ts";
 import { freePort, RankProcess } from "./launcher.ts";
 import { pythonPath } from "../python.ts";
@@ -62,6 +64,18 @@ export class RankRun {
   }
   request(rank: number, name: string, args: Record<string, unknown> = {}): Promise<unknown> {
     return this.controller.request(rank, name, args);
+  }
+  /** `request`, its result checked against the command's schema on receipt (`ResultError` names the field). */
+  async call<S extends z.ZodType>(rank: number, name: string, args: Record<string, unknown>, schema: S): Promise<z.output<S>> {
+    return checkResult(schema, await this.request(rank, name, args), name, rank);
+  }
+  /** `call` on every rank at once; the first failure (a rank's error, a result of the wrong shape) fails it. */
+  callAll<S extends z.ZodType>(name: string, args: Record<string, unknown>, schema: S): Promise<Array<z.output<S>>> {
+    return Promise.all([...Array(this.worldSize).keys()].map((r) => this.call(r, name, args, schema)));
+  }
+  /** `broadcast` (every rank's error collected), each result checked against the command's schema. */
+  async broadcastAs<S extends z.ZodType>(name: string, args: Record<string, unknown>, schema: S): Promise<Array<z.output<S>>> {
+    return (await this.broadcast(name, args)).map((v, rank) => checkResult(schema, v, name, rank));
   }
   onEvent(fn: (e: RankEvent) => void): () => void { return this.controller.onEvent(fn); }
   /** Asks the ranks' running commands to stop at their next safe point (see Controller.cancelCommands). */

@@ -1,15 +1,15 @@
 // `ampipe bench <config>`: the experiment sweep (src/sweep/, docs/bench.md); `ampipe bench <name>`:
-// the other benchmarks. Each of those lives in src/bench/<name>.ts and exports
-// `register(bench: Command)`; this module finds them, so adding a benchmark touches no
-// shared file.
+// the other benchmarks. Each of those has its command in src/commands/bench/<name>.ts, which
+// exports `register(bench: Command)` (its measuring code lives in src/bench/<name>.ts); this
+// module finds them, so adding a benchmark touches no shared file.
 import { readdirSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { InvalidArgumentError, type Command } from "commander";
 import { benchCommand, type BenchOptions } from "../sweep/run.ts";
-import { addControllerOptions } from "./ping.ts";
+import { addControllerOptions } from "./options.ts";
 
-const benchDir = join(dirname(fileURLToPath(import.meta.url)), "..", "bench");
+const benchDir = join(dirname(fileURLToPath(import.meta.url)), "bench");
 const modules: Array<{ name: string; register(bench: Command): void }> = [];
 for (const file of readdirSync(benchDir).filter((f) => f.endsWith(".ts") && !f.endsWith(".d.ts")).sort()) {
   const m = (await import(pathToFileURL(join(benchDir, file)).href)) as { register?: (bench: Command) => void };

@@ -15,9 +15,10 @@ import { resolveDataset } from "../train/dataset.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { MetricsLog, prepareRunDir } from "../train/rundir.ts";
 import { stopOnSignals } from "../train/signals.ts";
-import { addTuneOptions, chooseBlock, tuneOnRanks, TUNE_FILE, TUNE_MODULE, type ChooseOptions } from "../train/choose.ts";
+import { chooseBlock, tuneOnRanks, TUNE_FILE, TUNE_MODULE, type ChooseOptions } from "../train/choose.ts";
 import type { TuneArm } from "../train/tune.ts";
-import { addControllerOptions, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
+import { startConfigRun } from "../bridge/start.ts";
+import { addControllerOptions, addTuneOptions, positiveInt, reportFailure, type ControllerCliOptions } from "./options.ts";
 
 export const COMPARE_MODULE = "ampipe.train.compare";
 export const COMPARE_FORMAT = "ampipe.compare";
@@ -84,7 +85,7 @@ export function prepareCompare(configPath: string, o: CompareOptions): CompareSe
   prepareRunDir(root, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
   // The pipelined arm's block is chosen as `ampipe train` chooses it (degree auto: timed on the
   // ranks first, that decision kept in the root for reruns).
-  const choice = chooseBlock(configPath, cfg, o, root, existsSync(join(root, TUNE_FILE)));
+  const choice = chooseBlock(cfg, o, root, existsSync(join(root, TUNE_FILE)));
   if (choice.plan === null && choice.tune === null)
     throw new CompareInputError(`the pipelined arm would train the baseline block: ${choice.source}; nothing to compare (set pipeline.degree, or --plan)`);
   if (choice.plan) checkPipelined(choice.plan, choice.source);

@@ -1,134 +1,10 @@
 // `ampipe ping --ranks N`: every rank initialises torch.distributed, runs an all_reduce and
 // an all_to_all_single and checks them; the controller prints the results with the round trip.
-import { Command, InvalidArgumentError, Option } from "commander";
-import {
-  attachRanks, BridgeError, closeOnSignals, CommandError, launchRanks, RankFailure, RunClosedError, type RankRun, type RunOptions,
-} from "../bridge/index.ts";
-import { ConfigError, loadConfig, type ParallelismConfig } from "../config/index.ts";
-
-interface PingResult {
-  rank: number; pid: number; host: string; backend: string; device: string;
-  all_reduce: { ok: boolean; value: number; expected: number; seconds: number };
-  all_to_all: { ok: boolean; received: number[]; expected: number[]; seconds: number };
-}
-
-export function positiveInt(v: string): number {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError("expected a positive integer");
-  return n;
-}
-export function positiveNumber(v: string): number {
-  const n = Number(v);
-  if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError("expected a positive number");
-  return n;
-}
-export function nonNegative(v: string): number {
-  const n = Number(v);
-  if (!Number.isFinite(n) || n < 0) throw new InvalidArgumentError("expected a number >= 0");
-  return n;
-}
-
-/** The controller's options, shared by the commands that launch ranks (ping, run). */
-export function addControllerOptions(cmd: Command): Command {
-  return cmd
-    .option("--bind <endpoint>", "controller endpoint to bind", "tcp://127.0.0.1:0")
-    .option("--allow-remote", "allow binding a non-loopback address (needed for ranks on other machines)")
-    .option("--external", "do not spawn ranks: wait for ranks started by torchrun/Slurm to connect")
-    .option("--heartbeat-interval <ms>", "application heartbeat interval", positiveNumber, 1000)
-    .option("--heartbeat-timeout <ms>", "a rank silent this long is reported as stuck", positiveNumber, 60_000)
-    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120);
-}
-
-/** The ranks' options (count, device, backend, or --config), then the controller's: for commands not given a config (ping). */
-export function addRunOptions(cmd: Command): Command {
-  return addControllerOptions(cmd
-    .option("--ranks <n>", "number of ranks (world size)", positiveInt, 2)
-    .addOption(new Option("--device <device>", "device of the ranks").choices(["cpu", "cuda", "auto"]).default("cpu"))
-    .addOption(new Option("--backend <backend>", "torch.distributed backend (auto: gloo on cpu, nccl on cuda)")
-      .choices(["gloo", "nccl", "auto"]).default("auto")))
-    .option("--config <file>", "take --ranks/--device/--backend from this experiment config's parallelism section")
-    .hook("preAction", (c) => {
-      // Options given on the command line win over the config file.
-      const file = c.getOptionValue("config") as string | undefined;
-      if (!file) return;
-      let p;
-      try {
-        p = loadConfig(file).parallelism;
-      } catch (e) {
-        if (e instanceof ConfigError) c.error(e.message, { exitCode: 2, code: "ampipe.config" });
-        throw e;
-      }
-      const fromConfig: Record<string, unknown> = { ranks: p.world_size, device: p.device, backend: p.backend };
-      for (const [k, v] of Object.entries(fromConfig)) {
-        if (c.getOptionValueSource(k) === "default") c.setOptionValueWithSource(k, v, "config");
-      }
-    });
-}
-
-export interface RunCliOptions {
-  ranks: number; device: "cpu" | "cuda" | "auto"; backend: "gloo" | "nccl" | "auto"; bind: string;
-  allowRemote?: boolean; external?: boolean; heartbeatInterval: number; heartbeatTimeout: number; joinTimeout: number;
-}
-
-/** The controller options of a command whose ranks come from the config's parallelism section. */
-export type ControllerCliOptions = Pick<RunCliOptions, "bind" | "allowRemote" | "external" | "heartbeatInterval" | "heartbeatTimeout" | "joinTimeout">;
-
-/** `startRun` for the config's ranks (world size, device, backend) with the command's controller options. */
-export function startConfigRun(par: ParallelismConfig, o: ControllerCliOptions, extra: Partial<RunOptions> = {}): Promise<RankRun> {
-  return startRun({
-    ranks: par.world_size, device: par.device, backend: par.backend, bind: o.bind, allowRemote: o.allowRemote, external: o.external,
-    heartbeatInterval: o.heartbeatInterval, heartbeatTimeout: o.heartbeatTimeout, joinTimeout: o.joinTimeout,
-  }, extra);
-}
-
-/** Starts the ranks the options describe (spawned, or external) and prints what a user needs. */
-export async function startRun(o: RunCliOptions, extra: Partial<RunOptions> = {}): Promise<RankRun> {
-  const common: RunOptions = {
-    worldSize: o.ranks, device: o.device, backend: o.backend, bind: o.bind, allowRemote: o.allowRemote,
-    heartbeatIntervalMs: o.heartbeatInterval, heartbeatTimeoutMs: o.heartbeatTimeout,
-    joinTimeoutMs: o.joinTimeout * 1000,
-    onProtocolError: (src, msg) => process.stderr.write(`ampipe: rejected a message from ${src}: ${msg}\n`),
-    ...extra,
-  };
-  if (!o.external) return launchRanks(common);
-  return attachRanks({
-    ...common,
-    onListening: (endpoint, token) => {
-      process.stderr.write(
-        `ampipe: waiting for ${o.ranks} ranks at ${endpoint}; start them with\n` +
-        `  AMPIPE_TOKEN=${token} python -m torch.distributed.run --standalone --nproc-per-node ${o.ranks} ` +
-        `-m ampipe.worker --controller ${endpoint.replace("0.0.0.0", "<this host>")}\n` +
-        `(several machines: replace --standalone with torchrun's --nnodes/--rdzv-* options)\n`);
-    },
-  });
-}
-
-/** Prints a run failure or command error (as `prog: message`) and sets a non-zero exit code. */
-export function reportFailure(e: unknown, prog = "ampipe"): void {
-  if (e instanceof RunClosedError) {
-    process.exitCode ||= 1;
-    return; // closed on purpose (SIGINT/SIGTERM): closeOnSignals reports it and sets the exit code
-  }
-  if (e instanceof RankFailure || e instanceof CommandError || e instanceof BridgeError) {
-    process.stderr.write(`${prog}: ${e.message}\n`);
-    process.exitCode = 1;
-    return;
-  }
-  throw e;
-}
-
-function checkPing(results: PingResult[], worldSize: number): string[] {
-  const problems: string[] = [];
-  results.forEach((r, i) => {
-    if (r.rank !== i) problems.push(`rank ${i} answered as rank ${r.rank}`);
-    if (!r.all_reduce.ok) problems.push(`rank ${i}: all_reduce gave ${r.all_reduce.value}, expected ${r.all_reduce.expected}`);
-    if (!r.all_to_all.ok) {
-      problems.push(`rank ${i}: all_to_all_single received [${r.all_to_all.received}], expected [${r.all_to_all.expected}]`);
-    }
-  });
-  if (results.length !== worldSize) problems.push(`${results.length} of ${worldSize} ranks answered`);
-  return problems;
-}
+import { Command } from "commander";
+import { PingResultSchema, pingProblems, type PingResult } from "../bridge/builtin.ts";
+import { closeOnSignals, type RankRun } from "../bridge/index.ts";
+import { startRun } from "../bridge/start.ts";
+import { addRunOptions, nonNegative, reportFailure, type RunCliOptions } from "./options.ts";
 
 export function register(program: Command): void {
   addRunOptions(program.command("ping"))
@@ -152,9 +28,9 @@ export function register(program: Command): void {
         let failed = false;
         do {
           const t = performance.now();
-          const results = (await run.broadcast("ping", { seq })) as PingResult[];
+          const results = await run.broadcastAs("ping", { seq }, PingResultSchema);
           const rttMs = performance.now() - t;
-          const problems = checkPing(results, run.worldSize);
+          const problems = pingProblems(results, run.worldSize);
           if (o.json) {
             console.log(JSON.stringify({ seq, rtt_ms: rttMs, ok: problems.length === 0, problems, results }));
           } else {

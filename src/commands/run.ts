@@ -2,199 +2,19 @@
 // pipelined block side by side on every rank (`run_block`, py/ampipe/pipeline/worker_commands.py)
 // and report the equivalence check, the measured speed-up next to the ideal bound and the
 // planner's prediction. Writes plan.json, its trace, result.json and calibration.json into the
-// run's output directory (docs/run.md).
+// run's output directory (docs/run.md). Its library is src/run/run-block.ts.
 import { mkdirSync } from "node:fs";
 import { join, relative, resolve } from "node:path";
 import { Command, InvalidArgumentError } from "commander";
 import { checkBindAddress, closeOnSignals, type RankEvent, type RankRun } from "../bridge/index.ts";
 import { ConfigError, loadConfig, type ExperimentConfig } from "../config/index.ts";
-import { median } from "../plan/calibration.ts";
-import { predict } from "../plan/costs.ts";
-import { makePlan } from "../plan/generators.ts";
-import { type BlockDims, type Plan } from "../plan/ir.ts";
-import { readPlan, writeFileAtomic, writePlan } from "../plan/io.ts";
-import { simulatePlan } from "../plan/simulate.ts";
-import { chromeTrace } from "../plan/trace.ts";
-import type { PlanChoice } from "../plan/planner.ts";
-import { checkPlanDims } from "../plan/dims.ts";
-import { costModelFor, runPlan } from "./plan.ts";
-import { addControllerOptions, nonNegative, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
-
-/** The Python module that registers `run_block` on each rank. */
-export const RANK_MODULE = "ampipe.pipeline.worker_commands";
-export const RESULT_FORMAT = "ampipe.run";
-
-// ---- what a rank returns (run_block_comparison's dict plus the rank's identity) ---------------
-
-export interface RankResult {
-  rank: number;
-  ep_rank: number;
-  ep_size: number;
-  world_size: number;
-  backend: string | null;
-  device: string;
-  emulated: string | null;
-  /** The autocast dtype both arms ran in (fp32: none), and the routing (dropless or which capacity; exact or not). */
-  precision?: string;
-  capacity?: string;
-  plan: { variant: string; degree: number; boundaries: number[] };
-  dims: BlockDims;
-  steps: number;
-  warmup: number;
-  seed: number;
-  equivalence: {
-    /** Tensor name -> max|pipelined - baseline| / max|baseline|, largest over the steps. */
-    largest_relative_differences: Record<string, number>;
-    worst: [string, number];
-    tolerance: number;
-    ok: boolean;
-  };
-  baseline_ms: number;
-  pipelined_ms: number;
-  baseline_samples_ms: number[];
-  pipelined_samples_ms: number[];
-  speedup: number;
-  ideal_bound_ms: number;
-  ideal_speedup: number;
-  overlap_efficiency: number | null;
-  bound: Record<string, number>;
-  /** The plan's step time with the measured op times and no executor overhead (a replay). */
-  simulated_ms?: number;
-  op_times_ms: { forward: Record<string, number>; backward: Record<string, number> };
-}
-
-export interface RunSummary {
-  equivalence: {
-    ok: boolean;
-    tolerance: number;
-    dtype: string;
-    /** Largest over ranks and steps; null where a tensor was missing on one side (a failure). */
-    largest_relative_differences: Record<string, number | null>;
-    worst: { name: string; value: number | null; rank: number };
-  };
-  timing: {
-    /** How the ranks' times are combined: each step takes as long as its slowest rank. */
-    aggregation: string;
-    baseline_ms: number;
-    pipelined_ms: number;
-    speedup: number;
-    ideal_bound_ms: number;
-    ideal_speedup: number;
-    overlap_efficiency: number | null;
-    /** The schedule replayed with the measured op times (slowest rank): pipelined minus this is executor overhead. */
-    replayed_ms: number | null;
-    steps: Array<{ baseline_ms: number; pipelined_ms: number }>;
-    bound: Record<string, number>;
-  };
-  emulated: string | null;
-}
-
-/** Combines the ranks' results: differences are the largest over ranks, times the slowest rank's per step. */
-export function summarizeRanks(results: RankResult[], dtype: string): RunSummary {
-  if (results.length === 0) throw new Error("no rank returned a result");
-  const diffs: Record<string, number | null> = {};
-  let worst = { name: "", value: -1 as number | null, rank: 0 };
-  for (const r of results) {
-    for (const [k, v] of Object.entries(r.equivalence.largest_relative_differences)) {
-      // A tensor present on one side only comes back as inf; JSON has no inf, so it becomes null.
-      const val = Number.isFinite(v) ? v : null;
-      const prev = diffs[k];
-      diffs[k] = prev === null || val === null ? null : Math.max(prev ?? 0, val);
-      const worse = val === null ? worst.value !== null : worst.value !== null && val > worst.value;
-      if (worse) worst = { name: k, value: val, rank: r.rank };
-    }
-  }
-  const tolerance = Math.max(...results.map((r) => r.equivalence.tolerance));
-  const ok = results.every((r) => r.equivalence.ok) && Object.values(diffs).every((v) => v !== null && v <= tolerance);
-
-  const n = Math.min(...results.map((r) => Math.min(r.baseline_samples_ms.length, r.pipelined_samples_ms.length)));
-  const steps = Array.from({ length: n }, (_, i) => ({
-    baseline_ms: Math.max(...results.map((r) => r.baseline_samples_ms[i])),
-    pipelined_ms: Math.max(...results.map((r) => r.pipelined_samples_ms[i])),
-  }));
-  const baseline = median(steps.map((s) => s.baseline_ms));
-  const pipelined = median(steps.map((s) => s.pipelined_ms));
-  const slowest = results.reduce((a, r) => (r.ideal_bound_ms > a.ideal_bound_ms ? r : a));
-  const bound = slowest.ideal_bound_ms;
-  return {
-    equivalence: { ok, tolerance, dtype, largest_relative_differences: diffs, worst },
-    timing: {
-      aggregation: "per step, the slowest rank; then the median over the measured steps",
-      baseline_ms: baseline,
-      pipelined_ms: pipelined,
-      speedup: baseline / pipelined,
-      ideal_bound_ms: bound,
-      ideal_speedup: baseline / bound,
-      // (T_baseline - T_pipelined) / (T_baseline - T_bound); undefined when the bound is not below the baseline.
-      overlap_efficiency: baseline > bound ? (baseline - pipelined) / (baseline - bound) : null,
-      replayed_ms: results.every((r) => typeof r.simulated_ms === "number") ? Math.max(...results.map((r) => r.simulated_ms!)) : null,
-      steps,
-      bound: slowest.bound,
-    },
-    emulated: results[0].emulated,
-  };
-}
-
-// ---- the plan -------------------------------------------------------------------------------
-
-interface PlannedBlock {
-  plan: Plan;
-  source: "planner" | string;
-  /** The planner's search (its candidates), when the planner made the plan. */
-  choice?: PlanChoice;
-  planPath: string;
-  tracePath: string;
-  predicted: { forward_ms: number; backward_ms: number; total_ms: number; sequential_total_ms: number; speedup: number; profile: string; calibrated: boolean };
-}
-
-/** Plans the config (or loads --plan), writes plan.json and plan.trace.json into outDir. */
-export function prepareRunPlan(configPath: string, cfg: ExperimentConfig, o: { set: string[]; plan?: string; calibration?: string }, outDir: string): PlannedBlock {
-  const planPath = join(outDir, "plan.json");
-  const tracePath = join(outDir, "plan.trace.json");
-  if (!o.plan) {
-    const r = runPlan(configPath, { set: o.set, out: planPath, trace: tracePath, calibration: o.calibration });
-    const p = r.summary.predicted as PlannedBlock["predicted"];
-    return {
-      plan: r.choice.plan, source: "planner", choice: r.choice, planPath, tracePath,
-      predicted: { forward_ms: p.forward_ms, backward_ms: p.backward_ms, total_ms: p.total_ms, sequential_total_ms: p.sequential_total_ms, speedup: p.speedup, profile: r.model.profile, calibrated: r.model.calibration !== undefined },
-    };
-  }
-  const plan = readPlan(o.plan);
-  checkPlanDims(plan, cfg, o.plan);
-  const { model } = costModelFor(cfg, o.calibration);
-  const sim = predict(model, plan);
-  const seq = predict(model, makePlan("sequential", plan.dims, { boundaries: [0, plan.dims.seq_length], chunkQkv: plan.chunk_qkv }));
-  writePlan(planPath, plan);
-  writeFileAtomic(tracePath, JSON.stringify(chromeTrace(plan, sim)) + "\n");
-  return {
-    plan, source: o.plan, planPath, tracePath,
-    predicted: { forward_ms: sim.forward.makespanMs, backward_ms: sim.backward.makespanMs, total_ms: sim.totalMs, sequential_total_ms: seq.totalMs, speedup: seq.totalMs / sim.totalMs, profile: model.profile, calibrated: model.calibration !== undefined },
-  };
-}
-
-/** Measured per-op times in the planner's calibration format (docs/plan.md), one run per rank. */
-export function calibrationDoc(results: RankResult[], planFile: string, outDir: string, device: string): Record<string, unknown> {
-  return {
-    format: "ampipe.calibration",
-    version: 1,
-    device,
-    runs: results.map((r) => ({
-      plan: planFile,
-      op_times_ms: r.op_times_ms,
-      makespan_ms: { total: r.pipelined_ms },
-      source: `ampipe run ${outDir} rank ${r.rank}${r.emulated ? ` (${r.emulated})` : ""}`,
-    })),
-  };
-}
-
-/**
- * The plan simulated with one rank's measured op times: what the executed schedule looked like.
- * Measured times already include any slowdown from overlap, so none is added.
- */
-function replayTrace(plan: Plan, r: RankResult): ReturnType<typeof chromeTrace> {
-  const sim = simulatePlan(plan, (op, pass) => r.op_times_ms[pass][op.id] ?? 0);
-  return chromeTrace(plan, sim, `measured op times of rank ${r.rank}, replayed`);
-}
+import { writeFileAtomic } from "../plan/io.ts";
+import {
+  RANK_MODULE, RESULT_FORMAT, RankResultSchema, calibrationDoc, prepareRunPlan, replayTrace, summarizeRanks,
+  type PlannedBlock, type RankResult, type RunSummary,
+} from "../run/run-block.ts";
+import { startConfigRun } from "../bridge/start.ts";
+import { addControllerOptions, nonNegative, positiveInt, reportFailure, type ControllerCliOptions } from "./options.ts";
 
 // ---- the command ------------------------------------------------------------------------------
 
@@ -280,7 +100,7 @@ export async function runCommand(configPath: string, o: RunCommandOptions, out: 
     if (o.out !== undefined) cfg.run.output_dir = o.out;
     outDir = cfg.run.output_dir;
     mkdirSync(outDir, { recursive: true });
-    planned = prepareRunPlan(configPath, cfg, o, outDir);
+    planned = prepareRunPlan(cfg, o, outDir);
   } catch (e) {
     process.stderr.write(`${e instanceof ConfigError ? "" : "ampipe run: "}${(e as Error).message}\n`);
     return 2;
@@ -325,9 +145,7 @@ export async function runCommand(configPath: string, o: RunCommandOptions, out: 
       ...(o.tolerance !== undefined ? { tolerance: o.tolerance } : {}),
     };
     // Fail fast: one rank's error must not wait for the others (they may sit in a collective).
-    const results = (await Promise.all(
-      [...Array(run.worldSize).keys()].map((r) => run!.request(r, "run_block", args)),
-    )) as RankResult[];
+    const results = await run.callAll("run_block", args, RankResultSchema);
 
     const summary = summarizeRanks(results, cfg.model.dtype);
     const calibrationPath = join(outDir, "calibration.json");

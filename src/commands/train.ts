@@ -11,12 +11,13 @@ import { type Plan } from "../plan/ir.ts";
 import { writeFileAtomic } from "../plan/io.ts";
 import { mergeTraces, writeBreakdown, type RankProfile } from "../train/profile.ts";
 import { armName, type TuneArm, type TuneDecision } from "../train/tune.ts";
-import { addTuneOptions, chooseBlock, tuneOnRanks, type ChooseOptions } from "../train/choose.ts";
+import { chooseBlock, tuneOnRanks, type ChooseOptions } from "../train/choose.ts";
 import { resolveDataset } from "../train/dataset.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { stopOnSignals } from "../train/signals.ts";
 import { MetricsLog, prepareRunDir } from "../train/rundir.ts";
-import { addControllerOptions, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
+import { startConfigRun } from "../bridge/start.ts";
+import { addControllerOptions, addTuneOptions, positiveInt, reportFailure, type ControllerCliOptions } from "./options.ts";
 
 export const TRAIN_MODULE = "ampipe.train.worker_commands";
 export const TRAIN_FORMAT = "ampipe.train";
@@ -73,7 +74,7 @@ export function prepareTraining(configPath: string, o: TrainOptions): TrainSetup
   if (data.built) process.stdout.write(`built the default dataset ${data.prefix} (Brown Corpus, ${cfg.data.tokenizer} tokenizer) in ${data.seconds.toFixed(1)} s\n`);
   const outDir = cfg.run.output_dir;
   const resuming = prepareRunDir(outDir, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
-  const choice = chooseBlock(configPath, cfg, o, outDir, resuming);
+  const choice = chooseBlock(cfg, o, outDir, resuming);
   return { cfg, outDir, plan: choice.plan, planSource: choice.source, resuming, tune: choice.tune, bestCandidate: choice.bestCandidate };
 }
 

@@ -91,8 +91,6 @@ export function simulatePass(plan: Plan, pass: PassName, costs: OpCosts, opts: S
   const head = new Map<string, number>(plan.streams.map((s) => [s.name, 0]));
   const running = new Set<number>();
   const busyStream = new Set<string>();
-  const prevOnStream = new Array<number>(ops.length).fill(-1);
-  for (const q of queues.values()) for (let k = 1; k < q.length; k++) prevOnStream[q[k]] = q[k - 1];
   const deps = ops.map((o) => o.deps.map((d) => {
     const j = index.get(d);
     if (j === undefined) throw new Error(`${pass} op ${o.id}: unknown dep "${d}"`);
@@ -141,12 +139,30 @@ export function simulatePass(plan: Plan, pass: PassName, costs: OpCosts, opts: S
       }
     }
   }
+  return passResult(plan, pass, start, end, cost);
+}
+
+/**
+ * A pass's result from its ops' intervals (by list index): the makespan, each op's timing, the
+ * streams' busy and idle time and a critical path. The simulator's, and a replay's made elsewhere
+ * (`ampipe run`'s measured schedule, replayed by the ranks).
+ */
+export function passResult(plan: Plan, pass: PassName, start: readonly number[], end: readonly number[], cost: readonly number[]): PassResult {
+  const ops = plan[pass];
+  const index = new Map(ops.map((o, i) => [o.id, i] as const));
+  const deps = ops.map((o) => o.deps.map((d) => index.get(d)!));
+  const prevOnStream = new Array<number>(ops.length).fill(-1);
+  const lastOn = new Map<string, number>();
+  ops.forEach((o, i) => {
+    prevOnStream[i] = lastOn.get(o.stream) ?? -1;
+    lastOn.set(o.stream, i);
+  });
   const makespan = ops.length === 0 ? 0 : Math.max(...end);
   const timings: OpTiming[] = ops.map((o, i) => ({
     id: o.id, kind: o.kind, chunk: o.chunk, stream: o.stream, costMs: cost[i], startMs: start[i], endMs: end[i],
   }));
   const streams: StreamUsage[] = plan.streams.map((s) => {
-    const busy = (queues.get(s.name) ?? []).reduce((acc, i) => acc + (end[i] - start[i]), 0);
+    const busy = ops.reduce((acc, o, i) => acc + (o.stream === s.name ? end[i] - start[i] : 0), 0);
     return { name: s.name, kind: s.kind, busyMs: busy, idleMs: makespan - busy };
   });
   // Critical path: from the last op to finish, repeatedly step to the predecessor (dep or

@@ -22,10 +22,10 @@ import { planBlock } from "../plan/planner.ts";
 import { simulatePlan } from "../plan/simulate.ts";
 import { a2aRows, wireBytes } from "../plan/wire.ts";
 import { chromeTrace } from "../plan/trace.ts";
-import { costModelFor } from "../commands/plan.ts";
+import { costModelFor } from "../plan/for-config.ts";
 import { dimsFromConfig } from "../plan/dims.ts";
-import { startConfigRun, type ControllerCliOptions } from "../commands/ping.ts";
-import { RANK_MODULE, summarizeRanks, type RankResult } from "../commands/run.ts";
+import { startConfigRun, type ControllerStartOptions } from "../bridge/start.ts";
+import { RANK_MODULE, RankResultSchema, summarizeRanks, type RankResult } from "../run/run-block.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { benchSettings, expandGrid, groupsOf, withModel, type CaseSpec, type Group } from "./grid.ts";
 import {
@@ -37,7 +37,7 @@ export const MANIFEST_FILE = "bench.json";
 export const CALIBRATION_FILE = "calibration.json";
 
 export interface BenchOptions
-  extends ControllerCliOptions {
+  extends ControllerStartOptions {
   out?: string;
   cases?: number;
   quick?: boolean;
@@ -210,7 +210,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
   };
   const runBlock = async (c: ExperimentConfig, plan: Plan, steps: number, warmup: number): Promise<RankResult[]> => {
     const r = await ensureRun();
-    return (await r.broadcast("run_block", { config: c, plan, steps, warmup, seed: cfg.run.seed })) as RankResult[];
+    return r.broadcastAs("run_block", { config: c, plan, steps, warmup, seed: cfg.run.seed }, RankResultSchema);
   };
   /** After a failure: the ranks are restarted for the next case (unless we are stopping). */
   const dropRun = async () => {

@@ -11,9 +11,8 @@ import type { RankRun } from "../bridge/index.ts";
 import type { ExperimentConfig } from "../config/index.ts";
 import type { Plan } from "../plan/ir.ts";
 import { readPlan, writeFileAtomic, writePlan } from "../plan/io.ts";
-import { prepareRunPlan } from "../commands/run.ts";
-import { costModelFor } from "../commands/plan.ts";
-import { positiveInt } from "../commands/ping.ts";
+import { prepareRunPlan } from "../run/run-block.ts";
+import { costModelFor } from "../plan/for-config.ts";
 import { describePredictions, modelTrainingStep, type ArmSummary, type TrainingStepModel } from "./predict.ts";
 import { decide, describeDecision, tuneArms, type TuneArm, type TuneDecision } from "./tune.ts";
 
@@ -45,7 +44,7 @@ export interface BlockChoice {
  * Everything decided before a rank starts. `dir` holds plan.json (written here for a fixed plan)
  * and tune.json; a `resuming` run with a kept tune.json gets the block it started with.
  */
-export function chooseBlock(configPath: string, cfg: ExperimentConfig, o: ChooseOptions, dir: string, resuming: boolean): BlockChoice {
+export function chooseBlock(cfg: ExperimentConfig, o: ChooseOptions, dir: string, resuming: boolean): BlockChoice {
   const tunePath = join(dir, TUNE_FILE);
   if (resuming && !o.plan && cfg.pipeline.degree === "auto" && existsSync(tunePath)) {
     // A resumed run keeps the block its first invocation measured and chose (its checkpoints are of that block).
@@ -55,7 +54,7 @@ export function chooseBlock(configPath: string, cfg: ExperimentConfig, o: Choose
   }
   let choice: BlockChoice = { plan: null, source: "baseline (pipeline.degree 1)", tune: null, bestCandidate: null };
   if (o.plan || cfg.pipeline.degree !== 1) {
-    const planned = prepareRunPlan(configPath, cfg, { set: o.set, plan: o.plan, calibration: o.calibration }, dir);
+    const planned = prepareRunPlan(cfg, { plan: o.plan, calibration: o.calibration }, dir);
     const fromPlanner = planned.source === "planner";
     if (fromPlanner && cfg.pipeline.degree === "auto" && o.tune !== false && planned.choice) {
       const tune = tuneArms(planned.choice, o.tuneCandidates ?? 3, cfg.pipeline.chunk_qkv, cfg.pipeline.capacity_scope);
@@ -103,10 +102,3 @@ export async function tuneOnRanks(run: RankRun, cfg: ExperimentConfig, arms: Tun
   return { decision, plan, stepModel, lines };
 }
 
-/** The options that steer the choice, for `ampipe train` and `ampipe compare`. */
-export function addTuneOptions(cmd: Command): Command {
-  return cmd
-    .option("--no-tune", "with pipeline.degree auto: take the cost model's plan without timing candidates in training steps")
-    .option("--tune-steps <n>", "measured training steps per candidate block when timing them (default 4)", positiveInt)
-    .option("--tune-candidates <n>", "planned candidates timed against the baseline (default 3)", positiveInt);
-}

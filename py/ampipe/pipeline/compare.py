@@ -29,8 +29,8 @@ from .emulation import DelayInjector, EmulatedComm, delay_report
 from .plan import Plan, data_needs, load_plan
 from .streams import OpTimes
 
-__all__ = ["capacity_label", "model_config_from_plan", "EmulatedBaseline", "add_emulated_delays", "block_step", "largest_differences",
-           "ideal_bound_ms", "simulate_ms", "emulated_delay_report", "run_block_comparison"]
+__all__ = ["capacity_label", "EmulatedBaseline", "add_emulated_delays", "block_step", "largest_differences",
+           "ideal_bound_ms", "replay", "simulate_ms", "emulated_delay_report", "run_block_comparison"]
 
 def capacity_label(cfg: ModelConfig, plan: Plan) -> str:
     """Which routing a figure used, and whether the pipelined block is exactly the baseline."""
@@ -201,27 +201,36 @@ def ideal_bound_ms(plan: Plan, times: Mapping[str, Mapping[str, float]]) -> dict
     return out
 
 
-def simulate_ms(plan: Plan, times: Mapping[str, Mapping[str, float]], *,
-                per_stream: bool = False) -> dict[str, float]:
-    """The step time this plan would take if every op took its measured time and the
-    executor added nothing: ops start when their deps, their stream and their resource are
-    free. CPU (`per_stream=False`): one resource per stream kind (the calling thread runs
-    every compute op, one thread every comm op); CUDA: one per stream. Comparing it with
-    the measured time separates the executor's overhead from the schedule's stalls."""
-    out: dict[str, float] = {}
+def replay(plan: Plan, times: Mapping[str, Mapping[str, float]], *,
+           per_stream: bool = False) -> dict[str, dict[str, tuple[float, float]]]:
+    """The schedule this plan would run if every op took its measured time and the executor
+    added nothing: per pass, each op's ``(start_ms, end_ms)``, ops starting when their deps,
+    their stream and their resource are free. CPU (`per_stream=False`): one resource per stream
+    kind (the calling thread runs every compute op, one thread every comm op); CUDA: one per
+    stream. `ampipe run` draws its measured trace from it (the one replay of a measured run)."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    kind = {s.name: s.kind for s in plan.streams}
     for name, ops in (("forward", plan.forward), ("backward", plan.backward)):
         t = times.get(name, {})
-        kind = {s.name: s.kind for s in plan.streams}
         free: dict[str, float] = {}
         last: dict[str, float] = {}
-        finish: dict[str, float] = {}
+        span: dict[str, tuple[float, float]] = {}
         for op in ops:
             res = op.stream if per_stream else kind[op.stream]
-            start = max([free.get(res, 0.0), last.get(op.stream, 0.0),
-                         *(finish[d] for d in op.deps)])
-            finish[op.id] = start + t.get(op.id, 0.0)
-            free[res] = last[op.stream] = finish[op.id]
-        out[f"{name}_ms"] = max(finish.values(), default=0.0)
+            start = max([free.get(res, 0.0), last.get(op.stream, 0.0), *(span[d][1] for d in op.deps)])
+            span[op.id] = (start, start + t.get(op.id, 0.0))
+            free[res] = last[op.stream] = span[op.id][1]
+        out[name] = span
+    return out
+
+
+def simulate_ms(plan: Plan, times: Mapping[str, Mapping[str, float]], *,
+                per_stream: bool = False) -> dict[str, float]:
+    """The step time of the `replay`: per pass and in total. Comparing it with the measured
+    time separates the executor's overhead from the schedule's stalls."""
+    spans = replay(plan, times, per_stream=per_stream)
+    out = {f"{name}_ms": max((end for _, end in spans[name].values()), default=0.0)
+           for name in ("forward", "backward")}
     out["total_ms"] = out["forward_ms"] + out["backward_ms"]
     return out
 
@@ -342,6 +351,7 @@ def run_block_comparison(
 
     op_times = _median_times(samples)
     bound = ideal_bound_ms(plan, op_times)
+    schedule = replay(plan, op_times, per_stream=device.type == "cuda")
     sim = simulate_ms(plan, op_times, per_stream=device.type == "cuda")
     tb, tp = statistics.median(base_ms), statistics.median(pipe_ms)
     worst = max(diffs.items(), key=lambda kv: kv[1])
@@ -364,6 +374,8 @@ def run_block_comparison(
         "overlap_efficiency": (tb - tp) / gain if gain > 0 else None,
         "bound": bound,
         "simulated_ms": sim["total_ms"],
+        # That replay, op by op ({pass: {op id: [start_ms, end_ms]}}): the measured run's schedule.
+        "replay": {name: {k: list(v) for k, v in spans.items()} for name, spans in schedule.items()},
         "op_times_ms": op_times,
         # Emulation check: per comm kind, measured op time / modelled delay (expect ~1).
         "emulated_delay": emulated_delay_report(plan, op_times, delays) if emulated_comm else None,

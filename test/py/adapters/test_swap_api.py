@@ -14,7 +14,7 @@ import ampipe
 from ampipe.model.gpt import GPTModel
 from ampipe.model.layers import TransformerLayer
 from ampipe.pipeline import AMPipeBlock, apply_ampipe, unapply_ampipe
-from ampipe.pipeline.compare import model_config_from_plan
+from ampipe.pipeline.dims import model_config_from_plan
 
 PLANS = Path(__file__).resolve().parents[2] / "fixtures" / "plans"
 

@@ -12,7 +12,7 @@ import torch
 from ampipe.model.gpt import init_parameters
 from ampipe.model.layers import TransformerLayer
 from ampipe.parallel.groups import ExpertParallel
-from ampipe.pipeline.compare import model_config_from_plan
+from ampipe.pipeline.dims import model_config_from_plan
 from ampipe.pipeline.plan import Plan, data_needs, load_plan
 
 PLANS = Path(__file__).resolve().parents[2] / "fixtures" / "plans"

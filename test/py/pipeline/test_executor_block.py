@@ -209,7 +209,7 @@ def test_block_shares_parameters_and_state_dict_names_with_the_layer():
 
 def test_gpt_model_switches_blocks_without_copying():
     from ampipe.model.gpt import GPTModel
-    from ampipe.pipeline.compare import model_config_from_plan
+    from ampipe.pipeline.dims import model_config_from_plan
 
     plan = load("interleaved-p2", expert_model_parallel_size=1)
     cfg = model_config_from_plan(plan, {"num_layers": 2, "vocab_size": 64, "moe_layer_freq": 2})

@@ -1,6 +1,6 @@
 // How `ampipe run` combines the ranks' results and checks a plan file against the config.
 import { describe, expect, it } from "vitest";
-import { calibrationDoc, summarizeRanks, type RankResult } from "../../../src/commands/run.ts";
+import { calibrationDoc, summarizeRanks, type RankResult } from "../../../src/run/run-block.ts";
 import { resolveConfig } from "../../../src/config/index.ts";
 import { makePlan } from "../../../src/plan/generators.ts";
 import { parseCalibration } from "../../../src/plan/calibration.ts";
@@ -21,6 +21,8 @@ function rank(r: number, o: { diffs?: Record<string, number>; base?: number[]; p
   const ops = (list: typeof plan.forward) => Object.fromEntries(list.map((op) => [op.id, 0.5]));
   return {
     rank: r, ep_rank: r, ep_size: 2, world_size: 2, backend: "gloo", device: "cpu", emulated: null,
+    precision: "fp32", capacity: "dropless (exact)", replay: { forward: {}, backward: {} }, emulated_delay: null,
+    calibration: { plan, op_times_ms: { forward: ops(plan.forward), backward: ops(plan.backward) }, makespan_ms: {} },
     plan: { variant: "grouped", degree: 2, boundaries: [0, 24, 48] }, dims: plan.dims, steps: base.length, warmup: 0, seed: 1,
     equivalence: { largest_relative_differences: diffs, worst: worst as [string, number], tolerance: tol, ok: worst[1] <= tol },
     baseline_ms: 0, pipelined_ms: 0, baseline_samples_ms: base, pipelined_samples_ms: pipe,
