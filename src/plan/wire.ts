@@ -1,5 +1,5 @@
 // The bytes an expert-parallel all-to-all puts on the wire: the one model, for the cost model
-// (costs.ts), the bench sweep's emulated bandwidth (sweep/run.ts) and, in Python, the emulated
+// (costs.ts), the bench sweep's emulated bandwidth (sweep/emulation.ts) and, in Python, the emulated
 // interconnect and the benchmarks (py/ampipe/wire.py, the same functions;
 // test/ts/plan/wire.test.ts holds the two to the same numbers).
 

@@ -3,7 +3,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { median } from "../plan/calibration.ts";
-import { CALIBRATION_FILE, MANIFEST_FILE } from "../sweep/run.ts";
+import { CALIBRATION_FILE, MANIFEST_FILE } from "../sweep/sweep.ts";
 import { RESULTS_FILE, readResults, referenceMoeOverlap, type CaseResult } from "../sweep/results.ts";
 import type { ChartSpec, ReportDoc, TableColumn } from "./html.ts";
 import { mdGoals, mdTable, pct, times, type Goal } from "./markdown.ts";

@@ -1,7 +1,7 @@
 // `ampipe run`'s library: the plan a run executes, what each rank returns (`run_block`'s result,
 // typed and checked on receipt), the ranks' results combined, the calibration file and the trace
 // of the schedule the ranks replayed. src/commands/run.ts launches the ranks and prints; the bench
-// sweep (src/sweep/run.ts) runs the same rank command per case.
+// sweep (src/sweep/sweep.ts) runs the same rank command per case.
 import { join } from "node:path";
 import { z } from "zod";
 import { anyNumber, opTimesMs } from "../bridge/index.ts";
@@ -199,7 +199,7 @@ export function calibrationDoc(results: RankResult[], planFile: string, outDir: 
  * own the replay of a measured run), as a Chrome trace. Measured times already include any
  * slowdown from overlap.
  */
-export function replayTrace(plan: Plan, r: RankResult): ReturnType<typeof chromeTrace> {
+export function replayTrace(plan: Plan, r: RankResult, labelPrefix = ""): ReturnType<typeof chromeTrace> {
   const pass = (name: PassName) => {
     const ops = plan[name];
     const span = ops.map((op) => r.replay[name][op.id] ?? [0, 0]);
@@ -208,5 +208,5 @@ export function replayTrace(plan: Plan, r: RankResult): ReturnType<typeof chrome
   const forward = pass("forward");
   const backward = pass("backward");
   return chromeTrace(plan, { forward, backward, totalMs: forward.makespanMs + backward.makespanMs },
-    `measured op times of rank ${r.rank}, replayed`);
+    `${labelPrefix}measured op times of rank ${r.rank}, replayed`);
 }

@@ -6,7 +6,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { resolveConfig } from "../../../src/config/index.ts";
 import { benchSettings, expandGrid, withModel } from "../../../src/sweep/grid.ts";
 import { appendResult, readResults, referenceMoeOverlap, resultsCsv, type CaseResult } from "../../../src/sweep/results.ts";
-import { bandwidthForRatio } from "../../../src/sweep/run.ts";
+import { bandwidthForRatio } from "../../../src/sweep/emulation.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "ampipe-grid-test-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -134,7 +134,7 @@ describe("the committed bench configs", () => {
 
 describe("the sequential block's emulated delay", () => {
   it("is what bandwidthForRatio budgeted: ratio x compute", async () => {
-    const { baselineDelayMs } = await import("../../../src/sweep/run.ts");
+    const { baselineDelayMs } = await import("../../../src/sweep/emulation.ts");
     const cfg = config({});
     const emu = { latency_us: 10, bandwidth_gbps: 1, world_size: 8 };
     const bw = bandwidthForRatio(cfg, 256, 0.75, 40, emu);
