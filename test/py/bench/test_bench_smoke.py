@@ -1,6 +1,7 @@
-"""Every `python -m ampipe.bench.*` whose figures the docs quote runs end to end on tiny inputs
-and writes the fields they quote (bench.block and bench.pipeline have their own tests in
-test/py/model and test/py/pipeline). No figure is asserted: these are benchmarks."""
+"""Every `python -m ampipe.bench.*` runs end to end on tiny inputs and writes the fields the docs
+quote (bench.block and bench.pipeline have their own tests in test/py/model and test/py/pipeline;
+`test_every_benchmark_has_a_smoke_test` keeps the list whole). No figure is asserted: these are
+benchmarks."""
 
 from __future__ import annotations
 
@@ -64,3 +65,59 @@ def test_train_benchmark_times_both_blocks(train_run_dir, tmp_path):
     for arm in ("baseline", "pipelined"):
         assert r[arm]["median_tokens_per_s"] > 0 and len(r[arm]["tokens_per_s_quartiles"]) == 2
     assert r["speedup"] > 0 and r["plan"]["boundaries"] == fixture_plan("grouped-p2")["boundaries"]
+
+
+def test_droprate_benchmark_counts_drops_both_ways(train_run_dir, capsys):
+    from ampipe.bench import droprate
+
+    cfg = json.loads((train_run_dir / "config.json").read_text())
+    cfg["model"]["moe_expert_capacity_factor"] = 0.5  # half the slots of an even split: some drop
+    (train_run_dir / "config.json").write_text(json.dumps(cfg))
+    r = droprate.measure(train_run_dir, batches=2)
+    assert r["boundaries"] == fixture_plan("grouped-p2")["boundaries"] and r["capacity_factor"] == 0.5
+    assert r["layers"] and 0 < r["sequence_scope"] <= 1 and 0 < r["chunk_scope"] <= 1
+    assert droprate.main([str(train_run_dir), "--batches", "1"]) == 0
+    assert "all MoE layers" in capsys.readouterr().out
+
+
+def test_overhead_benchmark_times_both_calls(tmp_path):
+    from ampipe.bench import overhead
+
+    out = tmp_path / "o.json"
+    assert overhead.main(["--calls", "20", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["autograd_grad_us"] > 0 and r["engine_us"] > 0 and r["calls"] == 20
+    assert r["saved_us"] == r["autograd_grad_us"] - r["engine_us"]
+
+
+def test_divergence_benchmark_prints_both_pairs(train_run_dir, tmp_path):
+    from ampipe.bench import divergence
+
+    seed_dir = tmp_path / "seed-1"
+    for arm in ("baseline", "pipelined"):
+        (seed_dir / arm).mkdir(parents=True)
+        for f in ("config.json", "plan.json"):
+            (seed_dir / arm / f).write_text((train_run_dir / f).read_text())
+    out = tmp_path / "d.json"
+    assert divergence.main([str(seed_dir), "--steps", "2", "--every", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["pipelined_vs_baseline"] >= 0 and r["control_vs_baseline"] >= 0 for r in rows)
+
+
+# Each module with a `main` and the test that runs it end to end.
+SMOKE_TESTS = {
+    "block": "test/py/model/test_bench_block.py", "pipeline": "test/py/pipeline/test_bench_pipeline.py",
+    "kernels": __file__, "train": __file__, "droprate": __file__, "overhead": __file__, "divergence": __file__,
+}
+
+
+def test_every_benchmark_has_a_smoke_test():
+    import ampipe.bench
+
+    root = Path(ampipe.bench.__file__).parent
+    mains = {f.stem for f in root.glob("*.py") if "\ndef main(" in f.read_text()}
+    assert mains == set(SMOKE_TESTS), "a benchmark without a smoke test (or a stale entry)"
+    repo = Path(__file__).resolve().parents[3]
+    for name, test in SMOKE_TESTS.items():
+        assert f"bench import {name}" in (repo / test).read_text() or f"bench.{name}" in (repo / test).read_text(), name
