@@ -14,7 +14,7 @@ four all-to-alls (dispatch, combine and their backward) take r·C.
 Figures are *paired*: repetition i gives the baseline time T_base,i, each plan's time
 T_pipe,i and the plan's ideal bound T_bound,i (per pass the largest of fill + compute +
 drain, fill + comm + drain and the longest dependency chain, from that repetition's per-op
-times; `compare.ideal_bound_ms`). A ratio is formed per repetition, then the median and the
+times; `analysis.ideal_bound_ms`). A ratio is formed per repetition, then the median and the
 quartiles over repetitions are quoted. On a shared machine whose speed drifts between
 seconds, the two times of one repetition drift together and the ratio cancels it; medians
 of each side taken separately do not.
@@ -58,9 +58,9 @@ from ..model.config import ModelConfig
 from ..model.gpt import autocast_context
 from ..pipeline.block import AMPipeBlock
 from ..pipeline.dims import block_dims
-from ..pipeline.compare import (EmulatedBaseline, block_step, capacity_label, emulated_delay_report,
-                                ideal_bound_ms, simulate_ms)
-from ..pipeline.emulation import EmulatedComm
+from ..pipeline.analysis import emulated_delay_report, ideal_bound_ms, simulate_ms
+from ..pipeline.emulation import EmulatedBaseline, EmulatedComm
+from ..pipeline.side_by_side import block_step, capacity_label
 from ..pipeline.plan import Plan, load_plan, retarget_plan
 from .block import block_inputs, load_model_config, make_baseline_block
 from .timing import sync

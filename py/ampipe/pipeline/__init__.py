@@ -3,7 +3,7 @@ swapping it into models (docs/pipeline.md, docs/swap.md). Importing it needs tor
 
 from .block import AMPipeBlock, apply_ampipe, unapply_ampipe
 from .dims import block_dims
-from .compare import run_block_comparison
+from .side_by_side import run_block_comparison
 from .emulation import EmulatedComm
 from .plan import Plan, PlanError, PlanOp, StreamSpec, check_dims, load_plan, validate_plan
 from .streams import OpFailed, OpTime, OpTimes, StreamExecutor

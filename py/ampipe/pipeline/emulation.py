@@ -5,7 +5,8 @@ A communication op does its real local data movement and then adds a modelled de
 (the baseline block sleeps it on its one thread), on CUDA as a device-side spin
 (`torch.cuda._sleep`) on the communication stream, so the delay overlaps compute exactly as a
 real transfer would. Every figure measured this way must be
-labelled "emulated" (`EmulatedComm.label`).
+labelled "emulated" (`EmulatedComm.label`). `EmulatedBaseline` and `add_emulated_delays` put
+the same delays on the baseline block, which runs on one stream.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 import torch
 
 from .. import spans
-from ..wire import wire_bytes
+from ..model.block_pieces import MoELosses, wire_dtype
+from ..model.layers import TransformerLayer
+from ..wire import a2a_rows, wire_bytes
 
 
 @dataclass(frozen=True)
@@ -160,3 +163,65 @@ def delay_report(ops: Iterable[Any], measured_ms: Mapping[str, float],
     for row in out.values():
         row["ratio"] = row["measured_ms"] / row["modelled_ms"] if row["modelled_ms"] > 0 else float("nan")
     return out
+
+
+class _DelayFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, inj, fwd_bytes, bwd_bytes):
+        ctx.inj, ctx.bwd_bytes = inj, bwd_bytes
+        for b in fwd_bytes:
+            inj(b)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        for b in ctx.bwd_bytes:
+            ctx.inj(b)
+        return g, None, None, None
+
+
+class EmulatedBaseline(torch.nn.Module):
+    """The baseline block with the same emulated all-to-all delays as the pipelined block.
+
+    The baseline runs on one stream, so its communication never overlaps compute: adding
+    each all-to-all's modelled delay at the end of forward (and at the start of backward)
+    costs the same wall-clock time as adding it where the all-to-all happens."""
+
+    def __init__(self, layer: TransformerLayer, emulated_comm: EmulatedComm) -> None:
+        super().__init__()
+        self.layer = layer
+        self.emulated_comm = emulated_comm
+        self._inj: DelayInjector | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoELosses | None]:
+        if self._inj is None or self._inj.device != x.device:
+            self._inj = DelayInjector(self.emulated_comm, x.device)
+        y, losses = self.layer(x)
+        return _with_delays(self.layer, x, y, self._inj), losses
+
+
+def _with_delays(layer: TransformerLayer, x: torch.Tensor, y: torch.Tensor, inj: DelayInjector) -> torch.Tensor:
+    """`y`, after the modelled delays of the layer's two all-to-alls (and before their backward)."""
+    cfg = layer.cfg
+    size = torch.empty((), dtype=wire_dtype(x)).element_size()  # as the tokens travel
+    rows = a2a_rows(x.shape[0] * x.shape[1], cfg.moe_router_topk, cfg.num_experts, cfg.moe_expert_capacity_factor)
+    nbytes = rows * cfg.hidden_size * size
+    return _DelayFn.apply(y, inj, [nbytes, nbytes], [nbytes, nbytes])
+
+
+def add_emulated_delays(model: torch.nn.Module, emulated_comm: EmulatedComm) -> list[Any]:
+    """`EmulatedBaseline`'s delays on every baseline MoE layer of `model`, by forward hooks, so
+    the modules (and state_dict names) stay as they are. Returns the hook handles."""
+    injectors: dict[torch.device, DelayInjector] = {}
+
+    def hook(layer: TransformerLayer, args: tuple, out: tuple) -> tuple:
+        x = args[0]
+        inj = injectors.get(x.device)
+        if inj is None:
+            inj = injectors[x.device] = DelayInjector(emulated_comm, x.device)
+        return (_with_delays(layer, x, out[0], inj), out[1])
+
+    # prepend: the delays belong to the layer (they model its all-to-alls), so they come before
+    # any other forward hook sees its output (a profile's layer timer, a user's hooks)
+    return [m.register_forward_hook(hook, prepend=True) for m in model.modules()
+            if type(m) is TransformerLayer and m.is_moe]

@@ -146,7 +146,7 @@ def _compare(config: Mapping[str, Any], plan: Any, steps: int, warmup: int, seed
              device: Any, ep: Any, emulated: Any, tolerance: float, on_step=None) -> dict[str, Any]:
     import torch
 
-    from ampipe.pipeline.compare import run_block_comparison
+    from ampipe.pipeline.side_by_side import run_block_comparison
 
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))  # the current device is per thread

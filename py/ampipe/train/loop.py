@@ -159,7 +159,7 @@ class Trainer:
                 unswap_blocks(self.model)
                 raise ValueError(f"train: the plan does not swap every MoE layer ({report})")
         elif self.emulated_comm is not None:
-            from ..pipeline.compare import add_emulated_delays
+            from ..pipeline.emulation import add_emulated_delays
 
             self._delay_hooks = add_emulated_delays(self.model, self.emulated_comm)
 

@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from ampipe.bench.pipeline import DEFAULT_PLANS, SCHEDULES, _in_turn, main, paired, paired_figures
-from ampipe.pipeline.compare import ideal_bound_ms
+from ampipe.pipeline.analysis import ideal_bound_ms
 from ampipe.pipeline.plan import load_plan
 
 

@@ -13,7 +13,7 @@ from ampipe.parallel.expert_comm import dispatch_layout, exchange_counts, layout
 from ampipe.parallel.groups import ExpertParallel
 from ampipe.pipeline import AMPipeBlock, EmulatedComm
 from ampipe.pipeline.ops import HostCounts
-from ampipe.pipeline.compare import run_block_comparison
+from ampipe.pipeline.side_by_side import run_block_comparison
 from ampipe.pipeline.emulation import delay_report, sleep_rate
 from ampipe.pipeline.plan import PlanError, check_cuda_streams, compute_stream_count
 from ampipe.pipeline.streams import shared_executor, stream_priority

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from ampipe.pipeline.compare import ideal_bound_ms, simulate_ms
+from ampipe.pipeline.analysis import ideal_bound_ms, simulate_ms
 from ampipe.pipeline.plan import load_plan
 
 from pipeline_helpers import PLAN_NAMES, PLANS

@@ -17,7 +17,7 @@ from ampipe.bench.pipeline import bench_pipeline
 from ampipe.model import block_pieces
 from ampipe.model.config import ModelConfig
 from ampipe.pipeline import AMPipeBlock, EmulatedComm, function as function_mod, step as step_mod
-from ampipe.pipeline.compare import run_block_comparison
+from ampipe.pipeline.side_by_side import run_block_comparison
 from ampipe.pipeline.worker_commands import run_block
 
 from pipeline_helpers import assert_equal_within, inputs, load, make_layer, step

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ampipe.pipeline import AMPipeBlock, EmulatedComm
-from ampipe.pipeline.compare import run_block_comparison
+from ampipe.pipeline.side_by_side import run_block_comparison
 from ampipe.pipeline.emulation import DelayInjector
 from ampipe.pipeline.plan import PlanError
 

@@ -221,7 +221,7 @@ def test_an_error_in_the_comparison_reaches_the_caller_and_leaves_no_thread(monk
     def boom(*a, **k):
         raise RuntimeError("op f.attn.1 failed: injected")
 
-    monkeypatch.setattr("ampipe.pipeline.compare.run_block_comparison", boom)
+    monkeypatch.setattr("ampipe.pipeline.side_by_side.run_block_comparison", boom)
     plan = fixture_plan("grouped-p2")
     with pytest.raises(RuntimeError, match="op f.attn.1 failed: injected"):
         run_block({"config": experiment_config(plan), "plan": plan}, FakeContext())
@@ -235,7 +235,7 @@ def test_timeout_fails_the_command_and_stops_heartbeating(monkeypatch):
         release.wait(10)
         return {}
 
-    monkeypatch.setattr("ampipe.pipeline.compare.run_block_comparison", stuck)
+    monkeypatch.setattr("ampipe.pipeline.side_by_side.run_block_comparison", stuck)
     monkeypatch.setattr("ampipe.worker.background.POLL_S", 0.01)
     plan = fixture_plan("grouped-p2")
     ctx = FakeContext()

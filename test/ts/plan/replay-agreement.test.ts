@@ -1,5 +1,5 @@
 // The two schedule replays of a plan must agree: the planner's discrete-event simulator
-// (src/plan/simulate.ts) and the Python `simulate_ms` (py/ampipe/pipeline/compare.py, used by the
+// (src/plan/simulate.ts) and the Python `simulate_ms` (py/ampipe/pipeline/analysis.py, used by the
 // pipeline benchmark and `ampipe run` to separate executor overhead from schedule stalls).
 // On the fixture plans (one compute and one comm stream) with no extra costs (overlap slowdown 1,
 // no per-op gap) and the same per-op times, the forward and backward makespans must be equal.
@@ -18,7 +18,7 @@ const compare = join(root, "py", "ampipe", "pipeline", "compare.py");
 // Reads [{plan, times}] on stdin, writes [{forward_ms, backward_ms}] (per_stream=False: CPU).
 const PY = `
 import json, sys
-from ampipe.pipeline.compare import simulate_ms
+from ampipe.pipeline.analysis import simulate_ms
 from ampipe.pipeline.plan import load_plan
 out = []
 for case in json.load(sys.stdin):

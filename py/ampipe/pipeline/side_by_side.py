@@ -4,7 +4,8 @@
 layer, runs the baseline block and the `AMPipeBlock` over the same parameters on the same
 input (repetitions interleaved), and returns a msgpack-able dict with the largest
 differences of outputs, losses and every gradient, the median step times, the speed-up,
-the ideal bound and per-op times (keyed by op id, the calibration input of the planner).
+the ideal bound and the replayed schedule (`analysis.py`) and per-op times (keyed by op id,
+the calibration input of the planner).
 """
 
 from __future__ import annotations
@@ -17,20 +18,19 @@ from typing import Any
 
 import torch
 
-from ..model.block_pieces import MoELosses, wire_dtype
 from ..model.config import ModelConfig
 from ..model.gpt import autocast_context, init_parameters
 from ..model.layers import TransformerLayer
 from ..parallel.groups import ExpertParallel
-from ..wire import a2a_rows
+from .analysis import emulated_delay_report, ideal_bound_ms, replay, simulate_ms
 from .block import AMPipeBlock
 from .dims import model_config_from_plan
-from .emulation import DelayInjector, EmulatedComm, delay_report
-from .plan import Plan, data_needs, load_plan
+from .emulation import EmulatedBaseline, EmulatedComm
+from .plan import Plan, load_plan
 from .streams import OpTimes
 
-__all__ = ["capacity_label", "EmulatedBaseline", "add_emulated_delays", "block_step", "largest_differences",
-           "ideal_bound_ms", "replay", "simulate_ms", "emulated_delay_report", "run_block_comparison"]
+__all__ = ["capacity_label", "block_step", "largest_differences", "run_block_comparison"]
+
 
 def capacity_label(cfg: ModelConfig, plan: Plan) -> str:
     """Which routing a figure used, and whether the pipelined block is exactly the baseline."""
@@ -41,68 +41,6 @@ def capacity_label(cfg: ModelConfig, plan: Plan) -> str:
         return f"{what}, capacity of the whole sequence (exact)"
     return (f"{what}, capacity per chunk (another function than the baseline's whole-sequence "
             f"capacity: equal only where no chunk reaches its capacity)")
-
-
-class _DelayFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, inj, fwd_bytes, bwd_bytes):
-        ctx.inj, ctx.bwd_bytes = inj, bwd_bytes
-        for b in fwd_bytes:
-            inj(b)
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        for b in ctx.bwd_bytes:
-            ctx.inj(b)
-        return g, None, None, None
-
-
-class EmulatedBaseline(torch.nn.Module):
-    """The baseline block with the same emulated all-to-all delays as the pipelined block.
-
-    The baseline runs on one stream, so its communication never overlaps compute: adding
-    each all-to-all's modelled delay at the end of forward (and at the start of backward)
-    costs the same wall-clock time as adding it where the all-to-all happens."""
-
-    def __init__(self, layer: TransformerLayer, emulated_comm: EmulatedComm) -> None:
-        super().__init__()
-        self.layer = layer
-        self.emulated_comm = emulated_comm
-        self._inj: DelayInjector | None = None
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoELosses | None]:
-        if self._inj is None or self._inj.device != x.device:
-            self._inj = DelayInjector(self.emulated_comm, x.device)
-        y, losses = self.layer(x)
-        return _with_delays(self.layer, x, y, self._inj), losses
-
-
-def _with_delays(layer: TransformerLayer, x: torch.Tensor, y: torch.Tensor, inj: DelayInjector) -> torch.Tensor:
-    """`y`, after the modelled delays of the layer's two all-to-alls (and before their backward)."""
-    cfg = layer.cfg
-    size = torch.empty((), dtype=wire_dtype(x)).element_size()  # as the tokens travel
-    rows = a2a_rows(x.shape[0] * x.shape[1], cfg.moe_router_topk, cfg.num_experts, cfg.moe_expert_capacity_factor)
-    nbytes = rows * cfg.hidden_size * size
-    return _DelayFn.apply(y, inj, [nbytes, nbytes], [nbytes, nbytes])
-
-
-def add_emulated_delays(model: torch.nn.Module, emulated_comm: EmulatedComm) -> list[Any]:
-    """`EmulatedBaseline`'s delays on every baseline MoE layer of `model`, by forward hooks, so
-    the modules (and state_dict names) stay as they are. Returns the hook handles."""
-    injectors: dict[torch.device, DelayInjector] = {}
-
-    def hook(layer: TransformerLayer, args: tuple, out: tuple) -> tuple:
-        x = args[0]
-        inj = injectors.get(x.device)
-        if inj is None:
-            inj = injectors[x.device] = DelayInjector(emulated_comm, x.device)
-        return (_with_delays(layer, x, out[0], inj), out[1])
-
-    # prepend: the delays belong to the layer (they model its all-to-alls), so they come before
-    # any other forward hook sees its output (a profile's layer timer, a user's hooks)
-    return [m.register_forward_hook(hook, prepend=True) for m in model.modules()
-            if type(m) is TransformerLayer and m.is_moe]
 
 
 def block_step(block: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor,
@@ -143,112 +81,6 @@ def largest_differences(ref: Mapping[str, torch.Tensor | None],
         scale = r.abs().max().item()
         out[k] = (g - r).abs().max().item() / (scale if scale > 0 else 1.0)
     return out
-
-
-def _resource_bound(work: Sequence[tuple[float, float, float]]) -> float:
-    """Least makespan of one sequential resource running ops given as (head, ms, tail):
-    an op cannot start before `head` (the longest chain of data needs before it) nor end
-    later than `tail` before the pass does. For every pair of thresholds (h, q), the ops with
-    head >= h and tail >= q run one after another, after h, and the last of them is followed
-    by at least q: makespan >= h + sum(ms) + q. The largest such figure is a lower bound for
-    any schedule (it is the fill + busy time + drain of the resource)."""
-    best = 0.0
-    heads = sorted({h for h, _, _ in work})
-    tails = sorted({q for _, _, q in work})
-    for h in heads:
-        for q in tails:
-            busy = sum(ms for hh, ms, qq in work if hh >= h and qq >= q)
-            if busy > 0:
-                best = max(best, h + busy + q)
-    return best
-
-
-def ideal_bound_ms(plan: Plan, times: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """The ideal bound of a pipelined step from per-op times (`{"forward": {id: ms}, ...}`).
-
-    Per pass, the largest of: the longest chain of data dependencies (`plan.data_needs`), and
-    for each resource — the compute ops (one compute stream's worth of work) and the
-    communication ops — its fill + total busy time + drain, where fill and drain are the
-    data-dependency chains before and after its ops that no schedule of this chunking avoids
-    (`_resource_bound`; e.g. the first dispatch waits for the front of a chunk, the last
-    unpermute for the last combine). Every schedule of these ops with these times on one
-    compute and one communication resource takes at least this long. The step's bound is
-    the sum of the two passes' bounds.
-    """
-    out: dict[str, float] = {}
-    for name, ops in (("forward", plan.forward), ("backward", plan.backward)):
-        t = times.get(name, {})
-        needs = data_needs(plan, forward=name == "forward")
-        ms = {op.id: t.get(op.id, 0.0) for op in ops}
-        head: dict[str, float] = {}
-        for op in ops:  # list order is a topological order (deps point to earlier ops)
-            head[op.id] = max((head[d] + ms[d] for d in needs[op.id]), default=0.0)
-        tail = {op.id: 0.0 for op in ops}
-        for op in reversed(ops):
-            for d in needs[op.id]:
-                tail[d] = max(tail[d], ms[op.id] + tail[op.id])
-        path_ms = max((head[i] + ms[i] + tail[i] for i in ms), default=0.0)
-        compute = [(head[op.id], ms[op.id], tail[op.id]) for op in ops if not op.is_comm]
-        comm = [(head[op.id], ms[op.id], tail[op.id]) for op in ops if op.is_comm]
-        out[f"{name}_compute_ms"] = sum(w for _, w, _ in compute)
-        out[f"{name}_comm_ms"] = sum(w for _, w, _ in comm)
-        out[f"{name}_critical_path_ms"] = path_ms
-        out[f"{name}_compute_bound_ms"] = _resource_bound(compute)
-        out[f"{name}_comm_bound_ms"] = _resource_bound(comm)
-        out[f"{name}_bound_ms"] = max(path_ms, out[f"{name}_compute_bound_ms"],
-                                      out[f"{name}_comm_bound_ms"])
-    out["bound_ms"] = out["forward_bound_ms"] + out["backward_bound_ms"]
-    return out
-
-
-def replay(plan: Plan, times: Mapping[str, Mapping[str, float]], *,
-           per_stream: bool = False) -> dict[str, dict[str, tuple[float, float]]]:
-    """The schedule this plan would run if every op took its measured time and the executor
-    added nothing: per pass, each op's ``(start_ms, end_ms)``, ops starting when their deps,
-    their stream and their resource are free. CPU (`per_stream=False`): one resource per stream
-    kind (the calling thread runs every compute op, one thread every comm op); CUDA: one per
-    stream. `ampipe run` draws its measured trace from it (the one replay of a measured run)."""
-    out: dict[str, dict[str, tuple[float, float]]] = {}
-    kind = {s.name: s.kind for s in plan.streams}
-    for name, ops in (("forward", plan.forward), ("backward", plan.backward)):
-        t = times.get(name, {})
-        free: dict[str, float] = {}
-        last: dict[str, float] = {}
-        span: dict[str, tuple[float, float]] = {}
-        for op in ops:
-            res = op.stream if per_stream else kind[op.stream]
-            start = max([free.get(res, 0.0), last.get(op.stream, 0.0), *(span[d][1] for d in op.deps)])
-            span[op.id] = (start, start + t.get(op.id, 0.0))
-            free[res] = last[op.stream] = span[op.id][1]
-        out[name] = span
-    return out
-
-
-def simulate_ms(plan: Plan, times: Mapping[str, Mapping[str, float]], *,
-                per_stream: bool = False) -> dict[str, float]:
-    """The step time of the `replay`: per pass and in total. Comparing it with the measured
-    time separates the executor's overhead from the schedule's stalls."""
-    spans = replay(plan, times, per_stream=per_stream)
-    out = {f"{name}_ms": max((end for _, end in spans[name].values()), default=0.0)
-           for name in ("forward", "backward")}
-    out["total_ms"] = out["forward_ms"] + out["backward_ms"]
-    return out
-
-
-def emulated_delay_report(plan: Plan, op_times: Mapping[str, Mapping[str, float]],
-                          delays: Sequence[Mapping[str, Mapping[str, float]]]
-                          ) -> dict[str, dict[str, float]]:
-    """Per comm kind (`dispatch`, `combine`, `*_bwd`): measured op time vs the delay the
-    emulation modelled for it (`delay_report`), from median per-op times and the blocks'
-    `last_delays_ms` of each sample (medians per op)."""
-    modelled: dict[str, list[float]] = {}
-    for sample in delays:
-        for per_op in sample.values():
-            for k, v in per_op.items():
-                modelled.setdefault(k, []).append(v)
-    med = {k: statistics.median(v) for k, v in modelled.items()}
-    measured = {k: v for name in ("forward", "backward") for k, v in op_times.get(name, {}).items()}
-    return delay_report((*plan.forward, *plan.backward), measured, med)
 
 
 def _median_makespans(samples: list[dict[str, OpTimes]]) -> dict[str, float]:
