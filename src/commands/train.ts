@@ -9,7 +9,8 @@ import { CommandError, type RankEvent, type RankRun } from "../bridge/index.ts";
 import { ConfigError, loadConfig, type ExperimentConfig } from "../config/index.ts";
 import { type Plan } from "../plan/ir.ts";
 import { writeFileAtomic } from "../plan/io.ts";
-import { mergeTraces, writeBreakdown, type RankProfile } from "../train/profile.ts";
+import { mergeTraces, writeBreakdown } from "../train/profile.ts";
+import { ProfileResultSchema, TrainResultSchema } from "../train/results.ts";
 import { armName, type TuneArm, type TuneDecision } from "../train/tune.ts";
 import { chooseBlock, tuneOnRanks, type ChooseOptions } from "../train/choose.ts";
 import { resolveDataset } from "../train/dataset.ts";
@@ -36,15 +37,6 @@ export interface TrainOptions
   profile?: number | boolean;
   /** Stop after the profile. */
   profileOnly?: boolean;
-}
-
-/** What each rank's `train` command returns (py/ampipe/train/loop.py Trainer.run). */
-export interface TrainResult {
-  rank: number; step: number; steps: number; stopped: boolean; resumed_from: number | null;
-  last_checkpoint: number | null; pipelined: boolean; steps_run: number;
-  final: Record<string, number | boolean | null> | null;
-  last_eval: { step: number; loss: number; ppl: number } | null;
-  median_step_ms: number | null; median_tokens_per_s: number | null;
 }
 
 export interface TrainSetup {
@@ -137,7 +129,6 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
     );
     const r0 = run.ranks[0];
     say(`${run.worldSize} ranks ready (torch ${r0.torch}, ${r0.backend ?? "no dist"} on ${r0.device}; expert-parallel size ${par.expert_model_parallel_size})`);
-    const ranks = [...Array(run.worldSize).keys()];
     let decision: TuneDecision | null = null;
     if (setup.tune) {
       const tuned = await tuneOnRanks(run, cfg, setup.tune, outDir, o);
@@ -153,9 +144,7 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
       const other = plan ?? setup.bestCandidate;
       const arms: Record<string, Plan | null> = { baseline: null, ...(other ? { [armName(other)]: other } : {}) };
       say(`profile: ${steps} step(s) of ${Object.keys(arms).join(" and ")}, then ${steps} more under torch.profiler`);
-      const res = (await Promise.all(ranks.map((r) => run!.request(r, "train_profile", {
-        config: cfg, arms, run_dir: resolve(outDir), steps,
-      })))) as RankProfile[];
+      const res = await run.callAll("train_profile", { config: cfg, arms, run_dir: resolve(outDir), steps }, ProfileResultSchema);
       const dir = join(outDir, "profile");
       const trace = mergeTraces(dir, res);
       const note = `${steps} step(s) per block after one warm-up, on ${run.worldSize} rank(s); ms per step, the median over ` +
@@ -165,7 +154,7 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
       if (o.profileOnly) return 0;
     }
     const args = { config: cfg, plan, run_dir: resolve(outDir) };
-    const results = (await Promise.all([...Array(run.worldSize).keys()].map((r) => run!.request(r, "train", args)))) as TrainResult[];
+    const results = await run.callAll("train", args, TrainResultSchema);
     progress?.stop();
     const r = results[0];
     const doc = {

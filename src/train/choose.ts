@@ -13,7 +13,8 @@ import type { Plan } from "../plan/ir.ts";
 import { readPlan, writeFileAtomic, writePlan } from "../plan/io.ts";
 import { prepareRunPlan } from "../run/run-block.ts";
 import { costModelFor } from "../plan/for-config.ts";
-import { describePredictions, modelTrainingStep, type ArmSummary, type TrainingStepModel } from "./predict.ts";
+import { describePredictions, modelTrainingStep, type TrainingStepModel } from "./predict.ts";
+import { TuneResultSchema } from "./results.ts";
 import { decide, describeDecision, tuneArms, type TuneArm, type TuneDecision } from "./tune.ts";
 
 export const TUNE_FILE = "tune.json";
@@ -87,9 +88,9 @@ export interface Tuned {
  */
 export async function tuneOnRanks(run: RankRun, cfg: ExperimentConfig, arms: TuneArm[], dir: string, o: ChooseOptions): Promise<Tuned> {
   const byName = Object.fromEntries(arms.map((a) => [a.name, a.plan]));
-  const res = (await Promise.all([...Array(run.worldSize).keys()].map((r) => run.request(r, "train_tune", {
+  const res = await run.callAll("train_tune", {
     config: cfg, arms: byName, run_dir: resolve(dir), steps: o.tuneSteps ?? 4, warmup: 1,
-  })))) as { rank: number; step_ms: Record<string, number[]>; arms: Record<string, ArmSummary> }[];
+  }, TuneResultSchema);
   const decision = decide(arms, res.map((r) => r.step_ms), 1);
   const plan = arms.find((a) => a.name === decision.chosen)!.plan;
   if (plan) writePlan(join(dir, "plan.json"), plan);

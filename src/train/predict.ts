@@ -8,19 +8,15 @@
 // on the training thread, comm ops' time on their modelled stream, and each pass's makespan for
 // the schedule terms). So the model sees what the step really costs here: the executor's per-op
 // cost, the real collectives, the emulated delays.
+import type { z } from "zod";
+import type { ArmSummarySchema } from "./results.ts";
 import { parseCalibration, calibrate, type CalibrationReport } from "../plan/calibration.ts";
 import { predict, type CostModel } from "../plan/costs.ts";
 import type { TuneArm, TuneDecision } from "./tune.ts";
 
 /** What a rank measured of one arm while timing (py/ampipe/train/profile.py `arm_summaries`). */
-export interface ArmSummary {
-  steps: number;
-  step_ms: number | null;
-  moe_layers_ms: number | null;
-  blocks_per_step: number;
-  op_ms: { forward: Record<string, number>; backward: Record<string, number> };
-  pass_ms: { forward?: number; backward?: number };
-}
+/** One arm's figures from `train_tune` (its `arms`): steps, step and MoE-layer times, op and pass times. */
+export type ArmSummary = z.output<typeof ArmSummarySchema>;
 
 export interface StepPrediction {
   name: string;

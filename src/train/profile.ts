@@ -4,35 +4,16 @@
 // monotonic clock) and one breakdown, printed and kept in the run directory. docs/train.md#profile.
 import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
+import type { z } from "zod";
 import { writeFileAtomic } from "../plan/io.ts";
+import type { ArmBreakdownSchema, ProfileResultSchema } from "./results.ts";
 
 export const PROFILE_FORMAT = "ampipe.profile";
 
-/** One arm's medians over the quiet steps of one rank (py/ampipe/train/profile.py `breakdown`). */
-export interface ArmBreakdown {
-  step_ms: number;
-  phases: Record<string, number>;
-  phases_sum: number;
-  coverage: number;
-  moe_layers: number;
-  outside_moe_layers: number;
-  block_passes: number;
-  compute_ops: number;
-  compute_waits: number;
-  waits_on: Record<string, number>;
-  executor_overhead: number;
-  comm_stream_ops: number;
-  collectives: Record<string, number>;
-  emulated_delay: number;
-  steps: number;
-}
-
-export interface RankProfile {
-  rank: number;
-  trace: string;
-  breakdown: Record<string, ArmBreakdown>;
-  torch_profiler: boolean;
-}
+/** One arm's medians over the quiet steps of one rank (the `train_profile` result's breakdown). */
+export type ArmBreakdown = z.output<typeof ArmBreakdownSchema>;
+/** One rank's `train_profile` result. */
+export type RankProfile = z.output<typeof ProfileResultSchema>;
 
 /** Concatenates the ranks' trace files into `<dir>/trace.json` (then removes them). Returns its path. */
 export function mergeTraces(dir: string, ranks: RankProfile[]): string {
