@@ -15,7 +15,8 @@ import { resolveDataset } from "../train/dataset.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { MetricsLog, prepareRunDir } from "../train/rundir.ts";
 import { stopOnSignals } from "../train/signals.ts";
-import { chooseBlock, tuneOnRanks, TUNE_FILE, TUNE_MODULE, type ChooseOptions } from "../train/choose.ts";
+import { chooseBlock, tuneOnRanks, TUNE_FILE, type ChooseOptions } from "../train/choose.ts";
+import { TRAIN_MODULE } from "../train/results.ts";
 import type { TuneArm } from "../train/tune.ts";
 import { startConfigRun } from "../bridge/start.ts";
 import { addControllerOptions, addTuneOptions, positiveInt, reportFailure, type ControllerCliOptions } from "./options.ts";
@@ -187,7 +188,7 @@ export async function compareCommand(configPath: string, o: CompareOptions): Pro
   try {
     if (todo.length) {
       const par = cfg.parallelism;
-      run = await startConfigRun(par, o, { imports: [COMPARE_MODULE, TUNE_MODULE], onEvent },
+      run = await startConfigRun(par, o, { imports: [COMPARE_MODULE, TRAIN_MODULE], onEvent },
       );
       if (setup.tune) {
         const tuned = await tuneOnRanks(run, cfg, setup.tune, root, o);

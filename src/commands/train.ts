@@ -6,21 +6,20 @@
 import { join, resolve } from "node:path";
 import { Command } from "commander";
 import { CommandError, type RankEvent, type RankRun } from "../bridge/index.ts";
-import { ConfigError, loadConfig, type ExperimentConfig } from "../config/index.ts";
+import { ConfigError } from "../config/index.ts";
 import { type Plan } from "../plan/ir.ts";
 import { writeFileAtomic } from "../plan/io.ts";
 import { mergeTraces, writeBreakdown } from "../train/profile.ts";
-import { ProfileResultSchema, TrainResultSchema } from "../train/results.ts";
-import { armName, type TuneArm, type TuneDecision } from "../train/tune.ts";
-import { chooseBlock, tuneOnRanks, type ChooseOptions } from "../train/choose.ts";
-import { resolveDataset } from "../train/dataset.ts";
+import { prepareTraining, type TrainSetup } from "../train/prepare.ts";
+import { ProfileResultSchema, TRAIN_MODULE, TrainResultSchema } from "../train/results.ts";
+import { armName, type TuneDecision } from "../train/tune.ts";
+import { tuneOnRanks, type ChooseOptions } from "../train/choose.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { stopOnSignals } from "../train/signals.ts";
-import { MetricsLog, prepareRunDir } from "../train/rundir.ts";
+import { MetricsLog } from "../train/rundir.ts";
 import { startConfigRun } from "../bridge/start.ts";
 import { addControllerOptions, addTuneOptions, positiveInt, reportFailure, type ControllerCliOptions } from "./options.ts";
 
-export const TRAIN_MODULE = "ampipe.train.worker_commands";
 export const TRAIN_FORMAT = "ampipe.train";
 
 export interface TrainOptions
@@ -39,36 +38,9 @@ export interface TrainOptions
   profileOnly?: boolean;
 }
 
-export interface TrainSetup {
-  cfg: ExperimentConfig;
-  outDir: string;
-  plan: Plan | null;
-  planSource: string;
-  resuming: boolean;
-  /** Arms to time before training (degree auto, a fresh run): the block is decided on the ranks. */
-  tune: TuneArm[] | null;
-  /** The best pipelined candidate (for a profile when the baseline is the block). */
-  bestCandidate: Plan | null;
-}
-
 const DEFAULT_PROFILE_STEPS = 3;
 
 const fmt = (v: unknown, digits = 4) => (typeof v === "number" ? (Math.abs(v) >= 1000 ? v.toFixed(0) : v.toFixed(digits)) : String(v));
-
-/** Everything checked and written before a rank starts: config, dataset, plan, run directory. */
-export function prepareTraining(configPath: string, o: TrainOptions): TrainSetup {
-  // The options are overrides like any --set, so the schema checks them with the rest.
-  const set = [...o.set, ...(o.steps !== undefined ? [`train.steps=${o.steps}`] : [])];
-  const cfg = loadConfig(configPath, set);
-  if (o.out !== undefined) cfg.run.output_dir = o.out;
-  const data = resolveDataset(cfg);
-  cfg.data.path = data.prefix;
-  if (data.built) process.stdout.write(`built the default dataset ${data.prefix} (Brown Corpus, ${cfg.data.tokenizer} tokenizer) in ${data.seconds.toFixed(1)} s\n`);
-  const outDir = cfg.run.output_dir;
-  const resuming = prepareRunDir(outDir, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
-  const choice = chooseBlock(cfg, o, outDir, resuming);
-  return { cfg, outDir, plan: choice.plan, planSource: choice.source, resuming, tune: choice.tune, bestCandidate: choice.bestCandidate };
-}
 
 /** Runs `ampipe train`; returns the exit code (0 done, 1 failed, 2 bad input, 130 stopped by Ctrl-C). */
 export async function trainCommand(configPath: string, o: TrainOptions): Promise<number> {

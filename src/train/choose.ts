@@ -18,7 +18,6 @@ import { TuneResultSchema } from "./results.ts";
 import { decide, describeDecision, tuneArms, type TuneArm, type TuneDecision } from "./tune.ts";
 
 export const TUNE_FILE = "tune.json";
-export const TUNE_MODULE = "ampipe.train.worker_commands";
 
 export interface ChooseOptions {
   set: string[];

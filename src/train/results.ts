@@ -4,6 +4,9 @@
 import { z } from "zod";
 import { msById } from "../bridge/index.ts";
 
+/** The Python module that registers these commands on each rank. */
+export const TRAIN_MODULE = "ampipe.train.worker_commands";
+
 const num = z.number();
 const msByName = z.record(z.string(), num);
 
