@@ -6,7 +6,6 @@
 //   once the ranks are up:  `tuneOnRanks`  (train_tune on every rank, the decision, the step model)
 import { existsSync, readFileSync, rmSync } from "node:fs";
 import { join, resolve } from "node:path";
-import type { Command } from "commander";
 import type { RankRun } from "../bridge/index.ts";
 import type { ExperimentConfig } from "../config/index.ts";
 import type { Plan } from "../plan/ir.ts";

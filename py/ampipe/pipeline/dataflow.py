@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from .plan import OP_KINDS, Plan, PlanOp, resolved_reads
 
 __all__ = ["OpFlow", "OpIO", "Values", "pass_flows"]
 
-_Key = tuple[str, "int | None"]
+_Key = tuple[str, Optional[int]]  # (value name, the chunk of the op that wrote it; None: whole sequence)
 
 
 @dataclass(frozen=True)
