@@ -59,7 +59,7 @@ describe("external ranks", () => {
 describe("ampipe ping (CLI)", () => {
   it("exits non-zero naming a rank killed mid-run, with no process left behind", async () => {
     const cli = spawn(process.execPath, [join(root, "bin", "ampipe.js"), "ping", "--ranks", "2", "--seconds", "60", "--json",
-      "--heartbeat-interval", "100", "--heartbeat-timeout", "2000"], { stdio: ["ignore", "pipe", "pipe"] });
+      "--heartbeat-interval", "100", "--heartbeat-timeout", "60000"], { stdio: ["ignore", "pipe", "pipe"] });
     let stderr = "";
     cli.stderr!.setEncoding("utf8").on("data", (d: string) => (stderr += d));
     const lines = createInterface({ input: cli.stdout! });
@@ -67,10 +67,8 @@ describe("ampipe ping (CLI)", () => {
     const round = JSON.parse(first) as { ok: boolean; results: Array<{ pid: number }> };
     expect(round.ok).toBe(true);
     const pids = round.results.map((r) => r.pid);
-    const t0 = Date.now();
     process.kill(pids[1], "SIGKILL");
-    const [code] = await once(cli, "exit");
-    expect(Date.now() - t0).toBeLessThan(3000);
+    const [code] = await once(cli, "exit"); // the heartbeat deadline is 60 s: only the exit can end it sooner
     expect(code).toBe(1);
     expect(stderr).toMatch(new RegExp(`rank 1 \\(pid ${pids[1]}\\) was killed by SIGKILL`));
     expect(pids.filter(alive)).toEqual([]);
