@@ -20,14 +20,18 @@ nested in an op of another, as an activation-checkpoint recompute does; a pass f
 thread) gets a thread of its own for that pass. If an op raises, the other thread stops at
 its next op, the pass waits for it, the communication thread is stopped and joined (no
 thread outlives a failed pass; the next pass starts a new one), and the error surfaces as
-`OpFailed` naming the op.
+`OpFailed` naming the op. When the interpreter begins to exit, every communication thread
+finishes its pass and stays parked: a thread still running while Python finalizes can abort
+the process (see `_quiesce_comm_threads_at_exit`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -122,37 +126,101 @@ class OpTimes:
 
 class _CommWorker:
     """An executor's communication thread: runs one pass's comm ops at a time, parked on a
-    queue between passes. A daemon, so an idle one never holds up interpreter exit."""
+    queue between passes. A daemon, so an idle one never holds up interpreter exit; see
+    `_quiesce_comm_threads_at_exit` for how it meets an exiting interpreter."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.busy = False  # a pass holds it (set under the executor's lock)
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.idle = threading.Event()  # no job queued or running
+        self.idle.set()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._main, name=COMM_THREAD_NAME, daemon=True)
         self.thread.start()
+        _LIVE_WORKERS.add(self)
 
     def _main(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            item = self._jobs.get()
+            if item is None:
                 return
-            job()  # never raises: the pass's walk() records every failure
-            del job  # parked, the thread must not keep the pass alive (its closure holds the step)
+            job, done = item
+            del item
+            try:
+                job()  # never raises: the pass's walk() records every failure
+            finally:
+                # Drop the pass before saying it is done: the caller then frees the pass's
+                # tensors and graphs itself, and this thread holds none of its torch state.
+                del job
+                with self._pending_lock:
+                    self._pending -= 1
+                    if not self._pending:
+                        self.idle.set()
+                done.set()
 
     @property
     def usable(self) -> bool:
         return self.pid == os.getpid() and self.thread.is_alive()  # a fork has no such thread
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
+    def submit(self, job: Callable[[], None], done: threading.Event) -> None:
+        """Runs `job` on the thread; `done` is set once the thread has let go of it."""
+        with self._pending_lock:
+            self._pending += 1
+            self.idle.clear()
+        self._jobs.put((job, done))
 
     def retire(self) -> None:
-        """Let the thread end after the job it is running (if any)."""
-        self._jobs.put(None)
+        """Let the thread end after the job it is running (if any); not once the interpreter
+        is exiting (a thread ending then can abort the process: see below)."""
+        if not _EXITING:
+            self._jobs.put(None)
 
     def stop(self) -> None:
         self.retire()
         self.thread.join()
+
+
+# Every communication thread of this process (a thread keeps its worker alive while it runs).
+_LIVE_WORKERS: "weakref.WeakSet[_CommWorker]" = weakref.WeakSet()
+_EXITING = False
+# How long an exiting interpreter waits for a communication thread to finish its pass.
+EXIT_WAIT_S = 5.0
+
+
+def _quiesce_comm_threads_at_exit() -> None:
+    """Before the interpreter finalizes: let every communication thread finish its pass and
+    park, and from then on never wake it.
+
+    A daemon thread that runs while Python finalizes is stopped where it stands the moment it
+    next takes the GIL, and where that is inside C++ (returning from a torch call, which
+    releases the GIL; or the C++ thread-local destructors of a thread that is ending, which
+    need it) the process aborts: "terminate called without an active exception", SIGABRT.
+    That is how a rank once died at exit under load: the executors' finalizers retired their
+    parked threads at exit, and a thread's own ending raced the interpreter's. A thread parked
+    on its queue waits in plain C and is simply gone when the process exits. This runs from
+    `threading`'s exit hooks, before finalization, while every thread can still finish its op.
+    A pass that does not finish in EXIT_WAIT_S (a collective waiting for a peer that is gone)
+    would abort the process later, so the process leaves now, without Python's clean-up."""
+    global _EXITING
+    workers = [w for w in list(_LIVE_WORKERS) if w.usable]
+    deadline = time.monotonic() + EXIT_WAIT_S
+    stuck = [w for w in workers if not w.idle.wait(max(0.0, deadline - time.monotonic()))]
+    _EXITING = True
+    if stuck:
+        print(f"ampipe: a communication thread was still inside an op {EXIT_WAIT_S:g} s after the program "
+              "ended (a collective waiting for a peer that is gone?); exiting without Python's clean-up "
+              "(exit 1), which would abort the process", file=sys.stderr)
+        for f in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                f.flush()
+        os._exit(1)
+
+
+# threading's exit hooks run before the interpreter finalizes (atexit hooks run later, too late
+# for a thread inside torch); `_register_atexit` is what concurrent.futures uses for its workers.
+getattr(threading, "_register_atexit", atexit.register)(_quiesce_comm_threads_at_exit)
 
 
 AutocastState = tuple[tuple[str, bool, torch.dtype], ...]
@@ -343,14 +411,11 @@ class StreamExecutor:
             autocast = autocast_state()
 
             def comm_pass() -> None:
-                try:
-                    with torch.set_grad_enabled(grad_enabled), enter_autocast(autocast):
-                        walk(comm_ops)
-                finally:
-                    finished.set()
+                with torch.set_grad_enabled(grad_enabled), enter_autocast(autocast):
+                    walk(comm_ops)
 
             worker, kept = self._take_comm_worker()
-            worker.submit(comm_pass)
+            worker.submit(comm_pass, finished)
         try:
             walk(compute_ops)
         finally:

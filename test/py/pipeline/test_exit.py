@@ -1,0 +1,59 @@
+"""Processes end cleanly: a communication thread never aborts an exiting interpreter.
+
+A daemon thread that is inside a torch call when Python finalizes is stopped as it returns,
+which aborts the process ("terminate called without an active exception", exit -6); that is
+how a rank once died at exit under load. exit_worker.py ends its program in that state on
+purpose (busy), or as soon as a real expert-parallel pass is done (ep, many ranks under load).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("exit_worker.py")
+HERE = Path(__file__).parent
+
+
+def _env() -> dict[str, str]:
+    path = [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
+def test_program_ending_while_the_comm_thread_is_inside_torch_exits_cleanly():
+    p = subprocess.run([sys.executable, str(WORKER), "--mode", "busy"], capture_output=True, text=True,
+                       env=_env(), timeout=120)
+    assert (p.returncode, p.stdout.strip()) == (0, "busy done"), p.stderr[-3000:]
+    assert "terminate called" not in p.stderr
+
+
+@pytest.mark.slow
+def test_many_short_rank_processes_under_load_all_exit_cleanly(tmp_path):
+    """Two 2-rank gloo worlds at once (each: one pipelined EP=2 forward+backward, then exit) while
+    a busy loop competes for the cores; every rank exits 0 with no abort."""
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    procs = []
+    try:
+        for world in range(2):
+            init = tmp_path / f"rendezvous-{world}"
+            for r in range(2):
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(WORKER), "--mode", "ep", "--rank", str(r), "--world", "2",
+                     "--init-file", str(init)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()))
+        results = [(p.communicate(timeout=240), p.returncode) for p in procs]
+    finally:
+        burner.kill()
+        burner.wait()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, ((out, err), rc) in enumerate(results):
+        assert (rc, out.strip()) == (0, "ep done"), f"world {i // 2} rank {i % 2} exited {rc}:\n{err[-3000:]}"
+        assert "terminate called" not in err
