@@ -15,6 +15,7 @@ import { resolveDataset } from "../train/dataset.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { MetricsLog, prepareRunDir } from "../train/rundir.ts";
 import { stopOnSignals } from "../train/signals.ts";
+import { lockRunDir } from "../train/lock.ts";
 import { prepareRunPlan } from "./run.ts";
 import { addControllerOptions, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
 
@@ -67,6 +68,7 @@ export function prepareCompare(configPath: string, o: CompareOptions): CompareSe
     throw new CompareInputError(`train.steps: a comparison needs at least 2 steps (throughput leaves each run's first out); got ${cfg.train.steps}`);
   cfg.data.path = resolveDataset(cfg).prefix;
   const root = cfg.run.output_dir;
+  lockRunDir(root, "ampipe compare"); // held until this process exits
   if (o.fresh) for (const f of ["compare.json", "summary.md", "report.html"]) rmSync(join(root, f), { force: true });
   // The root holds the config every run shares (more seeds later extend the same comparison).
   prepareRunDir(root, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
@@ -175,7 +177,7 @@ export async function compareCommand(configPath: string, o: CompareOptions): Pro
       }
       if (results[0].stopped) {
         say(`stopped with checkpoints; rerun the same command to continue (finished seeds are kept)`);
-        return 130;
+        return signals.exitCode;
       }
     }
     const runs: SeedRuns[] = seeds.map((seed) => ({
@@ -218,7 +220,7 @@ export async function compareCommand(configPath: string, o: CompareOptions): Pro
       return 1;
     }
     reportFailure(e, "ampipe compare");
-    return signals.requested ? 130 : 1;
+    return signals.requested ? signals.exitCode : 1;
   } finally {
     signals.off();
     await run?.close();

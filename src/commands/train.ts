@@ -2,7 +2,7 @@
 // (pipeline.degree 1) or the pipelined block (the planner's plan, or --plan), and watch it:
 // a live progress bar, metrics.jsonl, TensorBoard events, checkpoints (docs/train.md).
 // Rerunning the same command resumes from the newest complete checkpoint; --fresh starts over;
-// Ctrl-C stops every rank after the current step, with a checkpoint, and exits 130.
+// Ctrl-C (SIGTERM) stops every rank after the current step, with a checkpoint, and exits 130 (143).
 import { join, resolve } from "node:path";
 import { Command } from "commander";
 import { CommandError, type RankEvent, type RankRun } from "../bridge/index.ts";
@@ -13,6 +13,7 @@ import { resolveDataset } from "../train/dataset.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
 import { stopOnSignals } from "../train/signals.ts";
 import { MetricsLog, prepareRunDir } from "../train/rundir.ts";
+import { lockRunDir } from "../train/lock.ts";
 import { prepareRunPlan } from "./run.ts";
 import { addControllerOptions, positiveInt, reportFailure, startConfigRun, type ControllerCliOptions } from "./ping.ts";
 
@@ -60,6 +61,7 @@ export function prepareTraining(configPath: string, o: TrainOptions): TrainSetup
   cfg.data.path = data.prefix;
   if (data.built) process.stdout.write(`built the default dataset ${data.prefix} (Brown Corpus, ${cfg.data.tokenizer} tokenizer) in ${data.seconds.toFixed(1)} s\n`);
   const outDir = cfg.run.output_dir;
+  lockRunDir(outDir, "ampipe train"); // held until this process exits
   const resuming = prepareRunDir(outDir, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
   let plan: Plan | null = null;
   let planSource = "baseline (pipeline.degree 1)";
@@ -76,7 +78,7 @@ export function prepareTraining(configPath: string, o: TrainOptions): TrainSetup
   return { cfg, outDir, plan, planSource, resuming };
 }
 
-/** Runs `ampipe train`; returns the exit code (0 done, 1 failed, 2 bad input, 130 stopped by Ctrl-C). */
+/** Runs `ampipe train`; returns the exit code (0 done, 1 failed, 2 bad input, 130/143 stopped by Ctrl-C/SIGTERM). */
 export async function trainCommand(configPath: string, o: TrainOptions): Promise<number> {
   const t0 = performance.now();
   const say = (s: string) => process.stdout.write(s + "\n");
@@ -149,7 +151,7 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
     say(`wrote ${join(outDir, "metrics.jsonl")}, ${join(outDir, "tb")}/, ${join(outDir, "checkpoints")}/ and ${join(outDir, "train.json")}`);
     if (r.stopped) {
       say(`stopped at step ${r.step} with a checkpoint; rerun the same command to continue`);
-      return 130;
+      return signals.exitCode;
     }
     say(`done in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
     return 0;
@@ -160,7 +162,7 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
       return 2;
     }
     reportFailure(e, "ampipe train");
-    return signals.requested ? 130 : 1;
+    return signals.requested ? signals.exitCode : 1;
   } finally {
     signals.off();
     await run?.close();

@@ -25,6 +25,7 @@ import { costModelFor, dimsFromConfig } from "../commands/plan.ts";
 import { startConfigRun, type ControllerCliOptions } from "../commands/ping.ts";
 import { RANK_MODULE, summarizeRanks, type RankResult } from "../commands/run.ts";
 import { makeProgress, type Progress } from "../train/progress.ts";
+import { lockRunDir } from "../train/lock.ts";
 import { benchSettings, expandGrid, groupsOf, withModel, type CaseSpec, type Group } from "./grid.ts";
 import {
   CSV_FILE, RESULTS_FILE, appendResult, quartiles, readResults, referenceMoeOverlap, writeCsv, type CaseResult,
@@ -148,6 +149,7 @@ export async function benchCommand(configPath: string, o: BenchOptions, out: Pri
     if (o.cases !== undefined) cases = cases.slice(0, o.cases);
     if (cases.length === 0) throw new Error("the bench grid is empty (bench.variants, degrees, moe_overlap_degrees and planner select no case)");
     outDir = o.out ?? join(cfg.run.output_dir, "bench");
+    lockRunDir(outDir, "ampipe bench"); // held until this process exits
     if (o.fresh)
       for (const f of [MANIFEST_FILE, CALIBRATION_FILE, RESULTS_FILE, CSV_FILE, "traces"]) rmSync(join(outDir, f), { recursive: true, force: true });
     mkdirSync(join(outDir, "traces"), { recursive: true });

@@ -74,6 +74,23 @@ describe("ampipe ping (CLI)", () => {
     expect(pids.filter(alive)).toEqual([]);
   });
 
+  it("ends quietly with exit 141 when its reader goes away (| head), leaving no rank behind", async () => {
+    const cli = spawn(process.execPath, [join(root, "bin", "ampipe.js"), "ping", "--ranks", "2", "--seconds", "60", "--json"],
+      { stdio: ["ignore", "pipe", "pipe"] });
+    let stderr = "";
+    cli.stderr!.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    const exited = once(cli, "exit");
+    const [first] = (await once(createInterface({ input: cli.stdout! }), "line")) as [string];
+    const pids = (JSON.parse(first) as { results: Array<{ pid: number }> }).results.map((r) => r.pid);
+    cli.stdout!.destroy(); // the reader is gone: the next round's line meets EPIPE
+    const [code] = await exited;
+    expect(code).toBe(141);
+    expect(stderr).toBe("");
+    const end = Date.now() + 5000;
+    while (pids.some(alive) && Date.now() < end) await new Promise((r) => setTimeout(r, 50));
+    expect(pids.filter(alive)).toEqual([]);
+  });
+
   it("ranks die with the controller when it is killed with SIGKILL", async () => {
     const cli = spawn(process.execPath, [join(root, "bin", "ampipe.js"), "ping", "--ranks", "2", "--seconds", "60", "--json"],
       { stdio: ["ignore", "pipe", "ignore"] });
