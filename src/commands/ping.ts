@@ -28,6 +28,16 @@ export function nonNegative(v: string): number {
   return n;
 }
 
+/**
+ * How long a rank's collective may wait for its peers before torch.distributed fails it, per
+ * command (instead of gloo's 300 s): long enough for the work between two collectives (a ping
+ * has none; a block comparison a step; training a checkpoint write and an evaluation), and
+ * longer than the default heartbeat deadline (60 s), so that a hung rank is reported by name
+ * first. A peer that dies ends its peers' collectives at once (its connections close), and a
+ * failed run's ranks leave when the controller ends it; this is the last guard.
+ */
+export const COLLECTIVE_TIMEOUT_S: Record<string, number> = { ping: 30, run: 120, bench: 120, train: 180, compare: 180 };
+
 /** The controller's options, shared by the commands that launch ranks (ping, run). */
 export function addControllerOptions(cmd: Command): Command {
   return cmd
@@ -36,7 +46,9 @@ export function addControllerOptions(cmd: Command): Command {
     .option("--external", "do not spawn ranks: wait for ranks started by torchrun/Slurm to connect")
     .option("--heartbeat-interval <ms>", "application heartbeat interval", positiveNumber, 1000)
     .option("--heartbeat-timeout <ms>", "a rank silent this long is reported as stuck", positiveNumber, 60_000)
-    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120);
+    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120)
+    .option("--collective-timeout <s>", "seconds a rank's collective may wait for its peers (torch.distributed timeout)",
+      positiveNumber, COLLECTIVE_TIMEOUT_S[cmd.name()] ?? 120);
 }
 
 /** The ranks' options (count, device, backend, or --config), then the controller's: for commands not given a config (ping). */
@@ -68,16 +80,18 @@ export function addRunOptions(cmd: Command): Command {
 export interface RunCliOptions {
   ranks: number; device: "cpu" | "cuda" | "auto"; backend: "gloo" | "nccl" | "auto"; bind: string;
   allowRemote?: boolean; external?: boolean; heartbeatInterval: number; heartbeatTimeout: number; joinTimeout: number;
+  collectiveTimeout?: number;
 }
 
 /** The controller options of a command whose ranks come from the config's parallelism section. */
-export type ControllerCliOptions = Pick<RunCliOptions, "bind" | "allowRemote" | "external" | "heartbeatInterval" | "heartbeatTimeout" | "joinTimeout">;
+export type ControllerCliOptions = Pick<RunCliOptions, "bind" | "allowRemote" | "external" | "heartbeatInterval" | "heartbeatTimeout" | "joinTimeout" | "collectiveTimeout">;
 
 /** `startRun` for the config's ranks (world size, device, backend) with the command's controller options. */
 export function startConfigRun(par: ParallelismConfig, o: ControllerCliOptions, extra: Partial<RunOptions> = {}): Promise<RankRun> {
   return startRun({
     ranks: par.world_size, device: par.device, backend: par.backend, bind: o.bind, allowRemote: o.allowRemote, external: o.external,
     heartbeatInterval: o.heartbeatInterval, heartbeatTimeout: o.heartbeatTimeout, joinTimeout: o.joinTimeout,
+    collectiveTimeout: o.collectiveTimeout,
   }, extra);
 }
 
@@ -86,7 +100,7 @@ export async function startRun(o: RunCliOptions, extra: Partial<RunOptions> = {}
   const common: RunOptions = {
     worldSize: o.ranks, device: o.device, backend: o.backend, bind: o.bind, allowRemote: o.allowRemote,
     heartbeatIntervalMs: o.heartbeatInterval, heartbeatTimeoutMs: o.heartbeatTimeout,
-    joinTimeoutMs: o.joinTimeout * 1000,
+    joinTimeoutMs: o.joinTimeout * 1000, distTimeoutS: o.collectiveTimeout,
     onProtocolError: (src, msg) => process.stderr.write(`ampipe: rejected a message from ${src}: ${msg}\n`),
     ...extra,
   };
