@@ -78,14 +78,45 @@ describe("ampipe train", { timeout: 240_000 }, () => {
     expect(ranksOf(first.pid)).toEqual([]);
   });
 
-  it("skips a checkpoint that lost its manifest, naming it, and resumes from the one before", async () => {
+  it("skips a checkpoint that lost its manifest, or has a corrupt shard, naming it, and resumes from the one before with the uninterrupted run's losses", async () => {
     const out = join(dir, "nomanifest");
-    await ampipe(["train", configPath, "--out", out, "--steps", "8", "--set", "train.warmup_steps=2"]);
-    rmSync(join(out, "checkpoints", "step-00000008", "manifest.json"));
-    const again = await ampipe(["train", configPath, "--out", out, "--steps", "8"]);
+    const eight = ["train", configPath, "--out", out, "--steps", "8"];
+    expect((await ampipe(eight)).code).toBe(0);
+    const uninterrupted8 = trainLosses(out);
+    const step8 = join(out, "checkpoints", "step-00000008");
+    rmSync(join(step8, "manifest.json"));
+    const again = await ampipe(eight);
     expect(again.code).toBe(0);
     expect(again.stdout).toMatch(/step-00000008: no manifest\.json .*skipped/);
     expect(again.stdout).toMatch(/resumed from the checkpoint of step 4/);
+    expect(trainLosses(out)).toEqual(uninterrupted8);
+    // A shard flipped on disk: its checksum no longer matches the manifest.
+    const shard = join(step8, "rank-00001.pt");
+    const bytes = readFileSync(shard);
+    bytes[bytes.length >> 1] ^= 0xff;
+    writeFileSync(shard, bytes);
+    const third = await ampipe(eight);
+    expect(third.code).toBe(0);
+    expect(third.stdout).toMatch(/step-00000008\/rank-00001\.pt: size or sha256 does not match manifest\.json \(corrupt\); skipped/);
+    expect(third.stdout).toMatch(/resumed from the checkpoint of step 4/);
+    expect(trainLosses(out)).toEqual(uninterrupted8);
+  });
+
+  it("a checkpoint write that fails on one rank (disk full) stops the run naming the file and the errno; the previous checkpoint stays, a rerun resumes", async () => {
+    const out = join(dir, "diskfull");
+    const ran = await ampipe(["train", configPath, "--out", out], undefined, { ...process.env, AMPIPE_FAULT_CHECKPOINT: "8:1:ENOSPC" });
+    expect(ran.code).toBe(1);
+    expect(ran.stderr).toMatch(/rank 1: \S*step-00000008\/rank-00001\.pt: ENOSPC \(No space left on device\)\. Its partial files were removed; the newest checkpoint is still \S*step-00000004/);
+    expect(readdirSync(join(out, "checkpoints"))).toEqual(["step-00000004"]);
+    expect(readdirSync(join(out, "checkpoints", "step-00000004")).sort()).toEqual(["manifest.json", "rank-00000.pt", "rank-00001.pt"]);
+    expect(existsSync(join(out, "ampipe.lock"))).toBe(false);
+    expect(ranksOf(ran.pid)).toEqual([]);
+    const again = await ampipe(["train", configPath, "--out", out]);
+    expect(again.code).toBe(0);
+    expect(again.stdout).toMatch(/resumed from the checkpoint of step 4\b/);
+    await uninterrupted();
+    expect(trainLosses(out)).toEqual(trainLosses(full));
+    expect(evalLosses(out)).toEqual(evalLosses(full));
   });
 
   it("refuses a second run on the directory, naming the first; stops after the current step with a checkpoint on Ctrl-C and exits 130", async () => {
