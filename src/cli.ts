@@ -2,6 +2,16 @@
 // `register(program)`; this file only wires them together.
 import { Command } from "commander";
 
+// A reader that goes away (`ampipe bench ... | head`) ends the command quietly, as SIGPIPE ends
+// other tools: exit 141 (128 + SIGPIPE), no stack trace. Local ranks die with the controller,
+// external ones see it gone; what a run wrote stays, and rerunning resumes.
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on("error", (e: NodeJS.ErrnoException) => {
+    if (e.code !== "EPIPE") throw e;
+    process.exit(141);
+  });
+}
+
 const program = new Command("ampipe")
   .description("AMPipe: intra-block pipelining of attention and the MoE all-to-all")
   .version("0.1.0")

@@ -87,6 +87,8 @@ export class Controller {
   private readonly opts: ControllerOptions;
   private readonly ranks = new Map<number, RankState>();
   private readonly pending = new Map<number, Pending>();
+  /** Requests given up on (a fault, a shutdown): their late replies are expected, not errors. */
+  private readonly abandoned = new Set<number>();
   private readonly sendQueue: Array<{ to: Buffer; frame: Buffer; rank: number | null; critical: boolean }> = [];
   private sending = false;
   private nextId = 1;
@@ -395,6 +397,7 @@ export class Controller {
 
   private handleReply(rank: number, msg: Reply): void {
     const p = this.pending.get(msg.id);
+    if (!p && this.abandoned.delete(msg.id)) return; // a rank finishing what we gave up on
     if (!p || p.rank !== rank) {
       this.protocolError(`rank ${rank}`, `reply to unknown request #${msg.id}`);
       return;
@@ -433,6 +436,7 @@ export class Controller {
     this.failure = f;
     for (const [id, p] of this.pending) {
       this.pending.delete(id);
+      this.abandoned.add(id);
       p.reject(f);
     }
     for (const w of this.joinWaiters.splice(0)) w.reject(f);
@@ -446,15 +450,16 @@ export class Controller {
     return [...this.pending.values()].filter((p) => p.rank === rank).map((p) => p.name);
   }
 
-  /** Asks every rank that joined to exit. */
-  shutdownRanks(): void {
+  /** Asks every rank that joined to exit; `reason` says why when the run failed. */
+  shutdownRanks(reason?: string): void {
     this.stopping = true;
     for (const [id, p] of this.pending) {
       this.pending.delete(id);
+      this.abandoned.add(id);
       p.reject(new RunClosedError(`command '${p.name}' on rank ${p.rank}`));
     }
     for (const w of this.joinWaiters.splice(0)) w.reject(new RunClosedError("the ranks' start-up"));
-    for (const [rank] of this.ranks) this.enqueue(rank, { type: "shutdown" }, false);
+    for (const [rank] of this.ranks) this.enqueue(rank, reason ? { type: "shutdown", reason } : { type: "shutdown" }, false);
   }
 
   /**
@@ -478,6 +483,7 @@ export class Controller {
     const err = this.failure ?? new Error("the controller closed");
     for (const [id, p] of this.pending) {
       this.pending.delete(id);
+      this.abandoned.add(id);
       p.reject(err);
     }
     for (const w of this.joinWaiters.splice(0)) w.reject(err);

@@ -41,7 +41,8 @@ export interface Welcome {
 export interface Reject { type: "reject"; reason: string }
 export interface CommandMsg { type: "command"; id: number; name: string; args: Record<string, unknown> | null }
 export interface ControllerHeartbeat { type: "heartbeat"; seq: number }
-export interface Shutdown { type: "shutdown" }
+/** `reason`: why the run ended when it failed (the rank says what was lost and exits 4); absent on a normal end. */
+export interface Shutdown { type: "shutdown"; reason?: string }
 /** Asks the running command to stop at its next safe point (a training step): `ctx.cancel_requested`. */
 export interface Cancel { type: "cancel" }
 

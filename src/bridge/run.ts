@@ -92,7 +92,8 @@ export class RankRun {
 
   private teardown(graceMs: number): Promise<void> {
     this.teardownDone ??= (async () => {
-      this.controller.shutdownRanks();
+      // A failed run tells the ranks what was lost (an external rank prints it as it leaves).
+      this.controller.shutdownRanks(this.failure?.message.split("\n")[0]);
       await this.controller.flush(Math.min(graceMs, 500));
       if (this.processes.length) {
         const all = Promise.all(this.processes.map((p) => p.exited));

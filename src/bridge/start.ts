@@ -7,16 +7,19 @@ import { attachRanks, launchRanks, type RankRun, type RunOptions } from "./run.t
 export interface StartOptions {
   ranks: number; device: "cpu" | "cuda" | "auto"; backend: "gloo" | "nccl" | "auto"; bind: string;
   allowRemote?: boolean; external?: boolean; heartbeatInterval: number; heartbeatTimeout: number; joinTimeout: number;
+  /** Seconds a rank's collective may wait for its peers (torch.distributed's timeout). */
+  collectiveTimeout?: number;
 }
 
 /** The controller's part of `StartOptions`, for commands whose ranks come from a config. */
-export type ControllerStartOptions = Pick<StartOptions, "bind" | "allowRemote" | "external" | "heartbeatInterval" | "heartbeatTimeout" | "joinTimeout">;
+export type ControllerStartOptions = Pick<StartOptions, "bind" | "allowRemote" | "external" | "heartbeatInterval" | "heartbeatTimeout" | "joinTimeout" | "collectiveTimeout">;
 
 /** `startRun` for the config's ranks (world size, device, backend) with the command's controller options. */
 export function startConfigRun(par: ParallelismConfig, o: ControllerStartOptions, extra: Partial<RunOptions> = {}): Promise<RankRun> {
   return startRun({
     ranks: par.world_size, device: par.device, backend: par.backend, bind: o.bind, allowRemote: o.allowRemote, external: o.external,
     heartbeatInterval: o.heartbeatInterval, heartbeatTimeout: o.heartbeatTimeout, joinTimeout: o.joinTimeout,
+    collectiveTimeout: o.collectiveTimeout,
   }, extra);
 }
 
@@ -25,7 +28,7 @@ export async function startRun(o: StartOptions, extra: Partial<RunOptions> = {})
   const common: RunOptions = {
     worldSize: o.ranks, device: o.device, backend: o.backend, bind: o.bind, allowRemote: o.allowRemote,
     heartbeatIntervalMs: o.heartbeatInterval, heartbeatTimeoutMs: o.heartbeatTimeout,
-    joinTimeoutMs: o.joinTimeout * 1000,
+    joinTimeoutMs: o.joinTimeout * 1000, distTimeoutS: o.collectiveTimeout,
     onProtocolError: (src, msg) => process.stderr.write(`ampipe: rejected a message from ${src}: ${msg}\n`),
     ...extra,
   };

@@ -20,6 +20,7 @@ import { TRAIN_MODULE } from "../train/results.ts";
 import type { TuneArm } from "../train/tune.ts";
 import { startConfigRun } from "../bridge/start.ts";
 import { addControllerOptions, addTuneOptions, positiveInt, reportFailure, type ControllerCliOptions } from "./options.ts";
+import { lockRunDir } from "../train/lock.ts";
 
 export const COMPARE_MODULE = "ampipe.train.compare";
 export const COMPARE_FORMAT = "ampipe.compare";
@@ -81,6 +82,7 @@ export function prepareCompare(configPath: string, o: CompareOptions): CompareSe
     throw new CompareInputError(`train.steps: a comparison needs at least 2 steps (throughput leaves each run's first out); got ${cfg.train.steps}`);
   cfg.data.path = resolveDataset(cfg).prefix;
   const root = cfg.run.output_dir;
+  lockRunDir(root, "ampipe compare"); // held until this process exits
   if (o.fresh) for (const f of ["compare.json", "summary.md", "report.html", TUNE_FILE, "calibration.json"]) rmSync(join(root, f), { force: true });
   // The root holds the config every run shares (more seeds later extend the same comparison).
   prepareRunDir(root, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
@@ -213,7 +215,7 @@ export async function compareCommand(configPath: string, o: CompareOptions): Pro
       }
       if (results[0].stopped) {
         say(`stopped with checkpoints; rerun the same command to continue (finished seeds are kept)`);
-        return 130;
+        return signals.exitCode;
       }
     }
     const runs: SeedRuns[] = seeds.map((seed) => ({
@@ -257,7 +259,7 @@ export async function compareCommand(configPath: string, o: CompareOptions): Pro
       return 1;
     }
     reportFailure(e, "ampipe compare");
-    return signals.requested ? 130 : 1;
+    return signals.requested ? signals.exitCode : 1;
   } finally {
     signals.off();
     await run?.close();

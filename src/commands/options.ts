@@ -26,6 +26,16 @@ export type RunCliOptions = StartOptions;
 /** The controller options of a command whose ranks come from the config's parallelism section. */
 export type ControllerCliOptions = ControllerStartOptions;
 
+/**
+ * How long a rank's collective may wait for its peers before torch.distributed fails it, per
+ * command (instead of gloo's 300 s): long enough for the work between two collectives (a ping
+ * has none; a block comparison a step; training a checkpoint write and an evaluation), and
+ * longer than the default heartbeat deadline (60 s), so that a hung rank is reported by name
+ * first. A peer that dies ends its peers' collectives at once (its connections close), and a
+ * failed run's ranks leave when the controller ends it; this is the last guard.
+ */
+export const COLLECTIVE_TIMEOUT_S: Record<string, number> = { ping: 30, run: 120, bench: 120, train: 180, compare: 180 };
+
 /** The controller's options, shared by the commands that launch ranks (ping, run). */
 export function addControllerOptions(cmd: Command): Command {
   return cmd
@@ -34,7 +44,9 @@ export function addControllerOptions(cmd: Command): Command {
     .option("--external", "do not spawn ranks: wait for ranks started by torchrun/Slurm to connect")
     .option("--heartbeat-interval <ms>", "application heartbeat interval", positiveNumber, 1000)
     .option("--heartbeat-timeout <ms>", "a rank silent this long is reported as stuck", positiveNumber, 60_000)
-    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120);
+    .option("--join-timeout <s>", "seconds to wait for all ranks to join", positiveNumber, 120)
+    .option("--collective-timeout <s>", "seconds a rank's collective may wait for its peers (torch.distributed timeout)",
+      positiveNumber, COLLECTIVE_TIMEOUT_S[cmd.name()] ?? 120);
 }
 
 /** The ranks' options (count, device, backend, or --config), then the controller's: for commands not given a config (ping). */

@@ -2,7 +2,7 @@
 // (pipeline.degree 1) or the pipelined block (the planner's plan, or --plan), and watch it:
 // a live progress bar, metrics.jsonl, TensorBoard events, checkpoints (docs/train.md).
 // Rerunning the same command resumes from the newest complete checkpoint; --fresh starts over;
-// Ctrl-C stops every rank after the current step, with a checkpoint, and exits 130.
+// Ctrl-C (SIGTERM) stops every rank after the current step, with a checkpoint, and exits 130 (143).
 import { join, resolve } from "node:path";
 import { Command } from "commander";
 import { CommandError, type RankEvent, type RankRun } from "../bridge/index.ts";
@@ -42,7 +42,7 @@ const DEFAULT_PROFILE_STEPS = 3;
 
 const fmt = (v: unknown, digits = 4) => (typeof v === "number" ? (Math.abs(v) >= 1000 ? v.toFixed(0) : v.toFixed(digits)) : String(v));
 
-/** Runs `ampipe train`; returns the exit code (0 done, 1 failed, 2 bad input, 130 stopped by Ctrl-C). */
+/** Runs `ampipe train`; returns the exit code (0 done, 1 failed, 2 bad input, 130/143 stopped by Ctrl-C/SIGTERM). */
 export async function trainCommand(configPath: string, o: TrainOptions): Promise<number> {
   const t0 = performance.now();
   const say = (s: string) => process.stdout.write(s + "\n");
@@ -145,7 +145,7 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
     say(`wrote ${join(outDir, "metrics.jsonl")}, ${join(outDir, "tb")}/, ${join(outDir, "checkpoints")}/ and ${join(outDir, "train.json")}`);
     if (r.stopped) {
       say(`stopped at step ${r.step} with a checkpoint; rerun the same command to continue`);
-      return 130;
+      return signals.exitCode;
     }
     say(`done in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
     return 0;
@@ -156,7 +156,7 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
       return 2;
     }
     reportFailure(e, "ampipe train");
-    return signals.requested ? 130 : 1;
+    return signals.requested ? signals.exitCode : 1;
   } finally {
     signals.off();
     await run?.close();

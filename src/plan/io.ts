@@ -1,5 +1,5 @@
 // Reading and writing plan files. Plans are written with one op per line so that they diff well.
-import { mkdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
+import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { validatePlan } from "./check.ts";
 import type { Plan } from "./ir.ts";
@@ -41,14 +41,46 @@ export function readPlan(path: string): Plan {
 }
 
 /**
- * Writes a file whole or not at all (a temporary file renamed over the target), creating its
- * folder: a reader never sees half a plan, and an interrupted run leaves the old file.
+ * Writes a file whole or not at all, creating its folder: a reader never sees half a plan, and
+ * an interrupted run (or a crash of the machine) leaves the old file. As Python's
+ * `ampipe.atomic`: a temporary file in the same folder, fsynced, renamed over the target, then
+ * the folder fsynced so that the rename itself is on disk. A failure removes the temporary file.
  */
 export function writeFileAtomic(path: string, text: string): void {
-  mkdirSync(dirname(path), { recursive: true });
+  const dir = dirname(path);
+  mkdirSync(dir, { recursive: true });
   const tmp = `${path}.tmp-${process.pid}`;
-  writeFileSync(tmp, text);
-  renameSync(tmp, path);
+  try {
+    const fd = openSync(tmp, "w");
+    try {
+      writeFileSync(fd, text);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, path);
+  } catch (e) {
+    rmSync(tmp, { force: true });
+    throw e;
+  }
+  fsyncDir(dir);
+}
+
+/** fsync of a folder (where the platform allows opening one: not on Windows). */
+export function fsyncDir(dir: string): void {
+  let fd: number;
+  try {
+    fd = openSync(dir, "r");
+  } catch {
+    return;
+  }
+  try {
+    fsyncSync(fd);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "EISDIR" && (e as NodeJS.ErrnoException).code !== "EINVAL") throw e;
+  } finally {
+    closeSync(fd);
+  }
 }
 
 export function writePlan(path: string, plan: Plan): void {

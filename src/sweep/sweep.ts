@@ -26,6 +26,7 @@ import { planBlock } from "../plan/planner.ts";
 import { RANK_MODULE, RankResultSchema, replayTrace, summarizeRanks, type RankResult } from "../run/run-block.ts";
 import { bandwidthForRatio, baselineDelayMs, emulatedLabel } from "./emulation.ts";
 import { benchSettings, expandGrid, groupsOf, withModel, type CaseSpec, type Group } from "./grid.ts";
+import { lockRunDir } from "../train/lock.ts";
 import {
   CSV_FILE, RESULTS_FILE, appendResult, quartiles, readResults, referenceMoeOverlap, writeCsv, type CaseResult,
 } from "./results.ts";
@@ -134,6 +135,7 @@ export class Sweep {
     if (o.cases !== undefined) cases = cases.slice(0, o.cases);
     if (cases.length === 0) throw new Error("the bench grid is empty (bench.variants, degrees, moe_overlap_degrees and planner select no case)");
     const outDir = o.out ?? join(cfg.run.output_dir, "bench");
+    lockRunDir(outDir, "ampipe bench"); // held until this process exits
     if (o.fresh)
       for (const f of [MANIFEST_FILE, CALIBRATION_FILE, RESULTS_FILE, CSV_FILE, "traces"]) rmSync(join(outDir, f), { recursive: true, force: true });
     mkdirSync(join(outDir, "traces"), { recursive: true });

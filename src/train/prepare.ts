@@ -5,6 +5,7 @@ import { loadConfig } from "../config/index.ts";
 import type { Plan } from "../plan/ir.ts";
 import { chooseBlock, type ChooseOptions } from "./choose.ts";
 import { resolveDataset } from "./dataset.ts";
+import { lockRunDir } from "./lock.ts";
 import { prepareRunDir } from "./rundir.ts";
 import type { TuneArm } from "./tune.ts";
 
@@ -37,6 +38,7 @@ export function prepareTraining(configPath: string, o: PrepareOptions): TrainSet
   cfg.data.path = data.prefix;
   if (data.built) process.stdout.write(`built the default dataset ${data.prefix} (Brown Corpus, ${cfg.data.tokenizer} tokenizer) in ${data.seconds.toFixed(1)} s\n`);
   const outDir = cfg.run.output_dir;
+  lockRunDir(outDir, "ampipe train"); // held until this process exits
   const resuming = prepareRunDir(outDir, cfg as unknown as Record<string, unknown>, o.fresh ?? false);
   const choice = chooseBlock(cfg, o, outDir, resuming);
   return { cfg, outDir, plan: choice.plan, planSource: choice.source, resuming, tune: choice.tune, bestCandidate: choice.bestCandidate };

@@ -11,13 +11,22 @@ Every file is written atomically (`ampipe.atomic`). A checkpoint folder without 
 (a run killed while saving) or with a shard whose size or checksum does not match is refused,
 named, and the previous one is tried; every rank must accept the same checkpoint (decided
 collectively), so ranks on machines without a shared file system still agree.
+
+A write that fails (disk full, permission, I/O error) on any rank fails the save on every rank
+(the ranks learn it at the gather that carries the shards' checksums, so none is left waiting):
+each removes what it wrote of that step, the folder goes if nothing else is in it, and
+`CheckpointError` names the file and the errno. The previous checkpoint is untouched, so a
+rerun resumes from it. ``AMPIPE_FAULT_CHECKPOINT=STEP:RANK:ERRNO`` (e.g. ``8:1:ENOSPC``) makes
+that rank's shard write of that step fail so, to try the path (the fault tests use it).
 """
 
 from __future__ import annotations
 
+import errno as errno_codes
 import hashlib
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,31 +66,97 @@ def dist_backend_is_nccl() -> bool:
     return _dist() and dist.get_backend() == "nccl"
 
 
+FAULT_ENV = "AMPIPE_FAULT_CHECKPOINT"
+
+
+def _injected_fault(step: int, rank: int, path: Path) -> OSError | None:
+    """The write failure ``AMPIPE_FAULT_CHECKPOINT=STEP:RANK:ERRNO`` asks for at this shard, if any."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    try:
+        s, r, name = spec.split(":")
+        code = getattr(errno_codes, name)
+        if int(s) != step or int(r) != rank:
+            return None
+    except (ValueError, AttributeError):
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected STEP:RANK:ERRNO, e.g. 8:1:ENOSPC") from None
+    return OSError(code, os.strerror(code), str(path))
+
+
+def _why(e: OSError, path: Path) -> str:
+    """'<path>: ENOSPC (No space left on device)' for the file we meant to write."""
+    name = errno_codes.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else type(e).__name__
+    return f"{path}: {name} ({e.strerror or e})"
+
+
+def _gather(value: Any, world_size: int) -> list[Any]:
+    """Every rank's `value`, in rank order (also a barrier)."""
+    if not (_dist() and world_size > 1):
+        return [value]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _undo_if_failed(failures: list[str | None], d: Path, step: int, written: list[Path]) -> None:
+    """When any rank failed: remove what this rank wrote of this step (and the folder, once empty),
+    then raise CheckpointError naming every failed write and the checkpoint that is kept."""
+    failed = [f"rank {r}: {f}" for r, f in enumerate(failures) if f]
+    if not failed:
+        return
+    for p in written:
+        p.unlink(missing_ok=True)
+    try:
+        d.rmdir()  # the last rank to clean up removes it (on a shared file system)
+    except OSError:
+        pass
+    root = d.parent
+    kept = sorted((p.name for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()
+                   and p.name < d.name), reverse=True) if root.is_dir() else []
+    kept_text = (f"the newest checkpoint is still {root / kept[0]} (a rerun resumes from it)" if kept
+                 else "there is no earlier checkpoint (a rerun starts from step 0)")
+    raise CheckpointError(f"the checkpoint of step {step} could not be written: {'; '.join(failed)}. "
+                          f"Its partial files were removed; {kept_text}")
+
+
 def save_checkpoint(run_dir: Path, step: int, shard: dict[str, Any], *, rank: int, world_size: int,
                     layout: dict[str, Any]) -> Path:
     """Writes this rank's shard, then (once every rank's shard is on disk) the manifest.
 
     Collective when torch.distributed is initialised (every rank must call it for the same step).
+    A failed write on any rank raises `CheckpointError` on every rank (see the module docstring).
     """
     d = checkpoint_dir(run_dir, step)
-    d.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(shard, buf)
-    data = buf.getvalue()
-    write_bytes_atomic(d / _shard_name(rank), data)
-    entry = {"file": _shard_name(rank), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    entries: list[Any] = [None] * world_size
-    if _dist() and world_size > 1:
-        dist.all_gather_object(entries, entry)
-    else:
-        entries = [entry]
+    shard_path = d / _shard_name(rank)
+    entry, failure = None, None
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(shard, buf)
+        data = buf.getvalue()
+        fault = _injected_fault(step, rank, shard_path)
+        if fault is not None:
+            raise fault
+        write_bytes_atomic(shard_path, data)
+        entry = {"file": _shard_name(rank), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    except OSError as e:
+        failure = _why(e, shard_path)
+    except Exception as e:  # noqa: BLE001 - the other ranks must hear of it at the gather, not hang there
+        failure = f"{shard_path}: {type(e).__name__}: {e}"
+    gathered = _gather({"entry": entry, "failure": failure}, world_size)
+    _undo_if_failed([g["failure"] for g in gathered], d, step, [shard_path])
     # Every rank writes the (same) manifest, after every shard is on disk: ranks on machines
     # without a shared file system each find it beside their own shard.
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
-                "layout": layout, "shards": {str(r): e for r, e in enumerate(entries)}}
-    write_bytes_atomic(d / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    if _dist() and world_size > 1:
-        dist.barrier()  # nobody moves on (or is killed with a half-known state) before the manifest
+                "layout": layout, "shards": {str(r): g["entry"] for r, g in enumerate(gathered)}}
+    failure = None
+    try:
+        write_bytes_atomic(d / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    except OSError as e:
+        failure = _why(e, d / MANIFEST)
+    # Nobody moves on (or is killed with a half-known state) before every manifest is written.
+    _undo_if_failed(_gather(failure, world_size), d, step, [d / MANIFEST, shard_path])
     return d
 
 

@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 from .commands import CommandContext
 
-__all__ = ["POLL_S", "run_beside_heartbeats"]
+__all__ = ["COMMAND_THREAD_NAME", "POLL_S", "run_beside_heartbeats"]
+
+COMMAND_THREAD_NAME = "ampipe-command"
 
 # How often the main thread wakes to heartbeat and forward events while the work runs.
 POLL_S = 0.1
@@ -35,7 +37,7 @@ def run_beside_heartbeats(ctx: CommandContext, timeout_s: float, fn: Callable[[]
         except BaseException as e:  # noqa: BLE001 - handed to the main thread as is
             box.put(("error", e))
 
-    worker = threading.Thread(target=target, name="ampipe-command", daemon=True)
+    worker = threading.Thread(target=target, name=COMMAND_THREAD_NAME, daemon=True)
     worker.start()
     deadline = time.monotonic() + timeout_s
     while True:

@@ -31,6 +31,7 @@ EXIT_OK = 0
 EXIT_FATAL = 1  # a failure during start-up (imports, torch.distributed)
 EXIT_REJECTED = 2  # the controller refused the handshake
 EXIT_CONTROLLER_LOST = 3  # the controller went silent or away
+EXIT_RUN_ENDED = 4  # the controller ended the run (a fault elsewhere, a second Ctrl-C) while a command ran
 
 _THREAD_QUEUE_MAX = 10_000  # events from other threads waiting for the main thread
 _BATCH_MAX = 256
@@ -145,6 +146,12 @@ class Worker:
         self.deferred: collections.deque[dict[str, Any]] = collections.deque()
         self.max_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.context = _Context(self, settings.rank, settings.world_size, settings.local_rank)
+        # The controller's liveness: when it was last heard, and when the connection to it
+        # dropped (a ZeroMQ monitor event; None while connected).
+        self.last_heard = time.monotonic()
+        self.disconnected_since: float | None = None
+        self.running: str | None = None  # the command running now
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
 
     # -- sending ------------------------------------------------------------------------
     def send(self, msg: dict[str, Any]) -> None:
@@ -230,13 +237,16 @@ class Worker:
         if not self.sock.poll(max(0, int(timeout_s * 1000))):
             return None
         frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        self.last_heard = time.monotonic()
         if len(frames) != 1:
             raise ProtocolError(f"expected 1 frame, got {len(frames)}")
         return decode(frames[0], self.max_bytes)
 
     def poll_control(self) -> None:
         """During a command (main thread): reads what the controller sent without waiting.
-        `cancel` (or `shutdown`) sets `cancelled`; everything else waits for `serve`."""
+        `cancel` sets `cancelled`; everything else waits for `serve`. A `shutdown` (the
+        controller gave up on the run) or a lost controller ends the rank now: the command may
+        be inside a collective that waits for a rank that is gone (`abandon`)."""
         while True:
             try:
                 msg = self._recv(0)
@@ -244,13 +254,61 @@ class Worker:
                 self._protocol_error(str(e))
                 continue
             if msg is None:
-                return
+                break
             if msg["type"] == "heartbeat":
                 continue  # the controller is alive; nothing to keep
-            if msg["type"] in ("cancel", "shutdown"):
+            if msg["type"] == "shutdown":
+                why = f" ({msg['reason']})" if msg.get("reason") else ""
+                self.abandon(EXIT_RUN_ENDED, f"the controller ended the run while {self.running!r} was running{why}")
+            if msg["type"] == "cancel":
                 self.cancelled.set()
-            if msg["type"] != "cancel":
+            else:
                 self.deferred.append(msg)
+        lost = self.controller_lost()
+        if lost:
+            self.abandon(EXIT_CONTROLLER_LOST, f"controller lost while {self.running!r} was running: {lost}")
+
+    def controller_lost(self) -> str | None:
+        """Why the controller counts as gone, or None. Gone: its connection dropped and did not
+        come back within the grace (a killed controller's host refuses the reconnects), or
+        nothing came from it for the heartbeat timeout (a hung one)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor.poll(0):
+            ev = recv_monitor_message(self.monitor)["event"]
+            if ev == zmq.EVENT_DISCONNECTED:
+                self.disconnected_since = self.disconnected_since or time.monotonic()
+            elif ev == zmq.EVENT_CONNECTED:
+                self.disconnected_since = None
+        now = time.monotonic()
+        if self.disconnected_since is not None and now - self.disconnected_since > self.disconnect_grace_s:
+            return (f"the connection to {self.s.endpoint} dropped {now - self.disconnected_since:.1f} s ago "
+                    f"and did not come back")
+        if now - self.last_heard > self.hb_timeout:
+            return f"nothing from the controller for {now - self.last_heard:.1f} s (deadline {self.hb_timeout:.1f} s)"
+        return None
+
+    @property
+    def disconnect_grace_s(self) -> float:
+        """How long a dropped connection may take to come back (a network blip) before the
+        controller counts as gone: a few heartbeats, at least 2 s, at most the heartbeat timeout."""
+        return min(self.hb_timeout, max(2.0, 3 * self.hb_interval))
+
+    def abandon(self, code: int, why: str) -> None:
+        """Leaves now, from the main thread, while the command's thread may be stuck in a
+        collective: says why, aborts the process groups, exits with `code` without Python's
+        clean-up (which would wait for, or abort on, that thread). Never returns."""
+        if not os.environ.get("AMPIPE_PARENT_PID"):  # a local rank's controller reports the cause itself
+            print(f"ampipe rank {self.s.rank}: {why}; aborting the process group and exiting ({code})",
+                  file=sys.stderr, flush=True)
+        self._send_nowait(encode({"type": "bye", "reason": why}))
+        _abort_process_groups()
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:  # noqa: BLE001 - leaving anyway
+                pass
+        os._exit(code)
 
     def _protocol_error(self, message: str) -> None:
         print(f"ampipe rank {self.s.rank}: rejected a message from the controller: {message}", file=sys.stderr)
@@ -335,16 +393,22 @@ class Worker:
                 continue
             now = time.monotonic()
             if msg is None:
-                if now - last_heard > self.hb_timeout:
-                    raise ControllerLost(f"nothing from the controller for {now - last_heard:.1f} s "
-                                         f"(deadline {self.hb_timeout:.1f} s)")
+                self.last_heard = max(self.last_heard, last_heard)
+                lost = self.controller_lost()
+                if lost:
+                    raise ControllerLost(lost)
                 continue
             last_heard = now
             kind = msg["type"]
             if kind == "command":
                 self._run_command(msg)
-                last_heard = time.monotonic()  # we were not listening while it ran
+                last_heard = self.last_heard = time.monotonic()  # we were not listening while it ran
             elif kind == "shutdown":
+                if msg.get("reason"):  # the run failed elsewhere: say what was lost
+                    if not os.environ.get("AMPIPE_PARENT_PID"):
+                        print(f"ampipe rank {self.s.rank}: the controller ended the run ({msg['reason']})",
+                              file=sys.stderr, flush=True)
+                    return EXIT_RUN_ENDED
                 return EXIT_OK
             elif kind == "cancel":
                 pass  # nothing is running: nothing to stop
@@ -362,6 +426,7 @@ class Worker:
                 "traceback": ""}}
         else:
             self.busy = cid
+            self.running = name
             self.cancelled.clear()
             try:
                 result = handler(msg.get("args") or {}, self.context)
@@ -372,12 +437,15 @@ class Worker:
                     "type": type(e).__name__, "message": f"{e}", "traceback": traceback.format_exc()}}
             finally:
                 self.busy = None
+                self.running = None
         reply["elapsed_s"] = time.perf_counter() - t0
         self.flush_events()
         self.send(reply)
 
     def close(self, reason: str) -> None:
         self._send_nowait(encode({"type": "bye", "reason": reason}))
+        if _command_threads():
+            return  # a command's thread is still inside torch: `run` leaves without clean-up
         try:
             import torch.distributed as dist
 
@@ -385,8 +453,40 @@ class Worker:
                 dist.destroy_process_group()
         except Exception:
             pass
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         self.sock.close(linger=0)
         self.ctx_zmq.term()
+
+
+def _command_threads() -> list[threading.Thread]:
+    """Helper threads of commands still running (one that outlived its command's timeout)."""
+    from ampipe.worker.background import COMMAND_THREAD_NAME
+
+    return [t for t in threading.enumerate() if t.name == COMMAND_THREAD_NAME and t.is_alive()]
+
+
+def _abort_process_groups(timeout_s: float = 2.0) -> None:
+    """Aborts every process group (NCCL frees its communicators; for gloo, as of torch 2.13, it
+    does not interrupt a running collective, and the exit that follows closes the connections,
+    which ends the peers' collectives at once). Bounded: an abort that hangs is left behind."""
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+    except Exception:  # noqa: BLE001
+        return
+
+    def abort() -> None:
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception:  # noqa: BLE001 - leaving anyway
+            pass
+
+    t = threading.Thread(target=abort, name="ampipe-abort", daemon=True)
+    t.start()
+    t.join(timeout_s)
 
 
 def _die_with_parent() -> None:
@@ -453,3 +553,11 @@ def run(settings: WorkerSettings) -> int:
         root.removeHandler(log_handler)
         root.removeHandler(stderr_handler)
         worker.close(reason)
+        if _command_threads():
+            # A command's thread (past its timeout) is still running, maybe inside a collective:
+            # Python's clean-up would wait for it or abort (see ampipe.pipeline.streams).
+            print(f"ampipe rank {settings.rank}: a command was still running at exit ({', '.join(t.name for t in _command_threads())}); "
+                  "exiting without clean-up", file=sys.stderr, flush=True)
+            _abort_process_groups()
+            sys.stdout.flush()
+            os._exit(code)

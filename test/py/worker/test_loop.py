@@ -242,3 +242,47 @@ def test_cancel_stops_a_long_command_and_later_messages_wait_for_it(controller):
     assert m["id"] == 3 and m["ok"] and m["result"]["steps"] > 0
     controller.send(ident, {"type": "shutdown"})
     assert p.wait(timeout=20) == 0
+
+
+def _running_in_background(controller, **welcome):
+    """A rank (external: no AMPIPE_PARENT_PID) running a long command on its helper thread."""
+    p = controller.spawn(PYTHONPATH=f"{REPO / 'py'}:{Path(__file__).parent}", AMPIPE_PARENT_PID="")
+    ident, _ = controller.recv()
+    controller.welcome(ident, imports=["worker_test_commands"], **welcome)
+    controller.recv()  # ready
+    controller.send(ident, {"type": "command", "id": 1, "name": "test_until_cancelled", "args": {}})
+    _, m = controller.recv()
+    assert m["type"] == "events" and m["items"][0]["kind"] == "progress", m
+    return p, ident
+
+
+def test_shutdown_during_a_command_ends_the_rank_at_once_naming_why(controller):
+    """The controller gave up on the run (a rank died): the command's thread may be inside a
+    collective that never ends, so the rank leaves now, exit 4, saying what was lost."""
+    p, ident = _running_in_background(controller)
+    controller.send(ident, {"type": "shutdown", "reason": "rank 1 (pid 42 on h) was killed by SIGKILL"})
+    assert p.wait(timeout=20) == 4
+    err = p.stderr.read()
+    assert ("ampipe rank 0: the controller ended the run while 'test_until_cancelled' was running "
+            "(rank 1 (pid 42 on h) was killed by SIGKILL); aborting the process group and exiting (4)") in err, err
+
+
+def test_a_failed_runs_shutdown_between_commands_exits_4_naming_why(controller):
+    p = controller.spawn(AMPIPE_PARENT_PID="")
+    ident, _ = controller.recv()
+    controller.welcome(ident)
+    controller.recv()  # ready
+    controller.send(ident, {"type": "shutdown", "reason": "rank 1 (pid 42 on h) disconnected"})
+    assert p.wait(timeout=20) == 4
+    assert "ampipe rank 0: the controller ended the run (rank 1 (pid 42 on h) disconnected)" in p.stderr.read()
+
+
+def test_controller_gone_during_a_command_ends_the_rank_within_the_grace(controller):
+    """The controller's socket closes (its process died): the connection drops and does not
+    come back, so the rank leaves after the grace (a few heartbeats), long before its
+    heartbeat deadline (60 s here), exit 3."""
+    p, _ = _running_in_background(controller, heartbeat_interval_s=0.2, heartbeat_timeout_s=60.0)
+    controller.sock.close(0)
+    assert p.wait(timeout=30) == 3
+    err = p.stderr.read()
+    assert "controller lost while 'test_until_cancelled' was running: the connection to tcp://127.0.0.1:" in err, err

@@ -60,3 +60,29 @@ def until_cancelled(args, ctx):
         return {"steps": steps}
 
     return run_beside_heartbeats(ctx, 30.0, work)
+
+
+@command("test_collectives")
+def collectives(args, ctx):
+    """all_reduce after all_reduce on a helper thread (as training does) for ``seconds``, by the
+    ranks in ``ranks`` (default: all; a rank left out leaves the others waiting in theirs).
+    Emits ``progress`` once the first one is done."""
+    import time
+
+    import torch.distributed as dist
+
+    from ampipe.worker.background import run_beside_heartbeats
+
+    def work():
+        n, end = 0, time.monotonic() + float(args.get("seconds", 30))
+        if ctx.rank not in args.get("ranks", range(ctx.world_size)):
+            return {"collectives": 0}
+        while time.monotonic() < end and not ctx.cancel_requested:
+            t = torch.ones(1)
+            dist.all_reduce(t)
+            n += 1
+            if n == 1:
+                ctx.emit("progress", stage="collectives")
+        return {"collectives": n}
+
+    return run_beside_heartbeats(ctx, 600.0, work)

@@ -2,7 +2,7 @@
 // and only lets ranks with this run's token join.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Dealer } from "zeromq";
-import { checkBindAddress, Controller, encode, PROTOCOL_VERSION } from "../../../src/bridge/index.ts";
+import { checkBindAddress, Controller, encode, PROTOCOL_VERSION, RankFailure } from "../../../src/bridge/index.ts";
 import { decodeValue } from "../../../src/bridge/codec.ts";
 import { launchQuiet, processesOfRun } from "./helpers.ts";
 
@@ -112,5 +112,48 @@ describe("binding and tokens", () => {
     expect(a.token).not.toBe(run.controller.token);
     a.close();
     b.close();
+  });
+});
+
+describe("late replies", () => {
+  it("rejects a reply to a request it never sent, but not one it gave up on (a fault, a shutdown)", async () => {
+    const errors: string[] = [];
+    const c = new Controller({ worldSize: 1, dist: null, heartbeatIntervalMs: 100, heartbeatTimeoutMs: 30_000 });
+    c.onProtocolError((s, m) => errors.push(`${s}: ${m}`));
+    await c.start();
+    const d = new Dealer({ linger: 0, routingId: "rank-0", receiveTimeout: 5000 });
+    d.connect(c.endpoint);
+    const next = async (type: string) => {
+      for (;;) {
+        const m = decodeValue((await d.receive())[0]) as Record<string, unknown>;
+        if (m.type === type) return m;
+      }
+    };
+    try {
+      await d.send(encode({ type: "hello", v: PROTOCOL_VERSION, token: c.token, rank: 0, world_size: 1, local_rank: 0,
+        pid: 4242, host: "fake", python: "3", torch: "2" }));
+      await next("welcome");
+      await d.send(encode({ type: "ready", commands: ["work"], device: "cpu", backend: null }));
+      await c.waitForRanks(5000);
+      const pending = c.request(0, "work");
+      const { id } = (await next("command")) as { id: number };
+      // While the run goes on, a reply to an id never sent is an error, and the request stays pending.
+      await d.send(encode({ type: "reply", id: id + 100, ok: true, result: null }));
+      const end = Date.now() + 5000;
+      while (!errors.length && Date.now() < end) await new Promise((r) => setTimeout(r, 10));
+      expect(errors).toEqual([`rank 0: reply to unknown request #${id + 100}`]);
+      // A fault elsewhere fails the request; the rank, being torn down, still answers it: expected, not printed.
+      c.fault(new RankFailure("rank 1 was killed (in the test)", 1, "exited"));
+      await expect(pending).rejects.toThrow(/rank 1 was killed/);
+      await d.send(encode({ type: "reply", id, ok: true, result: null }));
+      await d.send(encode({ type: "heartbeat", seq: 1, busy: null, dropped: 0, events: 0 })); // handled after the reply
+      const hbEnd = Date.now() + 5000;
+      while (c.rankStats(0)!.lastHeartbeatSeq !== 1 && Date.now() < hbEnd) await new Promise((r) => setTimeout(r, 10));
+      expect(c.rankStats(0)!.lastHeartbeatSeq).toBe(1);
+      expect(errors).toHaveLength(1);
+    } finally {
+      d.close();
+      c.close();
+    }
   });
 });

@@ -68,6 +68,8 @@ describe("ampipe train", { timeout: 240_000 }, () => {
     const again = await ampipe(["train", configPath, "--out", out]);
     expect(again.stderr).toBe("");
     expect(again.code).toBe(0);
+    // The killed controller's lock is stale: taken over, saying whose it was.
+    expect(again.stdout).toMatch(new RegExp(`ampipe train: took over .* from a run that is gone \\(pid ${first.pid} on `));
     await uninterrupted();
     const from = Number(/resumed from the checkpoint of step (\d+)/.exec(again.stdout)?.[1]);
     expect([4, 8, 12, 16, 20]).toContain(from); // killed at step 6 or soon after, before the end
@@ -76,32 +78,94 @@ describe("ampipe train", { timeout: 240_000 }, () => {
     expect(ranksOf(first.pid)).toEqual([]);
   });
 
-  it("skips a checkpoint that lost its manifest, naming it, and resumes from the one before", async () => {
+  it("skips a checkpoint that lost its manifest, or has a corrupt shard, naming it, and resumes from the one before with the uninterrupted run's losses", async () => {
     const out = join(dir, "nomanifest");
-    await ampipe(["train", configPath, "--out", out, "--steps", "8", "--set", "train.warmup_steps=2"]);
-    rmSync(join(out, "checkpoints", "step-00000008", "manifest.json"));
-    const again = await ampipe(["train", configPath, "--out", out, "--steps", "8"]);
+    const eight = ["train", configPath, "--out", out, "--steps", "8"];
+    expect((await ampipe(eight)).code).toBe(0);
+    const uninterrupted8 = trainLosses(out);
+    const step8 = join(out, "checkpoints", "step-00000008");
+    rmSync(join(step8, "manifest.json"));
+    const again = await ampipe(eight);
     expect(again.code).toBe(0);
     expect(again.stdout).toMatch(/step-00000008: no manifest\.json .*skipped/);
     expect(again.stdout).toMatch(/resumed from the checkpoint of step 4/);
+    expect(trainLosses(out)).toEqual(uninterrupted8);
+    // A shard flipped on disk: its checksum no longer matches the manifest.
+    const shard = join(step8, "rank-00001.pt");
+    const bytes = readFileSync(shard);
+    bytes[bytes.length >> 1] ^= 0xff;
+    writeFileSync(shard, bytes);
+    const third = await ampipe(eight);
+    expect(third.code).toBe(0);
+    expect(third.stdout).toMatch(/step-00000008\/rank-00001\.pt: size or sha256 does not match manifest\.json \(corrupt\); skipped/);
+    expect(third.stdout).toMatch(/resumed from the checkpoint of step 4/);
+    expect(trainLosses(out)).toEqual(uninterrupted8);
   });
 
-  it("stops after the current step with a checkpoint on Ctrl-C and exits 130", async () => {
+  it("a checkpoint write that fails on one rank (disk full) stops the run naming the file and the errno; the previous checkpoint stays, a rerun resumes", async () => {
+    const out = join(dir, "diskfull");
+    const ran = await ampipe(["train", configPath, "--out", out], undefined, { AMPIPE_FAULT_CHECKPOINT: "8:1:ENOSPC" });
+    expect(ran.code).toBe(1);
+    expect(ran.stderr).toMatch(/rank 1: \S*step-00000008\/rank-00001\.pt: ENOSPC \(No space left on device\)\. Its partial files were removed; the newest checkpoint is still \S*step-00000004/);
+    expect(readdirSync(join(out, "checkpoints"))).toEqual(["step-00000004"]);
+    expect(readdirSync(join(out, "checkpoints", "step-00000004")).sort()).toEqual(["manifest.json", "rank-00000.pt", "rank-00001.pt"]);
+    expect(existsSync(join(out, "ampipe.lock"))).toBe(false);
+    expect(ranksOf(ran.pid)).toEqual([]);
+    const again = await ampipe(["train", configPath, "--out", out]);
+    expect(again.code).toBe(0);
+    expect(again.stdout).toMatch(/resumed from the checkpoint of step 4\b/);
+    await uninterrupted();
+    expect(trainLosses(out)).toEqual(trainLosses(full));
+    expect(evalLosses(out)).toEqual(evalLosses(full));
+  });
+
+  it("refuses a second run on the directory, naming the first; stops after the current step with a checkpoint on Ctrl-C and exits 130", async () => {
     const out = join(dir, "interrupted");
-    const ran = await ampipe(["train", configPath, "--out", out, "--steps", "400", "--set", "train.checkpoint_interval=1000"], (pid) => {
+    const args = ["train", configPath, "--out", out, "--steps", "400", "--set", "train.checkpoint_interval=1000"];
+    let second: Ran | undefined;
+    const ran = await ampipe(args, (pid) => {
       const timer = setInterval(() => {
         if (!reached(out, 3)) return;
         clearInterval(timer);
-        process.kill(pid, "SIGINT");
+        // A second run on the same directory while the first trains: refused at once.
+        void ampipe(args).then((r) => { second = r; process.kill(pid, "SIGINT"); });
       }, 20);
     });
+    expect(second!.code).toBe(2);
+    expect(second!.stderr).toMatch(new RegExp(`${out.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")} is in use by another run: pid ${ran.pid} on .*, \`ampipe train .*--steps 400.*\`, since \\d{4}-`));
+    expect(second!.stdout).not.toMatch(/ranks ready/);
     expect(ran.stderr).toMatch(/SIGINT: stopping after the current step, with a checkpoint/);
     expect(ran.code).toBe(130);
+    expect(existsSync(join(out, "ampipe.lock"))).toBe(false); // released at exit
     const step = Number(/stopped at step (\d+) with a checkpoint/.exec(ran.stdout)?.[1]);
     expect(step).toBeGreaterThanOrEqual(3);
     expect(existsSync(join(out, "checkpoints", `step-${String(step).padStart(8, "0")}`, "manifest.json"))).toBe(true);
     expect(Math.max(...metrics(out).map((l) => l.step))).toBe(step);
     expect(ranksOf(ran.pid)).toEqual([]);
+  });
+
+  it("stops after the current step with a checkpoint on SIGTERM and exits 143; a rerun resumes with the uninterrupted run's losses", async () => {
+    const out = join(dir, "terminated");
+    const ran = await ampipe(["train", configPath, "--out", out], (pid) => {
+      const timer = setInterval(() => {
+        if (!reached(out, 3)) return;
+        clearInterval(timer);
+        process.kill(pid, "SIGTERM");
+      }, 20);
+    });
+    expect(ran.stderr).toMatch(/SIGTERM: stopping after the current step, with a checkpoint/);
+    expect(ran.code).toBe(143);
+    const step = Number(/stopped at step (\d+) with a checkpoint/.exec(ran.stdout)?.[1]);
+    expect(step).toBeGreaterThanOrEqual(3);
+    expect(existsSync(join(out, "checkpoints", `step-${String(step).padStart(8, "0")}`, "manifest.json"))).toBe(true);
+    expect(existsSync(join(out, "ampipe.lock"))).toBe(false);
+    expect(ranksOf(ran.pid)).toEqual([]);
+    const again = await ampipe(["train", configPath, "--out", out]);
+    expect(again.code).toBe(0);
+    expect(again.stdout).toMatch(new RegExp(`resumed from the checkpoint of step ${step}\\b`));
+    await uninterrupted();
+    expect(trainLosses(out)).toEqual(trainLosses(full));
+    expect(evalLosses(out)).toEqual(evalLosses(full));
   });
 
   it("refuses bad input before any rank starts training, naming the problem (exit 2)", async () => {
