@@ -119,7 +119,8 @@ function groupConfig(cfg: ExperimentConfig, group: Group, emu: EmulatedCommConfi
   return c;
 }
 
-function fingerprint(cfg: ExperimentConfig, settings: unknown): string {
+/** What identifies a sweep's measurements: the config (its output directory and bench section aside) and the settings. */
+export function fingerprint(cfg: ExperimentConfig, settings: unknown): string {
   const c = structuredClone(cfg) as unknown as Record<string, Record<string, unknown>>;
   delete c.run.output_dir;
   delete c.bench;
