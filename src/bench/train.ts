@@ -37,8 +37,6 @@ import { modelTrainingStep, type ArmSummary } from "../train/predict.ts";
 import { stopOnSignals } from "../train/signals.ts";
 import { armName, decide, describeDecision, tuneArms, type TuneArm, type TuneDecision } from "../train/tune.ts";
 
-/** Planned candidates timed against the baseline (as `ampipe train`'s default --tune-candidates). */
-const TUNE_CANDIDATES = 3;
 /** Baseline steps of the calibration (after one warm-up step). */
 const CALIBRATION_STEPS = 2;
 /** The degrees moe-overlap's planner searches (P = 1 would overlap nothing). */
@@ -49,6 +47,7 @@ export interface TrainBenchOptions extends ControllerCliOptions {
   ratios?: string;
   steps?: string;
   tuneSteps?: string;
+  tuneCandidates?: string;
   out?: string;
   fresh?: boolean;
   set: string[];
@@ -117,7 +116,7 @@ export function trainBenchSettings(cfg: ExperimentConfig, o: TrainBenchOptions):
   return {
     seq_lengths: [...seqs].sort((a, b) => a - b), ratios,
     steps: count("--steps", o.steps, cfg.bench.steps), warmup: cfg.bench.warmup,
-    tune_steps: count("--tune-steps", o.tuneSteps, 4), tune_candidates: TUNE_CANDIDATES,
+    tune_steps: count("--tune-steps", o.tuneSteps, 4), tune_candidates: count("--tune-candidates", o.tuneCandidates, 3),
   };
 }
 
@@ -166,7 +165,7 @@ export async function trainBenchCommand(configPath: string, o: TrainBenchOptions
     if (existsSync(mPath)) {
       const old = JSON.parse(readFileSync(mPath, "utf8")) as Manifest;
       if (old.fingerprint !== fp)
-        throw new InputError(`--out ${outDir}: it holds a sweep of another config or other --steps/--tune-steps (fingerprint ${old.fingerprint}, this one ${fp}); choose another --out, or --fresh to start over`);
+        throw new InputError(`--out ${outDir}: it holds a sweep of another config or other --steps/--tune-steps/--tune-candidates (fingerprint ${old.fingerprint}, this one ${fp}); choose another --out, or --fresh to start over`);
       manifest = { ...old, settings, cases: [...new Set([...old.cases, ...ids])] };
     } else {
       manifest = { format: TRAIN_BENCH_FORMAT, version: 1, fingerprint: fp, config_path: configPath, config: cfg, settings, cases: ids, compute: {}, created: new Date().toISOString() };
@@ -185,7 +184,7 @@ export async function trainBenchCommand(configPath: string, o: TrainBenchOptions
   say(`bench train: ${cases.length} case(s) (seq_length ${settings.seq_lengths.join(", ")}; ` +
     `comm/compute ${settings.ratios[0] === null ? "as configured" : settings.ratios.join(", ")}); ` +
     `${cases.length - pending.length ? `${cases.length - pending.length} already done in ${outDir}, ` : ""}${pending.length} to run; ` +
-    `per case: ${settings.tune_steps} tuning steps per candidate, then ${settings.steps} ABBA rounds (after ${settings.warmup} warm-up) of the baseline, the planner's choice and moe-overlap; ` +
+    `per case: the planner's ${settings.tune_candidates} best candidate(s) timed ${settings.tune_steps} step(s) each against the baseline, then ${settings.steps} ABBA rounds (after ${settings.warmup} warm-up) of the baseline, the planner's choice and moe-overlap; ` +
     `interconnect: ${emu0 ? `EMULATED ${emu0.world_size}-way all-to-all, latency ${emu0.latency_us} us${settings.ratios[0] !== null ? ", bandwidth set per case" : `, ${emu0.bandwidth_gbps} GB/s`}` : "real"}`);
 
   // ---- ranks, restarted after a failed case ----
@@ -381,6 +380,7 @@ export function register(bench: Command): void {
     .option("--ratios <list>", "emulated comm/compute ratios, e.g. 0.5,1 (default: bench.comm_compute_ratios, else pipeline.emulated_comm as given)")
     .option("--steps <n>", "measured ABBA rounds per case, after bench.warmup warm-up rounds (default: bench.steps)")
     .option("--tune-steps <n>", "measured training steps per candidate when the planner's candidates are timed (default 4, as ampipe train)")
+    .option("--tune-candidates <n>", "the planner's candidates timed against the baseline (default 3, as ampipe train)")
     .option("--out <dir>", "output directory (default: <run.output_dir>/bench-train); a rerun on it resumes after the finished cases")
     .option("--fresh", "discard what an earlier sweep left in the output directory and start over (default: resume)")
     .option("--set <field=value>", "override a config field, e.g. --set train.global_batch_size=4 (repeatable)", (v: string, acc: string[]) => [...acc, v], []);

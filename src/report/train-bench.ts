@@ -15,7 +15,7 @@ interface Manifest {
   created: string;
   device?: string;
   torch?: string;
-  settings: { steps: number; warmup: number; tune_steps: number; seq_lengths: number[]; ratios: Array<number | null> };
+  settings: { steps: number; warmup: number; tune_steps: number; tune_candidates: number; seq_lengths: number[]; ratios: Array<number | null> };
   config: { parallelism: { device: string; world_size: number; expert_model_parallel_size: number }; pipeline: { emulated_comm: { latency_us: number; world_size: number } | null } };
 }
 
@@ -87,7 +87,7 @@ export function buildTrainBenchReport(dir: string): BenchReport {
   const subtitle = [
     `${dir} — config ${manifest.config_path}; sweep started ${manifest.created}; ${par.world_size} ranks (expert-parallel ${par.expert_model_parallel_size}) on ${device}${manifest.torch ? `, torch ${manifest.torch}` : ""}`,
     `interconnect: ${interconnect}`,
-    `per case: the planner's candidates timed ${s.tune_steps} training steps each against the baseline (as ampipe train with pipeline.degree auto), then ${s.steps} fresh ABBA rounds of the baseline, the planner's choice and moe-overlap after ${s.warmup} warm-up; per round the slowest rank's step`,
+    `per case: the planner's ${s.tune_candidates} best candidate(s) timed ${s.tune_steps} training step(s) each against the baseline (as ampipe train with pipeline.degree auto), then ${s.steps} fresh ABBA rounds of the baseline, the planner's choice and moe-overlap after ${s.warmup} warm-up; per round the slowest rank's step`,
   ];
 
   // ---- charts ----
@@ -98,7 +98,7 @@ export function buildTrainBenchReport(dir: string): BenchReport {
     : "";
   const seqs = [...new Set(ok.map((r) => r.seq_length))].sort((a, b) => a - b);
   const x = { field: "seq_length", type: "quantitative", title: "sequence length", scale: { type: "log", base: 2 }, axis: { values: seqs, format: "d" } };
-  const color = { field: "schedule", type: "nominal", title: "schedule", scale: { domain: [...SCHEDULES] } };
+  const color = { field: "schedule", type: "nominal", title: "schedule", scale: { domain: [...SCHEDULES] }, legend: { labelLimit: 260 } };
   const dash = multiRatio ? { strokeDash: { field: "ratio", type: "nominal", title: "comm/compute" } } : {};
   const speedChart: ChartSpec = {
     title: "Training speed-up over the baseline block, against sequence length",
