@@ -230,7 +230,15 @@ export async function trainBenchCommand(configPath: string, o: TrainBenchOptions
     const compute = await calibrate(S);
     say(`${id}: calibration: the baseline's step ${fmtMs(compute.step_ms)} ms, its ${compute.blocks_per_step} MoE-layer passes ${fmtMs(compute.moe_layers_ms)} ms (no emulated delay)`);
     let emu = emu0;
-    if (ratio !== null) emu = { ...emu0!, bandwidth_gbps: bandwidthForRatio(configAt(cfg, S, null), S, ratio, compute.moe_layers_ms / compute.blocks_per_step, emu0!) };
+    if (ratio !== null) {
+      let bw: number;
+      try {
+        bw = bandwidthForRatio(configAt(cfg, S, null), S, ratio, compute.moe_layers_ms / compute.blocks_per_step, emu0!);
+      } catch (e) {
+        throw new Error(`comm/compute ${ratio} cannot be emulated at seq_length ${S}: ${errorText(e).replace(/^bench\.comm_compute_ratios: /, "")}`);
+      }
+      emu = { ...emu0!, bandwidth_gbps: bw };
+    }
     const c = configAt(cfg, S, emu);
     const label = emu ? `${emulatedLabel(emu)}${ratio !== null ? `, comm/compute ${ratio}` : ""}` : null;
     if (label) say(`${id}: ${label} — EMULATED`);
@@ -319,7 +327,9 @@ export async function trainBenchCommand(configPath: string, o: TrainBenchOptions
         failed++;
         // Ranks started by torchrun/Slurm cannot be restarted from here: keep the record, stop.
         externalLost = o.external === true && e instanceof RankFailure;
-        await dropRun(); // a failed rank, or one left inside a collective, is not trusted with the next case
+        // A failed rank, or one left inside a collective by another's error, is not trusted with
+        // the next case; an error of this side (the interconnect cannot be emulated) leaves them idle.
+        if (e instanceof RankFailure || e instanceof CommandError || run?.failure || run?.closing) await dropRun();
       }
       appendResult(join(outDir, RESULTS_FILE), result);
       doneCount++;

@@ -23,7 +23,8 @@ const emulated = "emulated_comm: { latency_us: 50, bandwidth_gbps: 1.0, world_si
 const config = join(dir, "tiny.yaml");
 writeFileSync(config, tinyConfig(data, "bench: { steps: 1, warmup: 0 }").replace("emulated_comm: null", emulated).replace("num_layers: 2", "num_layers: 1"));
 const out = join(dir, "sweep");
-const args = ["bench", "train", config, "--seq-lengths", "32,48", "--ratios", "0.5", "--steps", "1", "--tune-steps", "1", "--tune-candidates", "2", "--out", out];
+// comm/compute 1e-6 cannot be emulated (the latency alone exceeds it): those cases fail, the sweep goes on
+const args = ["bench", "train", config, "--seq-lengths", "32,48", "--ratios", "0.000001,0.5", "--steps", "1", "--tune-steps", "1", "--tune-candidates", "2", "--out", out];
 
 /** Runs the command in this process; returns its exit code and what it wrote to stderr. */
 async function inProcess(cfgPath: string, o: Record<string, unknown>): Promise<{ code: number; stderr: string }> {
@@ -40,11 +41,11 @@ describe("ampipe bench train", () => {
   let first: TrainBenchCase;
   let all: TrainBenchCase[] = [];
 
-  it("stops on Ctrl-C after the current step, keeping the finished case (exit 130)", async () => {
+  it("records a failing case and goes on; stops on Ctrl-C after the current step, keeping the finished cases (exit 130)", async () => {
     let sent = false;
     const ran = await ampipe(args, (pid, stdout) => {
       const poll = setInterval(() => {
-        if (!sent && /^\[1\/2\] s32-r0\.5: /m.test(stdout())) {
+        if (!sent && /^\[2\/4\] s32-r0\.5: /m.test(stdout())) {
           sent = true;
           process.kill(pid, "SIGINT");
         }
@@ -53,25 +54,29 @@ describe("ampipe bench train", () => {
     });
     expect(sent, ran.stdout + ran.stderr).toBe(true);
     expect(ran.code, ran.stderr).toBe(130);
-    expect(ran.stdout).toMatch(/^bench train: 2 case\(s\) \(seq_length 32, 48; comm\/compute 0\.5\); 2 to run;/m);
-    expect(ran.stdout).toMatch(/^interrupted: 1 of 2 cases finished and kept in .*; rerun the same command to resume$/m);
+    expect(ran.stdout).toMatch(/^bench train: 4 case\(s\) \(seq_length 32, 48; comm\/compute 0\.000001, 0\.5\); 4 to run;/m);
+    expect(ran.stdout).toMatch(/^\[1\/4\] s32-r0\.000001: FAILED \(recorded; the sweep goes on\): comm\/compute 0\.000001 cannot be emulated at seq_length 32: at 0\.000001 the latency alone \(4 x 50 us\) exceeds/m);
+    expect(ran.stdout).toMatch(/^interrupted: 1 of 4 cases finished and kept in .*; rerun the same command to resume$/m);
     const rs = readResults<TrainBenchCase>(join(out, "results.jsonl"));
-    expect(rs.map((r) => r.case)).toEqual(["s32-r0.5"]);
-    first = rs[0];
+    expect(rs.map((r) => [r.case, r.status])).toEqual([["s32-r0.000001", "error"], ["s32-r0.5", "ok"]]);
+    expect(rs[0].error).toMatch(/cannot be emulated/);
+    first = rs[1];
   }, 120_000);
 
-  it("resumes after the finished case, and records baseline, the planner's choice and moe-overlap per case", async () => {
+  it("resumes after the finished case (retrying the failed ones), and records baseline, the planner's choice and moe-overlap per case", async () => {
     const ran = await ampipe(args);
-    expect(ran.code, ran.stderr).toBe(0);
-    expect(ran.stdout).toMatch(/; 1 already done in .*, 1 to run;/);
+    expect(ran.code, ran.stderr).toBe(1); // a case failed
+    expect(ran.stdout).toMatch(/; 1 already done in .*, 3 to run;/);
     expect(ran.stdout).not.toMatch(/^s32-r0\.5:/m);
+    expect(ran.stdout).toMatch(/^incomplete: 2 case\(s\) failed: s32-r0\.000001 \(comm\/compute 0\.000001 cannot be emulated/m);
     expect(ran.stdout).toMatch(/^s48-r0\.5: emulated 8-way all-to-all \(50 us \+ bytes \/ [\d.e+-]+ GB\/s\), comm\/compute 0\.5 — EMULATED$/m);
     expect(ran.stdout).toMatch(/^s48-r0\.5: auto: timed 1 training steps per block/m);
-    expect(ran.stdout).toMatch(/^\[2\/2\] s48-r0\.5: baseline [\d.]+ ms\/step, \d+ tokens\/s; choice /m);
+    expect(ran.stdout).toMatch(/^\[4\/4\] s48-r0\.5: baseline [\d.]+ ms\/step, \d+ tokens\/s; choice /m);
     expect(ran.stdout).toMatch(/wrote .*summary\.md and .*report\.html/);
 
-    all = readResults<TrainBenchCase>(join(out, "results.jsonl"));
-    expect(all.map((r) => r.case)).toEqual(["s32-r0.5", "s48-r0.5"]);
+    const rs = readResults<TrainBenchCase>(join(out, "results.jsonl"));
+    expect(rs.map((r) => [r.case, r.status])).toEqual([["s32-r0.5", "ok"], ["s32-r0.000001", "error"], ["s48-r0.000001", "error"], ["s48-r0.5", "ok"]]);
+    all = rs.filter((r) => r.status === "ok");
     expect(all[0]).toEqual(first); // kept as it was
     const cfg = loadConfig(config);
     for (const r of all) {
