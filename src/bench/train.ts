@@ -363,7 +363,7 @@ export function caseLine(r: TrainBenchCase): string {
     `choice ${r.chosen}${r.chosen === "baseline" ? "" : ` ${fmtX(r.speedup!.median)} [${r.speedup!.q1.toFixed(3)}, ${r.speedup!.q3.toFixed(3)}]`}` +
     `${r.beats_baseline ? ", beats the baseline" : ", does not beat the baseline"} (noise ±${(100 * r.noise!).toFixed(1)}%)` +
     `${moe ? `; ${moe.name} ${fmtX(moe.speedup.median)}; choice vs moe-overlap ${fmtX(r.chosen_vs_moe_overlap!.median)}` : ""}${pred}` +
-    `${r.emulated ? " — EMULATED" : ""}`;
+    `${r.emulated ? ` — EMULATED: ${r.emulated}` : ""}`;
 }
 
 function errorCase(id: string, S: number, ratio: number | null, cfg: ExperimentConfig, e: unknown, elapsed: number): TrainBenchCase {

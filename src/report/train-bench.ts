@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { RESULTS_FILE, readResults } from "../sweep/results.ts";
 import { TRAIN_MANIFEST_FILE, breakEven, type ArmResult, type BreakEven, type Spread, type TrainBenchCase } from "../sweep/train.ts";
 import type { ChartSpec, ReportDoc, TableColumn } from "./html.ts";
-import { mdTable } from "./markdown.ts";
+import { mdGoals, mdTable, type Goal } from "./markdown.ts";
 import { MissingRunError, type BenchReport } from "./bench.ts";
 
 interface Manifest {
@@ -61,6 +61,32 @@ export function speedupRows(ok: TrainBenchCase[]): SpeedupRow[] {
 function breakEvenText(b: BreakEven): string {
   return `comm/compute ${ratioText(b.ratio)}: ${b.seq_length === null ? "the planner's choice does not beat the baseline by more than the noise from any sequence length of the sweep" : `the planner's choice beats the baseline by more than the noise from seq_length ${b.seq_length} on`}` +
     `; speed-up crosses 1x ${b.interpolated === null ? "nowhere inside the sweep" : `at about ${Math.round(b.interpolated)} (interpolated in log2 sequence length)`}: ${b.note}`;
+}
+
+/** The training goals of issue 18 (docs/bench.md), judged on the finished cases with their numbers; never pass/fail tests. */
+export function trainGoals(ok: TrainBenchCase[]): Goal[] {
+  const at = (r: TrainBenchCase) => `${r.case} ${x3(r.speedup!.median)}`;
+  const out: Goal[] = [];
+  if (ok.length === 0) out.push({ name: "the planner's choice never below 0.98x of the baseline", met: null, detail: "no finished case" });
+  else {
+    const worst = ok.reduce((a, r) => (r.speedup!.median < a.speedup!.median ? r : a));
+    out.push({ name: "the planner's choice never below 0.98x of the baseline, at any sequence length", met: worst.speedup!.median >= 0.98, detail: `lowest ${at(worst)}` });
+  }
+  for (const [S, want] of [[1024, 1.15], [2048, 1.25]] as const) {
+    const rs = ok.filter((r) => r.seq_length === S);
+    out.push(rs.length === 0
+      ? { name: `the planner's choice >= ${want}x the baseline at seq_length ${S}`, met: null, detail: `no finished case at ${S}` }
+      : { name: `the planner's choice >= ${want}x the baseline at seq_length ${S}`, met: rs.every((r) => r.speedup!.median >= want), detail: rs.map(at).join(", ") });
+  }
+  const long = ok.filter((r) => r.seq_length >= 1024 && r.chosen_vs_moe_overlap);
+  out.push(long.length === 0
+    ? { name: "the planner's choice >= 1.10x moe-overlap at seq_length >= 1024", met: null, detail: "no finished case at 1024 or longer with moe-overlap" }
+    : { name: "the planner's choice >= 1.10x moe-overlap at seq_length >= 1024", met: long.every((r) => r.chosen_vs_moe_overlap!.median >= 1.1), detail: long.map((r) => `${r.case} ${x3(r.chosen_vs_moe_overlap!.median)}`).join(", ") });
+  const pred = ok.filter((r) => r.prediction_error !== null);
+  out.push(pred.length === 0
+    ? { name: "predicted vs measured step time within 10% for the chosen plan", met: null, detail: "no case chose a plan" }
+    : { name: "predicted vs measured step time within 10% for the chosen plan", met: pred.every((r) => Math.abs(r.prediction_error!) <= 0.1), detail: pred.map((r) => `${r.case} ${pctText(r.prediction_error)}`).join(", ") });
+  return out;
 }
 
 export function buildTrainBenchReport(dir: string): BenchReport {
@@ -166,11 +192,13 @@ export function buildTrainBenchReport(dir: string): BenchReport {
     ...breaks.map(breakEvenText),
     `${ok.length} of ${manifest.cases.length} cases finished (${failed.length} failed); ${emulatedAny ? "every figure EMULATED" : "real interconnect"}; ${par.world_size} ranks on ${device}`,
   ];
+  const goals = trainGoals(ok);
   const doc: ReportDoc = {
     title: "ampipe bench train: where does pipelining pay in training?",
     subtitle,
     sections: [
       { title: "Headline", text: headline, notice: missing.length ? ["This run is incomplete:", ...missing] : undefined },
+      { title: "Goals", text: goals.map((g) => `${g.met === null ? "NOT JUDGED" : g.met ? "MET" : "MISSED"} — ${g.name}: ${g.detail}`) },
       { title: "Speed-up", charts: [speedChart, tokChart] },
       {
         title: "Break-even sequence length",
@@ -184,6 +212,7 @@ export function buildTrainBenchReport(dir: string): BenchReport {
   for (const l of subtitle) md.push(`${l}  `);
   md.push("", "## Headline", "", ...headline.map((l) => `- ${l}`), "");
   if (missing.length) md.push("## Missing", "", ...missing.map((l) => `- ${l}`), "");
+  md.push("## Goals", "", `Printed by the benchmark itself; no goal is a pass/fail test.${emulatedAny ? " Communication EMULATED." : ""}`, "", mdGoals(goals));
   md.push("## Break-even", "", mdTable(["comm/compute", "break-even seq_length", "crossing (interpolated)", "how"],
     breaks.map((b) => [ratioText(b.ratio), b.seq_length ?? "none in the sweep", b.interpolated === null ? "–" : Math.round(b.interpolated), b.note]), ["left", "right", "right", "left"]));
   md.push("## Every case", "", mdTable(

@@ -13,7 +13,7 @@ import { bandwidthForRatio, baselineDelayMs } from "../../../src/sweep/run.ts";
 import { readResults } from "../../../src/sweep/results.ts";
 import { breakEven, type TrainBenchCase } from "../../../src/sweep/train.ts";
 import { loadConfig } from "../../../src/config/index.ts";
-import { buildTrainBenchReport } from "../../../src/report/train-bench.ts";
+import { buildTrainBenchReport, trainGoals } from "../../../src/report/train-bench.ts";
 import { ampipe, tinyConfig, tinyDataset } from "./helpers.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "ampipe-bench-train-test-"));
@@ -177,7 +177,7 @@ describe("ampipe bench train", () => {
   }, 60_000);
 });
 
-describe("break-even", () => {
+describe("break-even and goals", () => {
   const c = (s: number, chosen: string, choice: number, planned: number, noise = 0.02): TrainBenchCase => ({
     case: `s${s}-r1`, seq_length: s, comm_compute_ratio: 1, status: "ok", beats_baseline: chosen !== "baseline" && choice > 1 + noise, noise, chosen,
     speedup: { median: choice, q1: choice, q3: choice },
@@ -200,5 +200,16 @@ describe("break-even", () => {
     expect([all.seq_length, all.interpolated]).toEqual([256, null]);
     expect(all.note).toMatch(/below the sweep/);
   });
-});
 
+  it("judges the training goals with their numbers, and says which it cannot judge", () => {
+    const g = (s: number, choice: number, vsMoe: number, err: number | null) => ({
+      ...c(s, "g", choice, choice), chosen_vs_moe_overlap: { median: vsMoe, q1: vsMoe, q3: vsMoe }, prediction_error: err,
+    }) as TrainBenchCase;
+    const goals = trainGoals([g(512, 0.97, 1, null), g(1024, 1.2, 1.12, 0.05), g(2048, 1.3, 1.05, -0.12)]);
+    expect(goals.map((x) => x.met)).toEqual([false, true, true, false, false]);
+    expect(goals[0].detail).toBe("lowest s512-r1 0.970x");
+    expect(goals[3].detail).toBe("s1024-r1 1.120x, s2048-r1 1.050x");
+    expect(goals[4].detail).toBe("s1024-r1 +5.0%, s2048-r1 -12.0%");
+    expect(trainGoals([g(256, 1.1, 1.1, null)]).map((x) => x.met)).toEqual([true, null, null, null, null]);
+  });
+});
