@@ -15,7 +15,10 @@ for (const stream of [process.stdout, process.stderr]) {
 const program = new Command("ampipe")
   .description("AMPipe: intra-block pipelining of attention and the MoE all-to-all")
   .version("0.1.0")
-  .showHelpAfterError();
+  .showHelpAfterError()
+  // Each command parses its own options in order, so a command with subcommands (bench) can give
+  // the options after a subcommand's name to that subcommand (`bench train <config> --out DIR`).
+  .enablePositionalOptions();
 
 const commandModules: Array<{ register(program: Command): void }> = [
   // one line per command module, e.g. await import("./commands/ping.ts"),

@@ -127,6 +127,8 @@ export function register(program: Command): void {
     .command("bench")
     .description("sweep a config's bench grid against the sequential block and moe-overlap (ampipe bench <config>), or run a named benchmark")
     .argument("[config]", "experiment config whose bench section is swept")
+    // Options after a benchmark's name are that benchmark's (`bench train <config> --out DIR`), not the sweep's.
+    .enablePositionalOptions()
     .option("--out <dir>", "output directory (default: <run.output_dir>/bench); a rerun on it resumes after the finished cases")
     .option("--cases <n>", "run only the first n cases of the grid", (v: string) => {
       const n = Number(v);

@@ -1,10 +1,11 @@
 // `ampipe report <run-dir>`: report.html (self-contained, charts inlined) and summary.md for a
-// run directory. A bench sweep (bench.json + results.jsonl) is the kind known so far; a
-// directory that is none says what it lacks.
+// run directory: a bench sweep (bench.json + results.jsonl) or an `ampipe bench train` run
+// (bench-train.json + results.jsonl); a directory that is neither says what it lacks.
 import { join } from "node:path";
 import type { Command } from "commander";
 import { MissingRunError, buildBenchReport } from "../report/bench.ts";
 import { writeReport } from "../report/html.ts";
+import { buildTrainBenchReport, isTrainBenchRun } from "../report/train-bench.ts";
 import { writeFileAtomic } from "../plan/io.ts";
 
 export const REPORT_FILE = "report.html";
@@ -16,7 +17,7 @@ interface Printer { line(s: string): void }
 export function reportCommand(dir: string, o: { out?: string } = {}, out: Printer = { line: (s) => process.stdout.write(s + "\n") }): number {
   let r;
   try {
-    r = buildBenchReport(dir);
+    r = isTrainBenchRun(dir) ? buildTrainBenchReport(dir) : buildBenchReport(dir);
   } catch (e) {
     if (!(e instanceof MissingRunError)) throw e;
     process.stderr.write(`ampipe report: ${e.message}\n`);
@@ -36,8 +37,8 @@ export function reportCommand(dir: string, o: { out?: string } = {}, out: Printe
 export function register(program: Command): void {
   program
     .command("report")
-    .description("write report.html (charts, offline) and summary.md for a run directory (ampipe bench output)")
-    .argument("<run-dir>", "the directory ampipe bench wrote")
+    .description("write report.html (charts, offline) and summary.md for a run directory (ampipe bench or ampipe bench train output)")
+    .argument("<run-dir>", "the directory ampipe bench or ampipe bench train wrote")
     .option("--out <dir>", "where to write report.html and summary.md (default: the run directory)")
     .action((dir: string, opts: { out?: string }) => {
       process.exitCode = reportCommand(dir, opts);

@@ -76,8 +76,8 @@ export function quartiles(values: number[]): { median: number; q1: number; q3: n
   return { median: median(values), q1: quantile(values, 0.25), q3: quantile(values, 0.75) };
 }
 
-/** Appends one result as a line and syncs it to disk before returning. */
-export function appendResult(path: string, r: CaseResult): void {
+/** Appends one result as a line and syncs it to disk before returning (any record keyed by `case`). */
+export function appendResult<T extends { case: string } = CaseResult>(path: string, r: T): void {
   const fd = openSync(path, "a");
   try {
     writeSync(fd, JSON.stringify(r) + "\n");
@@ -91,18 +91,18 @@ export function appendResult(path: string, r: CaseResult): void {
  * Reads results.jsonl: the last record of each case (a rerun of a failed case appends a newer
  * one). A torn last line is cut off the file, so the next append starts on a clean line.
  */
-export function readResults(path: string): CaseResult[] {
+export function readResults<T extends { case: string } = CaseResult>(path: string): T[] {
   if (!existsSync(path)) return [];
   const text = readFileSync(path, "utf8");
-  const byCase = new Map<string, CaseResult>();
+  const byCase = new Map<string, T>();
   let good = 0;
   let offset = 0;
   for (const line of text.split("\n")) {
     const end = offset + Buffer.byteLength(line) + 1;
     if (line.trim() !== "") {
-      let r: CaseResult;
+      let r: T;
       try {
-        r = JSON.parse(line) as CaseResult;
+        r = JSON.parse(line) as T;
       } catch {
         if (end >= Buffer.byteLength(text)) break; // the torn last line
         throw new Error(`${path}: line ${text.slice(0, offset).split("\n").length} is not JSON`);

@@ -37,6 +37,7 @@ export const TuneResultSchema = z.object({
   step_ms: z.record(z.string(), z.array(num)),
   arms: z.record(z.string(), ArmSummarySchema),
 });
+export type TuneResult = z.output<typeof TuneResultSchema>;
 
 /** One arm's medians over the quiet steps of one rank (py/ampipe/train/profile.py `breakdown`). */
 export const ArmBreakdownSchema = z.object({
