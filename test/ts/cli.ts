@@ -6,10 +6,14 @@ export const root = join(import.meta.dirname, "..", "..");
 
 export interface Ran { code: number | null; stdout: string; stderr: string; pid: number }
 
-/** Runs `ampipe <args>`; resolves when it exits. `onStart` gets the child's pid and its live stdout. */
-export function ampipe(args: string[], onStart?: (pid: number, stdout: () => string) => void): Promise<Ran> {
+/**
+ * Runs `ampipe <args>`; resolves when it exits. `onStart` gets the child's pid and its live stdout;
+ * `env` adds to the environment the child (and the ranks it starts) inherits.
+ */
+export function ampipe(args: string[], onStart?: (pid: number, stdout: () => string) => void, env?: Record<string, string>): Promise<Ran> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [join(root, "bin", "ampipe.js"), ...args], { cwd: root, stdio: ["ignore", "pipe", "pipe"] });
+    const child = spawn(process.execPath, [join(root, "bin", "ampipe.js"), ...args],
+      { cwd: root, stdio: ["ignore", "pipe", "pipe"], env: env ? { ...process.env, ...env } : process.env });
     let stdout = "";
     let stderr = "";
     child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
