@@ -133,7 +133,7 @@ export function writeCompareReport(root: string, doc: Record<string, unknown>, s
       facet: { row: { field: "quantity", type: "nominal", title: null, sort: DIVERGENCES.map((k) => DIV_TITLE[k]) }, column: { field: "seed", type: "nominal", title: null } },
       spec: { width: 300, height: 160, mark: { type: "line", strokeWidth: 1.1 }, encoding: {
         x: { field: "step", type: "quantitative" }, y: { field: "value", type: "quantitative", scale: { type: "log" }, title: null },
-        color: { field: "series", type: "nominal", legend: { orient: "top", title: null } }, strokeDash: { field: "series", type: "nominal", legend: null },
+        color: { field: "series", type: "nominal", legend: { orient: "top", title: null } }, strokeDash: { field: "series", type: "nominal", legend: { orient: "top", title: null } },
         tooltip: [{ field: "seed" }, { field: "quantity" }, { field: "series" }, { field: "step" }, { field: "value", format: ".3e" }] } },
       resolve: { scale: { y: "independent" } } } },
     perEval: { title: "Eval loss difference pipelined − baseline at each evaluation", caption: `Mean over ${s.seeds.length} seed(s) of the paired difference with its t-based 95% interval (band); the dashed lines: ±the margin (${marginPct(s.tost.relative_margin)} of the baseline's mean eval loss there).`, spec: {

@@ -91,6 +91,12 @@ function trainByStep(lines: MetricLine[]): Map<number, MetricLine> {
   return new Map(lines.filter((l) => l.kind === "train").map((l) => [l.step, l]));
 }
 
+// A value that is not a number (fp16's skipped steps report NaN, stored as null): two such agree,
+// one such against a number is as far apart as can be (and JSON-safe).
+const isNumber = (v: unknown): v is number => typeof v === "number" && !Number.isNaN(v);
+const divergence = (a: number | undefined, b: number | undefined) =>
+  isNumber(a) && isNumber(b) ? Math.abs(a - b) : !isNumber(a) && !isNumber(b) ? 0 : Number.MAX_VALUE;
+
 /** The per-step and per-eval divergences of one seed. */
 function seedDivergence(r: SeedRuns, steps: number): SeedDivergence {
   const base = trainByStep(r.lines.baseline);
@@ -105,9 +111,9 @@ function seedDivergence(r: SeedRuns, steps: number): SeedDivergence {
   const stepsList = [...base.keys()].filter((s) => pip.has(s)).sort((a, b) => a - b);
   const per = (key: "loss" | "grad_norm") => ({
     steps: stepsList,
-    pipelined: stepsList.map((s) => Math.abs(pip.get(s)![key]! - base.get(s)![key]!)),
-    control: ctl ? stepsList.map((s) => Math.abs(ctl.get(s)![key]! - base.get(s)![key]!)) : null,
-    floor: stepsList.map((s) => ulp32(base.get(s)![key]!)),
+    pipelined: stepsList.map((s) => divergence(pip.get(s)![key], base.get(s)![key])),
+    control: ctl ? stepsList.map((s) => divergence(ctl.get(s)![key], base.get(s)![key])) : null,
+    floor: stepsList.map((s) => (isNumber(base.get(s)![key]) ? ulp32(base.get(s)![key]!) : 0)),
   });
   // Parameter distances at each evaluation (measured when every arm stood at the same step).
   const dist = (lines: MetricLine[] | undefined) => new Map((lines ?? []).filter((l) => l.kind === "param_distance").map((l) => [l.step, l.relative!]));
