@@ -158,8 +158,8 @@ export async function trainCommand(configPath: string, o: TrainOptions): Promise
     reportFailure(e, "ampipe train");
     return signals.requested ? signals.exitCode : 1;
   } finally {
+    await run?.close(); // a signal while the ranks close still reaches our handler (not the default exit)
     signals.off();
-    await run?.close();
   }
 }
 

@@ -12,6 +12,11 @@ export interface Interval {
   ci95: [number, number] | null;
 }
 
+/** A p-value for people: 3 significant digits, small ones in exponent notation. */
+export function fmtP(p: number | null): string {
+  return p === null ? "–" : p !== 0 && p < 1e-3 ? p.toExponential(2) : p.toPrecision(3);
+}
+
 export function mean(xs: number[]): number {
   return xs.reduce((a, b) => a + b, 0) / xs.length;
 }
@@ -76,4 +81,46 @@ export function pairedTost(baseline: number[], pipelined: number[], relativeMarg
   const t = jStat.studentt.inv(1 - alpha, dof);
   const p = Math.max(pLower, pUpper);
   return { ...base, ci90: [md - t * se, md + t * se], p_value: p, p_lower: pLower, p_upper: pUpper, equivalent: p < alpha };
+}
+
+export interface OutsideMargin {
+  margin: number;
+  n: number;
+  mean_difference: number;
+  /** One-sided p-values of H0 mean(d) <= +δ (against: above the margin) and H0 mean(d) >= −δ (below). */
+  p_above: number | null;
+  p_below: number | null;
+  /** The smaller of the two, against alpha / 2 (a two-sided test: either side may be the one). */
+  p_value: number | null;
+  alpha: number;
+  /** A difference outside the margin shown: the (1 − alpha) interval of the mean difference lies wholly outside ±δ. */
+  different: boolean | null;
+}
+
+/**
+ * The test that refutes equivalence: H0 |mean(d)| <= δ against |mean(d)| > δ, as two one-sided
+ * paired t-tests at alpha / 2 each, so its size is at most alpha whichever side the difference
+ * lies on. Shown when the (1 − alpha) two-sided interval of the mean difference lies wholly above
+ * +δ or wholly below −δ. Every difference equal (sd 0): p = 0 outside the margin, 1 inside.
+ */
+export function outsideMarginTest(baseline: number[], pipelined: number[], relativeMargin: number, alpha = 0.05): OutsideMargin {
+  if (baseline.length !== pipelined.length) throw new Error("outsideMarginTest: the arms need one value per seed each");
+  if (!(relativeMargin > 0)) throw new Error(`outsideMarginTest: the margin must be > 0; got ${relativeMargin}`);
+  const n = baseline.length;
+  const d = pipelined.map((p, i) => p - baseline[i]);
+  const delta = relativeMargin * Math.abs(mean(baseline));
+  const md = mean(d);
+  const base = { margin: delta, n, mean_difference: md, alpha };
+  const sd = sampleSd(d);
+  if (sd === null) return { ...base, p_above: null, p_below: null, p_value: null, different: null };
+  if (sd === 0) {
+    const outside = Math.abs(md) > delta;
+    const p = outside ? 0 : 1;
+    return { ...base, p_above: md > delta ? 0 : 1, p_below: md < -delta ? 0 : 1, p_value: p, different: outside };
+  }
+  const se = sd / Math.sqrt(n);
+  const pAbove = 1 - jStat.studentt.cdf((md - delta) / se, n - 1);
+  const pBelow = jStat.studentt.cdf((md + delta) / se, n - 1);
+  const p = Math.min(pAbove, pBelow);
+  return { ...base, p_above: pAbove, p_below: pBelow, p_value: p, different: p < alpha / 2 };
 }

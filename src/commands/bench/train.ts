@@ -345,8 +345,8 @@ export async function trainBenchCommand(configPath: string, o: TrainBenchOptions
       }
     }
   } finally {
+    await run?.close(); // a signal while the ranks close still reaches our handler (not the default exit)
     signals.off();
-    await run?.close();
     saveManifest();
   }
   if (signals.requested) {

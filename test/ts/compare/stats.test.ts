@@ -4,8 +4,9 @@
 //   scipy.stats.ttest_1samp(d, +delta, alternative="less").pvalue      # p_upper
 //   d.mean() -/+ scipy.stats.t.ppf(0.95, n - 1) * d.std(ddof=1) / sqrt(n)   # the TOST's 90% interval
 //   x.mean() -/+ scipy.stats.t.ppf(0.975, n - 1) * x.std(ddof=1) / sqrt(n)  # a 95% interval
+// and the outside-margin test's by test/ts/compare/scipy_reference.py ("outside-margin:").
 import { describe, expect, it } from "vitest";
-import { interval, pairedTost } from "../../../src/compare/stats.ts";
+import { fmtP, interval, outsideMarginTest, pairedTost } from "../../../src/compare/stats.ts";
 
 const close = (a: number, b: number, digits = 10) => expect(a).toBeCloseTo(b, digits);
 
@@ -42,5 +43,20 @@ describe("comparison statistics", () => {
     expect(pairedTost([2, 3], [2.5, 3.5], 0.01)).toMatchObject({ p_value: 1, equivalent: false });
     expect(pairedTost([2], [2], 0.01)).toMatchObject({ p_value: null, equivalent: null, n: 1 });
     expect(() => pairedTost([2], [2], 0)).toThrow(/margin must be > 0/);
+  });
+
+  it("the outside-margin test: scipy's one-sided t-tests, each side against alpha / 2", () => {
+    const shifted = outsideMarginTest([2.31, 2.35, 2.29, 2.33], [2.36, 2.41, 2.33, 2.37], 0.01);
+    close(shifted.p_above!, 0.007383646043438497, 8);
+    close(shifted.p_below!, 0.9996632654139354, 8);
+    expect(shifted).toMatchObject({ different: true, p_value: shifted.p_above });
+    const close3 = outsideMarginTest([2.31, 2.35, 2.29], [2.32, 2.34, 2.30], 0.01);
+    close(close3.p_above!, 0.9515746949133812, 8);
+    close(close3.p_below!, 0.9710744088009393, 8);
+    expect(close3.different).toBe(false);
+    expect(outsideMarginTest([2, 3], [2.5, 3.5], 0.01)).toMatchObject({ p_value: 0, different: true }); // sd 0, outside
+    expect(outsideMarginTest([2, 3], [2, 3], 0.01)).toMatchObject({ p_value: 1, different: false });
+    expect(outsideMarginTest([2], [2], 0.01)).toMatchObject({ p_value: null, different: null });
+    expect([fmtP(0.0463), fmtP(1.08e-6), fmtP(0), fmtP(null)]).toEqual(["0.0463", "1.08e-6", "0.00", "–"]);
   });
 });
