@@ -11,6 +11,7 @@ import { BridgeError, CommandError, RankFailure, RunClosedError, type RankEvent,
 import { loadConfig, type ExperimentConfig } from "../config/index.ts";
 import { evalCurve, finalEval } from "../compare/endpoints.ts";
 import { writeCompareReport } from "../compare/report.ts";
+import { CompareResultSchema } from "../compare/results.ts";
 import { sequentialDecision, sequentialDesign, type SequentialDesign } from "../compare/sequential.ts";
 import { fmtP } from "../compare/stats.ts";
 import { ALL_ARMS, ARMS, seedsNeededSentence, summarize, tostSentence, type Arm, type CompareSummary, type MetricLine, type SeedRuns } from "../compare/summary.ts";
@@ -55,6 +56,7 @@ export interface CompareOptions
 
 export class CompareInputError extends Error {}
 
+/** seed.json as read back: a seed's result (`SeedResultSchema`), or one written before the control arm. */
 interface SeedResult {
   seed: number; stopped: boolean;
   arms: Partial<Record<Arm, { step: number; steps: number; median_tokens_per_s: number | null; final: unknown; last_eval: unknown }>>;
@@ -276,7 +278,7 @@ export async function compareCommand(configPath: string, o: CompareOptions): Pro
     progress = makeProgress({ total: arms.length * steps, start: 0, tty: o.plain ? false : undefined, every: 20,
       format: `seed {seed} | baseline {b} | pipelined {p}${arms.includes("control") ? " | control {c}" : ""}` });
     const args = { config: cfg, plan, seeds: [seed], run_dir: resolve(root), control: arms.includes("control") };
-    const results = (await Promise.all([...Array(run.worldSize).keys()].map((r) => run!.request(r, "compare", args)))) as Array<{ seeds: SeedResult[]; stopped: boolean }>;
+    const results = await run.callAll("compare", args, CompareResultSchema);
     progress.stop();
     progress = undefined;
     for (const r of results[0].seeds) {

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ _ARG_FIELDS = {"config", "plan", "seeds", "run_dir", "timeout_s", "control"}
 # A test hook: "<parameter name>=<factor>" scales that parameter's gradient in the pipelined arm
 # (a deliberately wrong block, which the envelope must catch). Reported in every seed's result.
 FAULT_ENV = "AMPIPE_TEST_GRAD_SCALE"
+# A test hook: seconds to pause after each round of steps, so that a test's Ctrl-C lands inside a
+# seed on any machine (a round of the tests' tiny models takes milliseconds). Changes no number.
+PACE_ENV = "AMPIPE_TEST_COMPARE_PACE_S"
 
 
 def perturb_one_ulp(model: nn.Module) -> None:
@@ -149,6 +153,7 @@ def _compare_seed(config: Mapping[str, Any], plan: Mapping[str, Any], seed: int,
         lag.checkpoint_if_due(stop=stopped)
     orders = step_orders(len(arms))
     names = list(arms)
+    pace = float(os.environ.get(PACE_ENV) or 0)
     i = base.step
     while not stopped and base.step < total:
         for k in orders[i % len(orders)]:
@@ -162,6 +167,8 @@ def _compare_seed(config: Mapping[str, Any], plan: Mapping[str, Any], seed: int,
         for t in arms.values():
             t.checkpoint_if_due(stop=stopped)
         i += 1
+        if pace:
+            time.sleep(pace)
     summaries = {name: t.end(stopped=stopped) for name, t in arms.items()}
     distance = {name: parameter_distance(arms[name].model, base.model, ep_group) for name in names[1:]}
     return {"seed": seed, "stopped": stopped, "arms": summaries, "parameter_distance": distance, "fault": fault}

@@ -56,7 +56,7 @@ def train_run_dir(tmp_path: Path) -> Path:
 
 
 def test_train_benchmark_times_both_blocks(train_run_dir, tmp_path):
-    from ampipe.bench import train
+    from ampipe.bench import train_one_process as train
 
     out = tmp_path / "t.json"
     assert train.main([str(train_run_dir), "--steps", "2", "--warmup", "0", "--threads", "1", "--json", str(out)]) == 0
@@ -93,7 +93,7 @@ def test_overhead_benchmark_times_both_calls(tmp_path):
 # Each module with a `main` and the test that runs it end to end.
 SMOKE_TESTS = {
     "block": "test/py/model/test_bench_block.py", "pipeline": "test/py/pipeline/test_bench_pipeline.py",
-    "kernels": __file__, "train": __file__, "droprate": __file__, "overhead": __file__,
+    "kernels": __file__, "train_one_process": __file__, "droprate": __file__, "overhead": __file__,
 }
 
 

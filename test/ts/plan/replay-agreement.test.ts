@@ -13,7 +13,7 @@ import { parsePlanShape, type Plan } from "../../../src/plan/ir.ts";
 const root = join(import.meta.dirname, "..", "..", "..");
 const python = join(root, ".venv", "bin", "python");
 const fixtures = join(root, "test", "fixtures", "plans");
-const compare = join(root, "py", "ampipe", "pipeline", "compare.py");
+const analysis = join(root, "py", "ampipe", "pipeline", "analysis.py");
 
 // Reads [{plan, times}] on stdin, writes [{forward_ms, backward_ms}] (per_stream=False: CPU).
 const PY = `
@@ -62,7 +62,7 @@ const relDiff = (a: number, b: number) => Math.abs(a - b) / Math.max(Math.abs(a)
 describe("TypeScript simulatePlan and Python simulate_ms agree", () => {
   it("has the Python side to compare with (npm test sets up .venv; a missing one fails, never skips)", () => {
     expect(existsSync(python), `${python}: missing`).toBe(true);
-    expect(existsSync(compare), `${compare}: missing`).toBe(true);
+    expect(existsSync(analysis), `${analysis}: missing`).toBe(true);
   });
   it("on every fixture plan, forward and backward makespans, with the same per-op times", () => {
     const files = readdirSync(fixtures).filter((f) => f.endsWith(".json")).sort();

@@ -1,7 +1,7 @@
 """Whole training steps, baseline block vs pipelined block, side by side on one run config.
 
-    python -m ampipe.bench.train runs/train               # the run directory of `ampipe train`
-    python -m ampipe.bench.train runs/train --steps 30 --json bench.json
+    python -m ampipe.bench.train_one_process runs/train               # the run directory of `ampipe train`
+    python -m ampipe.bench.train_one_process runs/train --steps 30 --json bench.json
 
 Reads the run directory's resolved ``config.json`` and ``plan.json`` and builds two trainers of
 the same model from the same seed: one with baseline MoE layers, one with every MoE layer an
@@ -84,7 +84,7 @@ def run(run_dir: Path, steps: int, warmup: int, threads: int | None) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ampipe.bench.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ampipe.bench.train_one_process", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path, help="a run directory of ampipe train (config.json, plan.json)")
     ap.add_argument("--steps", type=int, default=20, help="measured steps per arm (default 20)")
     ap.add_argument("--warmup", type=int, default=2, help="steps per arm before measuring (default 2)")
