@@ -123,15 +123,21 @@ function goals(ok: CaseResult[], groups: string[]): Goal[] {
 
 const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
 
-export function buildBenchReport(dir: string): BenchReport {
-  const { manifest, results } = readBenchRun(dir);
+/** A sweep's finished and failed cases, and what the report must say is missing (cases without a result, failures). */
+export function sortCases<R extends { case: string; status: string; error?: string | null }>(cases: string[], results: R[], why: string): { ok: R[]; failed: R[]; missing: string[] } {
   const ok = results.filter((r) => r.status === "ok");
   const failed = results.filter((r) => r.status === "error");
   const have = new Set(results.map((r) => r.case));
-  const notRun = manifest.cases.filter((id) => !have.has(id));
+  const notRun = cases.filter((id) => !have.has(id));
   const missing: string[] = [];
-  if (notRun.length) missing.push(`${notRun.length} of ${manifest.cases.length} cases have no result (the sweep was interrupted or limited by --cases; rerun ampipe bench to resume): ${notRun.join(", ")}`);
+  if (notRun.length) missing.push(`${notRun.length} of ${cases.length} cases have no result (${why}): ${notRun.join(", ")}`);
   if (failed.length) missing.push(`${failed.length} case(s) failed: ${failed.map((r) => `${r.case} (${(r.error ?? "").split("\n")[0]})`).join("; ")}`);
+  return { ok, failed, missing };
+}
+
+export function buildBenchReport(dir: string): BenchReport {
+  const { manifest, results } = readBenchRun(dir);
+  const { ok, failed, missing } = sortCases(manifest.cases, results, "the sweep was interrupted or limited by --cases; rerun ampipe bench to resume");
   for (const r of ok) if (r.trace && !existsSync(join(dir, r.trace))) missing.push(`trace of ${r.case} is missing: ${r.trace}`);
   if (!existsSync(join(dir, CALIBRATION_FILE))) missing.push(`${CALIBRATION_FILE} is missing`);
 

@@ -7,7 +7,7 @@ import { RESULTS_FILE, readResults } from "../sweep/results.ts";
 import { TRAIN_MANIFEST_FILE, breakEven, type ArmResult, type BreakEven, type Spread, type TrainBenchCase } from "../sweep/train.ts";
 import type { ChartSpec, ReportDoc, TableColumn } from "./html.ts";
 import { mdGoals, mdTable, type Goal } from "./markdown.ts";
-import { MissingRunError, type BenchReport } from "./bench.ts";
+import { MissingRunError, sortCases, type BenchReport } from "./bench.ts";
 
 interface Manifest {
   config_path: string;
@@ -91,13 +91,7 @@ export function trainGoals(ok: TrainBenchCase[]): Goal[] {
 
 export function buildTrainBenchReport(dir: string): BenchReport {
   const { manifest, results } = readTrainBenchRun(dir);
-  const ok = results.filter((r) => r.status === "ok");
-  const failed = results.filter((r) => r.status === "error");
-  const have = new Set(results.map((r) => r.case));
-  const notRun = manifest.cases.filter((id) => !have.has(id));
-  const missing: string[] = [];
-  if (notRun.length) missing.push(`${notRun.length} of ${manifest.cases.length} cases have no result (the sweep was interrupted; rerun ampipe bench train to resume): ${notRun.join(", ")}`);
-  if (failed.length) missing.push(`${failed.length} case(s) failed: ${failed.map((r) => `${r.case} (${(r.error ?? "").split("\n")[0]})`).join("; ")}`);
+  const { ok, failed, missing } = sortCases(manifest.cases, results, "the sweep was interrupted; rerun ampipe bench train to resume");
 
   const emu = manifest.config.pipeline.emulated_comm;
   const emulatedAny = ok.some((r) => r.interconnect === "emulated");
