@@ -41,10 +41,12 @@ function upToDate(stampFile, hash) {
   const stamp = join(root, "node_modules", ".ampipe-setup");
   const hash = hashFiles(["package.json", "package-lock.json"]);
   if (!upToDate(stamp, hash)) {
-    console.error("setup: installing node modules");
-    run("npm", ["install", "--no-audit", "--no-fund"], "npm install");
-    // npm install may rewrite the lock file: stamp what is there now.
-    writeFileSync(stamp, hashFiles(["package.json", "package-lock.json"]));
+    // From the lock file, which `npm ci` never rewrites (`npm install` may: it once added an
+    // optional Windows-only entry, leaving a fresh clone's tree dirty). A lock out of step with
+    // package.json fails here, naming it, rather than being rewritten quietly.
+    console.error("setup: installing node modules from package-lock.json (npm ci)");
+    run("npm", ["ci", "--no-audit", "--no-fund"], "npm ci");
+    writeFileSync(stamp, hash);
   }
 }
 
