@@ -15,7 +15,7 @@ function step(name, cmd, args) {
 }
 
 const vitest = step("vitest", join(root, "node_modules", ".bin", "vitest"), ["run", ...extra]);
-const pytest = step("pytest", join(root, ".venv", "bin", "python"), ["-m", "pytest", "test/py", "-q"]);
+const pytest = step("pytest", join(root, ".venv", "bin", "python"), ["-m", "pytest", "test/py", "-q", "--durations=10"]);
 console.log(`\n=== summary: vitest ${vitest === 0 ? "passed" : `FAILED (exit ${vitest})`}, ` +
   `pytest ${pytest === 0 ? "passed" : `FAILED (exit ${pytest})`}`);
 process.exit(vitest !== 0 || pytest !== 0 ? 1 : 0);
