@@ -19,12 +19,16 @@ export interface BenchReport {
   missing: string[];
 }
 
-interface Manifest {
+/** What every sweep's manifest holds (bench.json, bench-train.json). */
+export interface SweepManifest {
   config_path: string;
   cases: string[];
   created: string;
   device?: string;
   torch?: string;
+}
+
+interface Manifest extends SweepManifest {
   settings: { steps: number; seq_lengths: number[]; comm_compute_ratios: number[] | null };
   config: { model: Record<string, unknown>; parallelism: Record<string, unknown> };
 }

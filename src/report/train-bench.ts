@@ -7,14 +7,9 @@ import { RESULTS_FILE, readResults } from "../sweep/results.ts";
 import { TRAIN_MANIFEST_FILE, breakEven, type ArmResult, type BreakEven, type Spread, type TrainBenchCase } from "../sweep/train.ts";
 import type { ChartSpec, ReportDoc, TableColumn } from "./html.ts";
 import { mdGoals, mdTable, type Goal } from "./markdown.ts";
-import { MissingRunError, sortCases, type BenchReport } from "./bench.ts";
+import { MissingRunError, sortCases, type BenchReport, type SweepManifest } from "./bench.ts";
 
-interface Manifest {
-  config_path: string;
-  cases: string[];
-  created: string;
-  device?: string;
-  torch?: string;
+interface Manifest extends SweepManifest {
   settings: { steps: number; warmup: number; tune_steps: number; tune_candidates: number; seq_lengths: number[]; ratios: Array<number | null> };
   config: { parallelism: { device: string; world_size: number; expert_model_parallel_size: number }; pipeline: { emulated_comm: { latency_us: number; world_size: number } | null } };
 }
