@@ -107,7 +107,7 @@ describe("ampipe compare", { timeout: 300_000 }, () => {
         clearInterval(timer);
         process.kill(pid, "SIGINT");
       }, 50);
-    }, { AMPIPE_TEST_COMPARE_PACE_S: "0.15" }); // a round of these tiny steps takes milliseconds: the signal lands mid-seed
+    }, { AMPIPE_TEST_COMPARE_PACE_S: "0.3" }); // a round of these tiny steps takes milliseconds: the signal lands mid-seed
     expect(first.code, first.stderr).toBe(130);
     expect(existsSync(join(cut, "compare.json"))).toBe(false);
     const again = await ampipe(args(cut));
