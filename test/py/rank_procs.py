@@ -4,7 +4,7 @@ Each rank runs ``python <script> --rank r --world W --init-file <tmp>/rendezvous
 intra-op thread; a rank that fails fails the test with its rank, exit code and stderr tail, and
 no rank outlives the call (a failed rank can leave the others waiting in a collective).
 The script's folder and this one are on the rank's import path; the rank side starts with
-``with gloo_rank() as args:``.
+``with gloo_rank() as args:``, and the process ends with that block.
 """
 
 from __future__ import annotations
@@ -52,9 +52,13 @@ def run_ranks(script: Path, world: int, tmp_path: Path, args: Sequence[str] = ()
 @contextmanager
 def gloo_rank(add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> Iterator[argparse.Namespace]:
     """The rank side of `run_ranks`: parses ``--rank/--world/--init-file`` (and what ``add_args``
-    adds), uses one intra-op thread, joins the gloo group, and leaves it on exit."""
+    adds), uses one intra-op thread, joins the gloo group, and leaves it on exit. A body that ends
+    normally ends the process too, with status 0 and without Python's finalization, as real ranks
+    do (`ampipe.parallel.exit_rank`); an exception propagates as usual."""
     import torch
     import torch.distributed as dist
+
+    from ampipe.parallel.exit import exit_rank
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, required=True)
@@ -67,5 +71,8 @@ def gloo_rank(add_args: Callable[[argparse.ArgumentParser], None] | None = None)
     dist.init_process_group("gloo", init_method=f"file://{a.init_file}", rank=a.rank, world_size=a.world)
     try:
         yield a
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    exit_rank(0)

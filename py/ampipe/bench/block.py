@@ -34,6 +34,7 @@ from ..model.block_pieces import MoELosses
 from ..model.config import ModelConfig
 from ..model.gpt import autocast_context, init_parameters
 from ..model.layers import TransformerLayer
+from ..parallel.exit import exit_rank
 from ..parallel.groups import ExpertParallel, ParallelGroups, init_parallel_groups
 from .timing import quantile, sync
 
@@ -258,9 +259,10 @@ def _rank_main(rank: int, world: int, port: int, cfg: ModelConfig, args: dict, q
     try:
         groups = init_parallel_groups(world)
         r = bench_block(cfg, device=device, ep=groups.ep, warmup=args["warmup"], iters=args["iters"], seed=args["seed"])
-        queue.put((rank, r.to_dict()))
+        queue.put((rank, r.to_dict()))  # a SimpleQueue: written before put returns
     finally:
         dist.destroy_process_group()
+    exit_rank(0)  # see ampipe.parallel.exit
 
 
 def _run_ep(cfg: ModelConfig, args: argparse.Namespace) -> BlockBenchResult:

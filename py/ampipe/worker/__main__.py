@@ -56,4 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from ampipe.parallel.exit import exit_rank
+
+    exit_rank(code)  # not sys.exit: see ampipe.parallel.exit

@@ -20,7 +20,7 @@ def ep() -> None:
         block = AMPipeBlock.from_layer(layer, plan)
         x, dy = inputs(plan, seed=100 + a.rank)
         step(block, layer, x, dy)
-    print("ep done", flush=True)
+        print("ep done", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,18 @@ const metrics = (out: string): Line[] =>
   readFileSync(join(out, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as Line);
 const trainLosses = (out: string) => metrics(out).filter((l) => l.kind === "train").map((l) => [l.step, l.loss]);
 const evalLosses = (out: string) => metrics(out).filter((l) => l.kind === "eval").map((l) => [l.step, l.loss]);
-/** Resolves once metrics.jsonl has a train line for `step` or later. */
-const reached = (out: string, step: number) => existsSync(join(out, "metrics.jsonl")) &&
-  metrics(out).some((l) => l.kind === "train" && l.step >= step);
+/**
+ * True once metrics.jsonl has a train line for `step` or later. Polled while the run appends, so
+ * only complete lines count: the file exists empty between its creation and the first write, and
+ * a line may be read half-written.
+ */
+const reached = (out: string, step: number) => {
+  const path = join(out, "metrics.jsonl");
+  if (!existsSync(path)) return false;
+  const text = readFileSync(path, "utf8");
+  return text.slice(0, text.lastIndexOf("\n") + 1).split("\n").filter((l) => l)
+    .map((l) => JSON.parse(l) as Line).some((l) => l.kind === "train" && l.step >= step);
+};
 
 describe("ampipe train", { timeout: 240_000 }, () => {
   // The uninterrupted run the others are compared with (run once, by whichever test asks first).
