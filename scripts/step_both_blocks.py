@@ -72,9 +72,9 @@ def _rank(rank: int, world: int, init: str, arm: Path, step: int, work: Path, pl
                 print(f"    {k}: {a[k]:.6g} vs {b[k]:.6g} (|diff| {d:.3g})")
     finally:
         dist.destroy_process_group()
-    from ampipe.parallel import exit_rank
+    from ampipe.process_exit import exit_rank
 
-    exit_rank(0)  # a spawned rank: see ampipe.parallel.exit
+    exit_rank(0)  # a spawned rank: see ampipe.process_exit
 
 
 def main() -> None:

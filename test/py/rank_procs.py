@@ -54,11 +54,11 @@ def gloo_rank(add_args: Callable[[argparse.ArgumentParser], None] | None = None)
     """The rank side of `run_ranks`: parses ``--rank/--world/--init-file`` (and what ``add_args``
     adds), uses one intra-op thread, joins the gloo group, and leaves it on exit. A body that ends
     normally ends the process too, with status 0 and without Python's finalization, as real ranks
-    do (`ampipe.parallel.exit_rank`); an exception propagates as usual."""
+    do (`ampipe.process_exit.exit_rank`); an exception propagates as usual."""
     import torch
     import torch.distributed as dist
 
-    from ampipe.parallel.exit import exit_rank
+    from ampipe.process_exit import exit_rank
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, required=True)

@@ -34,7 +34,7 @@ from ..model.block_pieces import MoELosses
 from ..model.config import ModelConfig
 from ..model.gpt import autocast_context, init_parameters
 from ..model.layers import TransformerLayer
-from ..parallel.exit import exit_rank
+from ..process_exit import exit_rank
 from ..parallel.groups import ExpertParallel, ParallelGroups, init_parallel_groups
 from .timing import quantile, sync
 
@@ -262,7 +262,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: ModelConfig, args: dict, q
         queue.put((rank, r.to_dict()))  # a SimpleQueue: written before put returns
     finally:
         dist.destroy_process_group()
-    exit_rank(0)  # see ampipe.parallel.exit
+    exit_rank(0)  # see ampipe.process_exit
 
 
 def _run_ep(cfg: ModelConfig, args: argparse.Namespace) -> BlockBenchResult:

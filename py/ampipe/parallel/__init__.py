@@ -3,10 +3,9 @@
 from .groups import ExpertParallel, ParallelGroups, init_parallel_groups
 from .expert_comm import DispatchLayout, all_to_all, combine, dispatch, dispatch_layout
 from .grad_sync import sync_gradients
-from .exit import exit_rank
 
 __all__ = [
     "ExpertParallel", "ParallelGroups", "init_parallel_groups",
     "DispatchLayout", "all_to_all", "dispatch_layout", "dispatch", "combine",
-    "sync_gradients", "exit_rank",
+    "sync_gradients",
 ]

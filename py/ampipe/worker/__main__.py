@@ -55,8 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     return run(settings)
 
 
-if __name__ == "__main__":
-    code = main()
-    from ampipe.parallel.exit import exit_rank
+def _exit_status(e: SystemExit) -> int:
+    if e.code is None or isinstance(e.code, int):
+        return e.code or 0
+    print(e.code, file=sys.stderr)  # SystemExit("message"), as sys.exit prints it
+    return 1
 
-    exit_rank(code)  # not sys.exit: see ampipe.parallel.exit
+
+if __name__ == "__main__":
+    # Every way out ends with exit_rank, not sys.exit (see ampipe.process_exit).
+    from ampipe.process_exit import exit_rank
+
+    try:
+        status = main()
+    except SystemExit as e:
+        status = _exit_status(e)
+    except BaseException:  # noqa: BLE001 - reported, then the same exit as any other
+        import traceback
+
+        traceback.print_exc()
+        status = 1
+    exit_rank(status)

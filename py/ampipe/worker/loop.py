@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from ampipe.process_exit import exit_rank
 from ampipe.worker import commands
 from ampipe.worker.protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError, decode, encode
 
@@ -303,12 +304,7 @@ class Worker:
                   file=sys.stderr, flush=True)
         self._send_nowait(encode({"type": "bye", "reason": why}))
         _abort_process_groups()
-        for f in (sys.stdout, sys.stderr):
-            try:
-                f.flush()
-            except Exception:  # noqa: BLE001 - leaving anyway
-                pass
-        os._exit(code)
+        exit_rank(code)
 
     def _protocol_error(self, message: str) -> None:
         print(f"ampipe rank {self.s.rank}: rejected a message from the controller: {message}", file=sys.stderr)
@@ -555,9 +551,8 @@ def run(settings: WorkerSettings) -> int:
         worker.close(reason)
         if _command_threads():
             # A command's thread (past its timeout) is still running, maybe inside a collective:
-            # Python's clean-up would wait for it or abort (see ampipe.pipeline.streams).
+            # Python's clean-up would wait for it or abort (see ampipe.process_exit).
             print(f"ampipe rank {settings.rank}: a command was still running at exit ({', '.join(t.name for t in _command_threads())}); "
                   "exiting without clean-up", file=sys.stderr, flush=True)
             _abort_process_groups()
-            sys.stdout.flush()
-            os._exit(code)
+            exit_rank(code)

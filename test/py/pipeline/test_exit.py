@@ -4,7 +4,7 @@ A rank that ended right after its last collective once died at exit under load (
 "terminate called without an active exception"): gloo's worker thread dropped the finished work a
 moment late, when the interpreter was already finalizing; dropping it takes the GIL, and CPython
 ends a thread that asks for the GIL then with `pthread_exit`, which aborts through a `noexcept`
-destructor (see `ampipe.parallel.exit`). Ranks therefore end with `exit_rank`: their own clean-up,
+destructor (see `ampipe.process_exit`). Ranks therefore end with `exit_rank`: their own clean-up,
 then `os._exit`. The stress test ends many real expert-parallel ranks the moment their pass is done,
 while a busy loop competes for the cores; the race it guards against is rare (1 in 80 two-rank runs
 under one busy loop, before the fix), so it detects a regression only sometimes.
@@ -62,7 +62,7 @@ def test_exit_rank_flushes_output_and_skips_finalization():
     no atexit handler or finalizer runs (they are what could meet a gloo thread mid-release)."""
     program = textwrap.dedent("""
         import atexit, logging, sys
-        from ampipe.parallel.exit import exit_rank
+        from ampipe.process_exit import exit_rank
 
         logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
         class Finalized:
