@@ -16,6 +16,7 @@ Threads are named by what they do (`thread_role`), and identified by their nativ
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Recorder", "Span", "active", "recording", "span", "now_ns", "thread_role"]
+__all__ = ["Recorder", "Span", "active", "recording", "span", "gc_pauses", "now_ns", "thread_role"]
 
 now_ns = time.perf_counter_ns
 
@@ -31,7 +32,7 @@ now_ns = time.perf_counter_ns
 @dataclass(frozen=True)
 class Span:
     name: str
-    cat: str  # phase | layer | block | op | issue | wait | comm | delay | step | arm
+    cat: str  # phase | layer | block | op | issue | wait | comm | delay | gc | step | arm
     tid: int
     start_ns: int
     end_ns: int
@@ -108,6 +109,28 @@ def span(name: str, cat: str, **args: Any) -> Iterator[None]:
         yield
     finally:
         rec.add(name, cat, t0, now_ns(), **args)
+
+
+@contextmanager
+def gc_pauses(rec: Recorder) -> Iterator[None]:
+    """Record each pause of Python's garbage collector as a "python gc" span (category "gc") on
+    the thread it stopped, for the duration. A full collection in a process holding millions of
+    objects takes tens of milliseconds and lands wherever an allocation triggers it, also between
+    a step's phases."""
+    started: dict[int, int] = {}
+
+    def note(phase: str, info: Mapping[str, Any]) -> None:
+        tid = threading.get_native_id()
+        if phase == "start":
+            started[tid] = now_ns()
+        elif tid in started:
+            rec.add("python gc", "gc", started.pop(tid), now_ns(), generation=info.get("generation"))
+
+    gc.callbacks.append(note)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(note)
 
 
 def thread_role(thread: threading.Thread | None = None) -> str:

@@ -46,6 +46,8 @@ export function breakdownTable(ranks: RankProfile[], arms: string[]): string {
     ["  phases, summed (coverage of the step)", (b) => b.phases_sum],
     ...phases.filter((p) => ranks.some((r) => arms.some((a) => (r.breakdown[a]?.phases[p] ?? 0) > 0)))
       .map((p): [string, (b: ArmBreakdown) => number | undefined] => [`    ${p}`, (b) => b.phases[p] ?? 0]),
+    ["  Python garbage collection (inside or between phases)", (b) => b.python_gc],
+    ["    between phases (counted in the coverage)", (b) => b.python_gc_between_phases],
     ["  MoE layers (forward + backward)", (b) => b.moe_layers],
     ["  outside the MoE layers", (b) => b.outside_moe_layers],
     ["  pipelined passes", (b) => (b.block_passes ? b.block_passes : undefined)],

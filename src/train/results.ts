@@ -45,6 +45,8 @@ export const ArmBreakdownSchema = z.object({
   phases: msByName,
   phases_sum: num,
   coverage: num,
+  python_gc: num,
+  python_gc_between_phases: num,
   moe_layers: num,
   outside_moe_layers: num,
   block_passes: num,

@@ -101,7 +101,9 @@ def _within(s: Span, lo: int, hi: int) -> bool:
 def breakdown(recorded: Sequence[Span], step_tid: int) -> list[dict[str, Any]]:
     """Per step (a "step" span on `step_tid`, the training thread), in ms:
 
-    - ``step``; ``phases`` (each phase's total; ``phases_sum`` and ``coverage`` = sum / step);
+    - ``step``; ``phases`` (each phase's total; ``phases_sum``); ``python_gc`` (garbage-collector
+      pauses of the training thread, "gc" spans: `ampipe.spans.gc_pauses`) and
+      ``python_gc_between_phases``; ``coverage`` = (phases + the pauses between them) / step;
     - ``moe_layers`` (forward + backward spans of the MoE layers) and ``outside_moe_layers``;
     - inside the pipelined passes: ``block_passes``, ``compute_ops`` (op spans on the training
       thread), ``compute_waits`` (its waits, total and ``waits_on`` per awaited op kind),
@@ -141,9 +143,15 @@ def breakdown(recorded: Sequence[Span], step_tid: int) -> list[dict[str, Any]]:
         compute_ops = total("op", step_tid) + total("issue", step_tid)  # a comm op's local part counts
         waits = sum(waits_on.values())
         phases_sum = sum(phases.values())
+        own_phases = [s for s in by_cat["phase"] if s.tid == step_tid and _within(s, lo, hi)]
+        gc_pauses = [s for s in by_cat["gc"] if s.tid == step_tid and _within(s, lo, hi)]
+        gc_between = sum(g.ms for g in gc_pauses if not any(_within(g, p.start_ns, p.end_ns) for p in own_phases))
         out.append({
             "step": st.args.get("step"), "step_ms": step_ms,
-            "phases": dict(phases), "phases_sum": phases_sum, "coverage": phases_sum / step_ms if step_ms else 0.0,
+            "phases": dict(phases), "phases_sum": phases_sum,
+            # the step's time accounted for: its phases, and garbage collection that paused it between two
+            "coverage": (phases_sum + gc_between) / step_ms if step_ms else 0.0,
+            "python_gc": sum(g.ms for g in gc_pauses), "python_gc_between_phases": gc_between,
             "moe_layers": layers, "outside_moe_layers": step_ms - layers,
             "block_passes": passes, "compute_ops": compute_ops, "compute_waits": waits, "waits_on": dict(waits_on),
             "executor_overhead": max(0.0, passes - compute_ops - waits) if passes else 0.0,
@@ -292,7 +300,7 @@ def profile_arms(trainer: Any, arms: Mapping[str, Any], *, steps: int, rank: int
         for _, name in abba_order(names, 1):  # warm-up, not recorded
             trainer.set_block(arms[name])
             trainer.train_step()
-        with spans.recording(rec):
+        with spans.recording(rec), spans.gc_pauses(rec):
             for r, name in abba_order(names, steps):
                 trainer.set_block(arms[name])
                 t0 = spans.now_ns()

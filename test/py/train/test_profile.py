@@ -71,13 +71,15 @@ def test_breakdown_adds_up_the_spans_of_each_step():
         _span("wait b.combine.0", "wait", T, 80, 83, on="b.combine.0", on_kind="combine_bwd"),
         _span("f.dispatch.0", "op", C, 16, 24), _span("emulated delay", "delay", C, 18, 24),
         _span("all_reduce", "comm", T, 92, 95),
+        _span("python gc", "gc", T, 10, 12), _span("python gc", "gc", T, 99, 100),  # in a phase; between
         _span("step 2", "step", T, 100, 150, step=2),  # a second step: counted apart
         _span("forward", "phase", T, 100, 150),
     ]
     rows = breakdown(spans, T)
     assert [r["step"] for r in rows] == [1, 2]
     r = rows[0]
-    assert r["step_ms"] == 100 and r["phases_sum"] == 99 and r["coverage"] == 0.99
+    assert r["step_ms"] == 100 and r["phases_sum"] == 99
+    assert r["python_gc"] == 3 and r["python_gc_between_phases"] == 1 and r["coverage"] == 1.0
     assert r["phases"] == {"forward": 40, "backward": 50, "optimizer": 9}
     assert r["moe_layers"] == 70 and r["outside_moe_layers"] == 30
     assert r["block_passes"] == 66
@@ -97,7 +99,7 @@ def test_profile_of_both_blocks_covers_every_step(tmp_path):
     assert set(r["breakdown"]) == {"baseline", "pipelined"}
     for arm, b in r["breakdown"].items():
         assert b["steps"] == 2
-        assert 0.95 <= b["coverage"] <= 1.0, (arm, b["coverage"])  # the phases cover the step
+        assert 0.95 <= b["coverage"] <= 1.0, (arm, r["steps"][arm])  # the phases (and gc between) cover the step
         assert set(b["phases"]) <= set(PHASES) and {"forward", "backward", "optimizer", "grad_sync"} <= set(b["phases"])
         assert b["moe_layers"] > 0 and b["emulated_delay"] > 0
     p, base = r["breakdown"]["pipelined"], r["breakdown"]["baseline"]
@@ -127,3 +129,18 @@ def test_recorder_names_threads_and_modelled_tracks():
     assert meta[("process_name", 0)] == "rank 3" and meta[("thread_name", 7)] == "comm stream (modelled)"
     xs = [e for e in ev if e["ph"] == "X"]
     assert [(e["name"], e["ts"], e["dur"], e["pid"]) for e in xs] == [("a", 0.0, 1.0, 3), ("b", 0.0, 2.0, 3)]
+
+
+def test_gc_pauses_are_recorded_as_spans_on_the_collecting_thread():
+    import gc
+    import threading
+
+    from ampipe import spans
+
+    rec = Recorder()
+    with spans.gc_pauses(rec):
+        gc.collect()
+    gc.collect()  # after the block: not recorded
+    got = [s for s in rec.spans if s.cat == "gc"]
+    assert len(got) == 1 and got[0].name == "python gc" and got[0].args["generation"] == 2
+    assert got[0].tid == threading.get_native_id() and got[0].end_ns >= got[0].start_ns
