@@ -34,8 +34,8 @@ from ..model.block_pieces import MoELosses
 from ..model.config import ModelConfig
 from ..model.gpt import autocast_context, init_parameters
 from ..model.layers import TransformerLayer
-from ..process_exit import exit_rank
 from ..parallel.groups import ExpertParallel, ParallelGroups, init_parallel_groups
+from ..process_exit import exit_rank
 from .timing import quantile, sync
 
 __all__ = ["BlockBenchResult", "make_baseline_block", "block_inputs", "bench_blocks", "bench_block", "main"]

@@ -125,10 +125,10 @@ def breakdown(recorded: Sequence[Span], step_tid: int) -> list[dict[str, Any]]:
             return sum(s.ms for s in by_cat[cat] if _within(s, lo, hi) and (tid is None or s.tid == tid)
                        and (pred is None or pred(s)))
 
+        own_phases = [s for s in by_cat["phase"] if s.tid == step_tid and _within(s, lo, hi)]
         phases: dict[str, float] = defaultdict(float)
-        for s in by_cat["phase"]:
-            if s.tid == step_tid and _within(s, lo, hi):
-                phases[s.name] += s.ms
+        for s in own_phases:
+            phases[s.name] += s.ms
         waits_on: dict[str, float] = defaultdict(float)
         for s in by_cat["wait"]:
             if s.tid == step_tid and _within(s, lo, hi):
@@ -143,7 +143,6 @@ def breakdown(recorded: Sequence[Span], step_tid: int) -> list[dict[str, Any]]:
         compute_ops = total("op", step_tid) + total("issue", step_tid)  # a comm op's local part counts
         waits = sum(waits_on.values())
         phases_sum = sum(phases.values())
-        own_phases = [s for s in by_cat["phase"] if s.tid == step_tid and _within(s, lo, hi)]
         gc_pauses = [s for s in by_cat["gc"] if s.tid == step_tid and _within(s, lo, hi)]
         gc_between = sum(g.ms for g in gc_pauses if not any(_within(g, p.start_ns, p.end_ns) for p in own_phases))
         out.append({
