@@ -78,7 +78,8 @@ class PipelinedBlockFn(torch.autograd.Function):
         block.last_times = {**(block.last_times or {}), "backward": times}
         block.last_delays_ms = step.delays_ms
         hand_to_caller((step.dx, *step.param_grads))  # made on plan streams
-        return (None, step.dx, *step.finish_param_grads())
+        dx, param_grads = step.end_backward()
+        return (None, dx, *param_grads)
 
 
 class BlockEngine:

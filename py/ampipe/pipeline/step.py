@@ -309,6 +309,18 @@ class Step:
             ev.record()
             self._param_writer[i] = (self.executor.current_stream_name, ev)
 
+    def end_backward(self) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """dx and the parameter gradients (`finish_param_grads`), handed over: the step keeps no
+        reference to them or to its buffers. The engine's AccumulateGrad adopts a gradient
+        nobody else holds as ``p.grad`` and copies one that is still referenced (a full copy of
+        every parameter's gradient per call); the step itself lives on until the garbage
+        collector frees it (`InputGrad` and the step reference each other)."""
+        dx, self.input_grad = self.input_grad.dx, None
+        grads = self.finish_param_grads()
+        self.param_grads = []
+        self.kbuf = self.vbuf = self.dk = self.dv = self.grad_y = None
+        return dx, grads
+
     def finish_param_grads(self) -> list[torch.Tensor | None]:
         """The Function's parameter gradients (on the caller's stream, after the pass).
 

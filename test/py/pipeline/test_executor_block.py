@@ -265,3 +265,29 @@ def test_engine_fallback_computes_the_same_gradients(monkeypatch):
     ref = step(layer, layer, x, dy)
     monkeypatch.setattr(step_mod, "_ENGINE", None)
     assert_equal_within(ref, step(block, layer, x, dy), 1e-5, "torch.autograd.grad fallback")
+
+
+@pytest.mark.parametrize("name", ["grouped-p1", "interleaved-p4"])
+def test_gradients_are_handed_to_autograd_not_copied(monkeypatch, name):
+    """The block's dx and parameter gradients become ``x.grad`` / ``p.grad`` themselves: the
+    engine's AccumulateGrad adopts a gradient only when nothing else references it, else it
+    copies every parameter's gradient once per call (the step used to keep them)."""
+    plan = load(name)
+    layer = make_layer(plan)
+    block = AMPipeBlock.from_layer(layer, plan)
+    x, dy = inputs(plan)
+    handed: list[int] = []
+    real = step_mod.Step.end_backward
+
+    def record(self):
+        dx, grads = real(self)
+        handed[:] = [dx.data_ptr()] + [g.data_ptr() for g in grads]
+        return dx, grads
+
+    monkeypatch.setattr(step_mod.Step, "end_backward", record)
+    x.grad = None
+    y, losses = block(x)
+    ((y * dy).sum() + losses.aux_loss).backward()
+    params = list(layer.parameters())
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in params)
+    assert handed == [x.grad.data_ptr()] + [p.grad.data_ptr() for p in params]
