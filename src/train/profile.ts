@@ -52,6 +52,8 @@ export function breakdownTable(ranks: RankProfile[], arms: string[]): string {
     ["  outside the MoE layers", (b) => b.outside_moe_layers],
     ["  pipelined passes", (b) => (b.block_passes ? b.block_passes : undefined)],
     ["    ops on the compute thread (comm ops' local parts included)", (b) => (b.block_passes ? b.compute_ops : undefined)],
+    ["      inside autograd islands (the model's functions forward, the engine backward)", (b) => (b.block_passes ? b.island_compute : undefined)],
+    ["      the ops' bookkeeping (detach inputs, keep islands, hand values on, route gradients)", (b) => (b.block_passes ? b.op_bookkeeping : undefined)],
     ["    compute thread waiting", (b) => (b.block_passes ? b.compute_waits : undefined)],
     ...kinds("waits_on").map((k): [string, (b: ArmBreakdown) => number | undefined] => [`      on ${k}`, (b) => (b.block_passes ? b.waits_on[k] ?? 0 : undefined)]),
     ["    executor overhead (pass - ops - waits)", (b) => (b.block_passes ? b.executor_overhead : undefined)],

@@ -51,6 +51,8 @@ export const ArmBreakdownSchema = z.object({
   outside_moe_layers: num,
   block_passes: num,
   compute_ops: num,
+  island_compute: num,
+  op_bookkeeping: num,
   compute_waits: num,
   waits_on: msByName,
   executor_overhead: num,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .. import spans
 from ..model.block_pieces import MoELosses
 from . import ops
 from .dataflow import OpIO, Values
@@ -221,12 +222,20 @@ class Step:
         return seconds
 
     def _run(self, inputs: list[torch.Tensor | None], fn):
-        """Run an island's `fn(*inputs)`: under enable_grad when tracking (`_keep` records it)."""
+        """Run an island's `fn(*inputs)`: under enable_grad when tracking (`_keep` records it).
+        While a profile records, the call is an "island" span: the model's own work inside the
+        op, apart from the op's bookkeeping around it."""
         self._mark_used(*inputs)
+        rec = spans.active()
+        t0 = spans.now_ns() if rec is not None else 0
         if torch.is_grad_enabled() == self.track:  # the pass set it already (the usual case)
-            return fn(*inputs)
-        with torch.set_grad_enabled(self.track):
-            return fn(*inputs)
+            out = fn(*inputs)
+        else:
+            with torch.set_grad_enabled(self.track):
+                out = fn(*inputs)
+        if rec is not None:
+            rec.add("island forward", "island", t0, spans.now_ns())
+        return out
 
     def _keep(self, key: tuple[str, int | None], inputs: list[torch.Tensor | None],
               outputs: Iterable[torch.Tensor], params: list[nn.Parameter], layout: Any = None) -> None:
@@ -276,7 +285,11 @@ class Step:
         params = [p for p in island.params if p.requires_grad]
         if not outs or not (wrt_inputs or params):
             return [None] * len(island.inputs)
+        rec = spans.active()
+        t0 = spans.now_ns() if rec is not None else 0
         got = _island_grad(outs, gouts, wrt_inputs + params)
+        if rec is not None:  # the autograd engine's work on the island (see `_run`)
+            rec.add("island backward", "island", t0, spans.now_ns())
         # The engine allocates these on the island's forward stream; `check_cuda_streams`
         # makes that the current one, record_stream keeps it right if it ever differs.
         self._mark_used(*got)

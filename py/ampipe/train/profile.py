@@ -107,6 +107,9 @@ def breakdown(recorded: Sequence[Span], step_tid: int) -> list[dict[str, Any]]:
     - ``moe_layers`` (forward + backward spans of the MoE layers) and ``outside_moe_layers``;
     - inside the pipelined passes: ``block_passes``, ``compute_ops`` (op spans on the training
       thread), ``compute_waits`` (its waits, total and ``waits_on`` per awaited op kind),
+      ``island_compute`` (the part of those ops inside their autograd islands: the model's step
+      functions forward, the autograd engine backward; "island" spans) and ``op_bookkeeping`` (the
+      rest of the ops' time: inputs detached, islands kept, values handed on, gradients routed),
       ``executor_overhead`` (pass time not in an op or a wait), ``comm_stream_ops`` (the comm
       ops' time on their stream: on CPU the modelled interval from start to end, which includes
       the collective and any emulated delay);
@@ -141,6 +144,7 @@ def breakdown(recorded: Sequence[Span], step_tid: int) -> list[dict[str, Any]]:
         layers = total("layer", step_tid)
         passes = total("block", step_tid)
         compute_ops = total("op", step_tid) + total("issue", step_tid)  # a comm op's local part counts
+        island = total("island", step_tid)
         waits = sum(waits_on.values())
         phases_sum = sum(phases.values())
         gc_pauses = [s for s in by_cat["gc"] if s.tid == step_tid and _within(s, lo, hi)]
@@ -152,7 +156,8 @@ def breakdown(recorded: Sequence[Span], step_tid: int) -> list[dict[str, Any]]:
             "coverage": (phases_sum + gc_between) / step_ms if step_ms else 0.0,
             "python_gc": sum(g.ms for g in gc_pauses), "python_gc_between_phases": gc_between,
             "moe_layers": layers, "outside_moe_layers": step_ms - layers,
-            "block_passes": passes, "compute_ops": compute_ops, "compute_waits": waits, "waits_on": dict(waits_on),
+            "block_passes": passes, "compute_ops": compute_ops, "island_compute": island,
+            "op_bookkeeping": max(0.0, compute_ops - island), "compute_waits": waits, "waits_on": dict(waits_on),
             "executor_overhead": max(0.0, passes - compute_ops - waits) if passes else 0.0,
             "comm_stream_ops": total("op", pred=lambda s: s.tid != step_tid),
             "collectives": dict(collectives), "emulated_delay": total("delay"),

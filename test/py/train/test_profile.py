@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ampipe.pipeline import AMPipeBlock
 from ampipe.pipeline.emulation import EmulatedComm
 from ampipe.spans import Recorder, Span
@@ -64,7 +66,8 @@ def test_breakdown_adds_up_the_spans_of_each_step():
         _span("optimizer", "phase", T, 90, 99),
         _span("decoder.layers.0 forward", "layer", T, 5, 35), _span("decoder.layers.0 backward", "layer", T, 45, 85),
         _span("pipelined pass", "block", T, 6, 34), _span("pipelined pass", "block", T, 46, 84),
-        _span("f.attn.0", "op", T, 6, 16), _span("start f.dispatch.0", "issue", T, 16, 18),
+        _span("f.attn.0", "op", T, 6, 16), _span("island forward", "island", T, 7, 15),
+        _span("start f.dispatch.0", "issue", T, 16, 18), _span("island backward", "island", T, 47, 79),
         _span("wait f.dispatch.0", "wait", T, 18, 24, on="f.dispatch.0", on_kind="dispatch"),
         _span("f.experts.0", "op", T, 24, 33),
         _span("b.experts.0", "op", T, 46, 80),
@@ -84,6 +87,7 @@ def test_breakdown_adds_up_the_spans_of_each_step():
     assert r["moe_layers"] == 70 and r["outside_moe_layers"] == 30
     assert r["block_passes"] == 66
     assert r["compute_ops"] == 10 + 2 + 9 + 34  # a comm op's local part (its issue) counts
+    assert r["island_compute"] == 8 + 32 and r["op_bookkeeping"] == 55 - 40
     assert r["compute_waits"] == 9 and r["waits_on"] == {"dispatch": 6, "combine_bwd": 3}
     assert r["executor_overhead"] == 66 - 55 - 9
     assert r["comm_stream_ops"] == 8 and r["emulated_delay"] == 6
@@ -104,7 +108,10 @@ def test_profile_of_both_blocks_covers_every_step(tmp_path):
         assert b["moe_layers"] > 0 and b["emulated_delay"] > 0
     p, base = r["breakdown"]["pipelined"], r["breakdown"]["baseline"]
     assert p["block_passes"] > 0 and p["compute_ops"] > 0 and p["comm_stream_ops"] > 0
-    assert base["block_passes"] == 0
+    # every forward and backward op of the plan runs its island inside its op span
+    assert 0 < p["island_compute"] < p["compute_ops"]
+    assert p["op_bookkeeping"] == pytest.approx(p["compute_ops"] - p["island_compute"])
+    assert base["block_passes"] == 0 and base["island_compute"] == 0
     ev = r["events"]
     json.dumps(ev)  # Chrome trace events, serialisable
     ours = [e for e in ev if e.get("ph") == "X" and e.get("cat") in ("step", "phase", "op", "layer")]
