@@ -216,3 +216,39 @@ def test_comm_remainders_run_in_the_callers_grad_mode_and_autocast(enabled):
         ex.run(ops, run, "forward")
     want = (False, enabled, torch.bfloat16 if enabled else torch.float32)
     assert len(seen) == len(ops) + 2 and all(v == want for v in seen.values()), seen
+
+
+class _FutureWork:
+    """A finished collective that counts the completion callbacks asked of it."""
+
+    def __init__(self) -> None:
+        self.callbacks = 0
+        work = self
+
+        class _Future:
+            def add_done_callback(self, fn) -> None:
+                work.callbacks += 1
+                fn(self)
+
+        self._future = _Future()
+
+    def get_future(self):
+        return self._future
+
+    def wait(self) -> None:
+        pass
+
+
+def test_completion_callback_only_with_a_delay_to_model_or_a_profile_recording():
+    """The callback (on gloo's thread, under the GIL) is asked for only where its time is used."""
+    from ampipe import spans
+
+    plain, delayed, traced = _FutureWork(), _FutureWork(), _FutureWork()
+    finished = []
+    for work, delay in ((plain, 0.0), (delayed, 1e-4)):
+        w = CommWork(work, delay, lambda: finished.append(1))
+        w.complete()
+    with spans.recording():
+        CommWork(traced, 0.0, lambda: finished.append(1)).complete()
+    assert (plain.callbacks, delayed.callbacks, traced.callbacks) == (0, 1, 1)
+    assert finished == [1, 1, 1]  # each op's remainder ran once either way
