@@ -61,26 +61,47 @@ def run(run_dir: Path, steps: int, warmup: int, threads: int | None) -> dict[str
         arms = {name: build_trainer(cfg, p, str(Path(tmp) / name), groups=ParallelGroups.single(), device="cpu",
                                     say=lambda s: None, tensorboard=False)
                 for name, p in (("baseline", None), ("pipelined", plan))}
-        ms: dict[str, list[float]] = {"baseline": [], "pipelined": []}
-        order = ["baseline", "pipelined"]
-        for i in range(warmup + steps):
-            for name in (order if i % 2 == 0 else order[::-1]):
-                m = arms[name].train_step()
-                if i >= warmup:
-                    ms[name].append(m.step_ms)
-        tokens = cfg["train"]["global_batch_size"] * cfg["model"]["seq_length"]
+        ms = abba_steps(lambda name: arms[name].train_step().step_ms, steps, warmup)
+    tokens = cfg["train"]["global_batch_size"] * cfg["model"]["seq_length"]
+    return {"emulated": EmulatedComm.from_dict(emu).label, "run_dir": str(run_dir), "steps": steps, "warmup": warmup,
+            "plan": {"variant": plan["variant"], "boundaries": plan["boundaries"]}, "threads": torch.get_num_threads(),
+            **side_by_side(ms, tokens)}
+
+
+def abba_steps(step_ms, steps: int, warmup: int) -> dict[str, list[float]]:
+    """`step_ms(arm)` for the baseline and the pipelined arm in ABBA order (baseline, pipelined,
+    pipelined, baseline, ...), `warmup` rounds first: the measured ms per arm."""
+    ms: dict[str, list[float]] = {"baseline": [], "pipelined": []}
+    order = ["baseline", "pipelined"]
+    for i in range(warmup + steps):
+        for name in (order if i % 2 == 0 else order[::-1]):
+            t = step_ms(name)
+            if i >= warmup:
+                ms[name].append(t)
+    return ms
+
+
+def side_by_side(ms: dict[str, list[float]], tokens: int) -> dict[str, Any]:
+    """Per arm the median step and tokens/s with quartiles; the speed-up as the median of the
+    per-round ratios baseline / pipelined, with quartiles."""
     ratios = [b / p for b, p in zip(ms["baseline"], ms["pipelined"])]
-    out: dict[str, Any] = {
-        "emulated": EmulatedComm.from_dict(emu).label, "run_dir": str(run_dir), "steps": steps, "warmup": warmup,
-        "tokens_per_step": tokens, "plan": {"variant": plan["variant"], "boundaries": plan["boundaries"]},
-        "threads": torch.get_num_threads(),
-        "speedup": statistics.median(ratios), "speedup_quartiles": [quantile(ratios, 0.25), quantile(ratios, 0.75)],
-    }
+    out: dict[str, Any] = {"tokens_per_step": tokens, "speedup": statistics.median(ratios),
+                           "speedup_quartiles": [quantile(ratios, 0.25), quantile(ratios, 0.75)]}
     for name, xs in ms.items():
         tps = [tokens / (x / 1e3) for x in xs]
         out[name] = {"median_step_ms": statistics.median(xs), "median_tokens_per_s": statistics.median(tps),
                      "tokens_per_s_quartiles": [quantile(tps, 0.25), quantile(tps, 0.75)]}
     return out
+
+
+def print_side_by_side(r: dict[str, Any]) -> None:
+    for name in ("baseline", "pipelined"):
+        x = r[name]
+        q1, q3 = x["tokens_per_s_quartiles"]
+        print(f"  {name:<10} {x['median_tokens_per_s']:9.0f} tokens/s (quartiles {q1:.0f} .. {q3:.0f}), "
+              f"median step {x['median_step_ms']:.1f} ms")
+    q1, q3 = r["speedup_quartiles"]
+    print(f"  speed-up   {r['speedup']:.3f}x (median of per-step ratios; quartiles {q1:.3f} .. {q3:.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,13 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"whole training step, baseline vs pipelined ({r['plan']['variant']}, boundaries {r['plan']['boundaries']}); "
           f"one process, {r['threads']} threads, comm {r['emulated']} -- EMULATED")
     print(f"{r['tokens_per_step']} tokens per step; {r['steps']} measured steps per arm in ABBA order after {r['warmup']} warm-up")
-    for name in ("baseline", "pipelined"):
-        x = r[name]
-        q1, q3 = x["tokens_per_s_quartiles"]
-        print(f"  {name:<10} {x['median_tokens_per_s']:9.0f} tokens/s (quartiles {q1:.0f} .. {q3:.0f}), "
-              f"median step {x['median_step_ms']:.1f} ms")
-    q1, q3 = r["speedup_quartiles"]
-    print(f"  speed-up   {r['speedup']:.3f}x (median of per-step ratios; quartiles {q1:.3f} .. {q3:.3f})")
+    print_side_by_side(r)
     if a.json:
         a.json.write_text(json.dumps(r, indent=2) + "\n")
     return 0

@@ -67,6 +67,26 @@ def test_train_benchmark_times_both_blocks(train_run_dir, tmp_path):
     assert r["speedup"] > 0 and r["plan"]["boundaries"] == fixture_plan("grouped-p2")["boundaries"]
 
 
+def test_train_ranks_benchmark_times_both_blocks_on_two_ranks(train_run_dir, tmp_path):
+    from ampipe.bench import train_ranks
+
+    config = json.loads((train_run_dir / "config.json").read_text())
+    config["parallelism"].update(world_size=2, expert_model_parallel_size=2)
+    config["train"]["global_batch_size"] = 2 * config["model"]["micro_batch_size"]
+    plan = json.loads((train_run_dir / "plan.json").read_text())
+    plan["dims"]["expert_model_parallel_size"] = 2
+    (train_run_dir / "config.json").write_text(json.dumps(config))
+    (train_run_dir / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "r.json"
+    assert train_ranks.main([str(train_run_dir), "--steps", "2", "--warmup", "0", "--threads", "1",
+                             "--no-emulation", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["ranks"] == 2 and r["expert_model_parallel_size"] == 2 and r["interconnect"] == "real communication only"
+    for arm in ("baseline", "pipelined"):
+        assert r[arm]["median_step_ms"] > 0 and len(r[arm]["tokens_per_s_quartiles"]) == 2
+    assert r["speedup"] > 0 and r["plan"]["boundaries"] == plan["boundaries"]
+
+
 def test_droprate_benchmark_counts_drops_both_ways(train_run_dir, capsys):
     from ampipe.bench import droprate
 
@@ -93,7 +113,8 @@ def test_overhead_benchmark_times_both_calls(tmp_path):
 # Each module with a `main` and the test that runs it end to end.
 SMOKE_TESTS = {
     "block": "test/py/model/test_bench_block.py", "pipeline": "test/py/pipeline/test_bench_pipeline.py",
-    "kernels": __file__, "train_one_process": __file__, "droprate": __file__, "overhead": __file__,
+    "kernels": __file__, "train_one_process": __file__, "train_ranks": __file__, "droprate": __file__,
+    "overhead": __file__,
 }
 
 
