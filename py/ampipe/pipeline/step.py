@@ -326,8 +326,9 @@ class Step:
         """dx and the parameter gradients (`finish_param_grads`), handed over: the step keeps no
         reference to them or to its buffers. The engine's AccumulateGrad adopts a gradient
         nobody else holds as ``p.grad`` and copies one that is still referenced (a full copy of
-        every parameter's gradient per call); the step itself lives on until the garbage
-        collector frees it (`InputGrad` and the step reference each other)."""
+        every parameter's gradient per call). Dropping `input_grad` also breaks the cycle
+        between the step and its `InputGrad`, which kept the step (and what it held) alive
+        until the garbage collector ran."""
         dx, self.input_grad = self.input_grad.dx, None
         grads = self.finish_param_grads()
         self.param_grads = []
