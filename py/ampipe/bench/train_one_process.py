@@ -94,7 +94,12 @@ def side_by_side(ms: dict[str, list[float]], tokens: int) -> dict[str, Any]:
     return out
 
 
-def print_side_by_side(r: dict[str, Any]) -> None:
+def report(r: dict[str, Any], where: str, json_path: Path | None) -> None:
+    """Prints the side-by-side figures of `r` (`side_by_side`) under a line naming the plan and
+    `where` it ran; writes `r` to `json_path` when given."""
+    print(f"whole training step, baseline vs pipelined ({r['plan']['variant']}, boundaries {r['plan']['boundaries']}); "
+          f"{where}")
+    print(f"{r['tokens_per_step']} tokens per step; {r['steps']} measured steps per arm in ABBA order after {r['warmup']} warm-up")
     for name in ("baseline", "pipelined"):
         x = r[name]
         q1, q3 = x["tokens_per_s_quartiles"]
@@ -102,15 +107,22 @@ def print_side_by_side(r: dict[str, Any]) -> None:
               f"median step {x['median_step_ms']:.1f} ms")
     q1, q3 = r["speedup_quartiles"]
     print(f"  speed-up   {r['speedup']:.3f}x (median of per-step ratios; quartiles {q1:.3f} .. {q3:.3f})")
+    if json_path:
+        json_path.write_text(json.dumps(r, indent=2) + "\n")
+
+
+def add_arguments(ap: argparse.ArgumentParser, threads_help: str) -> None:
+    """The arguments both side-by-side benchmarks take."""
+    ap.add_argument("run_dir", type=Path, help="a run directory of ampipe train (config.json, plan.json)")
+    ap.add_argument("--steps", type=int, default=20, help="measured steps per arm (default 20)")
+    ap.add_argument("--warmup", type=int, default=2, help="steps per arm before measuring (default 2)")
+    ap.add_argument("--threads", type=int, default=None, help=threads_help)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ampipe.bench.train_one_process", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir", type=Path, help="a run directory of ampipe train (config.json, plan.json)")
-    ap.add_argument("--steps", type=int, default=20, help="measured steps per arm (default 20)")
-    ap.add_argument("--warmup", type=int, default=2, help="steps per arm before measuring (default 2)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    add_arguments(ap, "torch intra-op threads (default: torch's)")
     a = ap.parse_args(argv)
     from ..runtime import keep_freed_memory
 
@@ -118,12 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     r = run(a.run_dir, a.steps, a.warmup, a.threads)
-    print(f"whole training step, baseline vs pipelined ({r['plan']['variant']}, boundaries {r['plan']['boundaries']}); "
-          f"one process, {r['threads']} threads, comm {r['emulated']} -- EMULATED")
-    print(f"{r['tokens_per_step']} tokens per step; {r['steps']} measured steps per arm in ABBA order after {r['warmup']} warm-up")
-    print_side_by_side(r)
-    if a.json:
-        a.json.write_text(json.dumps(r, indent=2) + "\n")
+    report(r, f"one process, {r['threads']} threads, comm {r['emulated']} -- EMULATED", a.json)
     return 0
 
 

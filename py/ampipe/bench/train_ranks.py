@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..process_exit import exit_rank
-from .train_one_process import abba_steps, print_side_by_side, side_by_side
+from .train_one_process import abba_steps, add_arguments, report, side_by_side
 
 
 def _rank(rank: int, world: int, port: int, config: dict[str, Any], plan: dict[str, Any],
@@ -96,25 +96,15 @@ def run(run_dir: Path, steps: int, warmup: int, threads: int | None, emulation: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ampipe.bench.train_ranks", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir", type=Path, help="a run directory of ampipe train (config.json, plan.json)")
-    ap.add_argument("--steps", type=int, default=20, help="measured steps per arm (default 20)")
-    ap.add_argument("--warmup", type=int, default=2, help="steps per arm before measuring (default 2)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads per rank (default: cores / ranks)")
+    add_arguments(ap, "torch intra-op threads per rank (default: cores / ranks)")
     ap.add_argument("--no-emulation", dest="emulation", action="store_false",
                     help="drop the config's emulated interconnect (real communication only)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     r = run(a.run_dir, a.steps, a.warmup, a.threads, a.emulation)
-    print(f"whole training step, baseline vs pipelined ({r['plan']['variant']}, boundaries {r['plan']['boundaries']}); "
-          f"{r['ranks']} ranks (expert-parallel size {r['expert_model_parallel_size']}), {r['threads_per_rank']} "
-          f"thread(s) each; {r['interconnect']}")
-    print(f"{r['tokens_per_step']} tokens per step; {r['steps']} measured steps per arm in ABBA order after "
-          f"{r['warmup']} warm-up; a round's time is its slowest rank's")
-    print_side_by_side(r)
-    if a.json:
-        a.json.write_text(json.dumps(r, indent=2) + "\n")
+    report(r, f"{r['ranks']} ranks (expert-parallel size {r['expert_model_parallel_size']}), "
+              f"{r['threads_per_rank']} thread(s) each; {r['interconnect']}; a round's time is its slowest rank's", a.json)
     return 0
 
 
