@@ -28,7 +28,10 @@ is the gap between that and the measured time), and per comm kind
 the measured comm op time against the modelled delay (`emulated_delay`: ~1 when the
 emulation does what it says; its local data movement is nothing with one rank).
 Also the P=1 overhead (a one-chunk plan against the baseline, no emulation, paired over
-`--overhead-iters` repetitions) and the memory ratio: on CUDA the peak allocated during a
+`--overhead-iters` repetitions); for a multi-chunk plan, its cost without emulation split in two
+with a third arm, its chunked reference (`chunked_block_forward`: the same chunks in one autograd
+graph, no executor): what chunking costs by itself, and what the executor adds on top; and the
+memory ratio: on CUDA the peak allocated during a
 step; on CPU the bytes the step keeps alive for backward (tensors saved by autograd, plus
 what the executor holds), deduplicated by storage, since CPU has no allocator peak counter.
 
@@ -55,6 +58,7 @@ from typing import Any
 import torch
 
 from ..model.config import ModelConfig
+from ..model.block_pieces import chunked_block_forward
 from ..model.gpt import autocast_context
 from ..pipeline.block import AMPipeBlock
 from ..pipeline.dims import block_dims
@@ -123,6 +127,27 @@ def _timed_step(block, x, dy, params, device, precision: ModelConfig) -> float:
     block_step(block, x, dy, params, precision)
     sync(device)
     return (time.perf_counter() - t0) * 1e3
+
+
+def _pct(stats: dict[str, float]) -> str:
+    return f"{stats['median'] * 100:+.1f}% [{stats['q1'] * 100:+.1f}% .. {stats['q3'] * 100:+.1f}%]"
+
+
+class _ChunkedReference(torch.nn.Module):
+    """A plan's chunks computed by hand (`chunked_block_forward`) on the baseline layer's parameters."""
+
+    def __init__(self, layer: torch.nn.Module, boundaries: list[int]) -> None:
+        super().__init__()
+        self.layer, self.boundaries = layer, list(boundaries)
+
+    def forward(self, x: torch.Tensor):
+        return chunked_block_forward(self.layer, x, self.boundaries)
+
+
+def _max_diff_y(a, b, x: torch.Tensor, precision: ModelConfig) -> float:
+    """max |y_a - y_b| of two blocks' forwards on x (both arms compute one function)."""
+    with torch.no_grad(), autocast_context(precision, x.device):
+        return (a(x)[0].float() - b(x)[0].float()).abs().max().item()
 
 
 def activation_bytes(block: torch.nn.Module, x: torch.Tensor, precision: ModelConfig | None = None) -> int:
@@ -202,20 +227,23 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
     plans = _plans_for(cfg, layer, plan_names, plan_dir, capacity_scope)
     capacity = {k: capacity_label(cfg, p) for k, p in plans.items()}
 
-    # 1. Baseline compute and the P=1 overhead, without communication.
-    # Every block runs `iters` repetitions; the baseline and the one-chunk plans carry on
-    # to `overhead_iters` (the P=1 overhead is a small difference: it needs more).
+    # 1. Baseline compute and the cost of each plan, without communication.
+    # Every block runs `iters` repetitions; the baseline, the plans and their chunked references
+    # carry on to `overhead_iters` (a small difference needs more repetitions). A multi-chunk
+    # plan's chunked reference is the same chunks computed by hand in one autograd graph
+    # (`chunked_block_forward`): what chunking costs by itself, apart from the executor.
     plain = {"baseline": layer, **{k: AMPipeBlock.from_layer(layer, p) for k, p in plans.items()}}
-    samples: dict[str, list[float]] = {k: [] for k in plain}
+    refs = {k: f"{k} (chunked reference)" for k, p in plans.items() if p.num_chunks > 1
+            and (cfg.dropless or p.capacity_scope == "chunk")}  # sequence scope: another function
+    timed_arms = {**plain, **{r: _ChunkedReference(layer, plans[k].boundaries) for k, r in refs.items()}}
+    samples: dict[str, list[float]] = {k: [] for k in timed_arms}
     for i in range(-warmup, max(iters, overhead_iters)):
-        now = {k: b for k, b in plain.items()
-               if i < iters or k == "baseline" or plans[k].num_chunks == 1}
-        for k, b in _in_turn(now, i):
+        for k, b in _in_turn(timed_arms, i):
             t = _timed_step(b, x, dy, params, device, cfg)
             if i >= 0:
                 samples[k].append(t)
     compute_ms = statistics.median(samples["baseline"])
-    no_comm = {k: statistics.median(v) for k, v in samples.items()}
+    no_comm = {k: statistics.median(samples[k]) for k in plain}
     from ..runtime import freed_memory_kept
 
     malloc = "malloc keeping freed memory (ampipe.runtime)" if freed_memory_kept() else "default malloc settings"
@@ -225,12 +253,24 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
         f"[{device}, {cfg.dtype}, s={cfg.seq_length} b={cfg.micro_batch_size} "
         f"H={cfg.hidden_size} E={cfg.num_experts} top-{cfg.moe_router_topk}{shared}; {malloc}]; routing: "
         + "; ".join(sorted(set(capacity.values()))))
-    overhead_stats = {k: paired([t / tb - 1 for t, tb in zip(v, samples["baseline"][:len(v)])])
-                      for k, v in samples.items() if k != "baseline" and plans[k].num_chunks == 1}
+
+    def over(arm: str, base: str = "baseline") -> dict[str, float]:
+        return paired([t / tb - 1 for t, tb in zip(samples[arm], samples[base])])
+
+    overhead_stats = {k: over(k) for k in plans if plans[k].num_chunks == 1}
     overhead = {k: v["median"] for k, v in overhead_stats.items()}
     for k, v in overhead_stats.items():
         log(f"P=1 overhead ({k}, no communication): {v['median'] * 100:+.1f}% "
             f"(paired median of {v['n']}; quartiles {v['q1'] * 100:+.1f}% .. {v['q3'] * 100:+.1f}%)")
+    chunking = {}
+    for k, r in refs.items():
+        chunking[k] = {"chunked_reference": over(r), "pipelined": over(k), "executor": over(k, r),
+                       "max_abs_diff_y": _max_diff_y(timed_arms[k], timed_arms[r], x, cfg)}
+        c = chunking[k]
+        log(f"P={plans[k].num_chunks} cost ({k}, no communication, paired median of {c['pipelined']['n']}; "
+            f"quartiles): pipelined {_pct(c['pipelined'])} over the baseline = the chunking itself (its "
+            f"chunked reference, max |dy| {c['max_abs_diff_y']:.1e}) {_pct(c['chunked_reference'])}, "
+            f"then the executor {_pct(c['executor'])} over that reference")
 
     # 2. Memory.
     if device.type == "cuda":
@@ -308,6 +348,7 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
             "capacity": capacity,  # per plan: dropless, or which capacity (exact or not)
             "compute_ms": compute_ms, "no_comm_ms": no_comm, "p1_overhead": overhead,
             "p1_overhead_paired": overhead_stats, "overhead_iters": overhead_iters,
+            "chunking_cost": chunking,
             "memory_bytes": mem, "memory_ratio": mem_ratio, "memory_kind": mem_kind,
             "latency_us": latency_us, "world_size": world_size, "iters": iters,
             "results": results}

@@ -34,6 +34,7 @@ computations agree only without it (different random masks).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -497,3 +498,49 @@ def block_forward(layer: LayerAdapter, x: torch.Tensor) -> tuple[torch.Tensor, M
     shared = shared_expert(layer, normed) if layer.cfg.has_shared_expert else None
     y = unpermute(layer, combined, permuted, routing, h, shared)
     return y, moe_losses(layer.cfg, routing.stats)
+
+
+def chunked_block_forward(layer: LayerAdapter, x: torch.Tensor,
+                          boundaries: Sequence[int]) -> tuple[torch.Tensor, MoELosses | None]:
+    """The block computed chunk by chunk, written out by hand in one autograd graph: chunk ``c``
+    (rows ``[boundaries[c], boundaries[c+1])``) attends to the keys and values of rows
+    ``[0, boundaries[c+1])`` (the earlier chunks' and its own) and routes, moves and unpermutes
+    its own tokens; the losses are those of the summed routing statistics.
+
+    What the pipelined block computes, without its executor, islands or streams: the second
+    path it is tested against, and what chunking alone costs in ``python -m
+    ampipe.bench.pipeline`` (its "chunked reference" arm). With a capacity factor the capacity
+    is per chunk (the paper's ``capacity_scope: chunk``); dropless it equals `block_forward`
+    up to rounding."""
+    bounds = list(boundaries)
+    if not bounds or bounds[0] != 0 or bounds[-1] != x.shape[0] or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"chunked_block_forward: boundaries {bounds} must rise from 0 to the "
+                         f"sequence length {x.shape[0]}")
+    ks: list[torch.Tensor] = []
+    vs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    stats: list[RoutingStats] = []
+    kept: list[torch.Tensor] = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        xc = x[lo:hi]
+        t = qkv(layer, xc, position_offset=lo)
+        ks.append(t.k)
+        vs.append(t.v)
+        context = attention(layer, t.q, torch.cat(ks), torch.cat(vs))
+        h, normed = proj(layer, context, xc)
+        if not layer.is_moe:
+            ys.append(dense_mlp(layer, normed, h))
+            continue
+        routing = route(layer, normed)
+        permuted = permute(layer, normed, routing)
+        kept.append(permuted.tokens_per_expert)
+        dispatched = dispatch(layer, permuted)
+        combined = combine(layer, experts(layer, dispatched), dispatched)
+        shared = shared_expert(layer, normed) if layer.cfg.has_shared_expert else None
+        ys.append(unpermute(layer, combined, permuted, routing, h, shared))
+        stats.append(routing.stats)
+    if not layer.is_moe:
+        return torch.cat(ys), None
+    if torch.is_grad_enabled():
+        count_routed(layer, torch.stack(kept).sum(dim=0))
+    return torch.cat(ys), moe_losses(layer.cfg, sum_stats(*stats))

@@ -16,28 +16,6 @@ SMALL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
              vocab_size=64, ffn_hidden_size=48, num_experts=4, moe_ffn_hidden_size=24)
 
 
-def chunked_block(layer, x, boundaries):
-    """The block computed chunk by chunk from the pieces, as the pipelined executor does."""
-    parts = [bp.qkv(layer, x[a:e], a) for a, e in zip(boundaries[:-1], boundaries[1:])]
-    k = torch.cat([p.k for p in parts])
-    v = torch.cat([p.v for p in parts])
-    ys, stats = [], []
-    for c, (a, e) in enumerate(zip(boundaries[:-1], boundaries[1:])):
-        context = bp.attention(layer, parts[c].q, k[:e], v[:e])
-        h, normed = bp.proj(layer, context, x[a:e])
-        if not layer.is_moe:
-            ys.append(bp.dense_mlp(layer, normed, h))
-            continue
-        routing = bp.route(layer, normed)
-        permuted = bp.permute(layer, normed, routing)
-        dispatched = bp.dispatch(layer, permuted)
-        combined = bp.combine(layer, bp.experts(layer, dispatched), dispatched)
-        ys.append(bp.unpermute(layer, combined, permuted, routing, h))
-        stats.append(routing.stats)
-    losses = bp.moe_losses(layer.cfg, bp.sum_stats(*stats)) if stats else None
-    return torch.cat(ys), losses
-
-
 @pytest.mark.parametrize(
     "extra",
     [
@@ -62,7 +40,7 @@ def test_pieces_chunk_by_chunk_equal_the_baseline_block_forward_and_backward(ext
 
     y_full, l_full = layer(x)
     g_full = torch.autograd.grad(objective(y_full, l_full), params)
-    y_chunk, l_chunk = chunked_block(layer, x, [0, 5, 6, 13, 16])
+    y_chunk, l_chunk = bp.chunked_block_forward(layer, x, [0, 5, 6, 13, 16])
     g_chunk = torch.autograd.grad(objective(y_chunk, l_chunk), params)
 
     torch.testing.assert_close(y_chunk, y_full)
@@ -74,6 +52,13 @@ def test_pieces_chunk_by_chunk_equal_the_baseline_block_forward_and_backward(ext
     for name, a, b in zip(names, g_chunk, g_full):
         torch.testing.assert_close(a, b, msg=lambda m: f"grad of {name}: {m}")
 
+
+
+@pytest.mark.parametrize("bounds", [[0, 8], [1, 16], [0, 8, 8, 16], [0, 10, 6, 16], []])
+def test_chunked_block_forward_refuses_boundaries_that_do_not_tile_the_sequence(bounds):
+    layer = TransformerLayer(ModelConfig(**SMALL), 0)
+    with pytest.raises(ValueError, match=r"chunked_block_forward: boundaries .* must rise from 0 to the sequence length 16"):
+        bp.chunked_block_forward(layer, torch.randn(16, 2, 32), bounds)
 
 MEGATRON_NAMES = {
     "embedding.word_embeddings.weight",

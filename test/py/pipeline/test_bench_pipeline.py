@@ -34,6 +34,13 @@ def test_bench_pipeline_cli_writes_every_figure(tmp_path, capsys):
     assert set(d["memory_ratio"]) == {"sequential-p1", "interleaved-p3"}
     assert d["p1_overhead_paired"]["sequential-p1"]["n"] == 3
     assert all(r["paired"]["speedup"]["n"] == 2 for r in d["results"])
+    # the multi-chunk plan's cost split into the chunking itself and the executor on top of it
+    assert "P=3 cost (interleaved-p3, no communication" in printed and "the executor" in printed
+    assert set(d["chunking_cost"]) == {"interleaved-p3"}
+    cost = d["chunking_cost"]["interleaved-p3"]
+    assert {k: cost[k]["n"] for k in ("chunked_reference", "pipelined", "executor")} == \
+        {"chunked_reference": 3, "pipelined": 3, "executor": 3}
+    assert cost["max_abs_diff_y"] < 1e-4  # the reference computes what the pipelined block does
 
 
 def test_shared_expert_flag_compares_both_blocks_at_one_interconnect(tmp_path, capsys):
