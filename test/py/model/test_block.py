@@ -23,6 +23,8 @@ SMALL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
         {"num_query_groups": 2, "normalization": "RMSNorm", "moe_router_score_order": "topk_then_softmax"},
         {"add_bias_linear": True, "moe_expert_activation": "gelu", "moe_router_topk": 1},
         {"moe_expert_capacity_factor": 4.0},  # capacity never reached in any chunk: no drops
+        {"moe_shared_expert_intermediate_size": 16, "moe_shared_expert_gate": True, "qk_layernorm": True},
+        {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True},
     ],
 )
 @pytest.mark.parametrize("layer_number", [0, 1])
@@ -38,10 +40,15 @@ def test_pieces_chunk_by_chunk_equal_the_baseline_block_forward_and_backward(ext
     def objective(y, losses):
         return (y * dy).sum() + (losses.total if losses is not None else 0)
 
+    counts = getattr(layer, "routed_counts", None)  # the expert bias's kept-slot counts, if any
     y_full, l_full = layer(x)
     g_full = torch.autograd.grad(objective(y_full, l_full), params)
+    counted = None if counts is None else counts.clone()
     y_chunk, l_chunk = bp.chunked_block_forward(layer, x, [0, 5, 6, 13, 16])
     g_chunk = torch.autograd.grad(objective(y_chunk, l_chunk), params)
+    if counted is not None and layer.is_moe:  # each forward counts the step's kept slots once
+        assert counted.sum() > 0
+        torch.testing.assert_close(counts, 2 * counted)
 
     torch.testing.assert_close(y_chunk, y_full)
     assert layer.is_moe == (l_full is not None)
