@@ -144,10 +144,18 @@ class _ChunkedReference(torch.nn.Module):
         return chunked_block_forward(self.layer, x, self.boundaries)
 
 
-def _max_diff_y(a, b, x: torch.Tensor, precision: ModelConfig) -> float:
-    """max |y_a - y_b| of two blocks' forwards on x (both arms compute one function)."""
-    with torch.no_grad(), autocast_context(precision, x.device):
-        return (a(x)[0].float() - b(x)[0].float()).abs().max().item()
+def _max_diff_y(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, precision: ModelConfig) -> float:
+    """max |y_a - y_b| of two blocks' forwards on x, in eval mode (no dropout masks to differ):
+    both arms compute one function."""
+    modes = [(m, m.training) for m in {*a.modules(), *b.modules()}]
+    try:
+        a.eval()
+        b.eval()
+        with torch.no_grad(), autocast_context(precision, x.device):
+            return (a(x)[0].float() - b(x)[0].float()).abs().max().item()
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def activation_bytes(block: torch.nn.Module, x: torch.Tensor, precision: ModelConfig | None = None) -> int:
@@ -228,8 +236,8 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
     capacity = {k: capacity_label(cfg, p) for k, p in plans.items()}
 
     # 1. Baseline compute and the cost of each plan, without communication.
-    # Every block runs `iters` repetitions; the baseline, the plans and their chunked references
-    # carry on to `overhead_iters` (a small difference needs more repetitions). A multi-chunk
+    # Every arm (the baseline, each plan, each multi-chunk plan's chunked reference) runs
+    # max(iters, overhead_iters) repetitions: the differences here are small. A multi-chunk
     # plan's chunked reference is the same chunks computed by hand in one autograd graph
     # (`chunked_block_forward`): what chunking costs by itself, apart from the executor.
     plain = {"baseline": layer, **{k: AMPipeBlock.from_layer(layer, p) for k, p in plans.items()}}
@@ -267,10 +275,14 @@ def bench_pipeline(cfg: ModelConfig, plan_names: list[str], ratios: list[float],
         chunking[k] = {"chunked_reference": over(r), "pipelined": over(k), "executor": over(k, r),
                        "max_abs_diff_y": _max_diff_y(timed_arms[k], timed_arms[r], x, cfg)}
         c = chunking[k]
-        log(f"P={plans[k].num_chunks} cost ({k}, no communication, paired median of {c['pipelined']['n']}; "
-            f"quartiles): pipelined {_pct(c['pipelined'])} over the baseline = the chunking itself (its "
-            f"chunked reference, max |dy| {c['max_abs_diff_y']:.1e}) {_pct(c['chunked_reference'])}, "
-            f"then the executor {_pct(c['executor'])} over that reference")
+        log(f"P={plans[k].num_chunks} cost ({k}, no communication; paired medians of {c['pipelined']['n']} "
+            f"[quartiles], separate medians, so they do not add up): pipelined {_pct(c['pipelined'])} over "
+            f"the baseline; the chunking itself (its chunked reference, max |Δy| {c['max_abs_diff_y']:.1e}) "
+            f"{_pct(c['chunked_reference'])}; the executor {_pct(c['executor'])} over that reference")
+    for k in plans:
+        if plans[k].num_chunks > 1 and k not in refs:
+            log(f"{k}: no chunked reference (its capacity of the whole sequence, applied chunk by chunk, "
+                f"is not the reference's per-chunk capacity)")
 
     # 2. Memory.
     if device.type == "cuda":
@@ -411,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=_count(0), default=1)
     ap.add_argument("--iters", type=_count(1), default=10, help="repetitions per ratio")
     ap.add_argument("--overhead-iters", type=_count(1), default=30,
-                    help="repetitions of the baseline and one-chunk plans without communication "
-                         "(the P=1 overhead)")
+                    help="repetitions without communication of every block and each multi-chunk "
+                         "plan's chunked reference (the P=1 overhead, the chunking and executor costs)")
     ap.add_argument("--capacity-scope", choices=["chunk", "sequence"], default="chunk",
                     help="with a capacity factor, where the named schedules size it (sequence: exact, "
                          "needs moe_token_drop_policy=position)")

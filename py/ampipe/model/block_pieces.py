@@ -53,7 +53,7 @@ __all__ = [
     "QKV", "Routing", "RoutingStats", "Permuted", "Dispatched", "MoELosses",
     "qkv", "attention", "proj", "route", "permute", "dispatch", "dispatch_rows", "dispatched_rows",
     "experts_ffn", "experts", "combine", "combine_rows", "unpermute", "dense_mlp", "moe_losses", "sum_stats",
-    "block_forward", "wire_dtype", "capacity_row_map", "running_capacity_row_map", "shared_expert", "count_routed",
+    "block_forward", "chunked_block_forward", "wire_dtype", "capacity_row_map", "running_capacity_row_map", "shared_expert", "count_routed",
 ]
 
 
@@ -502,10 +502,11 @@ def block_forward(layer: LayerAdapter, x: torch.Tensor) -> tuple[torch.Tensor, M
 
 def chunked_block_forward(layer: LayerAdapter, x: torch.Tensor,
                           boundaries: Sequence[int]) -> tuple[torch.Tensor, MoELosses | None]:
-    """The block computed chunk by chunk, written out by hand in one autograd graph: chunk ``c``
-    (rows ``[boundaries[c], boundaries[c+1])``) attends to the keys and values of rows
-    ``[0, boundaries[c+1])`` (the earlier chunks' and its own) and routes, moves and unpermutes
-    its own tokens; the losses are those of the summed routing statistics.
+    """The block computed chunk by chunk, written out by hand in one autograd graph: every chunk's
+    Q/K/V at its own positions, then chunk ``c`` (rows ``[boundaries[c], boundaries[c+1])``)
+    attends to the keys and values of rows ``[0, boundaries[c+1])`` (the earlier chunks' and its
+    own) and routes, moves and unpermutes its own tokens; the losses are those of the summed
+    routing statistics.
 
     What the pipelined block computes, without its executor, islands or streams: the second
     path it is tested against, and what chunking alone costs in ``python -m
@@ -513,20 +514,23 @@ def chunked_block_forward(layer: LayerAdapter, x: torch.Tensor,
     is per chunk (the paper's ``capacity_scope: chunk``); dropless it equals `block_forward`
     up to rounding."""
     bounds = list(boundaries)
-    if not bounds or bounds[0] != 0 or bounds[-1] != x.shape[0] or any(a >= b for a, b in zip(bounds, bounds[1:])):
+    rising = all(a < b for a, b in zip(bounds, bounds[1:]))
+    if not bounds or bounds[0] != 0 or bounds[-1] != x.shape[0] or not rising:
         raise ValueError(f"chunked_block_forward: boundaries {bounds} must rise from 0 to the "
                          f"sequence length {x.shape[0]}")
-    ks: list[torch.Tensor] = []
-    vs: list[torch.Tensor] = []
+    chunks = list(zip(bounds, bounds[1:]))
+    # Every chunk's K/V once, in one sequence-long tensor that each chunk's attention reads a
+    # prefix of (as the executor's K/V buffers; concatenating the prefix per chunk would copy
+    # O(P^2) rows and charge that to the chunking).
+    parts = [qkv(layer, x[lo:hi], position_offset=lo) for lo, hi in chunks]
+    k = torch.cat([t.k for t in parts])
+    v = torch.cat([t.v for t in parts])
     ys: list[torch.Tensor] = []
     stats: list[RoutingStats] = []
     kept: list[torch.Tensor] = []
-    for lo, hi in zip(bounds, bounds[1:]):
+    for t, (lo, hi) in zip(parts, chunks):
         xc = x[lo:hi]
-        t = qkv(layer, xc, position_offset=lo)
-        ks.append(t.k)
-        vs.append(t.v)
-        context = attention(layer, t.q, torch.cat(ks), torch.cat(vs))
+        context = attention(layer, t.q, k[:hi], v[:hi])
         h, normed = proj(layer, context, xc)
         if not layer.is_moe:
             ys.append(dense_mlp(layer, normed, h))

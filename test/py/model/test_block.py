@@ -46,7 +46,7 @@ def test_pieces_chunk_by_chunk_equal_the_baseline_block_forward_and_backward(ext
     counted = None if counts is None else counts.clone()
     y_chunk, l_chunk = bp.chunked_block_forward(layer, x, [0, 5, 6, 13, 16])
     g_chunk = torch.autograd.grad(objective(y_chunk, l_chunk), params)
-    if counted is not None and layer.is_moe:  # each forward counts the step's kept slots once
+    if counted is not None and layer.is_moe:  # both forwards add the kept slots of every token
         assert counted.sum() > 0
         torch.testing.assert_close(counts, 2 * counted)
 
@@ -60,12 +60,12 @@ def test_pieces_chunk_by_chunk_equal_the_baseline_block_forward_and_backward(ext
         torch.testing.assert_close(a, b, msg=lambda m: f"grad of {name}: {m}")
 
 
-
 @pytest.mark.parametrize("bounds", [[0, 8], [1, 16], [0, 8, 8, 16], [0, 10, 6, 16], []])
 def test_chunked_block_forward_refuses_boundaries_that_do_not_tile_the_sequence(bounds):
     layer = TransformerLayer(ModelConfig(**SMALL), 0)
     with pytest.raises(ValueError, match=r"chunked_block_forward: boundaries .* must rise from 0 to the sequence length 16"):
         bp.chunked_block_forward(layer, torch.randn(16, 2, 32), bounds)
+
 
 MEGATRON_NAMES = {
     "embedding.word_embeddings.weight",

@@ -43,6 +43,25 @@ def test_bench_pipeline_cli_writes_every_figure(tmp_path, capsys):
     assert cost["max_abs_diff_y"] < 1e-4  # the reference computes what the pipelined block does
 
 
+
+@pytest.mark.parametrize("scope", ["chunk", "sequence"])
+def test_chunked_reference_with_a_capacity_that_drops(tmp_path, capsys, scope):
+    """Per-chunk capacity (the paper's scope) is what the reference computes, drops included;
+    a capacity of the whole sequence applied chunk by chunk is another function: no reference."""
+    out = tmp_path / "bench.json"
+    rc = main(["--set", "seq_length=48", "--set", "hidden_size=32", "--set", "num_attention_heads=4",
+               "--set", "moe_ffn_hidden_size=64", "--set", "moe_expert_capacity_factor=0.5",
+               "--set", "moe_token_drop_policy=position", "--capacity-scope", scope,
+               "--plan", "grouped-p3-nonuniform", "--ratios", "0.5", "--iters", "1", "--overhead-iters", "2",
+               "--warmup", "0", "--latency-us", "5", "--json", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    if scope == "chunk":
+        assert d["chunking_cost"]["grouped-p3-nonuniform"]["max_abs_diff_y"] < 1e-4
+    else:
+        assert d["chunking_cost"] == {}
+        assert "grouped-p3-nonuniform: no chunked reference" in capsys.readouterr().out
+
 def test_shared_expert_flag_compares_both_blocks_at_one_interconnect(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["--set", "seq_length=48", "--set", "hidden_size=32", "--set", "num_attention_heads=4",
