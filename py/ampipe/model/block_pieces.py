@@ -53,7 +53,8 @@ __all__ = [
     "QKV", "Routing", "RoutingStats", "Permuted", "Dispatched", "MoELosses",
     "qkv", "attention", "proj", "route", "permute", "dispatch", "dispatch_rows", "dispatched_rows",
     "experts_ffn", "experts", "combine", "combine_rows", "unpermute", "dense_mlp", "moe_losses", "sum_stats",
-    "block_forward", "chunked_block_forward", "wire_dtype", "capacity_row_map", "running_capacity_row_map", "shared_expert", "count_routed",
+    "block_forward", "chunked_block_forward", "wire_dtype", "capacity_row_map", "running_capacity_row_map",
+    "shared_expert", "count_routed",
 ]
 
 
