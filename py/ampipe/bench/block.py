@@ -246,16 +246,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, cfg: ModelConfig, args: dict, queue) -> None:
-    torch.set_num_threads(args["threads"])
+def _init_rank(rank: int, world: int, port: int, device: str, threads: int) -> torch.device:
+    """A benchmark's spawned rank: its torch threads, its device (CUDA: one GPU per rank) and the
+    process group on loopback (NCCL on CUDA, else gloo). Returns the device."""
+    torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = torch.device(args["device"])
-    if device.type == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     import torch.distributed as dist
 
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return dev
+
+
+def _rank_main(rank: int, world: int, port: int, cfg: ModelConfig, args: dict, queue) -> None:
+    import torch.distributed as dist
+
+    device = _init_rank(rank, world, port, args["device"], args["threads"])
     try:
         groups = init_parallel_groups(world)
         r = bench_block(cfg, device=device, ep=groups.ep, warmup=args["warmup"], iters=args["iters"], seed=args["seed"])

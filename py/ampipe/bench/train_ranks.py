@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..process_exit import exit_rank
+from .block import _free_port, _init_rank
 from .train_one_process import abba_steps, add_arguments, report, side_by_side
 
 
@@ -38,13 +39,7 @@ def _rank(rank: int, world: int, port: int, config: dict[str, Any], plan: dict[s
     from ..train.worker_commands import build_trainer
 
     keep_freed_memory()  # as a rank of `ampipe train` does
-    torch.set_num_threads(threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = torch.device(config["parallelism"].get("device", "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    device = _init_rank(rank, world, port, config["parallelism"].get("device", "cpu"), threads)
     try:
         groups = init_parallel_groups(int(config["parallelism"]["expert_model_parallel_size"]))
         with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +63,6 @@ def run(run_dir: Path, steps: int, warmup: int, threads: int | None, emulation: 
     import torch.multiprocessing as mp
 
     from ..pipeline.emulation import EmulatedComm
-    from .block import _free_port
 
     config = json.loads((run_dir / "config.json").read_text())
     plan_path = run_dir / "plan.json"
